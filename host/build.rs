@@ -1,0 +1,13 @@
+//! Builds the built-in strategy plugins to wasm32-wasip2 components so the
+//! binary can embed them (`plugin = "round-robin"` needs no file).
+
+fn main() {
+    let built = wasmlb_build::build_plugins(
+        &["wasmlb-plugin-round-robin", "wasmlb-plugin-least-connections"],
+        &["wit", "sdk", "plugins"],
+    );
+    if let Err(e) = built {
+        println!("cargo:warning={e}");
+        std::process::exit(1);
+    }
+}

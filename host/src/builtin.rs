@@ -1,0 +1,27 @@
+//! The built-in strategies, compiled from `plugins/` by the build script and
+//! embedded in the binary.
+
+/// `(name, component bytes)` of every built-in strategy.
+pub const PLUGINS: &[(&str, &[u8])] = &[
+    (
+        "round-robin",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-round-robin.wasm")),
+    ),
+    (
+        "least-connections",
+        include_bytes!(concat!(
+            env!("OUT_DIR"),
+            "/wasmlb-plugin-least-connections.wasm"
+        )),
+    ),
+];
+
+/// The component bytes of built-in strategy `name`, if there is one.
+pub fn get(name: &str) -> Option<&'static [u8]> {
+    PLUGINS.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
+/// The names of the built-in strategies, for error messages.
+pub fn names() -> Vec<&'static str> {
+    PLUGINS.iter().map(|(n, _)| *n).collect()
+}

@@ -1,0 +1,516 @@
+//! The config file: listeners, routes and upstreams, in TOML.
+//!
+//! ```toml
+//! [[listener]]
+//! address = "127.0.0.1:8080"
+//! upstream = "app"              # default upstream for this listener
+//!
+//! [[route]]                     # optional; first match wins
+//! host = "api.example.com"      # optional
+//! path_prefix = "/v1"           # optional
+//! upstream = "api"
+//!
+//! [upstream.app]
+//! plugin = "round-robin"        # a built-in name, or a path to a .wasm component
+//! backends = [
+//!   { address = "127.0.0.1:9001" },
+//!   { address = "127.0.0.1:9002", weight = 3 },
+//! ]
+//! [upstream.app.plugin_config]  # optional, handed to the plugin as JSON
+//! ```
+//!
+//! [`Config::load`] parses and validates; every error names the file, the line
+//! and the key at fault (for example
+//! `wasmlb.toml:12: route[0].upstream: no upstream named "apii"`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::builtin;
+
+/// Default plugin call deadline, in ms.
+pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
+/// Default cap on a plugin instance's linear memory, in MiB.
+pub const DEFAULT_PLUGIN_MEMORY_LIMIT_MIB: u64 = 16;
+/// Default TCP connect timeout to a backend, in ms.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default wait for a backend's response headers, in ms.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 30_000;
+/// Default bound on graceful shutdown, in ms.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+/// A config error: the file, the 1-based line if known, the key path
+/// (`upstream.app.backends[1].address`) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {key}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line of the offending value, when known.
+    pub line: Option<usize>,
+    /// Dotted key path of the offending value; `(file)` for the file as a whole.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (plugin paths are relative to its directory).
+    pub path: PathBuf,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes, in file order (first match wins).
+    pub routes: Vec<RouteConfig>,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Process-wide settings (`[server]`).
+    pub server: ServerConfig,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address to bind; port 0 picks a free port.
+    pub address: SocketAddr,
+    /// Upstream for requests no route matches.
+    pub upstream: String,
+}
+
+/// One `[[route]]`: matches when every given condition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Exact host (case-insensitive, port ignored), if set.
+    pub host: Option<String>,
+    /// Path prefix (byte-wise, like Envoy `prefix` / HAProxy `path_beg`), if set.
+    pub path_prefix: Option<String>,
+    /// The upstream that serves matching requests.
+    pub upstream: String,
+}
+
+/// What a plugin is loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginRef {
+    /// A strategy embedded in the binary (see [`crate::builtin`]).
+    Builtin(String),
+    /// A `.wasm` component file (resolved against the config file's directory).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PluginRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginRef::Builtin(n) => write!(f, "{n}"),
+            PluginRef::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// One `[upstream.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// The strategy plugin.
+    pub plugin: PluginRef,
+    /// `plugin_config`, as the JSON object handed to the plugin's `init`.
+    pub plugin_config: serde_json::Value,
+    /// The backends, in file order (their index is the plugin's backend id).
+    pub backends: Vec<BackendConfig>,
+    /// Deadline of each plugin call, in ms (`plugin_deadline_ms`, default 5).
+    pub plugin_deadline_ms: u64,
+    /// Cap on the plugin's linear memory, in MiB (`plugin_memory_limit_mib`, default 16).
+    pub plugin_memory_limit_mib: u64,
+    /// TCP connect timeout, in ms (`connect_timeout_ms`, default 5000); on expiry 504.
+    pub connect_timeout_ms: u64,
+    /// Wait for response headers, in ms (`response_timeout_ms`, default 30000); on expiry 504.
+    pub response_timeout_ms: u64,
+}
+
+/// One backend of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// `ip:port`.
+    pub address: SocketAddr,
+    /// Relative weight, at least 1 (default 1).
+    pub weight: u32,
+    /// Free-form labels, handed to the plugin.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Bound on the graceful-shutdown wait for in-flight requests, in ms.
+    pub shutdown_timeout_ms: u64,
+}
+
+// ---- raw, as deserialized -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    upstream: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    server: RawServer,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    address: Spanned<String>,
+    upstream: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Option<String>,
+    path_prefix: Option<Spanned<String>>,
+    upstream: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    plugin: Spanned<String>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+    plugin_config: Option<toml::Table>,
+    plugin_deadline_ms: Option<Spanned<u64>>,
+    plugin_memory_limit_mib: Option<Spanned<u64>>,
+    connect_timeout_ms: Option<Spanned<u64>>,
+    response_timeout_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    shutdown_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    /// Read and validate the config file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key: unreadable file, TOML
+    /// syntax, unknown keys, wrong types, no listener, duplicate listener or
+    /// backend addresses, unparsable addresses, references to missing
+    /// upstreams, zero weights or timeouts, unknown built-in plugins and
+    /// missing plugin files.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validate config `text` as if read from `path` (used for messages and
+    /// to resolve plugin paths).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let v = Validator { text, path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        // toml's message already quotes the line; keep its first line only
+        // and put the line number where every other error has it.
+        let message = e.message().trim().to_string();
+        self.err(e.span(), "(syntax)", message)
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.listener.is_empty() {
+            return Err(self.err(None, "listener", "at least one [[listener]] is required"));
+        }
+        let upstream_names: HashSet<&str> = raw.upstream.keys().map(String::as_str).collect();
+        let check_ref = |key: String, name: &Spanned<String>| {
+            if upstream_names.contains(name.get_ref().as_str()) {
+                Ok(())
+            } else {
+                let mut known: Vec<&str> = upstream_names.iter().copied().collect();
+                known.sort_unstable();
+                Err(self.err(
+                    Some(name.span()),
+                    key,
+                    format!("no upstream named {:?} (defined: {known:?})", name.get_ref()),
+                ))
+            }
+        };
+
+        let mut listeners = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in raw.listener.iter().enumerate() {
+            let key = format!("listener[{i}].address");
+            let address = self.socket_addr(&key, &l.address)?;
+            if address.port() != 0 && !seen.insert(address) {
+                return Err(self.err(Some(l.address.span()), key, format!("duplicate listener address {address}")));
+            }
+            check_ref(format!("listener[{i}].upstream"), &l.upstream)?;
+            listeners.push(ListenerConfig { address, upstream: l.upstream.get_ref().clone() });
+        }
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.route.iter().enumerate() {
+            check_ref(format!("route[{i}].upstream"), &r.upstream)?;
+            if let Some(p) = &r.path_prefix
+                && !p.get_ref().starts_with('/')
+            {
+                return Err(self.err(Some(p.span()), format!("route[{i}].path_prefix"), "must start with '/'"));
+            }
+            routes.push(RouteConfig {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                upstream: r.upstream.get_ref().clone(),
+            });
+        }
+
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstream {
+            let up = self.upstream(&name, u)?;
+            upstreams.insert(name, up);
+        }
+
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            listeners,
+            routes,
+            upstreams,
+            server: ServerConfig {
+                shutdown_timeout_ms: raw.server.shutdown_timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+            },
+        })
+    }
+
+    fn upstream(&self, name: &str, u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let prefix = format!("upstream.{name}");
+        if name.is_empty() {
+            return Err(self.err(Some(u.plugin.span()), "upstream", "upstream names must not be empty"));
+        }
+        let plugin = self.plugin_ref(&format!("{prefix}.plugin"), &u.plugin)?;
+        let mut backends = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, b) in u.backends.iter().enumerate() {
+            let key = format!("{prefix}.backends[{i}].address");
+            let address = self.socket_addr(&key, &b.address)?;
+            if !seen.insert(address) {
+                return Err(self.err(Some(b.address.span()), key, format!("duplicate backend {address}")));
+            }
+            let weight = match &b.weight {
+                Some(w) if *w.get_ref() == 0 => {
+                    return Err(self.err(Some(w.span()), format!("{prefix}.backends[{i}].weight"), "must be at least 1"));
+                }
+                Some(w) => *w.get_ref(),
+                None => 1,
+            };
+            backends.push(BackendConfig { address, weight, labels: b.labels.clone() });
+        }
+        let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+            Some(s) if *s.get_ref() == 0 => {
+                Err(self.err(Some(s.span()), format!("{prefix}.{key}"), "must be at least 1"))
+            }
+            Some(s) => Ok(*s.get_ref()),
+            None => Ok(default),
+        };
+        let plugin_config = match u.plugin_config {
+            Some(table) => serde_json::to_value(table).map_err(|e| {
+                self.err(None, format!("{prefix}.plugin_config"), format!("cannot convert to JSON: {e}"))
+            })?,
+            None => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        Ok(UpstreamConfig {
+            plugin,
+            plugin_config,
+            backends,
+            plugin_deadline_ms: positive("plugin_deadline_ms", &u.plugin_deadline_ms, DEFAULT_PLUGIN_DEADLINE_MS)?,
+            plugin_memory_limit_mib: positive(
+                "plugin_memory_limit_mib",
+                &u.plugin_memory_limit_mib,
+                DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
+            )?,
+            connect_timeout_ms: positive("connect_timeout_ms", &u.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS)?,
+            response_timeout_ms: positive("response_timeout_ms", &u.response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS)?,
+        })
+    }
+
+    fn socket_addr(&self, key: &str, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+        s.get_ref().parse().map_err(|_| {
+            self.err(Some(s.span()), key, format!("{:?} is not an IP:port address (e.g. \"127.0.0.1:9001\")", s.get_ref()))
+        })
+    }
+
+    fn plugin_ref(&self, key: &str, s: &Spanned<String>) -> Result<PluginRef, ConfigError> {
+        let value = s.get_ref();
+        let looks_like_path = value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
+        if !looks_like_path {
+            return if builtin::get(value).is_some() {
+                Ok(PluginRef::Builtin(value.clone()))
+            } else {
+                Err(self.err(
+                    Some(s.span()),
+                    key,
+                    format!("no built-in plugin named {value:?} (built-ins: {:?}; a file path must end in .wasm)", builtin::names()),
+                ))
+            };
+        }
+        let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+        let file = base.join(value);
+        if !file.is_file() {
+            return Err(self.err(Some(s.span()), key, format!("plugin file {} not found", file.display())));
+        }
+        Ok(PluginRef::File(file))
+    }
+}
+
+/// 1-based line number of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/wasmlb/test.toml"))
+    }
+
+    const GOOD: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+upstream = "app"
+
+[[route]]
+host = "API.example.com"
+path_prefix = "/v1"
+upstream = "api"
+
+[upstream.app]
+plugin = "round-robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "127.0.0.1:9002", weight = 3, labels = { zone = "a" } },
+]
+
+[upstream.api]
+plugin = "least-connections"
+plugin_deadline_ms = 2
+[upstream.api.plugin_config]
+key = "x-user"
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        let app = &c.upstreams["app"];
+        assert_eq!(app.plugin, PluginRef::Builtin("round-robin".into()));
+        assert_eq!(app.backends[1].weight, 3);
+        assert_eq!(app.backends[1].labels["zone"], "a");
+        assert_eq!(app.plugin_config, serde_json::json!({}));
+        assert_eq!(app.plugin_deadline_ms, DEFAULT_PLUGIN_DEADLINE_MS);
+        let api = &c.upstreams["api"];
+        assert_eq!(api.plugin_deadline_ms, 2);
+        assert_eq!(api.plugin_config, serde_json::json!({"key": "x-user"}));
+        assert!(api.backends.is_empty());
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn route_to_missing_upstream_names_line_and_key() {
+        let bad = GOOD.replace("upstream = \"api\"", "upstream = \"apii\"");
+        let e = error_of(&bad);
+        assert!(e.starts_with("/etc/wasmlb/test.toml:9: route[0].upstream: no upstream named \"apii\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let bad = GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline = 2");
+        let e = error_of(&bad);
+        assert!(e.contains("test.toml:20"), "{e}");
+        assert!(e.contains("unknown field `plugin_deadline`"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicates_are_rejected() {
+        let e = error_of(&GOOD.replace("127.0.0.1:9002", "localhost:9002"));
+        assert!(e.contains("upstream.app.backends[1].address"), "{e}");
+        assert!(e.contains("not an IP:port"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"));
+        assert!(e.contains("duplicate backend 127.0.0.1:9001"), "{e}");
+        let twice = format!("{GOOD}\n[[listener]]\naddress = \"127.0.0.1:8080\"\nupstream = \"app\"\n");
+        assert!(error_of(&twice).contains("duplicate listener address"));
+        let dup_upstream = format!("{GOOD}\n[upstream.app]\nplugin = \"round-robin\"\n");
+        assert!(error_of(&dup_upstream).contains("duplicate key"), "{}", error_of(&dup_upstream));
+    }
+
+    #[test]
+    fn plugins_must_exist() {
+        let e = error_of(&GOOD.replace("\"least-connections\"", "\"least-conn\""));
+        assert!(e.contains("upstream.api.plugin: no built-in plugin named \"least-conn\""), "{e}");
+        let e = error_of(&GOOD.replace("\"least-connections\"", "\"plugins/missing.wasm\""));
+        assert!(e.contains("plugin file /etc/wasmlb/plugins/missing.wasm not found"), "{e}");
+    }
+
+    #[test]
+    fn zero_weight_and_zero_timeouts_are_rejected() {
+        assert!(error_of(&GOOD.replace("weight = 3", "weight = 0")).contains("backends[1].weight: must be at least 1"));
+        assert!(error_of(&GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline_ms = 0")).contains("plugin_deadline_ms"));
+    }
+
+    #[test]
+    fn a_listener_is_required() {
+        assert!(error_of("[upstream.a]\nplugin = \"round-robin\"\n").contains("at least one [[listener]]"));
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_line() {
+        let e = error_of("[[listener]]\naddress = \n");
+        assert!(e.starts_with("/etc/wasmlb/test.toml:2: (syntax)"), "{e}");
+    }
+}

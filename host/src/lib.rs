@@ -1,0 +1,22 @@
+//! wasmlb: a reverse proxy and load balancer whose backend selection is a
+//! WebAssembly component plugin.
+//!
+//! The pieces, each in its own module:
+//! - [`config`]: the TOML config file (listeners, routes, upstreams) and its
+//!   validation.
+//! - [`plugin`]: the wasmtime runtime that loads strategy components, checks
+//!   their imports, and calls them under a deadline and a memory cap.
+//! - [`upstream`]: a named group of backends with live per-backend state, its
+//!   plugin instance, and the native round-robin fallback.
+//! - [`proxy`]: per-request routing, header handling and forwarding.
+//! - [`server`]: listeners, connection handling and graceful shutdown.
+//!
+//! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
+#![forbid(unsafe_code)]
+
+pub mod builtin;
+pub mod config;
+pub mod plugin;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

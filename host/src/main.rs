@@ -1,0 +1,92 @@
+//! The `wasmlb` binary: `wasmlb --config wasmlb.toml [--check]`.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use wasmlb::config::Config;
+use wasmlb::plugin::Runtime;
+use wasmlb::proxy::Proxy;
+use wasmlb::server::Server;
+
+/// A load balancer whose backend selection is a WebAssembly plugin.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The config file (TOML).
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    /// Load and validate the config and every plugin (including its init),
+    /// print `ok` and exit 0; or print what is wrong and exit 1.
+    #[arg(long)]
+    check: bool,
+    /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or
+    /// a tracing directive like `wasmlb=debug`.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+    /// Worker threads serving requests (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wasmlb: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let config = Config::load(&cli.config)?;
+    if cli.check {
+        let runtime = Runtime::new()?;
+        Proxy::new(&config, &runtime)?;
+        println!("ok");
+        return Ok(());
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.threads {
+        builder.worker_threads(n.max(1));
+    }
+    let rt = builder.enable_all().build().context("starting the tokio runtime")?;
+    rt.block_on(serve(&config))
+}
+
+async fn serve(config: &Config) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    for (i, addr) in server.local_addrs().iter().enumerate() {
+        let upstream = &config.listeners[i].upstream;
+        println!("wasmlb listening on http://{addr} (listener[{i}], default upstream {upstream})");
+    }
+    tracing::info!(config = %config.path.display(), "started");
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new connections, waiting for in-flight requests");
+    if server.shutdown().await {
+        tracing::info!("all connections finished");
+    } else {
+        tracing::warn!("shutdown timeout reached with connections still open");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

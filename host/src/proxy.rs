@@ -1,0 +1,426 @@
+//! Per-request work: route to an upstream, ask its plugin for a backend,
+//! rewrite headers, forward, and stream the response back.
+//!
+//! Header handling follows RFC 9110 §7.6.1: `Connection`, every header it
+//! names, and the fixed hop-by-hop set ([`HOP_BY_HOP`]) are removed in both
+//! directions. `X-Forwarded-For` gets the downstream peer's IP appended (after
+//! the removal, so `Connection: x-forwarded-for` cannot hide the peer);
+//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set. The `Host` header is
+//! kept (as HAProxy and Envoy do); for HTTP/2 clients it is filled from
+//! `:authority`.
+//!
+//! Status codes the proxy itself produces, each with a one-line plain-text
+//! reason: 502 when the backend cannot be connected to or breaks the response,
+//! 503 when no backend is available, 504 when connecting or waiting for the
+//! response headers times out.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, RouteConfig};
+use crate::plugin::{RequestView, Runtime};
+use crate::upstream::{InFlight, Upstream};
+
+/// Headers that apply to one connection only and are never forwarded
+/// (RFC 9110 §7.6.1, plus the de-facto `Proxy-Connection` and `Keep-Alive`).
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Errors building the proxy from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// An upstream's plugin failed to load or initialize.
+    #[error("upstream {upstream}: {source}")]
+    Plugin {
+        /// The upstream.
+        upstream: String,
+        /// What failed.
+        source: crate::plugin::PluginError,
+    },
+    /// The plugin runtime could not start.
+    #[error(transparent)]
+    Runtime(crate::plugin::PluginError),
+}
+
+struct Route {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    upstream: usize,
+}
+
+type HttpClient = Client<HttpConnector, Incoming>;
+
+/// The routing table, the upstreams and their connection pools. Shared by all
+/// listeners and connections.
+pub struct Proxy {
+    upstreams: Vec<Arc<Upstream>>,
+    clients: Vec<HttpClient>,
+    routes: Vec<Route>,
+    /// Default upstream index per listener index.
+    listener_defaults: Vec<usize>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("upstreams", &self.upstreams).finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Load every upstream's plugin and build the routing table.
+    ///
+    /// # Errors
+    /// [`ProxyError`] naming the upstream whose plugin failed.
+    pub fn new(config: &Config, runtime: &Runtime) -> Result<Self, ProxyError> {
+        let mut upstreams = Vec::new();
+        let mut clients = Vec::new();
+        for (name, cfg) in &config.upstreams {
+            let upstream = Upstream::new(name, cfg, runtime)
+                .map_err(|source| ProxyError::Plugin { upstream: name.clone(), source })?;
+            clients.push(http_client(&upstream));
+            upstreams.push(Arc::new(upstream));
+        }
+        let index = |name: &str| upstreams.iter().position(|u| u.name() == name).unwrap_or(0);
+        let routes = config
+            .routes
+            .iter()
+            .map(|RouteConfig { host, path_prefix, upstream }| Route {
+                host: host.clone(),
+                path_prefix: path_prefix.clone(),
+                upstream: index(upstream),
+            })
+            .collect();
+        let listener_defaults = config.listeners.iter().map(|l| index(&l.upstream)).collect();
+        Ok(Self { upstreams, clients, routes, listener_defaults })
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == name)
+    }
+
+    /// Every upstream, ordered by name.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// Index of the upstream serving a request on listener `listener`: the
+    /// first route whose host and path prefix both match, else the listener's
+    /// default.
+    fn route(&self, listener: usize, parts: &http::request::Parts) -> usize {
+        let host = host_without_port(authority(parts));
+        let path = parts.uri.path();
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map_or_else(|| self.listener_defaults.get(listener).copied().unwrap_or(0), |r| r.upstream)
+    }
+
+    /// Serve one downstream request that arrived on listener `listener` from
+    /// `client`. Never fails: errors become 502/503/504 responses.
+    pub async fn handle(
+        self: Arc<Self>,
+        listener: usize,
+        client: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let (parts, body) = request.into_parts();
+        let index = self.route(listener, &parts);
+        let (Some(upstream), Some(http)) = (self.upstreams.get(index), self.clients.get(index)) else {
+            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured"));
+        };
+        let (selection, view) = upstream.select(RequestView { parts, client });
+        let Some(backend) = selection.backend else {
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no backend available in upstream {}", upstream.name()),
+            ));
+        };
+        let mut parts = view.parts;
+        let address = upstream.backends()[backend].address;
+        if let Err(reason) = prepare_request(&mut parts, client, address) {
+            return Ok(error_response(StatusCode::BAD_REQUEST, reason));
+        }
+        let guard = upstream.begin(backend);
+        let request = Request::from_parts(parts, body);
+        let response = tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
+        match response {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, ProxyBody::upstream(body, guard)))
+            }
+            Ok(Err(e)) => {
+                let timed_out = is_timeout(&e);
+                tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
+                Ok(if timed_out {
+                    error_response(StatusCode::GATEWAY_TIMEOUT, &format!("connecting to backend {address} timed out"))
+                } else if e.is_connect() {
+                    error_response(StatusCode::BAD_GATEWAY, &format!("cannot connect to backend {address}"))
+                } else {
+                    error_response(StatusCode::BAD_GATEWAY, &format!("backend {address} broke the response"))
+                })
+            }
+            Err(_) => Ok(error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("backend {address} did not answer within {} ms", upstream.response_timeout.as_millis()),
+            )),
+        }
+    }
+}
+
+fn http_client(upstream: &Upstream) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(upstream.connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .build(connector)
+}
+
+/// True if a connect or I/O timeout is anywhere in the error's source chain.
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The request's authority: the `Host` header, else the URI's authority
+/// (HTTP/2 `:authority`), else empty.
+pub fn authority(parts: &http::request::Parts) -> &str {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
+}
+
+/// `host` of `host[:port]`, keeping IPv6 brackets (`[::1]:80` gives `[::1]`).
+fn host_without_port(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    }
+}
+
+/// Remove `Connection`, the headers it names, and [`HOP_BY_HOP`].
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Turn a downstream request's head into the backend request's head.
+fn prepare_request(
+    parts: &mut http::request::Parts,
+    client: SocketAddr,
+    backend: SocketAddr,
+) -> Result<(), &'static str> {
+    let authority = authority(parts).to_string();
+    strip_hop_by_hop(&mut parts.headers);
+    let headers = &mut parts.headers;
+    if !headers.contains_key(header::HOST) && !authority.is_empty() {
+        let host = HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?;
+        headers.insert(header::HOST, host);
+    }
+    let ip = client.ip().to_string();
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chain = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", ");
+        chain.push_str(", ");
+        chain.push_str(&ip);
+        chain
+    } else {
+        ip
+    };
+    headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?);
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if !authority.is_empty() {
+        headers.insert(&X_FORWARDED_HOST, HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?);
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(backend.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| "invalid request target")?;
+    parts.version = Version::HTTP_11;
+    Ok(())
+}
+
+/// A proxy-made error response: `status` with a one-line plain-text reason.
+fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    let text = format!("{status}: {reason}\n");
+    let mut response = Response::new(ProxyBody::full(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// The body of a response sent downstream: a backend's streamed body (holding
+/// its in-flight count until finished or dropped), or a small fixed body.
+#[derive(Debug)]
+pub struct ProxyBody {
+    kind: BodyKind,
+}
+
+#[derive(Debug)]
+enum BodyKind {
+    Upstream { body: Incoming, _in_flight: InFlight },
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+        Self { kind: BodyKind::Upstream { body, _in_flight: in_flight } }
+    }
+
+    fn full(bytes: Bytes) -> Self {
+        Self { kind: BodyKind::Full(Some(bytes)) }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.get_mut().kind {
+            BodyKind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Upstream { body, .. } => body.is_end_stream(),
+            BodyKind::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Upstream { body, .. } => body.size_hint(),
+            BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            BodyKind::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::builder().uri("/a/b?c=1");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut p = parts(&[
+            ("host", "example.com"),
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+        ]);
+        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
+            assert!(!p.headers.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(p.headers["x-kept"], "yes");
+        assert_eq!(p.headers["host"], "example.com");
+        assert_eq!(p.uri, "http://127.0.0.1:9001/a/b?c=1");
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended_and_set() {
+        let mut p = parts(&[("host", "example.com:8080"), ("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")]);
+        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert_eq!(p.headers["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
+        assert_eq!(p.headers["x-forwarded-proto"], "http");
+        assert_eq!(p.headers["x-forwarded-host"], "example.com:8080");
+    }
+
+    #[test]
+    fn connection_cannot_strip_the_peer_from_x_forwarded_for() {
+        let mut p = parts(&[("connection", "x-forwarded-for"), ("x-forwarded-for", "10.9.9.9")]);
+        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
+    }
+
+    #[test]
+    fn http2_authority_becomes_host() {
+        let mut p = Request::builder().uri("http://example.com/x").body(()).unwrap().into_parts().0;
+        prepare_request(&mut p, "[::1]:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        assert_eq!(p.headers["host"], "example.com");
+        assert_eq!(p.headers["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn host_port_is_ignored_for_routing() {
+        assert_eq!(host_without_port("example.com:8080"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:80"), "[::1]");
+        assert_eq!(host_without_port("[::1]"), "[::1]");
+    }
+}

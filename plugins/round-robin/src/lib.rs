@@ -1,0 +1,152 @@
+//! `round-robin`: NGINX's smooth weighted round-robin.
+//!
+//! Source: NGINX `ngx_http_upstream_get_peer()` in
+//! `src/http/ngx_http_upstream_round_robin.c` (smooth weighting, nginx 1.3.1,
+//! 2012). Each pick adds every healthy backend's weight to its
+//! `current_weight`, chooses the largest (first on ties), and subtracts the
+//! total weight from the chosen one. Over any window of `sum(weights)` picks
+//! each backend is chosen exactly `weight` times, and picks of a heavy backend
+//! are spread out rather than bunched (weights 5:1:1 give `a a b a c a a`).
+//!
+//! With all weights equal this is plain rotation, which is computed in O(1);
+//! unequal weights cost O(n) per pick, as in NGINX.
+//!
+//! Backends marked unhealthy are skipped. With no healthy backend the answer
+//! is `Unavailable` (the host answers 503). State is the upstream's: one
+//! rotation across all requests, whatever thread serves them.
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+use wasmlb_sdk::prelude::*;
+
+/// Smooth weighted round-robin state.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    backends: Vec<Backend>,
+    /// NGINX `current_weight` per backend id.
+    current: Vec<i64>,
+    /// True when every healthy backend has the same weight: rotate in O(1).
+    uniform: bool,
+    /// Last id chosen by the uniform path.
+    cursor: usize,
+}
+
+impl Strategy for RoundRobin {
+    type Config = NoConfig;
+
+    fn new(_: NoConfig) -> Result<Self, String> {
+        Ok(Self::default())
+    }
+
+    fn set_backends(&mut self, backends: Vec<Backend>) {
+        let mut weights = backends.iter().filter(|b| b.healthy).map(|b| b.weight);
+        let first = weights.next();
+        self.uniform = weights.all(|w| Some(w) == first);
+        self.current = vec![0; backends.len()];
+        self.cursor = usize::MAX; // the first uniform pick is id 0
+        self.backends = backends;
+    }
+
+    fn select(&mut self, _cx: &dyn Context) -> Decision {
+        let n = self.backends.len();
+        if n == 0 {
+            return Decision::Unavailable;
+        }
+        if self.uniform {
+            for step in 1..=n {
+                let id = self.cursor.wrapping_add(step) % n;
+                if self.backends[id].healthy {
+                    self.cursor = id;
+                    return Decision::Backend(id as u32);
+                }
+            }
+            return Decision::Unavailable;
+        }
+        let mut total: i64 = 0;
+        let mut best: Option<usize> = None;
+        for (i, b) in self.backends.iter().enumerate() {
+            if !b.healthy {
+                continue;
+            }
+            let w = i64::from(b.weight.max(1));
+            self.current[i] += w;
+            total += w;
+            if best.is_none_or(|j| self.current[i] > self.current[j]) {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(i) => {
+                self.current[i] -= total;
+                Decision::Backend(i as u32)
+            }
+            None => Decision::Unavailable,
+        }
+    }
+}
+
+wasmlb_sdk::export_strategy!(RoundRobin);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmlb_sdk::testing::{MockContext, backends, spread};
+
+    fn picks(weights: &[u32], n: usize) -> Vec<u32> {
+        let set = backends(weights);
+        let mut rr: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+        rr.set_backends(set.clone());
+        let cx = MockContext::new(&set);
+        (0..n)
+            .map(|_| match rr.select(&cx) {
+                Decision::Backend(id) => id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn equal_weights_rotate_in_order() {
+        assert_eq!(picks(&[1, 1, 1, 1], 8), vec![0, 1, 2, 3, 0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn smooth_sequence_matches_nginx() {
+        // The example from the NGINX commit message: weights 5, 1, 1.
+        assert_eq!(picks(&[5, 1, 1], 7), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn weights_one_to_three_split_exactly() {
+        let set = backends(&[1, 3]);
+        let counts = spread::<RoundRobin>("{}", &set, &MockContext::new(&set), 100).unwrap();
+        assert_eq!(counts, vec![25, 75]);
+    }
+
+    #[test]
+    fn unhealthy_backends_are_skipped() {
+        for weights in [[1u32, 1, 1], [2, 1, 1]] {
+            let mut set = backends(&weights);
+            set[1].healthy = false;
+            let counts = spread::<RoundRobin>("{}", &set, &MockContext::new(&set), 30).unwrap();
+            assert_eq!(counts[1], 0, "weights {weights:?}: {counts:?}");
+            assert_eq!(counts.iter().sum::<u32>(), 30);
+        }
+    }
+
+    #[test]
+    fn no_healthy_backend_is_unavailable() {
+        let mut set = backends(&[1, 1]);
+        set.iter_mut().for_each(|b| b.healthy = false);
+        let mut rr: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+        rr.set_backends(set.clone());
+        assert_eq!(rr.select(&MockContext::new(&set)), Decision::Unavailable);
+        rr.set_backends(Vec::new());
+        assert_eq!(rr.select(&MockContext::new(&[])), Decision::Unavailable);
+    }
+
+    #[test]
+    fn config_keys_are_rejected() {
+        let err = wasmlb_sdk::instantiate::<RoundRobin>(r#"{"x":1}"#).unwrap_err();
+        assert!(err.contains("unknown field `x`"), "{err}");
+    }
+}

@@ -1,0 +1,232 @@
+//! The SDK for writing [wasmlb](https://example.invalid/wasmlb) load-balancing
+//! strategies as WebAssembly components.
+//!
+//! A strategy is one [`Strategy`] impl and one [`export_strategy!`] call:
+//!
+//! ```
+//! #![cfg_attr(target_arch = "wasm32", no_std)]
+//! use wasmlb_sdk::prelude::*;
+//!
+//! /// Always the first healthy backend.
+//! #[derive(Default)]
+//! pub struct First { backends: Vec<Backend> }
+//!
+//! impl Strategy for First {
+//!     type Config = NoConfig;
+//!     fn new(_: NoConfig) -> Result<Self, String> { Ok(Self::default()) }
+//!     fn set_backends(&mut self, backends: Vec<Backend>) { self.backends = backends; }
+//!     fn select(&mut self, _cx: &dyn Context) -> Decision {
+//!         match self.backends.iter().find(|b| b.healthy) {
+//!             Some(b) => Decision::Backend(b.id),
+//!             None => Decision::Unavailable,
+//!         }
+//!     }
+//! }
+//!
+//! wasmlb_sdk::export_strategy!(First);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` (crate type
+//! `cdylib`) and point an upstream's `plugin` at the `.wasm` file.
+//!
+//! # Why `no_std`
+//!
+//! The host grants a plugin only the `wasmlb:plugin` imports (log, clock,
+//! backend state, request) and rejects any component importing `wasi:*`. Rust's
+//! `std` on `wasm32-wasip2` imports 14 `wasi:cli`/`wasi:io` interfaces just to
+//! print panic messages, so a plugin crate is `no_std` on wasm32 (the
+//! `cfg_attr` line above; it stays `std` natively, so `cargo test` works) and
+//! uses `alloc` through [`prelude`]. This SDK supplies the global allocator
+//! (dlmalloc) and a panic handler that traps; the host then serves the request
+//! with its fallback policy and replaces the instance.
+//!
+//! # Testing natively
+//!
+//! [`testing::MockContext`] stands in for the host: backends, in-flight counts,
+//! health, headers, client address and clock are plain fields, so selection
+//! logic is unit-tested with `cargo test`, without wasm.
+#![no_std]
+#![deny(missing_docs)]
+
+extern crate alloc;
+// Lets the generated bindings name this crate the same way from inside and outside.
+#[cfg(target_arch = "wasm32")]
+extern crate self as wasmlb_sdk;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+pub use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+pub use serde;
+pub use serde_json;
+pub use wit_bindgen;
+
+#[cfg(target_arch = "wasm32")]
+#[doc(hidden)]
+pub mod __rt;
+pub mod testing;
+
+/// Everything a strategy usually needs, including `alloc`'s `Vec`, `String`,
+/// `Box`, `BTreeMap`, `vec!` and `format!` for `no_std` crates.
+pub mod prelude {
+    pub use crate::{Backend, Context, Decision, Level, NoConfig, Strategy};
+    pub use alloc::boxed::Box;
+    pub use alloc::collections::BTreeMap;
+    pub use alloc::string::{String, ToString};
+    pub use alloc::vec::Vec;
+    pub use alloc::{format, vec};
+}
+
+/// One backend (server) of the upstream, as the host hands it over in
+/// [`Strategy::set_backends`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Index in the current backend list, `0..len`. Decisions and [`Context`]
+    /// methods name backends by it. Stable only until the next
+    /// `set_backends`; use [`Backend::address`] as the stable identity.
+    pub id: u32,
+    /// `host:port` as written in the config.
+    pub address: String,
+    /// Effective weight, at least 1, relative to the other backends.
+    pub weight: u32,
+    /// False when the host has marked the backend down.
+    pub healthy: bool,
+    /// Labels from the config, in config order.
+    pub labels: Vec<(String, String)>,
+}
+
+impl Backend {
+    /// The value of label `key`, if the backend has it.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The answer of [`Strategy::select`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve the request with the backend of this id.
+    Backend(u32),
+    /// Backend ids in order of preference; the host uses the first and may
+    /// retry on later ones in order. Must not be empty.
+    Candidates(Vec<u32>),
+    /// No backend can serve the request: the host answers 503.
+    Unavailable,
+}
+
+/// Severity of a log record sent with [`Context::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Very verbose diagnostics.
+    Trace,
+    /// Diagnostics.
+    Debug,
+    /// Normal events.
+    Info,
+    /// Something unexpected that the plugin handled.
+    Warn,
+    /// Something the plugin could not handle.
+    Error,
+}
+
+/// The host, as seen from [`Strategy::select`]: the request being balanced
+/// and the live state of the backends.
+///
+/// In a wasm build every method is one host call (about 60 ns); read only what
+/// the decision needs. Natively, [`testing::MockContext`] implements it.
+pub trait Context {
+    /// The request method, e.g. `GET`.
+    fn method(&self) -> String;
+    /// The request authority (`Host` or `:authority`), empty if absent.
+    fn authority(&self) -> String;
+    /// The path and query, e.g. `/v1/items?id=3`.
+    fn path(&self) -> String;
+    /// The first value of header `name` (case-insensitive).
+    fn header(&self, name: &str) -> Option<String>;
+    /// Every value of header `name`, in order.
+    fn header_all(&self, name: &str) -> Vec<String>;
+    /// The downstream TCP peer's address (never taken from a header).
+    fn client_address(&self) -> SocketAddr;
+    /// Number of backends in the current set.
+    fn backend_count(&self) -> u32;
+    /// Requests in flight to backend `id` (0 for an unknown id).
+    fn in_flight(&self, id: u32) -> u32;
+    /// In-flight counts of all backends, indexed by id, in one host call.
+    fn in_flight_all(&self) -> Vec<u32>;
+    /// Whether backend `id` is currently healthy (false for an unknown id).
+    fn healthy(&self, id: u32) -> bool;
+    /// Monotonic clock, in nanoseconds since an arbitrary fixed point.
+    fn monotonic_now(&self) -> u64;
+    /// Log through the host's logger, tagged with the upstream's name.
+    fn log(&self, level: Level, message: &str);
+}
+
+/// A load-balancing strategy.
+///
+/// The host keeps one instance per upstream and serializes calls into it, so
+/// `&mut self` is the upstream's global state. Register the type with
+/// [`export_strategy!`].
+pub trait Strategy: Sized {
+    /// The upstream's `plugin_config` table, deserialized from JSON with serde.
+    /// Use [`NoConfig`] when the strategy takes none.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Build the strategy from its config. An `Err` makes the plugin fail to
+    /// load; the text is shown to the operator.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// Replace the backend set: called once after [`Strategy::new`] and again
+    /// whenever the set, a weight or a health state changes.
+    /// `backends[i].id == i`.
+    fn set_backends(&mut self, backends: Vec<Backend>);
+
+    /// Choose the backend for the request described by `cx`.
+    fn select(&mut self, cx: &dyn Context) -> Decision;
+}
+
+/// Config type for strategies that take no `plugin_config`: accepts an empty
+/// table and rejects any key, naming it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// Parse `plugin_config` JSON and build the strategy. Used by the export glue
+/// and by [`testing`]; errors read `invalid plugin_config: <serde message>`.
+pub fn instantiate<S: Strategy>(config_json: &str) -> Result<S, String> {
+    let config: S::Config = serde_json::from_str(config_json)
+        .map_err(|e| alloc::format!("invalid plugin_config: {e}"))?;
+    S::new(config)
+}
+
+/// Export a [`Strategy`] type as the component's `wasmlb:plugin/strategy`.
+///
+/// Call it once per plugin crate, at the crate root: `export_strategy!(MyType);`.
+/// It expands to nothing outside `wasm32`, so native `cargo test` is unaffected.
+#[macro_export]
+macro_rules! export_strategy {
+    ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            static __WASMLB_STATE: $crate::__rt::StrategyCell<$ty> =
+                $crate::__rt::StrategyCell::new();
+            struct __WasmlbGuest;
+            impl $crate::__rt::bindings::exports::wasmlb::plugin::strategy::Guest for __WasmlbGuest {
+                fn init(config: $crate::__rt::String) -> ::core::result::Result<(), $crate::__rt::String> {
+                    __WASMLB_STATE.init(&config)
+                }
+                fn set_backends(
+                    backends: $crate::__rt::Vec<$crate::__rt::bindings::wasmlb::plugin::types::Backend>,
+                ) {
+                    __WASMLB_STATE.set_backends(backends)
+                }
+                fn select() -> $crate::__rt::bindings::wasmlb::plugin::types::Decision {
+                    __WASMLB_STATE.select()
+                }
+            }
+            $crate::__rt::bindings::__export_balancer!(__WasmlbGuest with_types_in $crate::__rt::bindings);
+        };
+    };
+}

@@ -1,0 +1,181 @@
+//! A native stand-in for the host, to unit-test strategies with `cargo test`.
+//!
+//! ```
+//! use wasmlb_sdk::prelude::*;
+//! use wasmlb_sdk::testing::{backends, MockContext};
+//! # #[derive(Default)] struct First { b: Vec<Backend> }
+//! # impl Strategy for First {
+//! #   type Config = NoConfig;
+//! #   fn new(_: NoConfig) -> Result<Self, String> { Ok(Self::default()) }
+//! #   fn set_backends(&mut self, b: Vec<Backend>) { self.b = b; }
+//! #   fn select(&mut self, _: &dyn Context) -> Decision { Decision::Backend(self.b[0].id) }
+//! # }
+//! let mut s: First = wasmlb_sdk::instantiate("{}").unwrap();
+//! let set = backends(&[1, 1, 1]);
+//! s.set_backends(set.clone());
+//! let cx = MockContext::new(&set).with_header("x-user", "42");
+//! assert_eq!(s.select(&cx), Decision::Backend(0));
+//! ```
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+
+use crate::{Backend, Context, Decision, Ipv4Addr, Level, SocketAddr, Strategy};
+
+/// `n = weights.len()` healthy backends `127.0.0.1:9001..` with the given
+/// weights and no labels; `id` is the index.
+pub fn backends(weights: &[u32]) -> Vec<Backend> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| Backend {
+            id: i as u32,
+            address: format!("127.0.0.1:{}", 9001 + i),
+            weight: w,
+            healthy: true,
+            labels: Vec::new(),
+        })
+        .collect()
+}
+
+/// The host as a plain value: request fields, per-backend in-flight counts and
+/// health, a settable clock, and a record of log calls.
+#[derive(Debug, Clone)]
+pub struct MockContext {
+    /// Request method (default `GET`).
+    pub method: String,
+    /// Request authority (default `example.com`).
+    pub authority: String,
+    /// Path and query (default `/`).
+    pub path: String,
+    /// Headers as (name, value); names compare case-insensitively.
+    pub headers: Vec<(String, String)>,
+    /// Client socket address (default `192.0.2.1:40000`).
+    pub client: SocketAddr,
+    /// In-flight requests per backend id.
+    pub in_flight: Vec<u32>,
+    /// Health per backend id.
+    pub healthy: Vec<bool>,
+    /// What [`Context::monotonic_now`] returns, in ns.
+    pub now_ns: Cell<u64>,
+    /// Every [`Context::log`] call, in order.
+    pub logs: RefCell<Vec<(Level, String)>>,
+}
+
+impl MockContext {
+    /// A `GET /` request with no in-flight requests; health copied from `backends`.
+    pub fn new(backends: &[Backend]) -> Self {
+        Self {
+            method: "GET".to_string(),
+            authority: "example.com".to_string(),
+            path: "/".to_string(),
+            headers: Vec::new(),
+            client: SocketAddr::new(Ipv4Addr::new(192, 0, 2, 1).into(), 40000),
+            in_flight: alloc::vec![0; backends.len()],
+            healthy: backends.iter().map(|b| b.healthy).collect(),
+            now_ns: Cell::new(0),
+            logs: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Add a header.
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Set the path.
+    pub fn with_path(mut self, path: &str) -> Self {
+        self.path = path.to_string();
+        self
+    }
+
+    /// Set the client address.
+    pub fn with_client(mut self, client: SocketAddr) -> Self {
+        self.client = client;
+        self
+    }
+
+    /// Set the in-flight counts, indexed by backend id.
+    pub fn with_in_flight(mut self, in_flight: &[u32]) -> Self {
+        self.in_flight = in_flight.to_vec();
+        self
+    }
+}
+
+impl Context for MockContext {
+    fn method(&self) -> String {
+        self.method.clone()
+    }
+    fn authority(&self) -> String {
+        self.authority.clone()
+    }
+    fn path(&self) -> String {
+        self.path.clone()
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+    fn header_all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+    fn client_address(&self) -> SocketAddr {
+        self.client
+    }
+    fn backend_count(&self) -> u32 {
+        self.healthy.len() as u32
+    }
+    fn in_flight(&self, id: u32) -> u32 {
+        self.in_flight.get(id as usize).copied().unwrap_or(0)
+    }
+    fn in_flight_all(&self) -> Vec<u32> {
+        self.in_flight.clone()
+    }
+    fn healthy(&self, id: u32) -> bool {
+        self.healthy.get(id as usize).copied().unwrap_or(false)
+    }
+    fn monotonic_now(&self) -> u64 {
+        self.now_ns.get()
+    }
+    fn log(&self, level: Level, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_string()));
+    }
+}
+
+/// Build strategy `S` from `config_json`, hand it `backends`, and make `n`
+/// sequential selections with `cx` (in-flight counts unchanged between calls).
+/// Returns how often each backend id was chosen (the first candidate counts
+/// for a candidate list); `Unavailable` answers are not counted.
+///
+/// # Errors
+/// The strategy's init error, as [`crate::instantiate`] returns it.
+pub fn spread<S: Strategy>(
+    config_json: &str,
+    backends: &[Backend],
+    cx: &MockContext,
+    n: usize,
+) -> Result<Vec<u32>, String> {
+    let mut s: S = crate::instantiate(config_json)?;
+    s.set_backends(backends.to_vec());
+    let mut counts = alloc::vec![0u32; backends.len()];
+    for _ in 0..n {
+        let id = match s.select(cx) {
+            Decision::Backend(id) => Some(id),
+            Decision::Candidates(ids) => ids.first().copied(),
+            Decision::Unavailable => None,
+        };
+        if let Some(slot) = id.and_then(|id| counts.get_mut(id as usize)) {
+            *slot += 1;
+        }
+    }
+    Ok(counts)
+}
