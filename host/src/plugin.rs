@@ -64,15 +64,16 @@ pub enum PluginError {
     },
     /// The component imports something outside `wasmlb:plugin`.
     #[error(
-        "plugin {plugin}: imports `{import}`, which wasmlb does not provide \
+        "plugin {plugin}: imports {}, which wasmlb does not provide \
          (plugins may import only wasmlb:plugin/{{log,clock,backend-state,request}}; \
-         build with the wasmlb SDK, which is no_std)"
+         build with the wasmlb SDK, which is no_std)",
+        imports.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
     )]
     ForbiddenImport {
         /// The plugin.
         plugin: String,
-        /// The offending import's name, e.g. `wasi:filesystem/preopens@0.2.6`.
-        import: String,
+        /// Every offending import, e.g. `wasi:filesystem/preopens@0.2.6`.
+        imports: Vec<String>,
     },
     /// The component does not match the `balancer` world (missing export,
     /// wrong signature, incompatible version).
@@ -168,7 +169,7 @@ impl Runtime {
     ///
     /// # Errors
     /// [`PluginError::Read`], [`PluginError::Compile`],
-    /// [`PluginError::ForbiddenImport`] (naming the first import outside
+    /// [`PluginError::ForbiddenImport`] (naming every import outside
     /// `wasmlb:plugin`) or [`PluginError::Link`].
     pub fn load(&self, source: &PluginRef) -> Result<Arc<Plugin>, PluginError> {
         let name = source.to_string();
@@ -190,10 +191,15 @@ impl Runtime {
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| PluginError::Compile { plugin: name.to_string(), message: format!("{e:#}") })?;
-        for (import, _) in component.component_type().imports(&self.engine) {
-            if !import_allowed(import) {
-                return Err(PluginError::ForbiddenImport { plugin: name.to_string(), import: import.to_string() });
-            }
+        let forbidden: Vec<String> = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(import, _)| import)
+            .filter(|import| !import_allowed(import))
+            .map(str::to_string)
+            .collect();
+        if !forbidden.is_empty() {
+            return Err(PluginError::ForbiddenImport { plugin: name.to_string(), imports: forbidden });
         }
         let pre = self
             .linker

@@ -54,8 +54,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// Errors building the proxy from a config.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    /// An upstream's plugin failed to load or initialize.
-    #[error("upstream {upstream}: {source}")]
+    /// An upstream's plugin failed to load or initialize (the plugin error
+    /// is the [`std::error::Error::source`]).
+    #[error("upstream {upstream}")]
     Plugin {
         /// The upstream.
         upstream: String,

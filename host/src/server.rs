@@ -24,8 +24,8 @@ pub enum ServerError {
     /// Loading plugins or building the proxy failed.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
-    /// A listener could not bind.
-    #[error("listener[{index}]: cannot bind {address}: {source}")]
+    /// A listener could not bind (the OS error is the source).
+    #[error("listener[{index}]: cannot bind {address}")]
     Bind {
         /// The listener's index in the config.
         index: usize,

@@ -1,0 +1,407 @@
+//! The integration-test harness: real backends on ephemeral 127.0.0.1 ports,
+//! the real proxy (in-process through the `wasmlb` library, or the `wasmlb`
+//! binary as a child process), and a real HTTP client. Everything started here
+//! is stopped on drop.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use wasmlb;
+
+/// Paths of the plugins built for the tests by `build.rs`.
+pub mod plugins {
+    /// `examples/header-route`.
+    pub const HEADER_ROUTE: &str = concat!(env!("OUT_DIR"), "/header-route.wasm");
+    /// Panics in every `select`.
+    pub const TRAP: &str = concat!(env!("OUT_DIR"), "/test-plugin-trap.wasm");
+    /// Loops forever in every `select`.
+    pub const BUSY_LOOP: &str = concat!(env!("OUT_DIR"), "/test-plugin-busy-loop.wasm");
+    /// Answers a backend id outside the set.
+    pub const BAD_ANSWER: &str = concat!(env!("OUT_DIR"), "/test-plugin-bad-answer.wasm");
+    /// Fails `init`.
+    pub const BAD_INIT: &str = concat!(env!("OUT_DIR"), "/test-plugin-bad-init.wasm");
+    /// A std guest importing `wasi:filesystem`.
+    pub const WASI_IMPORT: &str = concat!(env!("OUT_DIR"), "/test-plugin-wasi-import.wasm");
+}
+
+/// Upper bound on any single wait in the harness.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+/// A test backend on an ephemeral port. Every response carries
+/// `x-backend: <name>`. Paths:
+/// - `/slow?ms=N`: answer after N ms.
+/// - `/headers`: the request headers as a JSON object of arrays.
+/// - `/upload`: read the body, answer `<bytes> <sha256 hex>`.
+/// - `/download?bytes=N`: stream N bytes of [`pattern`] in 64 KiB chunks.
+/// - anything else: `hello from <name>`.
+#[derive(Debug)]
+pub struct TestBackend {
+    /// The backend's name.
+    pub name: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    /// Start a backend named `name` on 127.0.0.1:0.
+    pub async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let hits = Arc::new(AtomicU64::new(0));
+        let (n, h) = (name.to_string(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (n, h) = (n.clone(), h.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        respond(n.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { name: name.to_string(), addr, hits, task }
+    }
+
+    /// Start `n` backends named `b0..b{n-1}`.
+    pub async fn start_many(n: usize) -> Vec<Self> {
+        let mut v = Vec::new();
+        for i in 0..n {
+            v.push(Self::start(&format!("b{i}")).await);
+        }
+        v
+    }
+
+    /// Requests received so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The byte at offset `i` of a `/download` body.
+pub fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(2654435761) >> 13) as u8
+}
+
+/// `(length, sha256 hex)` of `len` bytes of [`pattern`].
+pub fn pattern_digest(len: u64) -> (u64, String) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        for (j, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern(off + j as u64);
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    (len, hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn respond(name: String, req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+    let full = |s: String| Full::new(Bytes::from(s)).boxed();
+    let body: TestBody = match req.uri().path() {
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms"))).await;
+            full(format!("slow hello from {name}"))
+        }
+        "/headers" => {
+            let mut map = serde_json::Map::new();
+            for (k, v) in req.headers() {
+                let entry = map.entry(k.as_str()).or_insert_with(|| serde_json::Value::Array(vec![]));
+                if let serde_json::Value::Array(a) = entry {
+                    a.push(String::from_utf8_lossy(v.as_bytes()).into());
+                }
+            }
+            full(serde_json::Value::Object(map).to_string())
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut h = Sha256::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Some(data) = frame.data_ref() {
+                    len += data.len() as u64;
+                    h.update(data);
+                }
+            }
+            full(format!("{len} {}", hex(&h.finalize())))
+        }
+        "/download" => {
+            let total = query_u64(&req, "bytes");
+            let chunk = 64 * 1024u64;
+            let stream = futures_util::stream::iter((0..total.div_ceil(chunk)).map(move |c| {
+                let start = c * chunk;
+                let end = (start + chunk).min(total);
+                let data: Vec<u8> = (start..end).map(pattern).collect();
+                Ok::<_, Infallible>(Frame::data(Bytes::from(data)))
+            }));
+            BodyExt::boxed(StreamBody::new(stream))
+        }
+        _ => full(format!("hello from {name}")),
+    };
+    let response = Response::builder().header("x-backend", name.as_str()).body(body).expect("response");
+    Ok(response)
+}
+
+/// An address on 127.0.0.1 where nothing listens (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// `{ address = "..." }` entries for a TOML `backends = [...]` list.
+pub fn backend_list(backends: &[&TestBackend]) -> String {
+    backends.iter().map(|b| format!("{{ address = \"{}\" }}", b.addr)).collect::<Vec<_>>().join(", ")
+}
+
+/// A config file in a fresh temporary directory (removed on drop).
+#[derive(Debug)]
+pub struct ConfigFile {
+    /// The file.
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ConfigFile {
+    /// Write `toml` to `<tmp>/wasmlb.toml`.
+    pub fn new(toml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wasmlb.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Self { path, _dir: dir }
+    }
+
+    /// The directory holding the file.
+    pub fn dir(&self) -> &Path {
+        self.path.parent().expect("config dir")
+    }
+}
+
+/// The proxy running in this process through the `wasmlb` library.
+#[derive(Debug)]
+pub struct InProcessProxy {
+    server: Option<wasmlb::server::RunningServer>,
+    /// Bound address of each listener.
+    pub addrs: Vec<SocketAddr>,
+    _config: ConfigFile,
+}
+
+impl InProcessProxy {
+    /// Load `toml` (listener addresses should use port 0) and start serving.
+    pub async fn start(toml: &str) -> Self {
+        let config = ConfigFile::new(toml);
+        let loaded = wasmlb::config::Config::load(&config.path).expect("valid config");
+        let server = wasmlb::server::Server::start(&loaded).await.expect("server starts");
+        let addrs = server.local_addrs().to_vec();
+        Self { server: Some(server), addrs, _config: config }
+    }
+
+    /// `http://<listener 0>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addrs[0])
+    }
+
+    /// The running upstream `name`.
+    pub fn upstream(&self, name: &str) -> Arc<wasmlb::upstream::Upstream> {
+        self.server.as_ref().and_then(|s| s.upstream(name)).expect("upstream exists").clone()
+    }
+
+    /// Shut down gracefully; true if every connection finished in time.
+    pub async fn stop(mut self) -> bool {
+        match self.server.take() {
+            Some(s) => s.shutdown().await,
+            None => true,
+        }
+    }
+}
+
+/// The `wasmlb` binary built by `cargo test --workspace` (target/<profile>/wasmlb),
+/// or `$WASMLB_BIN`.
+pub fn wasmlb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("WASMLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/wasmlb
+    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("wasmlb");
+    assert!(bin.is_file(), "{} not found: run `cargo test --workspace` (it builds the binary) or set WASMLB_BIN", bin.display());
+    bin
+}
+
+/// Run `wasmlb --config <file> --check`; returns (exit code, stdout, stderr).
+pub fn check(config: &Path) -> (i32, String, String) {
+    let out = Command::new(wasmlb_bin())
+        .args(["--check", "--config"])
+        .arg(config)
+        .output()
+        .expect("run wasmlb --check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `wasmlb` binary as a child process; killed on drop.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Child,
+    /// Bound address of each listener, read from its `listening on` lines.
+    pub addrs: Vec<SocketAddr>,
+    _config: ConfigFile,
+}
+
+impl ProxyProcess {
+    /// Start `wasmlb --config <toml>` and wait for `listeners` "listening on" lines.
+    pub fn spawn(toml: &str, listeners: usize) -> Self {
+        use std::io::BufRead;
+        let config = ConfigFile::new(toml);
+        let mut child = Command::new(wasmlb_bin())
+            .arg("--config")
+            .arg(&config.path)
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wasmlb");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1)
+                    && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let mut addrs = Vec::new();
+        while addrs.len() < listeners {
+            match rx.recv_timeout(WAIT) {
+                Ok(a) => addrs.push(a),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("wasmlb did not report its listeners: {e}");
+                }
+            }
+        }
+        Self { child, addrs, _config: config }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `http://<listener 0><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addrs[0])
+    }
+
+    /// Send SIGTERM and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "wasmlb did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("memory field")
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP/1.1 client that ignores proxy environment variables.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(WAIT).build().expect("client")
+}
+
+/// An HTTP/2 cleartext (prior knowledge) client.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().http2_prior_knowledge().timeout(WAIT).build().expect("client")
+}
+
+/// GET `url`; returns (status, `x-backend` header or "", body).
+pub async fn get(client: &reqwest::Client, url: &str) -> (u16, String, String) {
+    let r = client.get(url).send().await.expect("request");
+    let status = r.status().as_u16();
+    let backend = r.headers().get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    (status, backend, r.text().await.expect("body"))
+}
+
+/// Stream `len` bytes of [`pattern`] as a request body.
+pub fn pattern_body(len: u64) -> reqwest::Body {
+    let chunk = 256 * 1024u64;
+    let stream = futures_util::stream::iter(0..len.div_ceil(chunk)).map(move |c| {
+        let start = c * chunk;
+        let end = (start + chunk).min(len);
+        Ok::<_, Infallible>(Bytes::from((start..end).map(pattern).collect::<Vec<u8>>()))
+    });
+    reqwest::Body::wrap_stream(stream)
+}

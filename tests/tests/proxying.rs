@@ -1,0 +1,169 @@
+//! Routing, status codes, header handling, HTTP/2 and custom plugins.
+
+use serde_json::Value;
+use wasmlb_tests::{InProcessProxy, TestBackend, backend_list, client, closed_port, get, h2c_client, plugins};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_host_and_path_prefix_first_match_wins() {
+    let (web, api, admin) = (TestBackend::start("web").await, TestBackend::start("api").await, TestBackend::start("admin").await);
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+upstream = "web"
+
+[[route]]
+host = "api.example.com"
+path_prefix = "/admin"
+upstream = "admin"
+
+[[route]]
+host = "api.example.com"
+upstream = "api"
+
+[[route]]
+path_prefix = "/v1/"
+upstream = "api"
+
+[upstream.web]
+plugin = "round-robin"
+backends = [ {{ address = "{}" }} ]
+[upstream.api]
+plugin = "round-robin"
+backends = [ {{ address = "{}" }} ]
+[upstream.admin]
+plugin = "least-connections"
+backends = [ {{ address = "{}" }} ]
+"#,
+        web.addr, api.addr, admin.addr
+    );
+    let proxy = InProcessProxy::start(&toml).await;
+    let c = client();
+    let send = |host: &'static str, path: &'static str| {
+        let c = c.clone();
+        let url = proxy.url(path);
+        async move {
+            let r = c.get(url).header("host", host).send().await.unwrap();
+            r.headers()["x-backend"].to_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(send("API.example.com:8080", "/admin/users").await, "admin");
+    assert_eq!(send("api.example.com", "/items").await, "api");
+    assert_eq!(send("www.example.com", "/v1/items").await, "api");
+    assert_eq!(send("www.example.com", "/v1").await, "web", "prefix /v1/ does not match /v1");
+    assert_eq!(send("www.example.com", "/").await, "web");
+    assert!(proxy.stop().await);
+}
+
+fn single(plugin: &str, backends: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+upstream = "app"
+
+[upstream.app]
+plugin = '{plugin}'
+backends = [ {backends} ]
+{extra}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
+    let dead = closed_port();
+    let proxy = InProcessProxy::start(&single("round-robin", &format!("{{ address = \"{dead}\" }}"), "")).await;
+    let (status, _, body) = get(&client(), &proxy.url("/")).await;
+    assert_eq!(status, 502);
+    assert!(body.contains(&format!("cannot connect to backend {dead}")), "{body}");
+    assert!(proxy.stop().await);
+
+    let proxy = InProcessProxy::start(&single("round-robin", "", "")).await;
+    let (status, _, body) = get(&client(), &proxy.url("/")).await;
+    assert_eq!(status, 503);
+    assert!(body.contains("no backend available in upstream app"), "{body}");
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_backend_is_504_after_the_response_timeout() {
+    let b = TestBackend::start("slow").await;
+    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&[&b]), "response_timeout_ms = 200")).await;
+    let (status, _, body) = get(&client(), &proxy.url("/slow?ms=3000")).await;
+    assert_eq!(status, 504);
+    assert!(body.contains("did not answer within 200 ms"), "{body}");
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed_and_x_forwarded_for_appended() {
+    let b = TestBackend::start("b0").await;
+    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&[&b]), "")).await;
+    let r = client()
+        .get(proxy.url("/headers"))
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "secret")
+        .header("keep-alive", "timeout=5")
+        .header("te", "trailers")
+        .header("proxy-authorization", "Basic eA==")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-kept", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    for gone in ["connection", "x-drop-me", "keep-alive", "te", "proxy-authorization", "upgrade"] {
+        assert!(seen.get(gone).is_none(), "{gone} reached the backend: {seen}");
+    }
+    assert_eq!(seen["x-kept"][0], "1");
+    assert_eq!(seen["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"][0], "http");
+    assert_eq!(seen["x-forwarded-host"][0], proxy.addrs[0].to_string());
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_clients_are_served() {
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&refs), "")).await;
+    let c = h2c_client();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let r = c.get(proxy.url("/headers")).send().await.unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        seen.push(r.headers()["x-backend"].to_str().unwrap().to_string());
+        let headers: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(headers["host"][0], proxy.addrs[0].to_string(), "authority becomes Host");
+    }
+    assert_eq!(seen, ["b0", "b1", "b0", "b1"]);
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_plugin_from_examples_routes_by_header() {
+    let backends = TestBackend::start_many(3).await;
+    let list = backends
+        .iter()
+        .map(|b| format!(r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#, b.addr, b.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let extra = "[upstream.app.plugin_config]\nheader = \"x-pin\"";
+    let proxy = InProcessProxy::start(&single(plugins::HEADER_ROUTE, &list, extra)).await;
+    let c = client();
+    for _ in 0..5 {
+        let r = c.get(proxy.url("/")).header("x-pin", "b2").send().await.unwrap();
+        assert_eq!(r.headers()["x-backend"], "b2");
+    }
+    // Without the header: least-connections, rotating over idle backends.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(get(&c, &proxy.url("/")).await.1);
+    }
+    seen.sort();
+    assert_eq!(seen, ["b0", "b1", "b2"]);
+    assert_eq!(proxy.upstream("app").stats().fallbacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(proxy.stop().await);
+}
