@@ -1,1 +1,80 @@
-fn main() {}
+//! Per-request selection: `Upstream::select` (mutex, request moved into the
+//! store, epoch deadline, the wasm call, host functions, answer validation)
+//! for the built-in plugins at 4, 64 and 1024 backends, beside the same
+//! round-robin strategy compiled natively and called directly.
+//!
+//! Run: `cargo bench -p wasmlb --bench select`.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::SocketAddr;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use wasmlb::config::{BackendConfig, PluginRef, UpstreamConfig};
+use wasmlb::plugin::{RequestView, Runtime};
+use wasmlb::upstream::Upstream;
+use wasmlb_sdk::Strategy;
+
+const SIZES: [usize; 3] = [4, 64, 1024];
+
+fn config(plugin: &str, n: usize) -> UpstreamConfig {
+    UpstreamConfig {
+        plugin: PluginRef::Builtin(plugin.into()),
+        plugin_config: serde_json::json!({}),
+        backends: (0..n)
+            .map(|i| BackendConfig {
+                address: SocketAddr::from(([127, 0, (i / 250) as u8, 1], 9000 + (i % 250) as u16)),
+                weight: 1,
+                labels: BTreeMap::new(),
+            })
+            .collect(),
+        plugin_deadline_ms: 5,
+        plugin_memory_limit_mib: 16,
+        connect_timeout_ms: 1000,
+        response_timeout_ms: 1000,
+    }
+}
+
+fn request() -> RequestView {
+    let (parts, ()) = http::Request::get("http://example.com/api/items?id=7")
+        .header("user-agent", "bench")
+        .header("x-user", "42")
+        .body(())
+        .expect("request")
+        .into_parts();
+    RequestView { parts, client: SocketAddr::from(([192, 0, 2, 1], 40000)) }
+}
+
+fn select(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("runtime");
+    let mut group = c.benchmark_group("select");
+    for n in SIZES {
+        for plugin in ["round-robin", "least-connections"] {
+            let upstream = Upstream::new("bench", &config(plugin, n), &runtime).expect("upstream");
+            let mut view = Some(request());
+            group.bench_with_input(BenchmarkId::new(format!("wasm/{plugin}"), n), &n, |b, _| {
+                b.iter(|| {
+                    let (selection, back) = upstream.select(view.take().expect("view"));
+                    view = Some(back);
+                    black_box(selection)
+                })
+            });
+            assert_eq!(upstream.stats().fallbacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+        }
+        let set = wasmlb_sdk::testing::backends(&vec![1; n]);
+        let mut native: wasmlb_plugin_round_robin::RoundRobin = wasmlb_sdk::instantiate("{}").expect("native");
+        native.set_backends(set.clone());
+        let cx = wasmlb_sdk::testing::MockContext::new(&set);
+        group.bench_with_input(BenchmarkId::new("native/round-robin", n), &n, |b, _| {
+            b.iter(|| black_box(native.select(black_box(&cx))))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = select
+}
+criterion_main!(benches);
