@@ -3,7 +3,10 @@
 
 fn main() {
     let built = wasmlb_build::build_plugins(
-        &["wasmlb-plugin-round-robin", "wasmlb-plugin-least-connections"],
+        &[
+            "wasmlb-plugin-round-robin",
+            "wasmlb-plugin-least-connections",
+        ],
         &["wit", "sdk", "plugins"],
     );
     if let Err(e) = built {

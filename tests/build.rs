@@ -6,7 +6,13 @@
 fn main() {
     let watch = ["wit", "sdk", "examples/header-route", "tests/plugins"];
     let result = wasmlb_build::build_plugins(
-        &["header-route", "test-plugin-trap", "test-plugin-busy-loop", "test-plugin-bad-answer", "test-plugin-bad-init"],
+        &[
+            "header-route",
+            "test-plugin-trap",
+            "test-plugin-busy-loop",
+            "test-plugin-bad-answer",
+            "test-plugin-bad-init",
+        ],
         &watch,
     )
     .and_then(|_| wasmlb_build::build_plugins(&["test-plugin-wasi-import"], &watch));

@@ -46,7 +46,10 @@ pub fn build_plugins(packages: &[&str], watch: &[&str]) -> Result<Vec<PathBuf>, 
     for path in watch {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("Cargo.lock").display()
+    );
     check_target_installed()?;
 
     let target_dir = shared_target_dir(&out_dir);
@@ -90,7 +93,12 @@ fn workspace_root(start: &Path) -> Result<PathBuf, String> {
         .ancestors()
         .find(|d| d.join("Cargo.lock").is_file() && d.join("wit").is_dir())
         .map(Path::to_path_buf)
-        .ok_or_else(|| format!("no workspace root (Cargo.lock and wit/) above {}", start.display()))
+        .ok_or_else(|| {
+            format!(
+                "no workspace root (Cargo.lock and wit/) above {}",
+                start.display()
+            )
+        })
 }
 
 /// `<target>/wasm-plugins`, where `<target>` is the outer build's target
@@ -111,7 +119,11 @@ fn check_target_installed() -> Result<(), String> {
         .output()
         .map_err(|e| format!("running rustc --print sysroot: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    if Path::new(&sysroot).join("lib/rustlib").join(TARGET).is_dir() {
+    if Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .is_dir()
+    {
         Ok(())
     } else {
         Err(format!(

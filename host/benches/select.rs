@@ -42,7 +42,10 @@ fn request() -> RequestView {
         .body(())
         .expect("request")
         .into_parts();
-    RequestView { parts, client: SocketAddr::from(([192, 0, 2, 1], 40000)) }
+    RequestView {
+        parts,
+        client: SocketAddr::from(([192, 0, 2, 1], 40000)),
+    }
 }
 
 fn select(c: &mut Criterion) {
@@ -59,10 +62,17 @@ fn select(c: &mut Criterion) {
                     black_box(selection)
                 })
             });
-            assert_eq!(upstream.stats().fallbacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+            assert_eq!(
+                upstream
+                    .stats()
+                    .fallbacks
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0
+            );
         }
         let set = wasmlb_sdk::testing::backends(&vec![1; n]);
-        let mut native: wasmlb_plugin_round_robin::RoundRobin = wasmlb_sdk::instantiate("{}").expect("native");
+        let mut native: wasmlb_plugin_round_robin::RoundRobin =
+            wasmlb_sdk::instantiate("{}").expect("native");
         native.set_backends(set.clone());
         let cx = wasmlb_sdk::testing::MockContext::new(&set);
         group.bench_with_input(BenchmarkId::new("native/round-robin", n), &n, |b, _| {

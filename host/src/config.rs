@@ -244,7 +244,12 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.path.to_path_buf(),
             line: span.map(|s| line_of(self.text, s.start)),
@@ -274,7 +279,10 @@ impl Validator<'_> {
                 Err(self.err(
                     Some(name.span()),
                     key,
-                    format!("no upstream named {:?} (defined: {known:?})", name.get_ref()),
+                    format!(
+                        "no upstream named {:?} (defined: {known:?})",
+                        name.get_ref()
+                    ),
                 ))
             }
         };
@@ -285,10 +293,17 @@ impl Validator<'_> {
             let key = format!("listener[{i}].address");
             let address = self.socket_addr(&key, &l.address)?;
             if address.port() != 0 && !seen.insert(address) {
-                return Err(self.err(Some(l.address.span()), key, format!("duplicate listener address {address}")));
+                return Err(self.err(
+                    Some(l.address.span()),
+                    key,
+                    format!("duplicate listener address {address}"),
+                ));
             }
             check_ref(format!("listener[{i}].upstream"), &l.upstream)?;
-            listeners.push(ListenerConfig { address, upstream: l.upstream.get_ref().clone() });
+            listeners.push(ListenerConfig {
+                address,
+                upstream: l.upstream.get_ref().clone(),
+            });
         }
 
         let mut routes = Vec::new();
@@ -297,7 +312,11 @@ impl Validator<'_> {
             if let Some(p) = &r.path_prefix
                 && !p.get_ref().starts_with('/')
             {
-                return Err(self.err(Some(p.span()), format!("route[{i}].path_prefix"), "must start with '/'"));
+                return Err(self.err(
+                    Some(p.span()),
+                    format!("route[{i}].path_prefix"),
+                    "must start with '/'",
+                ));
             }
             routes.push(RouteConfig {
                 host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
@@ -318,7 +337,10 @@ impl Validator<'_> {
             routes,
             upstreams,
             server: ServerConfig {
-                shutdown_timeout_ms: raw.server.shutdown_timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+                shutdown_timeout_ms: raw
+                    .server
+                    .shutdown_timeout_ms
+                    .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
             },
         })
     }
@@ -326,7 +348,11 @@ impl Validator<'_> {
     fn upstream(&self, name: &str, u: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
         let prefix = format!("upstream.{name}");
         if name.is_empty() {
-            return Err(self.err(Some(u.plugin.span()), "upstream", "upstream names must not be empty"));
+            return Err(self.err(
+                Some(u.plugin.span()),
+                "upstream",
+                "upstream names must not be empty",
+            ));
         }
         let plugin = self.plugin_ref(&format!("{prefix}.plugin"), &u.plugin)?;
         let mut backends = Vec::new();
@@ -335,27 +361,45 @@ impl Validator<'_> {
             let key = format!("{prefix}.backends[{i}].address");
             let address = self.socket_addr(&key, &b.address)?;
             if !seen.insert(address) {
-                return Err(self.err(Some(b.address.span()), key, format!("duplicate backend {address}")));
+                return Err(self.err(
+                    Some(b.address.span()),
+                    key,
+                    format!("duplicate backend {address}"),
+                ));
             }
             let weight = match &b.weight {
                 Some(w) if *w.get_ref() == 0 => {
-                    return Err(self.err(Some(w.span()), format!("{prefix}.backends[{i}].weight"), "must be at least 1"));
+                    return Err(self.err(
+                        Some(w.span()),
+                        format!("{prefix}.backends[{i}].weight"),
+                        "must be at least 1",
+                    ));
                 }
                 Some(w) => *w.get_ref(),
                 None => 1,
             };
-            backends.push(BackendConfig { address, weight, labels: b.labels.clone() });
+            backends.push(BackendConfig {
+                address,
+                weight,
+                labels: b.labels.clone(),
+            });
         }
         let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
-            Some(s) if *s.get_ref() == 0 => {
-                Err(self.err(Some(s.span()), format!("{prefix}.{key}"), "must be at least 1"))
-            }
+            Some(s) if *s.get_ref() == 0 => Err(self.err(
+                Some(s.span()),
+                format!("{prefix}.{key}"),
+                "must be at least 1",
+            )),
             Some(s) => Ok(*s.get_ref()),
             None => Ok(default),
         };
         let plugin_config = match u.plugin_config {
             Some(table) => serde_json::to_value(table).map_err(|e| {
-                self.err(None, format!("{prefix}.plugin_config"), format!("cannot convert to JSON: {e}"))
+                self.err(
+                    None,
+                    format!("{prefix}.plugin_config"),
+                    format!("cannot convert to JSON: {e}"),
+                )
             })?,
             None => serde_json::Value::Object(serde_json::Map::new()),
         };
@@ -363,26 +407,46 @@ impl Validator<'_> {
             plugin,
             plugin_config,
             backends,
-            plugin_deadline_ms: positive("plugin_deadline_ms", &u.plugin_deadline_ms, DEFAULT_PLUGIN_DEADLINE_MS)?,
+            plugin_deadline_ms: positive(
+                "plugin_deadline_ms",
+                &u.plugin_deadline_ms,
+                DEFAULT_PLUGIN_DEADLINE_MS,
+            )?,
             plugin_memory_limit_mib: positive(
                 "plugin_memory_limit_mib",
                 &u.plugin_memory_limit_mib,
                 DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
             )?,
-            connect_timeout_ms: positive("connect_timeout_ms", &u.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS)?,
-            response_timeout_ms: positive("response_timeout_ms", &u.response_timeout_ms, DEFAULT_RESPONSE_TIMEOUT_MS)?,
+            connect_timeout_ms: positive(
+                "connect_timeout_ms",
+                &u.connect_timeout_ms,
+                DEFAULT_CONNECT_TIMEOUT_MS,
+            )?,
+            response_timeout_ms: positive(
+                "response_timeout_ms",
+                &u.response_timeout_ms,
+                DEFAULT_RESPONSE_TIMEOUT_MS,
+            )?,
         })
     }
 
     fn socket_addr(&self, key: &str, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
         s.get_ref().parse().map_err(|_| {
-            self.err(Some(s.span()), key, format!("{:?} is not an IP:port address (e.g. \"127.0.0.1:9001\")", s.get_ref()))
+            self.err(
+                Some(s.span()),
+                key,
+                format!(
+                    "{:?} is not an IP:port address (e.g. \"127.0.0.1:9001\")",
+                    s.get_ref()
+                ),
+            )
         })
     }
 
     fn plugin_ref(&self, key: &str, s: &Spanned<String>) -> Result<PluginRef, ConfigError> {
         let value = s.get_ref();
-        let looks_like_path = value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
+        let looks_like_path =
+            value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
         if !looks_like_path {
             return if builtin::get(value).is_some() {
                 Ok(PluginRef::Builtin(value.clone()))
@@ -397,7 +461,11 @@ impl Validator<'_> {
         let base = self.path.parent().unwrap_or_else(|| Path::new("."));
         let file = base.join(value);
         if !file.is_file() {
-            return Err(self.err(Some(s.span()), key, format!("plugin file {} not found", file.display())));
+            return Err(self.err(
+                Some(s.span()),
+                key,
+                format!("plugin file {} not found", file.display()),
+            ));
         }
         Ok(PluginRef::File(file))
     }
@@ -405,7 +473,11 @@ impl Validator<'_> {
 
 /// 1-based line number of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -465,7 +537,10 @@ key = "x-user"
     fn route_to_missing_upstream_names_line_and_key() {
         let bad = GOOD.replace("upstream = \"api\"", "upstream = \"apii\"");
         let e = error_of(&bad);
-        assert!(e.starts_with("/etc/wasmlb/test.toml:9: route[0].upstream: no upstream named \"apii\""), "{e}");
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:9: route[0].upstream: no upstream named \"apii\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -483,29 +558,49 @@ key = "x-user"
         assert!(e.contains("not an IP:port"), "{e}");
         let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"));
         assert!(e.contains("duplicate backend 127.0.0.1:9001"), "{e}");
-        let twice = format!("{GOOD}\n[[listener]]\naddress = \"127.0.0.1:8080\"\nupstream = \"app\"\n");
+        let twice =
+            format!("{GOOD}\n[[listener]]\naddress = \"127.0.0.1:8080\"\nupstream = \"app\"\n");
         assert!(error_of(&twice).contains("duplicate listener address"));
         let dup_upstream = format!("{GOOD}\n[upstream.app]\nplugin = \"round-robin\"\n");
-        assert!(error_of(&dup_upstream).contains("duplicate key"), "{}", error_of(&dup_upstream));
+        assert!(
+            error_of(&dup_upstream).contains("duplicate key"),
+            "{}",
+            error_of(&dup_upstream)
+        );
     }
 
     #[test]
     fn plugins_must_exist() {
         let e = error_of(&GOOD.replace("\"least-connections\"", "\"least-conn\""));
-        assert!(e.contains("upstream.api.plugin: no built-in plugin named \"least-conn\""), "{e}");
+        assert!(
+            e.contains("upstream.api.plugin: no built-in plugin named \"least-conn\""),
+            "{e}"
+        );
         let e = error_of(&GOOD.replace("\"least-connections\"", "\"plugins/missing.wasm\""));
-        assert!(e.contains("plugin file /etc/wasmlb/plugins/missing.wasm not found"), "{e}");
+        assert!(
+            e.contains("plugin file /etc/wasmlb/plugins/missing.wasm not found"),
+            "{e}"
+        );
     }
 
     #[test]
     fn zero_weight_and_zero_timeouts_are_rejected() {
-        assert!(error_of(&GOOD.replace("weight = 3", "weight = 0")).contains("backends[1].weight: must be at least 1"));
-        assert!(error_of(&GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline_ms = 0")).contains("plugin_deadline_ms"));
+        assert!(
+            error_of(&GOOD.replace("weight = 3", "weight = 0"))
+                .contains("backends[1].weight: must be at least 1")
+        );
+        assert!(
+            error_of(&GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline_ms = 0"))
+                .contains("plugin_deadline_ms")
+        );
     }
 
     #[test]
     fn a_listener_is_required() {
-        assert!(error_of("[upstream.a]\nplugin = \"round-robin\"\n").contains("at least one [[listener]]"));
+        assert!(
+            error_of("[upstream.a]\nplugin = \"round-robin\"\n")
+                .contains("at least one [[listener]]")
+        );
     }
 
     #[test]

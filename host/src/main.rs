@@ -37,6 +37,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,7 +60,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         builder.worker_threads(n.max(1));
     }
-    let rt = builder.enable_all().build().context("starting the tokio runtime")?;
+    let rt = builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(serve(&config))
 }
 

@@ -30,8 +30,8 @@ mod bindings {
     });
 }
 
-use bindings::wasmlb::plugin::types::{self as wit_types, IpAddress, Level, SocketAddress};
 pub use bindings::wasmlb::plugin::types::Decision;
+use bindings::wasmlb::plugin::types::{self as wit_types, IpAddress, Level, SocketAddress};
 
 /// How often the epoch advances; deadlines are whole ticks (ms).
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -162,7 +162,10 @@ impl Runtime {
                 }
             })
             .map_err(|e| PluginError::Engine(format!("spawning the epoch ticker: {e}")))?;
-        Ok(Self { engine, linker: Arc::new(linker) })
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+        })
     }
 
     /// Load and compile a plugin, check its imports and link it.
@@ -175,10 +178,16 @@ impl Runtime {
         let name = source.to_string();
         let bytes: std::borrow::Cow<'static, [u8]> = match source {
             PluginRef::Builtin(n) => builtin::get(n)
-                .ok_or_else(|| PluginError::Read { plugin: name.clone(), message: "no such built-in".into() })?
+                .ok_or_else(|| PluginError::Read {
+                    plugin: name.clone(),
+                    message: "no such built-in".into(),
+                })?
                 .into(),
             PluginRef::File(path) => std::fs::read(path)
-                .map_err(|e| PluginError::Read { plugin: name.clone(), message: e.to_string() })?
+                .map_err(|e| PluginError::Read {
+                    plugin: name.clone(),
+                    message: e.to_string(),
+                })?
                 .into(),
         };
         self.load_bytes(&name, &bytes)
@@ -189,8 +198,10 @@ impl Runtime {
     /// # Errors
     /// As [`Runtime::load`], without `Read`.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| PluginError::Compile { plugin: name.to_string(), message: format!("{e:#}") })?;
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+            plugin: name.to_string(),
+            message: format!("{e:#}"),
+        })?;
         let forbidden: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -199,22 +210,38 @@ impl Runtime {
             .map(str::to_string)
             .collect();
         if !forbidden.is_empty() {
-            return Err(PluginError::ForbiddenImport { plugin: name.to_string(), imports: forbidden });
+            return Err(PluginError::ForbiddenImport {
+                plugin: name.to_string(),
+                imports: forbidden,
+            });
         }
         let pre = self
             .linker
             .instantiate_pre(&component)
             .and_then(bindings::BalancerPre::new)
-            .map_err(|e| PluginError::Link { plugin: name.to_string(), message: format!("{e:#}") })?;
-        Ok(Arc::new(Plugin { name: name.to_string(), engine: self.engine.clone(), pre }))
+            .map_err(|e| PluginError::Link {
+                plugin: name.to_string(),
+                message: format!("{e:#}"),
+            })?;
+        Ok(Arc::new(Plugin {
+            name: name.to_string(),
+            engine: self.engine.clone(),
+            pre,
+        }))
     }
 }
 
 /// `wasmlb:plugin/<interface>@0.1.x` for a known interface.
 fn import_allowed(import: &str) -> bool {
-    let Some((path, version)) = import.split_once('@') else { return false };
-    let Some((package, interface)) = path.split_once('/') else { return false };
-    package == ALLOWED_PACKAGE && ALLOWED_INTERFACES.contains(&interface) && version.starts_with("0.1.")
+    let Some((path, version)) = import.split_once('@') else {
+        return false;
+    };
+    let Some((package, interface)) = path.split_once('/') else {
+        return false;
+    };
+    package == ALLOWED_PACKAGE
+        && ALLOWED_INTERFACES.contains(&interface)
+        && version.starts_with("0.1.")
 }
 
 /// A compiled, linked plugin component; instantiated once per upstream (and
@@ -227,7 +254,9 @@ pub struct Plugin {
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -279,17 +308,30 @@ impl Plugin {
         store.epoch_deadline_trap();
         let deadline_ticks = settings.deadline_ms.max(1) + 1;
         store.set_epoch_deadline(deadline_ticks);
-        let bindings = self.pre.instantiate(&mut store).map_err(|e| init_err("instantiate", e))?;
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| init_err("instantiate", e))?;
         let strategy = bindings.wasmlb_plugin_strategy();
         store.set_epoch_deadline(deadline_ticks);
         strategy
             .call_init(&mut store, &settings.config_json)
             .map_err(|e| init_err("init", e))?
-            .map_err(|message| PluginError::Init { plugin: self.name.clone(), stage: "init", message })?;
+            .map_err(|message| PluginError::Init {
+                plugin: self.name.clone(),
+                stage: "init",
+                message,
+            })?;
         let list = backend_list(&store.data().backends);
         store.set_epoch_deadline(deadline_ticks);
-        strategy.call_set_backends(&mut store, &list).map_err(|e| init_err("set-backends", e))?;
-        Ok(Instance { store, bindings, deadline_ticks })
+        strategy
+            .call_set_backends(&mut store, &list)
+            .map_err(|e| init_err("set-backends", e))?;
+        Ok(Instance {
+            store,
+            bindings,
+            deadline_ticks,
+        })
     }
 }
 
@@ -303,7 +345,11 @@ fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend> {
             address: b.address.to_string(),
             weight: b.weight,
             healthy: b.healthy.load(Ordering::Relaxed),
-            labels: b.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: b
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
         .collect()
 }
@@ -333,7 +379,9 @@ pub struct Instance {
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Instance").field("upstream", &self.store.data().upstream).finish_non_exhaustive()
+        f.debug_struct("Instance")
+            .field("upstream", &self.store.data().upstream)
+            .finish_non_exhaustive()
     }
 }
 
@@ -345,16 +393,31 @@ impl Instance {
     /// non-empty). On `Err`, why the answer is unusable; after
     /// [`FailureKind::Trap`] or [`FailureKind::Deadline`] the instance must be
     /// replaced.
-    pub fn select(&mut self, request: RequestView) -> (Result<Decision, (FailureKind, String)>, RequestView) {
+    pub fn select(
+        &mut self,
+        request: RequestView,
+    ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
         self.store.data_mut().request = Some(request);
         self.store.set_epoch_deadline(self.deadline_ticks);
-        let result = self.bindings.wasmlb_plugin_strategy().call_select(&mut self.store);
+        let result = self
+            .bindings
+            .wasmlb_plugin_strategy()
+            .call_select(&mut self.store);
         // Only this function fills and empties the slot, so it is always full
         // here; an empty one is reported as a trap rather than a panic.
         let Some(request) = self.store.data_mut().request.take() else {
             let (parts, ()) = http::Request::new(()).into_parts();
-            let empty = RequestView { parts, client: SocketAddr::from(([0, 0, 0, 0], 0)) };
-            return (Err((FailureKind::Trap, "request slot lost during the call".into())), empty);
+            let empty = RequestView {
+                parts,
+                client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            };
+            return (
+                Err((
+                    FailureKind::Trap,
+                    "request slot lost during the call".into(),
+                )),
+                empty,
+            );
         };
         let n = self.store.data().backends.len() as u32;
         let result = match result {
@@ -374,8 +437,12 @@ impl Instance {
 fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureKind, String)> {
     let bad = |msg: String| Err((FailureKind::BadAnswer, msg));
     match &decision {
-        Decision::Backend(id) if *id >= n => bad(format!("answered backend {id}, but the set has {n}")),
-        Decision::Candidates(ids) if ids.is_empty() => bad("answered an empty candidate list".into()),
+        Decision::Backend(id) if *id >= n => {
+            bad(format!("answered backend {id}, but the set has {n}"))
+        }
+        Decision::Candidates(ids) if ids.is_empty() => {
+            bad("answered an empty candidate list".into())
+        }
         Decision::Candidates(ids) => match ids.iter().find(|&&id| id >= n) {
             Some(id) => bad(format!("answered candidate {id}, but the set has {n}")),
             None => Ok(decision),
@@ -433,22 +500,35 @@ impl bindings::wasmlb::plugin::backend_state::Host for HostState {
         self.backends.len() as u32
     }
     fn in_flight(&mut self, id: u32) -> u32 {
-        self.backends.get(id as usize).map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
+        self.backends
+            .get(id as usize)
+            .map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
     }
     fn in_flight_all(&mut self) -> Vec<u32> {
-        self.backends.iter().map(|b| b.in_flight.load(Ordering::Relaxed)).collect()
+        self.backends
+            .iter()
+            .map(|b| b.in_flight.load(Ordering::Relaxed))
+            .collect()
     }
     fn healthy(&mut self, id: u32) -> bool {
-        self.backends.get(id as usize).is_some_and(|b| b.healthy.load(Ordering::Relaxed))
+        self.backends
+            .get(id as usize)
+            .is_some_and(|b| b.healthy.load(Ordering::Relaxed))
     }
 }
 
 impl bindings::wasmlb::plugin::request::Host for HostState {
     fn method(&mut self) -> String {
-        self.request.as_ref().map(|r| r.parts.method.as_str().to_string()).unwrap_or_default()
+        self.request
+            .as_ref()
+            .map(|r| r.parts.method.as_str().to_string())
+            .unwrap_or_default()
     }
     fn authority(&mut self) -> String {
-        self.request.as_ref().map(|r| crate::proxy::authority(&r.parts).to_string()).unwrap_or_default()
+        self.request
+            .as_ref()
+            .map(|r| crate::proxy::authority(&r.parts).to_string())
+            .unwrap_or_default()
     }
     fn path(&mut self) -> String {
         self.request
@@ -462,7 +542,9 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
         Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
     }
     fn header_all(&mut self, name: String) -> Vec<String> {
-        let Some(r) = self.request.as_ref() else { return Vec::new() };
+        let Some(r) = self.request.as_ref() else {
+            return Vec::new();
+        };
         r.parts
             .headers
             .get_all(name.as_str())
@@ -485,7 +567,10 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
                 IpAddress::Ipv6((a, b, c, d, e, f, g, h))
             }
         };
-        SocketAddress { ip, port: addr.port() }
+        SocketAddress {
+            ip,
+            port: addr.port(),
+        }
     }
 }
 
@@ -506,9 +591,18 @@ mod tests {
     #[test]
     fn answers_are_validated_against_the_set() {
         assert!(validate(Decision::Backend(2), 3).is_ok());
-        assert_eq!(validate(Decision::Backend(3), 3).unwrap_err().0, FailureKind::BadAnswer);
-        assert_eq!(validate(Decision::Candidates(vec![]), 3).unwrap_err().0, FailureKind::BadAnswer);
-        assert_eq!(validate(Decision::Candidates(vec![0, 7]), 3).unwrap_err().0, FailureKind::BadAnswer);
+        assert_eq!(
+            validate(Decision::Backend(3), 3).unwrap_err().0,
+            FailureKind::BadAnswer
+        );
+        assert_eq!(
+            validate(Decision::Candidates(vec![]), 3).unwrap_err().0,
+            FailureKind::BadAnswer
+        );
+        assert_eq!(
+            validate(Decision::Candidates(vec![0, 7]), 3).unwrap_err().0,
+            FailureKind::BadAnswer
+        );
         assert!(validate(Decision::Candidates(vec![2, 0]), 3).is_ok());
         assert!(validate(Decision::Unavailable, 0).is_ok());
     }
@@ -519,7 +613,13 @@ mod tests {
         for (name, _) in builtin::PLUGINS {
             rt.load(&PluginRef::Builtin((*name).into())).unwrap();
         }
-        let e = rt.load_bytes("junk.wasm", b"not wasm").unwrap_err().to_string();
-        assert!(e.starts_with("plugin junk.wasm: not a valid WebAssembly component"), "{e}");
+        let e = rt
+            .load_bytes("junk.wasm", b"not wasm")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("plugin junk.wasm: not a valid WebAssembly component"),
+            "{e}"
+        );
     }
 }

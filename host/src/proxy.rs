@@ -88,7 +88,9 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("upstreams", &self.upstreams).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.upstreams)
+            .finish_non_exhaustive()
     }
 }
 
@@ -101,8 +103,11 @@ impl Proxy {
         let mut upstreams = Vec::new();
         let mut clients = Vec::new();
         for (name, cfg) in &config.upstreams {
-            let upstream = Upstream::new(name, cfg, runtime)
-                .map_err(|source| ProxyError::Plugin { upstream: name.clone(), source })?;
+            let upstream =
+                Upstream::new(name, cfg, runtime).map_err(|source| ProxyError::Plugin {
+                    upstream: name.clone(),
+                    source,
+                })?;
             clients.push(http_client(&upstream));
             upstreams.push(Arc::new(upstream));
         }
@@ -110,14 +115,29 @@ impl Proxy {
         let routes = config
             .routes
             .iter()
-            .map(|RouteConfig { host, path_prefix, upstream }| Route {
-                host: host.clone(),
-                path_prefix: path_prefix.clone(),
-                upstream: index(upstream),
-            })
+            .map(
+                |RouteConfig {
+                     host,
+                     path_prefix,
+                     upstream,
+                 }| Route {
+                    host: host.clone(),
+                    path_prefix: path_prefix.clone(),
+                    upstream: index(upstream),
+                },
+            )
             .collect();
-        let listener_defaults = config.listeners.iter().map(|l| index(&l.upstream)).collect();
-        Ok(Self { upstreams, clients, routes, listener_defaults })
+        let listener_defaults = config
+            .listeners
+            .iter()
+            .map(|l| index(&l.upstream))
+            .collect();
+        Ok(Self {
+            upstreams,
+            clients,
+            routes,
+            listener_defaults,
+        })
     }
 
     /// The upstream named `name`.
@@ -139,10 +159,15 @@ impl Proxy {
         self.routes
             .iter()
             .find(|r| {
-                r.host.as_deref().is_none_or(|h| h.eq_ignore_ascii_case(host))
+                r.host
+                    .as_deref()
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
             })
-            .map_or_else(|| self.listener_defaults.get(listener).copied().unwrap_or(0), |r| r.upstream)
+            .map_or_else(
+                || self.listener_defaults.get(listener).copied().unwrap_or(0),
+                |r| r.upstream,
+            )
     }
 
     /// Serve one downstream request that arrived on listener `listener` from
@@ -155,8 +180,12 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let (parts, body) = request.into_parts();
         let index = self.route(listener, &parts);
-        let (Some(upstream), Some(http)) = (self.upstreams.get(index), self.clients.get(index)) else {
-            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, "no upstream configured"));
+        let (Some(upstream), Some(http)) = (self.upstreams.get(index), self.clients.get(index))
+        else {
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream configured",
+            ));
         };
         let (selection, view) = upstream.select(RequestView { parts, client });
         let Some(backend) = selection.backend else {
@@ -177,22 +206,37 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, ProxyBody::upstream(body, guard)))
+                Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::upstream(body, guard),
+                ))
             }
             Ok(Err(e)) => {
                 let timed_out = is_timeout(&e);
                 tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
                 Ok(if timed_out {
-                    error_response(StatusCode::GATEWAY_TIMEOUT, &format!("connecting to backend {address} timed out"))
+                    error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("connecting to backend {address} timed out"),
+                    )
                 } else if e.is_connect() {
-                    error_response(StatusCode::BAD_GATEWAY, &format!("cannot connect to backend {address}"))
+                    error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("cannot connect to backend {address}"),
+                    )
                 } else {
-                    error_response(StatusCode::BAD_GATEWAY, &format!("backend {address} broke the response"))
+                    error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("backend {address} broke the response"),
+                    )
                 })
             }
             Err(_) => Ok(error_response(
                 StatusCode::GATEWAY_TIMEOUT,
-                &format!("backend {address} did not answer within {} ms", upstream.response_timeout.as_millis()),
+                &format!(
+                    "backend {address} did not answer within {} ms",
+                    upstream.response_timeout.as_millis()
+                ),
             )),
         }
     }
@@ -286,10 +330,16 @@ fn prepare_request(
     } else {
         ip
     };
-    headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?);
+    headers.insert(
+        &X_FORWARDED_FOR,
+        HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?,
+    );
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if !authority.is_empty() {
-        headers.insert(&X_FORWARDED_HOST, HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?);
+        headers.insert(
+            &X_FORWARDED_HOST,
+            HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?,
+        );
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
@@ -307,7 +357,10 @@ fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let text = format!("{status}: {reason}\n");
     let mut response = Response::new(ProxyBody::full(Bytes::from(text)));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -320,17 +373,27 @@ pub struct ProxyBody {
 
 #[derive(Debug)]
 enum BodyKind {
-    Upstream { body: Incoming, _in_flight: InFlight },
+    Upstream {
+        body: Incoming,
+        _in_flight: InFlight,
+    },
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
     fn upstream(body: Incoming, in_flight: InFlight) -> Self {
-        Self { kind: BodyKind::Upstream { body, _in_flight: in_flight } }
+        Self {
+            kind: BodyKind::Upstream {
+                body,
+                _in_flight: in_flight,
+            },
+        }
     }
 
     fn full(bytes: Bytes) -> Self {
-        Self { kind: BodyKind::Full(Some(bytes)) }
+        Self {
+            kind: BodyKind::Full(Some(bytes)),
+        }
     }
 }
 
@@ -338,7 +401,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.get_mut().kind {
             BodyKind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
@@ -384,7 +450,12 @@ mod tests {
             ("upgrade", "h2c"),
             ("x-kept", "yes"),
         ]);
-        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        prepare_request(
+            &mut p,
+            "192.0.2.7:5000".parse().unwrap(),
+            "127.0.0.1:9001".parse().unwrap(),
+        )
+        .unwrap();
         for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
             assert!(!p.headers.contains_key(gone), "{gone} should be removed");
         }
@@ -395,8 +466,17 @@ mod tests {
 
     #[test]
     fn forwarded_headers_are_appended_and_set() {
-        let mut p = parts(&[("host", "example.com:8080"), ("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")]);
-        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        let mut p = parts(&[
+            ("host", "example.com:8080"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        prepare_request(
+            &mut p,
+            "192.0.2.7:5000".parse().unwrap(),
+            "127.0.0.1:9001".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
         assert_eq!(p.headers["x-forwarded-proto"], "http");
         assert_eq!(p.headers["x-forwarded-host"], "example.com:8080");
@@ -404,15 +484,33 @@ mod tests {
 
     #[test]
     fn connection_cannot_strip_the_peer_from_x_forwarded_for() {
-        let mut p = parts(&[("connection", "x-forwarded-for"), ("x-forwarded-for", "10.9.9.9")]);
-        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        let mut p = parts(&[
+            ("connection", "x-forwarded-for"),
+            ("x-forwarded-for", "10.9.9.9"),
+        ]);
+        prepare_request(
+            &mut p,
+            "192.0.2.7:5000".parse().unwrap(),
+            "127.0.0.1:9001".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
     }
 
     #[test]
     fn http2_authority_becomes_host() {
-        let mut p = Request::builder().uri("http://example.com/x").body(()).unwrap().into_parts().0;
-        prepare_request(&mut p, "[::1]:5000".parse().unwrap(), "127.0.0.1:9001".parse().unwrap()).unwrap();
+        let mut p = Request::builder()
+            .uri("http://example.com/x")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        prepare_request(
+            &mut p,
+            "[::1]:5000".parse().unwrap(),
+            "127.0.0.1:9001".parse().unwrap(),
+        )
+        .unwrap();
         assert_eq!(p.headers["host"], "example.com");
         assert_eq!(p.headers["x-forwarded-for"], "::1");
     }

@@ -53,12 +53,26 @@ impl Server {
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
-            let listener = TcpListener::bind(l.address)
-                .await
-                .map_err(|source| ServerError::Bind { index, address: l.address, source })?;
-            let local = listener.local_addr().map_err(|source| ServerError::Bind { index, address: l.address, source })?;
+            let listener =
+                TcpListener::bind(l.address)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        index,
+                        address: l.address,
+                        source,
+                    })?;
+            let local = listener.local_addr().map_err(|source| ServerError::Bind {
+                index,
+                address: l.address,
+                source,
+            })?;
             addrs.push(local);
-            tasks.push(tokio::spawn(accept_loop(index, listener, proxy.clone(), shutdown_rx.clone())));
+            tasks.push(tokio::spawn(accept_loop(
+                index,
+                listener,
+                proxy.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         Ok(RunningServer {
             addrs,
@@ -100,7 +114,11 @@ impl RunningServer {
         let _ = self.shutdown_tx.send(true);
         let mut clean = true;
         for task in self.tasks {
-            clean &= tokio::time::timeout(self.shutdown_timeout, task).await.ok().and_then(Result::ok).unwrap_or(false);
+            clean &= tokio::time::timeout(self.shutdown_timeout, task)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or(false);
         }
         clean
     }
@@ -108,7 +126,12 @@ impl RunningServer {
 
 /// Accept connections until shutdown, then wait for open connections to
 /// finish their in-flight requests. Returns true if all finished.
-async fn accept_loop(index: usize, listener: TcpListener, proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) -> bool {
+async fn accept_loop(
+    index: usize,
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {

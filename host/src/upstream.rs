@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::UpstreamConfig;
-use crate::plugin::{Decision, FailureKind, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime};
+use crate::plugin::{
+    Decision, FailureKind, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime,
+};
 
 /// Minimum wait between two attempts to replace a broken instance whose
 /// replacement failed.
@@ -122,7 +124,11 @@ impl Upstream {
     ///
     /// # Errors
     /// Any [`PluginError`] from loading or initializing the plugin.
-    pub fn new(name: &str, config: &UpstreamConfig, runtime: &Runtime) -> Result<Self, PluginError> {
+    pub fn new(
+        name: &str,
+        config: &UpstreamConfig,
+        runtime: &Runtime,
+    ) -> Result<Self, PluginError> {
         let plugin = runtime.load(&config.plugin)?;
         Self::with_plugin(name, config, plugin)
     }
@@ -131,7 +137,11 @@ impl Upstream {
     ///
     /// # Errors
     /// [`PluginError::Init`] if the plugin's `init` or `set-backends` fails.
-    pub fn with_plugin(name: &str, config: &UpstreamConfig, plugin: Arc<Plugin>) -> Result<Self, PluginError> {
+    pub fn with_plugin(
+        name: &str,
+        config: &UpstreamConfig,
+        plugin: Arc<Plugin>,
+    ) -> Result<Self, PluginError> {
         let backends: Arc<[BackendState]> = config
             .backends
             .iter()
@@ -149,8 +159,10 @@ impl Upstream {
             upstream: name.clone(),
             config_json: config.plugin_config.to_string(),
             deadline_ms: config.plugin_deadline_ms,
-            memory_limit_bytes: usize::try_from(config.plugin_memory_limit_mib.saturating_mul(1 << 20))
-                .unwrap_or(usize::MAX),
+            memory_limit_bytes: usize::try_from(
+                config.plugin_memory_limit_mib.saturating_mul(1 << 20),
+            )
+            .unwrap_or(usize::MAX),
         };
         let instance = plugin.instantiate(&settings, backends.clone())?;
         Ok(Self {
@@ -158,7 +170,10 @@ impl Upstream {
             backends,
             plugin,
             settings,
-            slot: Mutex::new(Slot { instance: Some(instance), last_attempt: None }),
+            slot: Mutex::new(Slot {
+                instance: Some(instance),
+                last_attempt: None,
+            }),
             fallback_cursor: AtomicUsize::new(0),
             stats: PluginStats::default(),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
@@ -196,11 +211,27 @@ impl Upstream {
         };
         let (result, request) = instance.select(request);
         match result {
-            Ok(Decision::Backend(id)) => (Selection { backend: Some(id as usize), fallback: false }, request),
-            Ok(Decision::Candidates(ids)) => {
-                (Selection { backend: ids.first().map(|&id| id as usize), fallback: false }, request)
-            }
-            Ok(Decision::Unavailable) => (Selection { backend: None, fallback: false }, request),
+            Ok(Decision::Backend(id)) => (
+                Selection {
+                    backend: Some(id as usize),
+                    fallback: false,
+                },
+                request,
+            ),
+            Ok(Decision::Candidates(ids)) => (
+                Selection {
+                    backend: ids.first().map(|&id| id as usize),
+                    fallback: false,
+                },
+                request,
+            ),
+            Ok(Decision::Unavailable) => (
+                Selection {
+                    backend: None,
+                    fallback: false,
+                },
+                request,
+            ),
             Err((kind, message)) => {
                 self.stats.count(kind);
                 tracing::warn!(
@@ -225,16 +256,25 @@ impl Upstream {
     /// within [`REPLACE_BACKOFF`].
     fn try_replace(&self, slot: &mut Slot) {
         let now = Instant::now();
-        if slot.last_attempt.is_some_and(|t| now.duration_since(t) < REPLACE_BACKOFF) {
+        if slot
+            .last_attempt
+            .is_some_and(|t| now.duration_since(t) < REPLACE_BACKOFF)
+        {
             return;
         }
         slot.last_attempt = Some(now);
-        match self.plugin.instantiate(&self.settings, self.backends.clone()) {
+        match self
+            .plugin
+            .instantiate(&self.settings, self.backends.clone())
+        {
             Ok(instance) => {
                 slot.instance = Some(instance);
                 self.stats.replacements.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(upstream = &*self.name, "replacing the plugin instance failed: {e}"),
+            Err(e) => tracing::error!(
+                upstream = &*self.name,
+                "replacing the plugin instance failed: {e}"
+            ),
         }
     }
 
@@ -247,7 +287,10 @@ impl Upstream {
         let backend = (0..n)
             .map(|i| start.wrapping_add(i) % n)
             .find(|&i| self.backends[i].healthy.load(Ordering::Relaxed));
-        Selection { backend, fallback: true }
+        Selection {
+            backend,
+            fallback: true,
+        }
     }
 
     /// Mark a request as in flight to backend `index` until the guard drops.
@@ -255,7 +298,10 @@ impl Upstream {
         let b = &self.backends[index];
         b.in_flight.fetch_add(1, Ordering::Relaxed);
         b.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight { upstream: self.clone(), index }
+        InFlight {
+            upstream: self.clone(),
+            index,
+        }
     }
 }
 
@@ -276,7 +322,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.upstream.backends[self.index].in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.upstream.backends[self.index]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -305,14 +353,19 @@ mod tests {
 
     fn request() -> RequestView {
         let (parts, ()) = http::Request::new(()).into_parts();
-        RequestView { parts, client: SocketAddr::from(([127, 0, 0, 1], 5555)) }
+        RequestView {
+            parts,
+            client: SocketAddr::from(([127, 0, 0, 1], 5555)),
+        }
     }
 
     #[test]
     fn round_robin_rotates_through_the_plugin() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt).unwrap();
-        let picks: Vec<_> = (0..6).map(|_| up.select(request()).0.backend.unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| up.select(request()).0.backend.unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(up.stats().fallbacks.load(Ordering::Relaxed), 0);
     }
@@ -334,7 +387,13 @@ mod tests {
     fn empty_upstream_is_unavailable() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("none", &config("round-robin", 0), &rt).unwrap();
-        assert_eq!(up.select(request()).0, Selection { backend: None, fallback: false });
+        assert_eq!(
+            up.select(request()).0,
+            Selection {
+                backend: None,
+                fallback: false
+            }
+        );
     }
 
     #[test]
@@ -343,6 +402,11 @@ mod tests {
         let mut c = config("round-robin", 1);
         c.plugin_config = serde_json::json!({"bogus": true});
         let e = Upstream::new("app", &c, &rt).unwrap_err().to_string();
-        assert!(e.contains("plugin round-robin: init failed: invalid plugin_config: unknown field `bogus`"), "{e}");
+        assert!(
+            e.contains(
+                "plugin round-robin: init failed: invalid plugin_config: unknown field `bogus`"
+            ),
+            "{e}"
+        );
     }
 }

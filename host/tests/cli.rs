@@ -17,16 +17,31 @@ fn check_accepts_a_good_config_with_builtin_plugins() {
          [upstream.b]\nplugin = \"least-connections\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("--check").arg("--config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 
 #[test]
 fn missing_config_file_is_named() {
-    let out = Command::new(BIN).args(["--check", "--config", "/nonexistent/wasmlb.toml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--check", "--config", "/nonexistent/wasmlb.toml"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/wasmlb.toml: (file): cannot read"), "{err}");
+    assert!(
+        err.contains("/nonexistent/wasmlb.toml: (file): cannot read"),
+        "{err}"
+    );
 }

@@ -65,13 +65,17 @@ pub struct TestBackend {
 impl TestBackend {
     /// Start a backend named `name` on 127.0.0.1:0.
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test backend");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind test backend");
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicU64::new(0));
         let (n, h) = (name.to_string(), hits.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (n, h) = (n.clone(), h.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -84,7 +88,12 @@ impl TestBackend {
                 });
             }
         });
-        Self { name: name.to_string(), addr, hits, task }
+        Self {
+            name: name.to_string(),
+            addr,
+            hits,
+            task,
+        }
     }
 
     /// Start `n` backends named `b0..b{n-1}`.
@@ -154,7 +163,9 @@ async fn respond(name: String, req: Request<Incoming>) -> Result<Response<TestBo
         "/headers" => {
             let mut map = serde_json::Map::new();
             for (k, v) in req.headers() {
-                let entry = map.entry(k.as_str()).or_insert_with(|| serde_json::Value::Array(vec![]));
+                let entry = map
+                    .entry(k.as_str())
+                    .or_insert_with(|| serde_json::Value::Array(vec![]));
                 if let serde_json::Value::Array(a) = entry {
                     a.push(String::from_utf8_lossy(v.as_bytes()).into());
                 }
@@ -187,7 +198,10 @@ async fn respond(name: String, req: Request<Incoming>) -> Result<Response<TestBo
         }
         _ => full(format!("hello from {name}")),
     };
-    let response = Response::builder().header("x-backend", name.as_str()).body(body).expect("response");
+    let response = Response::builder()
+        .header("x-backend", name.as_str())
+        .body(body)
+        .expect("response");
     Ok(response)
 }
 
@@ -199,7 +213,11 @@ pub fn closed_port() -> SocketAddr {
 
 /// `{ address = "..." }` entries for a TOML `backends = [...]` list.
 pub fn backend_list(backends: &[&TestBackend]) -> String {
-    backends.iter().map(|b| format!("{{ address = \"{}\" }}", b.addr)).collect::<Vec<_>>().join(", ")
+    backends
+        .iter()
+        .map(|b| format!("{{ address = \"{}\" }}", b.addr))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A config file in a fresh temporary directory (removed on drop).
@@ -239,9 +257,15 @@ impl InProcessProxy {
     pub async fn start(toml: &str) -> Self {
         let config = ConfigFile::new(toml);
         let loaded = wasmlb::config::Config::load(&config.path).expect("valid config");
-        let server = wasmlb::server::Server::start(&loaded).await.expect("server starts");
+        let server = wasmlb::server::Server::start(&loaded)
+            .await
+            .expect("server starts");
         let addrs = server.local_addrs().to_vec();
-        Self { server: Some(server), addrs, _config: config }
+        Self {
+            server: Some(server),
+            addrs,
+            _config: config,
+        }
     }
 
     /// `http://<listener 0>`.
@@ -251,7 +275,11 @@ impl InProcessProxy {
 
     /// The running upstream `name`.
     pub fn upstream(&self, name: &str) -> Arc<wasmlb::upstream::Upstream> {
-        self.server.as_ref().and_then(|s| s.upstream(name)).expect("upstream exists").clone()
+        self.server
+            .as_ref()
+            .and_then(|s| s.upstream(name))
+            .expect("upstream exists")
+            .clone()
     }
 
     /// Shut down gracefully; true if every connection finished in time.
@@ -271,8 +299,16 @@ pub fn wasmlb_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/wasmlb
-    let bin = exe.parent().and_then(Path::parent).expect("target dir").join("wasmlb");
-    assert!(bin.is_file(), "{} not found: run `cargo test --workspace` (it builds the binary) or set WASMLB_BIN", bin.display());
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("wasmlb");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo test --workspace` (it builds the binary) or set WASMLB_BIN",
+        bin.display()
+    );
     bin
 }
 
@@ -315,9 +351,15 @@ impl ProxyProcess {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 if let Some(rest) = line.split("listening on http://").nth(1)
-                    && let Some(addr) = rest.split_whitespace().next().and_then(|a| a.parse::<SocketAddr>().ok())
+                    && let Some(addr) = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
                 {
                     let _ = tx.send(addr);
                 }
@@ -333,7 +375,11 @@ impl ProxyProcess {
                 }
             }
         }
-        Self { child, addrs, _config: config }
+        Self {
+            child,
+            addrs,
+            _config: config,
+        }
     }
 
     /// The child's pid.
@@ -348,20 +394,26 @@ impl ProxyProcess {
 
     /// Send SIGTERM and wait (bounded) for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "wasmlb did not exit after SIGTERM");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "wasmlb did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// A `/proc/<pid>/status` field in KiB (`VmRSS`, `VmHWM`).
     pub fn memory_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         status
             .lines()
             .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
@@ -379,19 +431,33 @@ impl Drop for ProxyProcess {
 
 /// An HTTP/1.1 client that ignores proxy environment variables.
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(WAIT).build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .build()
+        .expect("client")
 }
 
 /// An HTTP/2 cleartext (prior knowledge) client.
 pub fn h2c_client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().http2_prior_knowledge().timeout(WAIT).build().expect("client")
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(WAIT)
+        .build()
+        .expect("client")
 }
 
 /// GET `url`; returns (status, `x-backend` header or "", body).
 pub async fn get(client: &reqwest::Client, url: &str) -> (u16, String, String) {
     let r = client.get(url).send().await.expect("request");
     let status = r.status().as_u16();
-    let backend = r.headers().get("x-backend").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let backend = r
+        .headers()
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     (status, backend, r.text().await.expect("body"))
 }
 

@@ -82,7 +82,12 @@ async fn round_robin_is_global_across_16_concurrent_clients() {
     let total = 16 * per_client as u64;
     for b in &backends {
         let share = b.hits() as f64 / total as f64;
-        assert!((share - 0.25).abs() <= 0.02 * 0.25 + f64::EPSILON, "{}: {} of {total}", b.name, b.hits());
+        assert!(
+            (share - 0.25).abs() <= 0.02 * 0.25 + f64::EPSILON,
+            "{}: {} of {total}",
+            b.name,
+            b.hits()
+        );
     }
     assert!(proxy.stop().await);
 }
@@ -120,7 +125,10 @@ async fn least_connections_avoids_the_backend_holding_slow_requests() {
     for _ in 0..10 {
         let (status, backend, _) = get(&c, &proxy.url("/")).await;
         assert_eq!(status, 200);
-        assert_eq!(backend, "b2", "fast requests must avoid the backends holding slow ones");
+        assert_eq!(
+            backend, "b2",
+            "fast requests must avoid the backends holding slow ones"
+        );
     }
     assert_eq!(backends[2].hits() - before[2], 10);
     for s in slow {

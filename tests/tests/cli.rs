@@ -3,7 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use wasmlb_tests::{ConfigFile, ProxyProcess, TestBackend, backend_list, check, client, pattern_body, pattern_digest, plugins};
+use wasmlb_tests::{
+    ConfigFile, ProxyProcess, TestBackend, backend_list, check, client, pattern_body,
+    pattern_digest, plugins,
+};
 
 fn with_plugin(plugin: &str, extra: &str) -> String {
     format!(
@@ -31,26 +34,45 @@ fn check_fails(toml: &str, expected: &[&str]) {
 #[test]
 fn check_rejects_broken_configs_naming_file_line_and_key() {
     let file_hint = "wasmlb.toml:";
-    check_fails(&with_plugin("round-robin", "bogus_key = 1"), &[file_hint, "unknown field `bogus_key`"]);
+    check_fails(
+        &with_plugin("round-robin", "bogus_key = 1"),
+        &[file_hint, "unknown field `bogus_key`"],
+    );
     check_fails(
         &with_plugin("round-robin", "").replace("upstream = \"app\"", "upstream = \"nope\""),
         &["wasmlb.toml:3: listener[0].upstream: no upstream named \"nope\""],
     );
     check_fails(
         &with_plugin("round-robin", "").replace("127.0.0.1:9", "not-an-address"),
-        &["wasmlb.toml:7: upstream.app.backends[0].address", "not an IP:port"],
+        &[
+            "wasmlb.toml:7: upstream.app.backends[0].address",
+            "not an IP:port",
+        ],
     );
-    check_fails(&with_plugin("missing.wasm", ""), &["upstream.app.plugin: plugin file", "missing.wasm not found"]);
-    check_fails(&with_plugin("round-robin", "[upstream.app]\nplugin = \"round-robin\""), &["duplicate key"]);
+    check_fails(
+        &with_plugin("missing.wasm", ""),
+        &["upstream.app.plugin: plugin file", "missing.wasm not found"],
+    );
+    check_fails(
+        &with_plugin("round-robin", "[upstream.app]\nplugin = \"round-robin\""),
+        &["duplicate key"],
+    );
 }
 
 #[test]
 fn check_rejects_broken_plugins_naming_the_fault() {
     check_fails(
         &with_plugin(plugins::WASI_IMPORT, ""),
-        &["upstream app: plugin", "`wasi:filesystem/preopens@", "which wasmlb does not provide"],
+        &[
+            "upstream app: plugin",
+            "`wasi:filesystem/preopens@",
+            "which wasmlb does not provide",
+        ],
     );
-    check_fails(&with_plugin(plugins::BAD_INIT, ""), &["upstream app", "init failed: bad-init refuses every config"]);
+    check_fails(
+        &with_plugin(plugins::BAD_INIT, ""),
+        &["upstream app", "init failed: bad-init refuses every config"],
+    );
     check_fails(
         &with_plugin("round-robin", "[upstream.app.plugin_config]\nspeed = 3"),
         &["plugin round-robin: init failed: invalid plugin_config: unknown field `speed`"],
@@ -58,12 +80,18 @@ fn check_rejects_broken_plugins_naming_the_fault() {
     let junk = ConfigFile::new("");
     let junk_wasm = junk.dir().join("junk.wasm");
     std::fs::write(&junk_wasm, b"\0asm but not really").unwrap();
-    check_fails(&with_plugin(junk_wasm.to_str().unwrap(), ""), &["junk.wasm: not a valid WebAssembly component"]);
+    check_fails(
+        &with_plugin(junk_wasm.to_str().unwrap(), ""),
+        &["junk.wasm: not a valid WebAssembly component"],
+    );
 }
 
 #[test]
 fn check_accepts_the_example_plugin_by_path() {
-    let file = ConfigFile::new(&with_plugin(plugins::HEADER_ROUTE, "[upstream.app.plugin_config]\nheader = \"x-user\""));
+    let file = ConfigFile::new(&with_plugin(
+        plugins::HEADER_ROUTE,
+        "[upstream.app.plugin_config]\nheader = \"x-user\"",
+    ));
     let (code, stdout, stderr) = check(&file.path);
     assert_eq!((code, stdout.trim()), (0, "ok"), "{stderr}");
 }
@@ -85,11 +113,24 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
 
     let size = 64 * MIB;
     let (len, digest) = pattern_digest(size);
-    let up = c.post(proxy.url("/upload")).body(pattern_body(size)).send().await.unwrap();
+    let up = c
+        .post(proxy.url("/upload"))
+        .body(pattern_body(size))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(up.status(), 200);
-    assert_eq!(up.text().await.unwrap(), format!("{len} {digest}"), "upload checksum");
+    assert_eq!(
+        up.text().await.unwrap(),
+        format!("{len} {digest}"),
+        "upload checksum"
+    );
 
-    let mut down = c.get(proxy.url(&format!("/download?bytes={size}"))).send().await.unwrap();
+    let mut down = c
+        .get(proxy.url(&format!("/download?bytes={size}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(down.status(), 200);
     let mut h = sha2::Sha256::default();
     let mut got = 0u64;
@@ -97,13 +138,21 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
         sha2::Digest::update(&mut h, &chunk);
         got += chunk.len() as u64;
     }
-    let hex: String = sha2::Digest::finalize(h).iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = sha2::Digest::finalize(h)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!((got, hex), (len, digest), "download checksum");
 
     let peak = proxy.memory_kib("VmHWM");
     let growth_mib = peak.saturating_sub(baseline) as f64 / 1024.0;
-    eprintln!("proxy RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib:.1} MiB for 2 x 64 MiB");
-    assert!(growth_mib < 16.0, "proxy memory grew by {growth_mib:.1} MiB while streaming 64 MiB bodies");
+    eprintln!(
+        "proxy RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib:.1} MiB for 2 x 64 MiB"
+    );
+    assert!(
+        growth_mib < 16.0,
+        "proxy memory grew by {growth_mib:.1} MiB while streaming 64 MiB bodies"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,12 +165,25 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let mut proxy = ProxyProcess::spawn(&toml, 1);
     let url = proxy.url("/slow?ms=800");
     let addr = proxy.addrs[0];
-    let in_flight = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
+    let in_flight =
+        tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let status = tokio::task::spawn_blocking(move || proxy.terminate()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || proxy.terminate())
+        .await
+        .unwrap();
     assert!(status.success(), "exit status {status}");
-    assert_eq!(in_flight.await.unwrap().unwrap(), 200, "the in-flight request completes");
-    assert!(started.elapsed() >= Duration::from_millis(400), "exit waited for the in-flight request");
-    assert!(std::net::TcpStream::connect(addr).is_err(), "listener closed after exit");
+    assert_eq!(
+        in_flight.await.unwrap().unwrap(),
+        200,
+        "the in-flight request completes"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "exit waited for the in-flight request"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "listener closed after exit"
+    );
 }

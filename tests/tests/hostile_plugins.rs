@@ -46,7 +46,14 @@ backends = [ {} ]
         assert_eq!(stats.replacements.load(Ordering::Relaxed), 6);
     }
     // Other upstreams are unaffected.
-    assert_eq!(proxy.upstream("healthy").stats().fallbacks.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        proxy
+            .upstream("healthy")
+            .stats()
+            .fallbacks
+            .load(Ordering::Relaxed),
+        0
+    );
     assert!(proxy.stop().await);
 }
 

@@ -1,11 +1,17 @@
 //! Routing, status codes, header handling, HTTP/2 and custom plugins.
 
 use serde_json::Value;
-use wasmlb_tests::{InProcessProxy, TestBackend, backend_list, client, closed_port, get, h2c_client, plugins};
+use wasmlb_tests::{
+    InProcessProxy, TestBackend, backend_list, client, closed_port, get, h2c_client, plugins,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_match_host_and_path_prefix_first_match_wins() {
-    let (web, api, admin) = (TestBackend::start("web").await, TestBackend::start("api").await, TestBackend::start("admin").await);
+    let (web, api, admin) = (
+        TestBackend::start("web").await,
+        TestBackend::start("api").await,
+        TestBackend::start("admin").await,
+    );
     let toml = format!(
         r#"
 [[listener]]
@@ -50,7 +56,11 @@ backends = [ {{ address = "{}" }} ]
     assert_eq!(send("API.example.com:8080", "/admin/users").await, "admin");
     assert_eq!(send("api.example.com", "/items").await, "api");
     assert_eq!(send("www.example.com", "/v1/items").await, "api");
-    assert_eq!(send("www.example.com", "/v1").await, "web", "prefix /v1/ does not match /v1");
+    assert_eq!(
+        send("www.example.com", "/v1").await,
+        "web",
+        "prefix /v1/ does not match /v1"
+    );
     assert_eq!(send("www.example.com", "/").await, "web");
     assert!(proxy.stop().await);
 }
@@ -73,23 +83,39 @@ backends = [ {backends} ]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
     let dead = closed_port();
-    let proxy = InProcessProxy::start(&single("round-robin", &format!("{{ address = \"{dead}\" }}"), "")).await;
+    let proxy = InProcessProxy::start(&single(
+        "round-robin",
+        &format!("{{ address = \"{dead}\" }}"),
+        "",
+    ))
+    .await;
     let (status, _, body) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 502);
-    assert!(body.contains(&format!("cannot connect to backend {dead}")), "{body}");
+    assert!(
+        body.contains(&format!("cannot connect to backend {dead}")),
+        "{body}"
+    );
     assert!(proxy.stop().await);
 
     let proxy = InProcessProxy::start(&single("round-robin", "", "")).await;
     let (status, _, body) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 503);
-    assert!(body.contains("no backend available in upstream app"), "{body}");
+    assert!(
+        body.contains("no backend available in upstream app"),
+        "{body}"
+    );
     assert!(proxy.stop().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_backend_is_504_after_the_response_timeout() {
     let b = TestBackend::start("slow").await;
-    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&[&b]), "response_timeout_ms = 200")).await;
+    let proxy = InProcessProxy::start(&single(
+        "round-robin",
+        &backend_list(&[&b]),
+        "response_timeout_ms = 200",
+    ))
+    .await;
     let (status, _, body) = get(&client(), &proxy.url("/slow?ms=3000")).await;
     assert_eq!(status, 504);
     assert!(body.contains("did not answer within 200 ms"), "{body}");
@@ -114,8 +140,18 @@ async fn hop_by_hop_headers_are_removed_and_x_forwarded_for_appended() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let seen: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-    for gone in ["connection", "x-drop-me", "keep-alive", "te", "proxy-authorization", "upgrade"] {
-        assert!(seen.get(gone).is_none(), "{gone} reached the backend: {seen}");
+    for gone in [
+        "connection",
+        "x-drop-me",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+    ] {
+        assert!(
+            seen.get(gone).is_none(),
+            "{gone} reached the backend: {seen}"
+        );
     }
     assert_eq!(seen["x-kept"][0], "1");
     assert_eq!(seen["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
@@ -136,7 +172,11 @@ async fn http2_cleartext_clients_are_served() {
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         seen.push(r.headers()["x-backend"].to_str().unwrap().to_string());
         let headers: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
-        assert_eq!(headers["host"][0], proxy.addrs[0].to_string(), "authority becomes Host");
+        assert_eq!(
+            headers["host"][0],
+            proxy.addrs[0].to_string(),
+            "authority becomes Host"
+        );
     }
     assert_eq!(seen, ["b0", "b1", "b0", "b1"]);
     assert!(proxy.stop().await);
@@ -147,14 +187,24 @@ async fn custom_plugin_from_examples_routes_by_header() {
     let backends = TestBackend::start_many(3).await;
     let list = backends
         .iter()
-        .map(|b| format!(r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#, b.addr, b.name))
+        .map(|b| {
+            format!(
+                r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#,
+                b.addr, b.name
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let extra = "[upstream.app.plugin_config]\nheader = \"x-pin\"";
     let proxy = InProcessProxy::start(&single(plugins::HEADER_ROUTE, &list, extra)).await;
     let c = client();
     for _ in 0..5 {
-        let r = c.get(proxy.url("/")).header("x-pin", "b2").send().await.unwrap();
+        let r = c
+            .get(proxy.url("/"))
+            .header("x-pin", "b2")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.headers()["x-backend"], "b2");
     }
     // Without the header: least-connections, rotating over idle backends.
@@ -164,6 +214,13 @@ async fn custom_plugin_from_examples_routes_by_header() {
     }
     seen.sort();
     assert_eq!(seen, ["b0", "b1", "b2"]);
-    assert_eq!(proxy.upstream("app").stats().fallbacks.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        proxy
+            .upstream("app")
+            .stats()
+            .fallbacks
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     assert!(proxy.stop().await);
 }

@@ -31,7 +31,9 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (i, addr) in cli.addresses.iter().enumerate() {
         let name = format!("b{}", i + 1);
-        let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
         println!("{name} listening on {}", listener.local_addr()?);
         tasks.push(tokio::spawn(serve(listener, name)));
     }
@@ -49,10 +51,14 @@ async fn serve(listener: TcpListener, name: String) -> anyhow::Result<()> {
         let (name, body) = (name.clone(), body.clone());
         tokio::spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let response = Response::builder().header("x-backend", name.as_str()).body(Full::new(body.clone()));
+                let response = Response::builder()
+                    .header("x-backend", name.as_str())
+                    .body(Full::new(body.clone()));
                 async move { response }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }

@@ -26,7 +26,10 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { header: "x-backend".into(), label: "name".into() }
+        Self {
+            header: "x-backend".into(),
+            label: "name".into(),
+        }
     }
 }
 
@@ -45,7 +48,11 @@ impl Strategy for HeaderRoute {
         if config.header.is_empty() {
             return Err("`header` must not be empty".into());
         }
-        Ok(Self { config, backends: Vec::new(), cursor: usize::MAX })
+        Ok(Self {
+            config,
+            backends: Vec::new(),
+            cursor: usize::MAX,
+        })
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
@@ -106,16 +113,27 @@ mod tests {
     fn header_pins_the_backend() {
         let set = named(&[1, 1, 1]);
         let cx = MockContext::new(&set).with_header("X-Backend", "b2");
-        assert_eq!(spread::<HeaderRoute>("{}", &set, &cx, 9).unwrap(), vec![0, 0, 9]);
+        assert_eq!(
+            spread::<HeaderRoute>("{}", &set, &cx, 9).unwrap(),
+            vec![0, 0, 9]
+        );
     }
 
     #[test]
     fn unknown_or_missing_header_falls_back_to_least_loaded() {
         let set = named(&[1, 1, 1]);
-        let cx = MockContext::new(&set).with_header("x-backend", "nope").with_in_flight(&[3, 0, 3]);
-        assert_eq!(spread::<HeaderRoute>("{}", &set, &cx, 4).unwrap(), vec![0, 4, 0]);
+        let cx = MockContext::new(&set)
+            .with_header("x-backend", "nope")
+            .with_in_flight(&[3, 0, 3]);
+        assert_eq!(
+            spread::<HeaderRoute>("{}", &set, &cx, 4).unwrap(),
+            vec![0, 4, 0]
+        );
         let idle = MockContext::new(&set);
-        assert_eq!(spread::<HeaderRoute>("{}", &set, &idle, 9).unwrap(), vec![3, 3, 3]);
+        assert_eq!(
+            spread::<HeaderRoute>("{}", &set, &idle, 9).unwrap(),
+            vec![3, 3, 3]
+        );
     }
 
     #[test]
@@ -124,7 +142,10 @@ mod tests {
         set[1].labels.push(("zone".into(), "eu".into()));
         let cx = MockContext::new(&set).with_header("x-zone", "eu");
         let config = r#"{"header":"x-zone","label":"zone"}"#;
-        assert_eq!(spread::<HeaderRoute>(config, &set, &cx, 5).unwrap(), vec![0, 5]);
+        assert_eq!(
+            spread::<HeaderRoute>(config, &set, &cx, 5).unwrap(),
+            vec![0, 5]
+        );
     }
 
     #[test]

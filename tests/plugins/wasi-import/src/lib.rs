@@ -14,7 +14,9 @@ mod guest {
 
     impl Guest for ReadsFiles {
         fn init(_config: String) -> Result<(), String> {
-            std::fs::read_to_string("/etc/passwd").map(|_| ()).map_err(|e| e.to_string())
+            std::fs::read_to_string("/etc/passwd")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         }
         fn set_backends(_backends: Vec<Backend>) {}
         fn select() -> Decision {
