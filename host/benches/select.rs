@@ -5,7 +5,6 @@
 //!
 //! Run: `cargo bench -p wasmlb --bench select`.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::SocketAddr;
 
@@ -18,21 +17,15 @@ use wasmlb_sdk::Strategy;
 const SIZES: [usize; 3] = [4, 64, 1024];
 
 fn config(plugin: &str, n: usize) -> UpstreamConfig {
-    UpstreamConfig {
-        plugin: PluginRef::Builtin(plugin.into()),
-        plugin_config: serde_json::json!({}),
-        backends: (0..n)
-            .map(|i| BackendConfig {
-                address: SocketAddr::from(([127, 0, (i / 250) as u8, 1], 9000 + (i % 250) as u16)),
-                weight: 1,
-                labels: BTreeMap::new(),
-            })
-            .collect(),
-        plugin_deadline_ms: 5,
-        plugin_memory_limit_mib: 16,
-        connect_timeout_ms: 1000,
-        response_timeout_ms: 1000,
-    }
+    let backends = (0..n)
+        .map(|i| {
+            BackendConfig::new(SocketAddr::from((
+                [127, 0, (i / 250) as u8, 1],
+                9000 + (i % 250) as u16,
+            )))
+        })
+        .collect();
+    UpstreamConfig::new(PluginRef::Builtin(plugin.into()), backends)
 }
 
 fn request() -> RequestView {

@@ -131,6 +131,33 @@ pub struct UpstreamConfig {
     pub response_timeout_ms: u64,
 }
 
+impl UpstreamConfig {
+    /// An upstream of `plugin` over `backends` with an empty `plugin_config`
+    /// and every other setting at its default (as if omitted from the file).
+    pub fn new(plugin: PluginRef, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            plugin,
+            plugin_config: serde_json::Value::Object(serde_json::Map::new()),
+            backends,
+            plugin_deadline_ms: DEFAULT_PLUGIN_DEADLINE_MS,
+            plugin_memory_limit_mib: DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// A backend at `address` with weight 1 and no labels.
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// One backend of an upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {

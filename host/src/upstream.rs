@@ -10,6 +10,7 @@
 //! When the plugin traps, overruns its deadline or answers an unknown backend,
 //! the request is served by the host's native round-robin fallback, the event
 //! is logged and counted ([`Upstream::stats`]), and the instance is replaced
+//! by a fresh one
 //! (at most one replacement attempt per [`REPLACE_BACKOFF`] if replacing fails).
 
 use std::collections::BTreeMap;
@@ -240,12 +241,11 @@ impl Upstream {
                     failure = kind.as_str(),
                     "plugin select failed, serving with the round-robin fallback: {message}"
                 );
-                if kind != FailureKind::BadAnswer {
-                    // A trapped instance cannot be entered again.
-                    slot.instance = None;
-                    slot.last_attempt = None;
-                    self.try_replace(&mut slot);
-                }
+                // A trapped instance cannot be entered again; one that answered
+                // nonsense may hold corrupt state. Either way, start afresh.
+                slot.instance = None;
+                slot.last_attempt = None;
+                self.try_replace(&mut slot);
                 drop(slot);
                 (self.fallback(), request)
             }
@@ -334,21 +334,10 @@ mod tests {
     use crate::config::{BackendConfig, PluginRef};
 
     fn config(plugin: &str, n: u16) -> UpstreamConfig {
-        UpstreamConfig {
-            plugin: PluginRef::Builtin(plugin.into()),
-            plugin_config: serde_json::json!({}),
-            backends: (0..n)
-                .map(|i| BackendConfig {
-                    address: SocketAddr::from(([127, 0, 0, 1], 9001 + i)),
-                    weight: 1,
-                    labels: BTreeMap::new(),
-                })
-                .collect(),
-            plugin_deadline_ms: 5,
-            plugin_memory_limit_mib: 16,
-            connect_timeout_ms: 1000,
-            response_timeout_ms: 1000,
-        }
+        let backends = (0..n)
+            .map(|i| BackendConfig::new(SocketAddr::from(([127, 0, 0, 1], 9001 + i))))
+            .collect();
+        UpstreamConfig::new(PluginRef::Builtin(plugin.into()), backends)
     }
 
     fn request() -> RequestView {

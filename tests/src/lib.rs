@@ -220,6 +220,17 @@ pub fn backend_list(backends: &[&TestBackend]) -> String {
         .join(", ")
 }
 
+/// A config with one listener on 127.0.0.1:0 whose default upstream `app`
+/// uses `plugin` (a built-in name or a path) over `backends` (the inside of a
+/// TOML list, see [`backend_list`]); `extra` is appended verbatim (more keys of
+/// `[upstream.app]`, or further tables).
+pub fn app_config(plugin: &str, backends: &str, extra: &str) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+         [upstream.app]\nplugin = '{plugin}'\nbackends = [ {backends} ]\n{extra}\n"
+    )
+}
+
 /// A config file in a fresh temporary directory (removed on drop).
 #[derive(Debug)]
 pub struct ConfigFile {

@@ -3,27 +3,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use wasmlb_tests::{InProcessProxy, TestBackend, backend_list, client, get};
-
-fn config(plugin: &str, backends: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-address = "127.0.0.1:0"
-upstream = "app"
-
-[upstream.app]
-plugin = "{plugin}"
-backends = [ {backends} ]
-"#
-    )
-}
+use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, client, get};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_sequential_gives_exactly_a_quarter_each() {
     let backends = TestBackend::start_many(4).await;
     let refs: Vec<_> = backends.iter().collect();
-    let proxy = InProcessProxy::start(&config("round-robin", &backend_list(&refs))).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &backend_list(&refs), "")).await;
     let c = client();
     let mut order = Vec::new();
     for _ in 0..100 {
@@ -46,7 +32,7 @@ async fn round_robin_weights_one_to_three_give_25_75() {
         r#"{{ address = "{}", weight = 1 }}, {{ address = "{}", weight = 3 }}"#,
         backends[0].addr, backends[1].addr
     );
-    let proxy = InProcessProxy::start(&config("round-robin", &list)).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &list, "")).await;
     let c = client();
     for _ in 0..100 {
         assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
@@ -59,7 +45,7 @@ async fn round_robin_weights_one_to_three_give_25_75() {
 async fn round_robin_is_global_across_16_concurrent_clients() {
     let backends = TestBackend::start_many(4).await;
     let refs: Vec<_> = backends.iter().collect();
-    let proxy = InProcessProxy::start(&config("round-robin", &backend_list(&refs))).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &backend_list(&refs), "")).await;
     let url = proxy.url("/");
     let per_client = 100;
     let mut tasks = Vec::new();
@@ -96,7 +82,8 @@ async fn round_robin_is_global_across_16_concurrent_clients() {
 async fn least_connections_avoids_the_backend_holding_slow_requests() {
     let backends = TestBackend::start_many(3).await;
     let refs: Vec<_> = backends.iter().collect();
-    let proxy = InProcessProxy::start(&config("least-connections", &backend_list(&refs))).await;
+    let proxy =
+        InProcessProxy::start(&app_config("least-connections", &backend_list(&refs), "")).await;
     let upstream = proxy.upstream("app");
     let c = client();
     let slow_url = proxy.url("/slow?ms=1500");

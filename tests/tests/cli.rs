@@ -4,22 +4,12 @@
 use std::time::{Duration, Instant};
 
 use wasmlb_tests::{
-    ConfigFile, ProxyProcess, TestBackend, backend_list, check, client, pattern_body,
+    ConfigFile, ProxyProcess, TestBackend, app_config, backend_list, check, client, pattern_body,
     pattern_digest, plugins,
 };
 
 fn with_plugin(plugin: &str, extra: &str) -> String {
-    format!(
-        r#"[[listener]]
-address = "127.0.0.1:0"
-upstream = "app"
-
-[upstream.app]
-plugin = '{plugin}'
-backends = [ {{ address = "127.0.0.1:9" }} ]
-{extra}
-"#
-    )
+    app_config(plugin, r#"{ address = "127.0.0.1:9" }"#, extra)
 }
 
 fn check_fails(toml: &str, expected: &[&str]) {
@@ -101,10 +91,7 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_with_bounded_memory() {
     let backend = TestBackend::start("big").await;
-    let toml = format!(
-        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n[upstream.app]\nplugin = \"round-robin\"\nbackends = [ {} ]\n",
-        backend_list(&[&backend])
-    );
+    let toml = app_config("round-robin", &backend_list(&[&backend]), "");
     let proxy = ProxyProcess::spawn(&toml, 1);
     let c = client();
     // Warm up (first request, pools) before taking the baseline.
@@ -158,10 +145,7 @@ async fn large_bodies_stream_both_ways_with_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let backend = TestBackend::start("b").await;
-    let toml = format!(
-        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n[upstream.app]\nplugin = \"round-robin\"\nbackends = [ {} ]\n",
-        backend_list(&[&backend])
-    );
+    let toml = app_config("round-robin", &backend_list(&[&backend]), "");
     let mut proxy = ProxyProcess::spawn(&toml, 1);
     let url = proxy.url("/slow?ms=800");
     let addr = proxy.addrs[0];

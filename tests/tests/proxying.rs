@@ -2,7 +2,8 @@
 
 use serde_json::Value;
 use wasmlb_tests::{
-    InProcessProxy, TestBackend, backend_list, client, closed_port, get, h2c_client, plugins,
+    InProcessProxy, TestBackend, app_config, backend_list, client, closed_port, get, h2c_client,
+    plugins,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,25 +66,10 @@ backends = [ {{ address = "{}" }} ]
     assert!(proxy.stop().await);
 }
 
-fn single(plugin: &str, backends: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-address = "127.0.0.1:0"
-upstream = "app"
-
-[upstream.app]
-plugin = '{plugin}'
-backends = [ {backends} ]
-{extra}
-"#
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
     let dead = closed_port();
-    let proxy = InProcessProxy::start(&single(
+    let proxy = InProcessProxy::start(&app_config(
         "round-robin",
         &format!("{{ address = \"{dead}\" }}"),
         "",
@@ -97,7 +83,7 @@ async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
     );
     assert!(proxy.stop().await);
 
-    let proxy = InProcessProxy::start(&single("round-robin", "", "")).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", "", "")).await;
     let (status, _, body) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 503);
     assert!(
@@ -110,7 +96,7 @@ async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_backend_is_504_after_the_response_timeout() {
     let b = TestBackend::start("slow").await;
-    let proxy = InProcessProxy::start(&single(
+    let proxy = InProcessProxy::start(&app_config(
         "round-robin",
         &backend_list(&[&b]),
         "response_timeout_ms = 200",
@@ -125,7 +111,7 @@ async fn slow_backend_is_504_after_the_response_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_are_removed_and_x_forwarded_for_appended() {
     let b = TestBackend::start("b0").await;
-    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&[&b]), "")).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &backend_list(&[&b]), "")).await;
     let r = client()
         .get(proxy.url("/headers"))
         .header("connection", "keep-alive, x-drop-me")
@@ -164,7 +150,7 @@ async fn hop_by_hop_headers_are_removed_and_x_forwarded_for_appended() {
 async fn http2_cleartext_clients_are_served() {
     let backends = TestBackend::start_many(2).await;
     let refs: Vec<_> = backends.iter().collect();
-    let proxy = InProcessProxy::start(&single("round-robin", &backend_list(&refs), "")).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &backend_list(&refs), "")).await;
     let c = h2c_client();
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -196,7 +182,7 @@ async fn custom_plugin_from_examples_routes_by_header() {
         .collect::<Vec<_>>()
         .join(", ");
     let extra = "[upstream.app.plugin_config]\nheader = \"x-pin\"";
-    let proxy = InProcessProxy::start(&single(plugins::HEADER_ROUTE, &list, extra)).await;
+    let proxy = InProcessProxy::start(&app_config(plugins::HEADER_ROUTE, &list, extra)).await;
     let c = client();
     for _ in 0..5 {
         let r = c
@@ -222,5 +208,38 @@ async fn custom_plugin_from_examples_routes_by_header() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listener_serves_its_default_upstream() {
+    let (a, b) = (TestBackend::start("a").await, TestBackend::start("b").await);
+    let toml = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+upstream = "first"
+
+[[listener]]
+address = "127.0.0.1:0"
+upstream = "second"
+
+[upstream.first]
+plugin = "round-robin"
+backends = [ {{ address = "{}" }} ]
+[upstream.second]
+plugin = "least-connections"
+backends = [ {{ address = "{}" }} ]
+"#,
+        a.addr, b.addr
+    );
+    let proxy = InProcessProxy::start(&toml).await;
+    assert_eq!(proxy.addrs.len(), 2);
+    assert_ne!(proxy.addrs[0], proxy.addrs[1]);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &format!("http://{}/", proxy.addrs[0])).await.1, "a");
+        assert_eq!(get(&c, &format!("http://{}/", proxy.addrs[1])).await.1, "b");
+    }
     assert!(proxy.stop().await);
 }
