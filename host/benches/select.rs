@@ -43,10 +43,12 @@ fn request() -> RequestView {
 
 fn select(c: &mut Criterion) {
     let runtime = Runtime::new().expect("runtime");
+    let metrics = wasmlb::metrics::Metrics::new();
     let mut group = c.benchmark_group("select");
     for n in SIZES {
         for plugin in ["round-robin", "least-connections"] {
-            let upstream = Upstream::new("bench", &config(plugin, n), &runtime).expect("upstream");
+            let upstream =
+                Upstream::new("bench", &config(plugin, n), &runtime, &metrics).expect("upstream");
             let mut view = Some(request());
             group.bench_with_input(BenchmarkId::new(format!("wasm/{plugin}"), n), &n, |b, _| {
                 b.iter(|| {

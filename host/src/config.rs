@@ -32,6 +32,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::builtin;
+pub use crate::upstream::OnPluginError;
 
 /// Default plugin call deadline, in ms.
 pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
@@ -72,6 +73,22 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     /// Process-wide settings (`[server]`).
     pub server: ServerConfig,
+    /// The admin API (`[admin]`), if configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// Default cap on an admin request body, in bytes (16 MiB: room for a plugin).
+pub const DEFAULT_ADMIN_MAX_BODY_BYTES: u64 = 16 << 20;
+
+/// `[admin]`: the admin API listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind. Anything but loopback requires `token`.
+    pub address: SocketAddr,
+    /// Bearer token every request must carry (read from `token_file`).
+    pub token: Option<String>,
+    /// Requests with a larger body are refused with 413, in bytes.
+    pub max_body_bytes: u64,
 }
 
 /// One `[[listener]]`.
@@ -129,6 +146,8 @@ pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
     /// Wait for response headers, in ms (`response_timeout_ms`, default 30000); on expiry 504.
     pub response_timeout_ms: u64,
+    /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
+    pub on_plugin_error: OnPluginError,
 }
 
 impl UpstreamConfig {
@@ -143,6 +162,7 @@ impl UpstreamConfig {
             plugin_memory_limit_mib: DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+            on_plugin_error: OnPluginError::default(),
         }
     }
 }
@@ -189,6 +209,15 @@ struct RawConfig {
     upstream: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     server: RawServer,
+    admin: Option<RawAdmin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Spanned<String>,
+    token_file: Option<Spanned<String>>,
+    max_body_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +246,8 @@ struct RawUpstream {
     plugin_memory_limit_mib: Option<Spanned<u64>>,
     connect_timeout_ms: Option<Spanned<u64>>,
     response_timeout_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    on_plugin_error: OnPluginError,
 }
 
 #[derive(Deserialize)]
@@ -358,7 +389,10 @@ impl Validator<'_> {
             upstreams.insert(name, up);
         }
 
+        let admin = raw.admin.as_ref().map(|a| self.admin(a)).transpose()?;
+
         Ok(Config {
+            admin,
             path: self.path.to_path_buf(),
             listeners,
             routes,
@@ -369,6 +403,47 @@ impl Validator<'_> {
                     .shutdown_timeout_ms
                     .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
             },
+        })
+    }
+
+    fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+        let address = self.socket_addr("admin.address", &a.address)?;
+        let token = match &a.token_file {
+            Some(f) => {
+                let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+                let path = base.join(f.get_ref());
+                let token = std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        self.err(
+                            Some(f.span()),
+                            "admin.token_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_string();
+                if token.is_empty() {
+                    return Err(self.err(
+                        Some(f.span()),
+                        "admin.token_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        if !address.ip().is_loopback() && token.is_none() {
+            return Err(self.err(
+                Some(a.address.span()),
+                "admin.address",
+                format!("{address} is not a loopback address: set admin.token_file so requests must carry a bearer token"),
+            ));
+        }
+        Ok(AdminConfig {
+            address,
+            token,
+            max_body_bytes: a.max_body_bytes.unwrap_or(DEFAULT_ADMIN_MAX_BODY_BYTES),
         })
     }
 
@@ -454,6 +529,7 @@ impl Validator<'_> {
                 &u.response_timeout_ms,
                 DEFAULT_RESPONSE_TIMEOUT_MS,
             )?,
+            on_plugin_error: u.on_plugin_error,
         })
     }
 

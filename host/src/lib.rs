@@ -9,13 +9,17 @@
 //! - [`upstream`]: a named group of backends with live per-backend state, its
 //!   plugin instance, and the native round-robin fallback.
 //! - [`proxy`]: per-request routing, header handling and forwarding.
-//! - [`server`]: listeners, connection handling and graceful shutdown.
+//! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
+//! - [`admin`]: the admin API (upstream state, plugin swaps, reloads, metrics).
+//! - [`metrics`]: the Prometheus metrics.
 //!
 //! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod builtin;
 pub mod config;
+pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod server;

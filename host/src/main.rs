@@ -73,8 +73,24 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         let upstream = &config.listeners[i].upstream;
         println!("wasmlb listening on http://{addr} (listener[{i}], default upstream {upstream})");
     }
+    if let Some(addr) = server.admin_addr() {
+        println!("wasmlb admin API on http://{addr}");
+    }
     tracing::info!(config = %config.path.display(), "started");
+    let control = server.control().clone();
+    let hup = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            // reload() logs its own outcome.
+            let _ = control.reload().await;
+        }
+    });
     wait_for_signal().await?;
+    hup.abort();
     tracing::info!("shutting down: no new connections, waiting for in-flight requests");
     if server.shutdown().await {
         tracing::info!("all connections finished");

@@ -11,9 +11,10 @@
 //! lowered only on change, and request fields are read through host calls on
 //! demand rather than copied in.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -128,6 +129,10 @@ impl FailureKind {
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
+    /// Compiled components by sha256 of their bytes: loading known bytes again
+    /// (a swap back, a reload) skips compilation. In memory, because
+    /// `Component::deserialize` is `unsafe` and the host forbids unsafe code.
+    cache: Arc<Mutex<HashMap<String, Component>>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -165,6 +170,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            cache: Arc::default(),
         })
     }
 
@@ -198,10 +204,21 @@ impl Runtime {
     /// # Errors
     /// As [`Runtime::load`], without `Read`.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<Arc<Plugin>, PluginError> {
-        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
-            plugin: name.to_string(),
-            message: format!("{e:#}"),
-        })?;
+        let digest = digest(bytes);
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&digest)
+            .cloned();
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(c) => c,
+            None => Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
+                plugin: name.to_string(),
+                message: format!("{e:#}"),
+            })?,
+        };
         let forbidden: Vec<String> = component
             .component_type()
             .imports(&self.engine)
@@ -223,12 +240,32 @@ impl Runtime {
                 plugin: name.to_string(),
                 message: format!("{e:#}"),
             })?;
+        if !from_cache {
+            self.cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(digest.clone(), component);
+        }
         Ok(Arc::new(Plugin {
             name: name.to_string(),
+            digest,
+            from_cache,
             engine: self.engine.clone(),
             pre,
         }))
     }
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let hash = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256:");
+    for b in hash {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
 }
 
 /// `wasmlb:plugin/<interface>@0.1.x` for a known interface.
@@ -248,6 +285,8 @@ fn import_allowed(import: &str) -> bool {
 /// again after a failure).
 pub struct Plugin {
     name: String,
+    digest: String,
+    from_cache: bool,
     engine: Engine,
     pre: bindings::BalancerPre<HostState>,
 }
@@ -277,6 +316,16 @@ impl Plugin {
     /// The plugin's name: its built-in name or file path.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// True if the compiled component came from the runtime's digest cache.
+    pub fn from_cache(&self) -> bool {
+        self.from_cache
     }
 
     /// Instantiate, call `init(config)` and `set-backends(backends)`, each
@@ -344,7 +393,7 @@ fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend> {
             id: i as u32,
             address: b.address.to_string(),
             weight: b.weight,
-            healthy: b.healthy.load(Ordering::Relaxed),
+            healthy: b.counters.healthy.load(Ordering::Relaxed),
             labels: b
                 .labels
                 .iter()
@@ -386,6 +435,20 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
+    /// Replace the instance's backend set and call its `set-backends`.
+    ///
+    /// # Errors
+    /// The trap's description; the instance must then be replaced.
+    pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
+        let list = backend_list(&backends);
+        self.store.data_mut().backends = backends;
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.bindings
+            .wasmlb_plugin_strategy()
+            .call_set_backends(&mut self.store, &list)
+            .map_err(|e| describe_error(&e))
+    }
+
     /// Call `select` for `request` and validate the answer against the
     /// current backend set. Returns the request back in every case.
     ///
@@ -502,18 +565,18 @@ impl bindings::wasmlb::plugin::backend_state::Host for HostState {
     fn in_flight(&mut self, id: u32) -> u32 {
         self.backends
             .get(id as usize)
-            .map_or(0, |b| b.in_flight.load(Ordering::Relaxed))
+            .map_or(0, |b| b.counters.in_flight.load(Ordering::Relaxed))
     }
     fn in_flight_all(&mut self) -> Vec<u32> {
         self.backends
             .iter()
-            .map(|b| b.in_flight.load(Ordering::Relaxed))
+            .map(|b| b.counters.in_flight.load(Ordering::Relaxed))
             .collect()
     }
     fn healthy(&mut self, id: u32) -> bool {
         self.backends
             .get(id as usize)
-            .is_some_and(|b| b.healthy.load(Ordering::Relaxed))
+            .is_some_and(|b| b.counters.healthy.load(Ordering::Relaxed))
     }
 }
 

@@ -14,11 +14,13 @@
 //! 503 when no backend is available, 504 when connecting or waiting for the
 //! response headers times out.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -30,6 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, RouteConfig};
+use crate::metrics::Metrics;
 use crate::plugin::{RequestView, Runtime};
 use crate::upstream::{InFlight, Upstream};
 
@@ -68,6 +71,37 @@ pub enum ProxyError {
     Runtime(crate::plugin::PluginError),
 }
 
+/// Identifies a listener across reloads: its configured address, and its
+/// position among listeners configured with that same address (they can only
+/// repeat with port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The configured address.
+    pub address: SocketAddr,
+    /// 0 for the first listener with this address, 1 for the second, ...
+    pub nth: usize,
+}
+
+impl ListenerKey {
+    /// The keys of a config's listeners, in config order.
+    pub fn all(config: &Config) -> Vec<ListenerKey> {
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        config
+            .listeners
+            .iter()
+            .map(|l| {
+                let nth = seen.entry(l.address).or_default();
+                let key = ListenerKey {
+                    address: l.address,
+                    nth: *nth,
+                };
+                *nth += 1;
+                key
+            })
+            .collect()
+    }
+}
+
 struct Route {
     host: Option<String>,
     path_prefix: Option<String>,
@@ -76,14 +110,15 @@ struct Route {
 
 type HttpClient = Client<HttpConnector, Incoming>;
 
-/// The routing table, the upstreams and their connection pools. Shared by all
-/// listeners and connections.
+/// The routing table, the upstreams and their connection pools: everything a
+/// request needs, built from one config. Immutable; a reload builds a new one
+/// and swaps it in whole.
 pub struct Proxy {
     upstreams: Vec<Arc<Upstream>>,
     clients: Vec<HttpClient>,
     routes: Vec<Route>,
-    /// Default upstream index per listener index.
-    listener_defaults: Vec<usize>,
+    listener_defaults: HashMap<ListenerKey, usize>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -97,18 +132,51 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Load every upstream's plugin and build the routing table.
     ///
+    /// With `previous` (the proxy this one replaces), each backend that keeps
+    /// its address in an upstream of the same name keeps its counters
+    /// (in-flight, requests), and connection pools of unchanged upstreams
+    /// are reused. Compiled plugins come from the runtime's digest cache.
+    ///
     /// # Errors
     /// [`ProxyError`] naming the upstream whose plugin failed.
-    pub fn new(config: &Config, runtime: &Runtime) -> Result<Self, ProxyError> {
+    pub fn build(
+        config: &Config,
+        runtime: &Runtime,
+        metrics: Arc<Metrics>,
+        previous: Option<&Proxy>,
+    ) -> Result<Self, ProxyError> {
         let mut upstreams = Vec::new();
         let mut clients = Vec::new();
         for (name, cfg) in &config.upstreams {
-            let upstream =
-                Upstream::new(name, cfg, runtime).map_err(|source| ProxyError::Plugin {
+            let old = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .position(|u| u.name() == name)
+                    .map(|i| (p, i))
+            });
+            let counters = old
+                .map(|(p, i)| p.upstreams[i].counters())
+                .unwrap_or_default();
+            let plugin = runtime
+                .load(&cfg.plugin)
+                .map_err(|source| ProxyError::Plugin {
                     upstream: name.clone(),
                     source,
                 })?;
-            clients.push(http_client(&upstream));
+            let upstream =
+                Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(|source| {
+                    ProxyError::Plugin {
+                        upstream: name.clone(),
+                        source,
+                    }
+                })?;
+            let client = match old {
+                Some((p, i)) if p.upstreams[i].connect_timeout == upstream.connect_timeout => {
+                    p.clients[i].clone()
+                }
+                _ => http_client(&upstream),
+            };
+            clients.push(client);
             upstreams.push(Arc::new(upstream));
         }
         let index = |name: &str| upstreams.iter().position(|u| u.name() == name).unwrap_or(0);
@@ -127,17 +195,26 @@ impl Proxy {
                 },
             )
             .collect();
-        let listener_defaults = config
-            .listeners
-            .iter()
-            .map(|l| index(&l.upstream))
+        let listener_defaults = ListenerKey::all(config)
+            .into_iter()
+            .zip(&config.listeners)
+            .map(|(key, l)| (key, index(&l.upstream)))
             .collect();
         Ok(Self {
             upstreams,
             clients,
             routes,
             listener_defaults,
+            metrics,
         })
+    }
+
+    /// As [`Proxy::build`] with fresh metrics and no predecessor.
+    ///
+    /// # Errors
+    /// As [`Proxy::build`].
+    pub fn new(config: &Config, runtime: &Runtime) -> Result<Self, ProxyError> {
+        Self::build(config, runtime, Arc::new(Metrics::new()), None)
     }
 
     /// The upstream named `name`.
@@ -150,10 +227,9 @@ impl Proxy {
         &self.upstreams
     }
 
-    /// Index of the upstream serving a request on listener `listener`: the
-    /// first route whose host and path prefix both match, else the listener's
-    /// default.
-    fn route(&self, listener: usize, parts: &http::request::Parts) -> usize {
+    /// Index of the upstream serving a request on `listener`: the first route
+    /// whose host and path prefix both match, else the listener's default.
+    fn route(&self, listener: &ListenerKey, parts: &http::request::Parts) -> Option<usize> {
         let host = host_without_port(authority(parts));
         let path = parts.uri.path();
         self.routes
@@ -164,57 +240,61 @@ impl Proxy {
                     .is_none_or(|h| h.eq_ignore_ascii_case(host))
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
             })
-            .map_or_else(
-                || self.listener_defaults.get(listener).copied().unwrap_or(0),
-                |r| r.upstream,
-            )
+            .map(|r| r.upstream)
+            .or_else(|| self.listener_defaults.get(listener).copied())
     }
 
-    /// Serve one downstream request that arrived on listener `listener` from
-    /// `client`. Never fails: errors become 502/503/504 responses.
+    /// Serve one downstream request that arrived on `listener` from `client`.
+    /// Never fails: errors become 502/503/504 responses.
     pub async fn handle(
         self: Arc<Self>,
-        listener: usize,
+        listener: ListenerKey,
         client: SocketAddr,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
         let (parts, body) = request.into_parts();
-        let index = self.route(listener, &parts);
-        let (Some(upstream), Some(http)) = (self.upstreams.get(index), self.clients.get(index))
-        else {
+        let index = self.route(&listener, &parts);
+        let (Some(upstream), Some(http)) = (
+            index.and_then(|i| self.upstreams.get(i)),
+            index.and_then(|i| self.clients.get(i)),
+        ) else {
             return Ok(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream configured",
+                "no upstream for this listener",
             ));
         };
         let (selection, view) = upstream.select(RequestView { parts, client });
-        let Some(backend) = selection.backend else {
-            return Ok(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no backend available in upstream {}", upstream.name()),
-            ));
+        let Some(chosen) = selection.backend else {
+            let reason = if selection.failed {
+                format!(
+                    "the plugin of upstream {} failed (on_plugin_error = \"fail\")",
+                    upstream.name()
+                )
+            } else {
+                format!("no backend available in upstream {}", upstream.name())
+            };
+            self.metrics.unrouted(upstream.name(), 503);
+            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, &reason));
         };
         let mut parts = view.parts;
-        let address = upstream.backends()[backend].address;
+        let address = chosen.address;
         if let Err(reason) = prepare_request(&mut parts, client, address) {
+            self.metrics.unrouted(upstream.name(), 400);
             return Ok(error_response(StatusCode::BAD_REQUEST, reason));
         }
-        let guard = upstream.begin(backend);
+        let guard = InFlight::begin(&chosen, upstream.metrics().in_flight.clone());
         let request = Request::from_parts(parts, body);
         let response = tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
-        match response {
+        let response = match response {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(
-                    parts,
-                    ProxyBody::upstream(body, guard),
-                ))
+                Response::from_parts(parts, ProxyBody::upstream(body, guard))
             }
             Ok(Err(e)) => {
-                let timed_out = is_timeout(&e);
                 tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
-                Ok(if timed_out {
+                if is_timeout(&e) {
                     error_response(
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!("connecting to backend {address} timed out"),
@@ -229,16 +309,22 @@ impl Proxy {
                         StatusCode::BAD_GATEWAY,
                         &format!("backend {address} broke the response"),
                     )
-                })
+                }
             }
-            Err(_) => Ok(error_response(
+            Err(_) => error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!(
                     "backend {address} did not answer within {} ms",
                     upstream.response_timeout.as_millis()
                 ),
-            )),
-        }
+            ),
+        };
+        chosen.counters.metrics.response(response.status().as_u16());
+        upstream
+            .metrics()
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(response)
     }
 }
 

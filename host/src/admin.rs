@@ -1,0 +1,256 @@
+//! The admin API: JSON over HTTP/1.1 on `[admin] address` (Envoy's
+//! conventional port is 9901).
+//!
+//! | request | answer |
+//! | --- | --- |
+//! | `GET /upstreams` | every upstream: backends (address, weight, state, in-flight, requests served) and plugin (name, digest, load time, status, failure counts) |
+//! | `GET /upstreams/{name}` | one upstream, or 404 |
+//! | `PUT /upstreams/{name}/plugin` | swap the plugin: body is a component (bytes starting with `\0asm`), or JSON `{"plugin": "<built-in or path>", "plugin_config": {...}}` (both keys optional; a missing `plugin` re-initializes the current one). 200 with the swap report; 404; 422 with `{"error": ...}` and the old plugin keeps serving |
+//! | `POST /reload` | re-read the config file (as SIGHUP does). 200 with the reload report; 422 with `{"error": ...}` and the running config keeps serving |
+//! | `GET /metrics` | Prometheus text format |
+//!
+//! Security: the config refuses a non-loopback `address` without
+//! `token_file`. With a token, every request needs `Authorization: Bearer
+//! <token>` (else 401). Bodies over `max_body_bytes` get 413.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{AdminConfig, PluginRef};
+use crate::server::{Control, PluginSource, SwapError, error_chain};
+
+/// A running admin listener.
+#[derive(Debug)]
+pub struct AdminHandle {
+    /// Where it listens.
+    pub local: SocketAddr,
+    /// The accept loop.
+    pub task: JoinHandle<()>,
+}
+
+/// Bind the admin listener and serve it.
+///
+/// # Errors
+/// The bind error.
+pub async fn start(config: &AdminConfig, control: Control) -> std::io::Result<AdminHandle> {
+    let listener = TcpListener::bind(config.address).await?;
+    let local = listener.local_addr()?;
+    let config = config.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let (control, config) = (control.clone(), config.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let (control, config) = (control.clone(), config.clone());
+                    async move { Ok::<_, Infallible>(handle(&control, &config, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    tracing::info!(%local, "admin API listening");
+    Ok(AdminHandle { local, task })
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn authorized(config: &AdminConfig, req: &Request<Incoming>) -> bool {
+    let Some(token) = &config.token else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    given
+        .strip_prefix("Bearer ")
+        .is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes()))
+}
+
+/// Compare without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request body, or 413 if it is larger than `max` bytes.
+async fn body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<Full<Bytes>>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than max_body_bytes ({max})"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(_) => Err(too_large()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapRequest {
+    plugin: Option<String>,
+    plugin_config: Option<serde_json::Value>,
+}
+
+async fn handle(
+    control: &Control,
+    config: &AdminConfig,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if !authorized(config, &req) {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut()
+            .insert("www-authenticate", http::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["upstreams"]) => json(StatusCode::OK, &control.snapshots()),
+        (Method::GET, ["upstreams", name]) => match control.proxy().upstream(name) {
+            Some(u) => json(StatusCode::OK, &u.snapshot()),
+            None => error(StatusCode::NOT_FOUND, format!("no upstream named {name:?}")),
+        },
+        (Method::PUT, ["upstreams", name, "plugin"]) => {
+            let name = name.to_string();
+            let bytes = match body(req, config.max_body_bytes).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let (source, plugin_config) = if bytes.starts_with(b"\0asm") {
+                (PluginSource::Bytes(bytes.to_vec()), None)
+            } else {
+                match serde_json::from_slice::<SwapRequest>(&bytes) {
+                    Ok(r) => {
+                        let source = match r.plugin {
+                            Some(p) => match plugin_ref(control, &p) {
+                                Ok(r) => PluginSource::Ref(r),
+                                Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+                            },
+                            None => PluginSource::Current,
+                        };
+                        if r.plugin_config.as_ref().is_some_and(|c| !c.is_object()) {
+                            return error(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "plugin_config must be a JSON object",
+                            );
+                        }
+                        (source, r.plugin_config)
+                    }
+                    Err(e) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "body must be a wasm component or JSON {{\"plugin\", \"plugin_config\"}}: {e}"
+                            ),
+                        );
+                    }
+                }
+            };
+            match control.swap_plugin(&name, source, plugin_config).await {
+                Ok(report) => json(StatusCode::OK, &report),
+                Err(SwapError::UnknownUpstream(n)) => {
+                    error(StatusCode::NOT_FOUND, format!("no upstream named {n:?}"))
+                }
+                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+            }
+        }
+        (Method::POST, ["reload"]) => match control.reload().await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+        },
+        (Method::GET, ["metrics"]) => {
+            let mut r = Response::new(Full::new(Bytes::from(control.metrics().encode())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (
+            _,
+            ["upstreams"]
+            | ["upstreams", _]
+            | ["upstreams", _, "plugin"]
+            | ["reload"]
+            | ["metrics"],
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+/// A built-in name or a path relative to the config file's directory.
+fn plugin_ref(control: &Control, value: &str) -> Result<PluginRef, String> {
+    if crate::builtin::get(value).is_some() {
+        return Ok(PluginRef::Builtin(value.to_string()));
+    }
+    let base = control
+        .config_path()
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("."));
+    let path = base.join(value);
+    if path.is_file() {
+        Ok(PluginRef::File(path))
+    } else {
+        Err(format!(
+            "{value:?} is neither a built-in plugin {:?} nor a file ({} not found)",
+            crate::builtin::names(),
+            path.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}
