@@ -148,6 +148,10 @@ pub struct UpstreamConfig {
     pub response_timeout_ms: u64,
     /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
     pub on_plugin_error: OnPluginError,
+    /// Add `x-wasmlb-plugin` (the plugin that decided, or `(fallback)`) and
+    /// `x-wasmlb-backend` (the backend's address) to responses
+    /// (`debug_headers`, default false).
+    pub debug_headers: bool,
 }
 
 impl UpstreamConfig {
@@ -163,6 +167,7 @@ impl UpstreamConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
             on_plugin_error: OnPluginError::default(),
+            debug_headers: false,
         }
     }
 }
@@ -248,6 +253,8 @@ struct RawUpstream {
     response_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     on_plugin_error: OnPluginError,
+    #[serde(default)]
+    debug_headers: bool,
 }
 
 #[derive(Deserialize)]
@@ -530,6 +537,7 @@ impl Validator<'_> {
                 DEFAULT_RESPONSE_TIMEOUT_MS,
             )?,
             on_plugin_error: u.on_plugin_error,
+            debug_headers: u.debug_headers,
         })
     }
 

@@ -319,6 +319,20 @@ impl Proxy {
                 ),
             ),
         };
+        let mut response = response;
+        if upstream.debug_headers() {
+            let plugin = selection
+                .decided_by
+                .as_ref()
+                .map_or("(fallback)", |p| p.name());
+            let headers = response.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(plugin) {
+                headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&address.to_string()) {
+                headers.insert(HeaderName::from_static("x-wasmlb-backend"), v);
+            }
+        }
         chosen.counters.metrics.response(response.status().as_u16());
         upstream
             .metrics()

@@ -143,6 +143,7 @@ pub struct Upstream {
     stats: PluginStats,
     metrics: UpstreamMetrics,
     on_error: OnPluginError,
+    debug_headers: bool,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Wait for the backend's response headers.
@@ -178,6 +179,8 @@ pub struct Selection {
     pub fallback: bool,
     /// The plugin failed and `on_plugin_error = "fail"` refused the request.
     pub failed: bool,
+    /// The plugin that decided (only with `debug_headers`; `None` for the fallback).
+    pub decided_by: Option<Arc<Plugin>>,
 }
 
 /// A point-in-time view of an upstream for the admin API.
@@ -298,6 +301,7 @@ impl Upstream {
             stats: PluginStats::default(),
             metrics: upstream_metrics,
             on_error: config.on_plugin_error,
+            debug_headers: config.debug_headers,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
         })
@@ -339,6 +343,11 @@ impl Upstream {
     /// The upstream's metric handles.
     pub fn metrics(&self) -> &UpstreamMetrics {
         &self.metrics
+    }
+
+    /// Whether responses carry the `x-wasmlb-*` debug headers.
+    pub fn debug_headers(&self) -> bool {
+        self.debug_headers
     }
 
     /// What happens when the plugin fails.
@@ -413,10 +422,12 @@ impl Upstream {
                 counters: b.counters.clone(),
             })
         };
+        let decided_by = self.debug_headers.then(|| slot.plugin.clone());
         let ok = |backend| Selection {
             backend,
             fallback: false,
             failed: false,
+            decided_by,
         };
         match result {
             Ok(decision) => {
@@ -459,6 +470,7 @@ impl Upstream {
                 backend: None,
                 fallback: false,
                 failed: true,
+                decided_by: None,
             },
         }
     }
@@ -507,6 +519,7 @@ impl Upstream {
             backend,
             fallback: true,
             failed: false,
+            decided_by: None,
         }
     }
 

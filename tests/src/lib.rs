@@ -284,6 +284,31 @@ impl InProcessProxy {
         format!("http://{}{path}", self.addrs[0])
     }
 
+    /// `http://<admin listener><path>`; panics if the config has no `[admin]`.
+    pub fn admin_url(&self, path: &str) -> String {
+        let admin = self
+            .server
+            .as_ref()
+            .and_then(|s| s.admin_addr())
+            .expect("config has [admin]");
+        format!("http://{admin}{path}")
+    }
+
+    /// Overwrite the config file (for `POST /reload`).
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(&self._config.path, toml).expect("rewrite config");
+    }
+
+    /// The directory holding the config file.
+    pub fn config_dir(&self) -> &Path {
+        self._config.dir()
+    }
+
+    /// The running server's control plane.
+    pub fn control(&self) -> wasmlb::server::Control {
+        self.server.as_ref().expect("running").control().clone()
+    }
+
     /// The running upstream `name`.
     pub fn upstream(&self, name: &str) -> Arc<wasmlb::upstream::Upstream> {
         self.server
@@ -391,6 +416,19 @@ impl ProxyProcess {
             addrs,
             _config: config,
         }
+    }
+
+    /// Overwrite the config file (then send SIGHUP with [`ProxyProcess::signal`]).
+    pub fn rewrite_config(&self, toml: &str) {
+        std::fs::write(&self._config.path, toml).expect("rewrite config");
+    }
+
+    /// Send signal `name` (`HUP`, `TERM`, ...) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
     }
 
     /// The child's pid.

@@ -1,0 +1,399 @@
+//! The admin API: state, plugin swaps, reloads, metrics and its security.
+
+use serde_json::{Value, json};
+use wasmlb_tests::{
+    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, get, plugins,
+};
+
+fn config_with_admin(plugin: &str, backends: &str, extra: &str) -> String {
+    let admin = "[admin]\naddress = \"127.0.0.1:0\"\nmax_body_bytes = 2000000\n";
+    app_config(
+        plugin,
+        backends,
+        &format!("debug_headers = true\n{extra}\n{admin}"),
+    )
+}
+
+async fn json_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_reported_with_backends_and_plugin() {
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy =
+        InProcessProxy::start(&config_with_admin("round-robin", &backend_list(&refs), "")).await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    let (status, all) = json_of(c.get(proxy.admin_url("/upstreams")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    let (status, app) = json_of(
+        c.get(proxy.admin_url("/upstreams/app"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(app["name"], "app");
+    assert_eq!(app["plugin"]["name"], "round-robin");
+    assert!(
+        app["plugin"]["digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    assert_eq!(app["plugin"]["status"], "ok");
+    assert_eq!(app["plugin"]["failures"]["trap"], 0);
+    assert_eq!(app["backends"][0]["address"], backends[0].addr.to_string());
+    assert_eq!(app["backends"][0]["requests"], 2);
+    assert_eq!(app["backends"][1]["in_flight"], 0);
+    assert_eq!(app["backends"][1]["state"], "healthy");
+    let r = c
+        .get(proxy.admin_url("/upstreams/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+
+    let metrics = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!(
+        r#"wasmlb_requests_total{{upstream="app",backend="{}",class="2xx"}} 2"#,
+        backends[0].addr
+    );
+    assert!(metrics.contains(&line), "{metrics}");
+    assert!(
+        metrics.contains("wasmlb_plugin_decision_duration_seconds_count{upstream=\"app\"} 4"),
+        "{metrics}"
+    );
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_swaps_by_name_by_upload_and_bad_plugins_are_refused() {
+    let backends = TestBackend::start_many(2).await;
+    let list = backends
+        .iter()
+        .map(|b| {
+            format!(
+                r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#,
+                b.addr, b.name
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let proxy = InProcessProxy::start(&config_with_admin("round-robin", &list, "")).await;
+    let c = client();
+    let put = |body: reqwest::Body| {
+        c.put(proxy.admin_url("/upstreams/app/plugin"))
+            .body(body)
+            .send()
+    };
+
+    // By name, with a config.
+    let (status, report) = json_of(
+        put(json!({"plugin": "least-connections"}).to_string().into())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["plugin"], "least-connections");
+    let r = c.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(r.headers()["x-wasmlb-plugin"], "least-connections");
+
+    // Uploaded bytes: the header-route example, then the same bytes again (cached).
+    let wasm = std::fs::read(plugins::HEADER_ROUTE).unwrap();
+    let (status, report) = json_of(put(wasm.clone().into()).await.unwrap()).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["cached"], false);
+    let r = c
+        .get(proxy.url("/"))
+        .header("x-backend", "b1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-wasmlb-plugin"], "(uploaded)");
+    assert_eq!(r.headers()["x-backend"], "b1");
+    put(json!({"plugin": "round-robin"}).to_string().into())
+        .await
+        .unwrap();
+    let (_, report) = json_of(put(wasm.into()).await.unwrap()).await;
+    assert_eq!(report["cached"], true, "{report}");
+
+    // Refused: a plugin importing wasi, an init failure, a bad plugin_config,
+    // garbage, an unknown upstream. The old plugin keeps serving each time.
+    let wasi = std::fs::read(plugins::WASI_IMPORT).unwrap();
+    let (status, e) = json_of(put(wasi.into()).await.unwrap()).await;
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("`wasi:filesystem/preopens@"),
+        "{e}"
+    );
+    let (status, e) = json_of(
+        put(std::fs::read(plugins::BAD_INIT).unwrap().into())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("bad-init refuses every config"),
+        "{e}"
+    );
+    let bad_config = json!({"plugin": "round-robin", "plugin_config": {"speed": 1}});
+    let (status, e) = json_of(put(bad_config.to_string().into()).await.unwrap()).await;
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `speed`"),
+        "{e}"
+    );
+    let (status, _) = json_of(
+        put(b"\0asm\x0d\0\x01\0garbage".to_vec().into())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let (status, _) = json_of(put("not json".into()).await.unwrap()).await;
+    assert_eq!(status, 400);
+    let r = c
+        .put(proxy.admin_url("/upstreams/nope/plugin"))
+        .body(json!({"plugin": "round-robin"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .get(proxy.url("/"))
+        .header("x-backend", "b0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-wasmlb-plugin"],
+        "(uploaded)",
+        "the last good plugin still serves"
+    );
+    assert_eq!(r.headers()["x-backend"], "b0");
+
+    // Too large.
+    let r = put(vec![0u8; 3_000_000].into()).await.unwrap();
+    assert_eq!(r.status(), 413);
+
+    let metrics = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"wasmlb_plugin_swaps_total{upstream="app",outcome="ok"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"wasmlb_plugin_swaps_total{upstream="app",outcome="error"} 4"#),
+        "{metrics}"
+    );
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_good_config_and_rejects_a_broken_one() {
+    let backends = TestBackend::start_many(3).await;
+    let first = config_with_admin("round-robin", &backend_list(&[&backends[0]]), "");
+    let proxy = InProcessProxy::start(&first).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/")).await.1, "b0");
+
+    proxy.rewrite_config(&config_with_admin(
+        "round-robin",
+        &backend_list(&[&backends[1], &backends[2]]),
+        "",
+    ));
+    let (status, report) = json_of(c.post(proxy.admin_url("/reload")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{report}");
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(get(&c, &proxy.url("/")).await.1);
+    }
+    assert!(seen.iter().all(|b| b == "b1" || b == "b2"), "{seen:?}");
+
+    proxy.rewrite_config("[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"gone\"\n");
+    let (status, e) = json_of(c.post(proxy.admin_url("/reload")).send().await.unwrap()).await;
+    assert_eq!(status, 422);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("listener[0].upstream: no upstream named \"gone\""),
+        "{e}"
+    );
+    let b = get(&c, &proxy.url("/")).await.1;
+    assert!(
+        b == "b1" || b == "b2",
+        "the running config keeps serving: {b}"
+    );
+    let metrics = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("wasmlb_reloads_total{outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wasmlb_reloads_total{outcome=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_required_when_configured() {
+    let file = ConfigFile::new("");
+    std::fs::write(file.dir().join("token"), "s3cret\n").unwrap();
+    let token_path = file.dir().join("token");
+    let extra = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = '{}'\n",
+        token_path.display()
+    );
+    let proxy = InProcessProxy::start(&app_config("round-robin", "", &extra)).await;
+    let c = client();
+    assert_eq!(
+        c.get(proxy.admin_url("/upstreams"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let wrong = c
+        .get(proxy.admin_url("/upstreams"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = c
+        .get(proxy.admin_url("/upstreams"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    assert!(proxy.stop().await);
+}
+
+#[test]
+fn admin_on_a_non_loopback_address_without_a_token_refuses_to_start() {
+    let file = ConfigFile::new(&app_config(
+        "round-robin",
+        "",
+        "[admin]\naddress = \"0.0.0.0:0\"\n",
+    ));
+    let (code, _, stderr) = check(&file.path);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("admin.address: 0.0.0.0:0 is not a loopback address: set admin.token_file"),
+        "{stderr}"
+    );
+    // The binary refuses to start for the same reason (and binds nothing).
+    let out = std::process::Command::new(wasmlb_tests::wasmlb_bin())
+        .arg("--config")
+        .arg(&file.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_policy_answers_503_and_reports_a_failing_plugin() {
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let toml = config_with_admin(
+        plugins::TRAP,
+        &backend_list(&refs),
+        "on_plugin_error = \"fail\"",
+    );
+    let proxy = InProcessProxy::start(&toml).await;
+    let c = client();
+    for _ in 0..6 {
+        let (status, _, body) = get(&c, &proxy.url("/")).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("on_plugin_error = \"fail\""), "{body}");
+    }
+    assert_eq!(backends[0].hits() + backends[1].hits(), 0);
+    let (_, app) = json_of(
+        c.get(proxy.admin_url("/upstreams/app"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(app["plugin"]["status"], "failing", "{app}");
+    assert_eq!(app["plugin"]["failures"]["trap"], 6);
+    assert_eq!(app["plugin"]["on_plugin_error"], "fail");
+    let metrics = c
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"wasmlb_plugin_failures_total{upstream="app",kind="trap"} 6"#),
+        "{metrics}"
+    );
+    // Swapping in a good plugin recovers.
+    let r = c
+        .put(proxy.admin_url("/upstreams/app/plugin"))
+        .body(json!({"plugin": "round-robin"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    let (_, app) = json_of(
+        c.get(proxy.admin_url("/upstreams/app"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(app["plugin"]["status"], "ok");
+    assert!(proxy.stop().await);
+}
