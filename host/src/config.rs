@@ -36,6 +36,8 @@ pub use crate::upstream::OnPluginError;
 
 /// Default plugin call deadline, in ms.
 pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
+/// Default deadline of a plugin's setup calls (instantiate, init, set-backends), in ms.
+pub const DEFAULT_PLUGIN_INIT_DEADLINE_MS: u64 = 1_000;
 /// Default cap on a plugin instance's linear memory, in MiB.
 pub const DEFAULT_PLUGIN_MEMORY_LIMIT_MIB: u64 = 16;
 /// Default TCP connect timeout to a backend, in ms.
@@ -140,6 +142,9 @@ pub struct UpstreamConfig {
     pub backends: Vec<BackendConfig>,
     /// Deadline of each plugin call, in ms (`plugin_deadline_ms`, default 5).
     pub plugin_deadline_ms: u64,
+    /// Deadline of the plugin's setup calls (instantiation, `init`,
+    /// `set-backends`), in ms (`plugin_init_deadline_ms`, default 1000).
+    pub plugin_init_deadline_ms: u64,
     /// Cap on the plugin's linear memory, in MiB (`plugin_memory_limit_mib`, default 16).
     pub plugin_memory_limit_mib: u64,
     /// TCP connect timeout, in ms (`connect_timeout_ms`, default 5000); on expiry 504.
@@ -163,6 +168,7 @@ impl UpstreamConfig {
             plugin_config: serde_json::Value::Object(serde_json::Map::new()),
             backends,
             plugin_deadline_ms: DEFAULT_PLUGIN_DEADLINE_MS,
+            plugin_init_deadline_ms: DEFAULT_PLUGIN_INIT_DEADLINE_MS,
             plugin_memory_limit_mib: DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
@@ -248,6 +254,7 @@ struct RawUpstream {
     backends: Vec<RawBackend>,
     plugin_config: Option<toml::Table>,
     plugin_deadline_ms: Option<Spanned<u64>>,
+    plugin_init_deadline_ms: Option<Spanned<u64>>,
     plugin_memory_limit_mib: Option<Spanned<u64>>,
     connect_timeout_ms: Option<Spanned<u64>>,
     response_timeout_ms: Option<Spanned<u64>>,
@@ -520,6 +527,11 @@ impl Validator<'_> {
                 "plugin_deadline_ms",
                 &u.plugin_deadline_ms,
                 DEFAULT_PLUGIN_DEADLINE_MS,
+            )?,
+            plugin_init_deadline_ms: positive(
+                "plugin_init_deadline_ms",
+                &u.plugin_init_deadline_ms,
+                DEFAULT_PLUGIN_INIT_DEADLINE_MS,
             )?,
             plugin_memory_limit_mib: positive(
                 "plugin_memory_limit_mib",

@@ -308,6 +308,8 @@ pub struct InstanceSettings {
     pub config_json: String,
     /// Deadline of each call, in ms.
     pub deadline_ms: u64,
+    /// Deadline of setup calls (instantiation, `init`, `set-backends`), in ms.
+    pub init_deadline_ms: u64,
     /// Cap on linear memory, in bytes.
     pub memory_limit_bytes: usize,
 }
@@ -356,13 +358,14 @@ impl Plugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         let deadline_ticks = settings.deadline_ms.max(1) + 1;
-        store.set_epoch_deadline(deadline_ticks);
+        let init_ticks = settings.init_deadline_ms.max(1) + 1;
+        store.set_epoch_deadline(init_ticks);
         let bindings = self
             .pre
             .instantiate(&mut store)
             .map_err(|e| init_err("instantiate", e))?;
         let strategy = bindings.wasmlb_plugin_strategy();
-        store.set_epoch_deadline(deadline_ticks);
+        store.set_epoch_deadline(init_ticks);
         strategy
             .call_init(&mut store, &settings.config_json)
             .map_err(|e| init_err("init", e))?
@@ -372,7 +375,7 @@ impl Plugin {
                 message,
             })?;
         let list = backend_list(&store.data().backends);
-        store.set_epoch_deadline(deadline_ticks);
+        store.set_epoch_deadline(init_ticks);
         strategy
             .call_set_backends(&mut store, &list)
             .map_err(|e| init_err("set-backends", e))?;
@@ -380,6 +383,7 @@ impl Plugin {
             store,
             bindings,
             deadline_ticks,
+            init_ticks,
         })
     }
 }
@@ -424,6 +428,7 @@ pub struct Instance {
     store: Store<HostState>,
     bindings: bindings::Balancer,
     deadline_ticks: u64,
+    init_ticks: u64,
 }
 
 impl std::fmt::Debug for Instance {
@@ -442,7 +447,7 @@ impl Instance {
     pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
         let list = backend_list(&backends);
         self.store.data_mut().backends = backends;
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        self.store.set_epoch_deadline(self.init_ticks);
         self.bindings
             .wasmlb_plugin_strategy()
             .call_set_backends(&mut self.store, &list)

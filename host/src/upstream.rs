@@ -281,6 +281,7 @@ impl Upstream {
             upstream: name.clone(),
             config_json: config.plugin_config.to_string(),
             deadline_ms: config.plugin_deadline_ms,
+            init_deadline_ms: config.plugin_init_deadline_ms,
             memory_limit_bytes: usize::try_from(
                 config.plugin_memory_limit_mib.saturating_mul(1 << 20),
             )

@@ -202,9 +202,24 @@ async fn plugin_swaps_by_name_by_upload_and_bad_plugins_are_refused() {
     );
     assert_eq!(r.headers()["x-backend"], "b0");
 
-    // Too large.
-    let r = put(vec![0u8; 3_000_000].into()).await.unwrap();
-    assert_eq!(r.status(), 413);
+    // Too large: refused on the declared length, before any body is read.
+    let admin_addr = proxy
+        .admin_url("")
+        .trim_start_matches("http://")
+        .to_string();
+    let mut raw = tokio::net::TcpStream::connect(&admin_addr).await.unwrap();
+    let head = format!(
+        "PUT /upstreams/app/plugin HTTP/1.1\r\nhost: {admin_addr}\r\ncontent-length: 3000000\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut raw, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::io::AsyncReadExt::read(&mut raw, &mut answer)
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
     let metrics = c
         .get(proxy.admin_url("/metrics"))
