@@ -101,7 +101,7 @@ async fn hundred_swaps_under_load_lose_nothing_and_take_effect_at_once() {
     // (sent, done, plugin) per swap.
     let mut swaps = Vec::new();
     for i in 0..100 {
-        let plugin = if i % 2 == 0 {
+        let plugin = if i.is_multiple_of(2) {
             "least-connections"
         } else {
             "round-robin"
@@ -163,12 +163,12 @@ async fn twenty_reloads_under_load_lose_nothing() {
     let aux = TestBackend::start("aux").await;
     // Even reloads: b0..b3 and a route /aux; odd: b0, b1, b4, b5 and no route.
     let config = |k: usize| {
-        let set: Vec<&TestBackend> = if k % 2 == 0 {
+        let set: Vec<&TestBackend> = if k.is_multiple_of(2) {
             backends[..4].iter().collect()
         } else {
             vec![&backends[0], &backends[1], &backends[4], &backends[5]]
         };
-        let route = if k % 2 == 0 {
+        let route = if k.is_multiple_of(2) {
             "[[route]]\npath_prefix = \"/aux\"\nupstream = \"aux\"\n"
         } else {
             ""
@@ -211,7 +211,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
         assert_eq!(r.status(), 200, "reload {k}: {}", r.text().await.unwrap());
         // Backends not in this config: only requests already in flight (at
         // most one per client) may still reach them.
-        let removed: Vec<&TestBackend> = if k % 2 == 0 {
+        let removed: Vec<&TestBackend> = if k.is_multiple_of(2) {
             vec![&backends[4], &backends[5]]
         } else {
             vec![&backends[2], &backends[3]]
@@ -221,7 +221,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
         assert_eq!(route.0, 200);
         assert_eq!(
             route.1 == "aux",
-            k % 2 == 0,
+            k.is_multiple_of(2),
             "route /aux present only in even configs (reload {k})"
         );
         tokio::time::sleep(Duration::from_millis(40)).await;
