@@ -100,7 +100,7 @@ async fn hundred_swaps_under_load_lose_nothing_and_take_effect_at_once() {
     let c = client();
     // (sent, done, plugin) per swap.
     let mut swaps = Vec::new();
-    for i in 0..100 {
+    for i in 0..100u32 {
         let plugin = if i.is_multiple_of(2) {
             "least-connections"
         } else {
