@@ -12,6 +12,9 @@ fn main() {
             "test-plugin-busy-loop",
             "test-plugin-bad-answer",
             "test-plugin-bad-init",
+            "test-plugin-memory-bomb",
+            "test-plugin-deep-recursion",
+            "test-plugin-host-call-flood",
         ],
         &watch,
     )

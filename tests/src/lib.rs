@@ -36,6 +36,12 @@ pub mod plugins {
     pub const BAD_ANSWER: &str = concat!(env!("OUT_DIR"), "/test-plugin-bad-answer.wasm");
     /// Fails `init`.
     pub const BAD_INIT: &str = concat!(env!("OUT_DIR"), "/test-plugin-bad-init.wasm");
+    /// Allocates without bound (memory.grow until the cap).
+    pub const MEMORY_BOMB: &str = concat!(env!("OUT_DIR"), "/test-plugin-memory-bomb.wasm");
+    /// Recurses without bound.
+    pub const DEEP_RECURSION: &str = concat!(env!("OUT_DIR"), "/test-plugin-deep-recursion.wasm");
+    /// Calls host functions in an endless loop.
+    pub const HOST_CALL_FLOOD: &str = concat!(env!("OUT_DIR"), "/test-plugin-host-call-flood.wasm");
     /// A std guest importing `wasi:filesystem`.
     pub const WASI_IMPORT: &str = concat!(env!("OUT_DIR"), "/test-plugin-wasi-import.wasm");
 }

@@ -1,6 +1,9 @@
-//! Plugins that trap, loop forever or answer nonsense: every request is still
-//! served (by the native round-robin fallback), the proxy survives, and the
-//! event is counted, and the instance is replaced.
+//! Hostile plugins: traps, endless loops, nonsense answers, memory bombs,
+//! unbounded recursion, host-call floods. For each, the proxy stays up, the
+//! call is cut (trap or deadline), another upstream on the same proxy is
+//! unaffected, the event is counted, the instance is replaced, and the request
+//! is served per `on_plugin_error`: by the round-robin fallback (default) or
+//! with 503 (`fail`).
 
 use std::sync::atomic::Ordering;
 
@@ -8,55 +11,82 @@ use wasmlb::plugin::FailureKind;
 use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, client, get, plugins};
 
 async fn serve_with(plugin: &str, expected: FailureKind) {
-    let backends = TestBackend::start_many(2).await;
-    let refs: Vec<_> = backends.iter().collect();
-    let list = backend_list(&refs);
-    let extra = format!(
-        "plugin_deadline_ms = 20
-
-[upstream.healthy]
-plugin = \"round-robin\"
-backends = [ {list} ]"
-    );
-    let toml = app_config(plugin, &list, &extra);
-    let proxy = InProcessProxy::start(&toml).await;
-    let c = client();
-    let mut seen = Vec::new();
-    for _ in 0..6 {
-        let (status, backend, body) = get(&c, &proxy.url("/")).await;
-        assert_eq!(status, 200, "{body}");
-        seen.push(backend);
+    for policy in ["fallback", "fail"] {
+        let backends = TestBackend::start_many(2).await;
+        let refs: Vec<_> = backends.iter().collect();
+        let list = backend_list(&refs);
+        let other = TestBackend::start("other").await;
+        let extra = format!(
+            "plugin_deadline_ms = 20\non_plugin_error = \"{policy}\"\n\
+             [[route]]\npath_prefix = \"/other\"\nupstream = \"healthy\"\n\
+             [upstream.healthy]\nplugin = \"round-robin\"\nbackends = [ {} ]\n",
+            backend_list(&[&other])
+        );
+        let proxy = InProcessProxy::start(&app_config(plugin, &list, &extra)).await;
+        let c = client();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (status, backend, body) = get(&c, &proxy.url("/")).await;
+            if policy == "fallback" {
+                assert_eq!(status, 200, "{plugin}: {body}");
+                seen.push(backend);
+            } else {
+                assert_eq!(status, 503, "{plugin}: {body}");
+            }
+            // The other upstream on the same proxy is served by its own plugin.
+            let (status, backend, _) = get(&c, &proxy.url("/other/x")).await;
+            assert_eq!((status, backend.as_str()), (200, "other"));
+        }
+        if policy == "fallback" {
+            // The fallback rotates over the upstream's backends.
+            assert_eq!(seen.iter().filter(|b| *b == "b0").count(), 3, "{seen:?}");
+        } else {
+            assert_eq!(backends[0].hits() + backends[1].hits(), 0);
+        }
+        let up = proxy.upstream("app");
+        let stats = up.stats();
+        assert_eq!(
+            stats.failures(expected),
+            6,
+            "{plugin} {policy}: {expected:?}"
+        );
+        assert_eq!(stats.replacements.load(Ordering::Relaxed), 6);
+        assert!(stats.failing());
+        let fallbacks = if policy == "fallback" { 6 } else { 0 };
+        assert_eq!(stats.fallbacks.load(Ordering::Relaxed), fallbacks);
+        let healthy = proxy.upstream("healthy");
+        assert_eq!(healthy.stats().fallbacks.load(Ordering::Relaxed), 0);
+        assert!(!healthy.stats().failing());
+        assert!(proxy.stop().await);
     }
-    // The fallback rotates too.
-    assert_eq!(seen.iter().filter(|b| *b == "b0").count(), 3, "{seen:?}");
-    let up = proxy.upstream("app");
-    let stats = up.stats();
-    assert_eq!(stats.failures(expected), 6, "{expected:?}");
-    assert_eq!(stats.fallbacks.load(Ordering::Relaxed), 6);
-    assert_eq!(stats.replacements.load(Ordering::Relaxed), 6);
-    // Other upstreams are unaffected.
-    assert_eq!(
-        proxy
-            .upstream("healthy")
-            .stats()
-            .fallbacks
-            .load(Ordering::Relaxed),
-        0
-    );
-    assert!(proxy.stop().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trapping_plugin_falls_back_and_is_replaced() {
+async fn trapping_plugin() {
     serve_with(plugins::TRAP, FailureKind::Trap).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn looping_plugin_is_cut_at_its_deadline() {
+async fn endless_loop_is_cut_at_the_deadline() {
     serve_with(plugins::BUSY_LOOP, FailureKind::Deadline).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_backend_answer_falls_back() {
+async fn unknown_backend_answer() {
     serve_with(plugins::BAD_ANSWER, FailureKind::BadAnswer).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_bomb_hits_the_memory_cap() {
+    serve_with(plugins::MEMORY_BOMB, FailureKind::Trap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbounded_recursion_overflows_the_stack() {
+    serve_with(plugins::DEEP_RECURSION, FailureKind::Trap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_call_flood_is_cut_at_the_deadline() {
+    serve_with(plugins::HOST_CALL_FLOOD, FailureKind::Deadline).await;
 }
