@@ -68,7 +68,21 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(config: &Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Install every handler before announcing readiness: a signal that
+    // arrives earlier would otherwise take its default action (SIGHUP kills).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let server = Server::start(config).await?;
+    let control = server.control().clone();
+    let reloader = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            // reload() logs its own outcome.
+            let _ = control.reload().await;
+        }
+    });
     for (i, addr) in server.local_addrs().iter().enumerate() {
         let upstream = &config.listeners[i].upstream;
         println!("wasmlb listening on http://{addr} (listener[{i}], default upstream {upstream})");
@@ -77,36 +91,16 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         println!("wasmlb admin API on http://{addr}");
     }
     tracing::info!(config = %config.path.display(), "started");
-    let control = server.control().clone();
-    let hup = tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the config");
-            // reload() logs its own outcome.
-            let _ = control.reload().await;
-        }
-    });
-    wait_for_signal().await?;
-    hup.abort();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    reloader.abort();
     tracing::info!("shutting down: no new connections, waiting for in-flight requests");
     if server.shutdown().await {
         tracing::info!("all connections finished");
     } else {
         tracing::warn!("shutdown timeout reached with connections still open");
-    }
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 
 use crate::builtin;
@@ -360,10 +360,14 @@ impl Plugin {
         let deadline_ticks = settings.deadline_ms.max(1) + 1;
         let init_ticks = settings.init_deadline_ms.max(1) + 1;
         store.set_epoch_deadline(init_ticks);
-        let bindings = self
+        let instance = self
             .pre
+            .instance_pre()
             .instantiate(&mut store)
             .map_err(|e| init_err("instantiate", e))?;
+        let bindings = bindings::Balancer::new(&mut store, &instance)
+            .map_err(|e| init_err("instantiate", e))?;
+        let state = state_funcs(&mut store, &instance);
         let strategy = bindings.wasmlb_plugin_strategy();
         store.set_epoch_deadline(init_ticks);
         strategy
@@ -382,9 +386,44 @@ impl Plugin {
         Ok(Instance {
             store,
             bindings,
+            state,
             deadline_ticks,
             init_ticks,
         })
+    }
+}
+
+/// The optional `wasmlb:plugin/state` export.
+struct StateFuncs {
+    export: TypedFunc<(), (Vec<u8>,)>,
+    import: TypedFunc<(Vec<u8>,), (Result<(), String>,)>,
+}
+
+/// Name of the optional state interface export.
+const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.0";
+
+/// The state functions, if the component exports the `state` interface with
+/// the expected signatures.
+fn state_funcs(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::component::Instance,
+) -> Option<StateFuncs> {
+    let iface = instance.get_export_index(&mut *store, None, STATE_INTERFACE)?;
+    let export = instance.get_export_index(&mut *store, Some(&iface), "export-state")?;
+    let import = instance.get_export_index(&mut *store, Some(&iface), "import-state")?;
+    let typed = (
+        instance.get_typed_func::<(), (Vec<u8>,)>(&mut *store, &export),
+        instance.get_typed_func::<(Vec<u8>,), (Result<(), String>,)>(&mut *store, &import),
+    );
+    match typed {
+        (Ok(export), Ok(import)) => Some(StateFuncs { export, import }),
+        _ => {
+            tracing::warn!(
+                upstream = &*store.data().upstream,
+                "{STATE_INTERFACE} has unexpected signatures; ignored"
+            );
+            None
+        }
     }
 }
 
@@ -427,6 +466,7 @@ pub struct RequestView {
 pub struct Instance {
     store: Store<HostState>,
     bindings: bindings::Balancer,
+    state: Option<StateFuncs>,
     deadline_ticks: u64,
     init_ticks: u64,
 }
@@ -440,6 +480,30 @@ impl std::fmt::Debug for Instance {
 }
 
 impl Instance {
+    /// Call the optional `export-state`. `None` if the plugin has no state
+    /// interface; `Some(Err)` with the trap if it failed.
+    pub fn export_state(&mut self) -> Option<Result<Vec<u8>, String>> {
+        let export = self.state.as_ref()?.export;
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        Some(
+            export
+                .call(&mut self.store, ())
+                .map(|(bytes,)| bytes)
+                .map_err(|e| describe_error(&e)),
+        )
+    }
+
+    /// Call the optional `import-state` with `bytes`. `None` if the plugin has
+    /// no state interface; `Some(Err)` with the plugin's message or the trap.
+    pub fn import_state(&mut self, bytes: Vec<u8>) -> Option<Result<(), String>> {
+        let import = self.state.as_ref()?.import;
+        self.store.set_epoch_deadline(self.deadline_ticks);
+        Some(match import.call(&mut self.store, (bytes,)) {
+            Ok((result,)) => result,
+            Err(e) => Err(describe_error(&e)),
+        })
+    }
+
     /// Replace the instance's backend set and call its `set-backends`.
     ///
     /// # Errors

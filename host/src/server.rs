@@ -125,6 +125,9 @@ pub struct SwapReport {
     pub digest: String,
     /// The compiled component came from the digest cache.
     pub cached: bool,
+    /// Bytes of strategy state handed from the old plugin to the new one
+    /// (`null` if none: a side lacks the state interface, or the import refused).
+    pub state_bytes: Option<usize>,
     /// Time from the request to the new plugin serving, in ms.
     pub elapsed_ms: f64,
 }
@@ -396,12 +399,13 @@ impl Control {
         .map_err(|e| SwapError::Task(e.to_string()))
         .and_then(|r| r);
         self.shared.metrics.swap(name, result.is_ok());
-        let (plugin, digest, cached) = result?;
+        let (plugin, digest, cached, state_bytes) = result?;
         let report = SwapReport {
             upstream: name.to_string(),
             plugin,
             digest,
             cached,
+            state_bytes,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         };
         tracing::info!(?report, "plugin swapped");
@@ -414,17 +418,18 @@ fn swap_blocking(
     upstream: &Upstream,
     source: PluginSource,
     plugin_config: Option<serde_json::Value>,
-) -> Result<(String, String, bool), SwapError> {
+) -> Result<(String, String, bool, Option<usize>), SwapError> {
     let plugin = match source {
         PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
         PluginSource::Ref(r) => runtime.load(&r)?,
         PluginSource::Current => upstream.plugin(),
     };
-    upstream.swap_plugin(plugin.clone(), plugin_config.map(|c| c.to_string()))?;
+    let state_bytes = upstream.swap_plugin(plugin.clone(), plugin_config.map(|c| c.to_string()))?;
     Ok((
         plugin.name().to_string(),
         plugin.digest().to_string(),
         plugin.from_cache(),
+        state_bytes,
     ))
 }
 

@@ -363,6 +363,10 @@ impl Upstream {
     /// The new instance is built and initialized before the swap, outside the
     /// lock; requests keep flowing to the old one meanwhile.
     ///
+    /// If both plugins have the `wasmlb:plugin/state` interface, the old
+    /// instance's exported state is imported into the new one inside the same
+    /// critical section. Returns the number of state bytes handed over.
+    ///
     /// # Errors
     /// [`PluginError::Init`] if the new plugin's `init` or `set-backends`
     /// fails; the old plugin keeps serving.
@@ -370,7 +374,7 @@ impl Upstream {
         &self,
         plugin: Arc<Plugin>,
         config_json: Option<String>,
-    ) -> Result<(), PluginError> {
+    ) -> Result<Option<usize>, PluginError> {
         let (mut settings, backends) = {
             let slot = self.lock();
             (slot.settings.clone(), slot.backends.clone())
@@ -378,11 +382,10 @@ impl Upstream {
         if let Some(json) = config_json {
             settings.config_json = json;
         }
-        let instance = plugin.instantiate(&settings, backends.clone())?;
+        let mut instance = plugin.instantiate(&settings, backends.clone())?;
         let mut slot = self.lock();
         if !Arc::ptr_eq(&slot.backends, &backends) {
             // The set changed while the new instance was built: tell it.
-            let mut instance = instance;
             instance
                 .set_backends(slot.backends.clone())
                 .map_err(|message| PluginError::Init {
@@ -390,17 +393,51 @@ impl Upstream {
                     stage: "set-backends",
                     message,
                 })?;
-            slot.instance = Some(instance);
-        } else {
-            slot.instance = Some(instance);
         }
+        let handed_over =
+            self.hand_over_state(slot.instance.as_mut(), &mut instance, plugin.name());
+        slot.instance = Some(instance);
         slot.plugin = plugin;
         slot.settings = settings;
         slot.last_attempt = None;
         slot.loaded_at = SystemTime::now();
         drop(slot);
         self.stats.consecutive_failures.store(0, Ordering::Relaxed);
-        Ok(())
+        Ok(handed_over)
+    }
+
+    /// `export-state` on `old`, `import-state` on `new`; returns the number of
+    /// bytes handed over, or `None` if nothing was (no state interface on
+    /// either side, nothing exported, or the import refused; logged).
+    fn hand_over_state(
+        &self,
+        old: Option<&mut Instance>,
+        new: &mut Instance,
+        new_name: &str,
+    ) -> Option<usize> {
+        let bytes = match old?.export_state()? {
+            Ok(bytes) if !bytes.is_empty() => bytes,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(
+                    upstream = &*self.name,
+                    "export-state failed, the new plugin starts fresh: {e}"
+                );
+                return None;
+            }
+        };
+        let len = bytes.len();
+        match new.import_state(bytes)? {
+            Ok(()) => Some(len),
+            Err(e) => {
+                tracing::info!(
+                    upstream = &*self.name,
+                    plugin = new_name,
+                    "import-state refused, starting fresh: {e}"
+                );
+                None
+            }
+        }
     }
 
     /// Choose a backend for `request`. The request is handed back unchanged.

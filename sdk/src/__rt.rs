@@ -14,7 +14,7 @@ use crate::{Backend, Context, Decision, Level, SocketAddr, Strategy};
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "balancer",
+        world: "stateful-balancer",
         pub_export_macro: true,
         export_macro_name: "__export_balancer",
         default_bindings_module: "wasmlb_sdk::__rt::bindings",
@@ -138,6 +138,21 @@ impl<S: Strategy> StrategyCell<S> {
             .collect();
         if let Some(s) = self.0.borrow_mut().as_mut() {
             s.set_backends(backends);
+        }
+    }
+
+    pub fn export_state(&self) -> Vec<u8> {
+        self.0
+            .borrow()
+            .as_ref()
+            .map(Strategy::export_state)
+            .unwrap_or_default()
+    }
+
+    pub fn import_state(&self, state: &[u8]) -> Result<(), String> {
+        match self.0.borrow_mut().as_mut() {
+            Some(s) => s.import_state(state),
+            None => Err("import-state before init".into()),
         }
     }
 

@@ -185,6 +185,23 @@ pub trait Strategy: Sized {
 
     /// Choose the backend for the request described by `cx`.
     fn select(&mut self, cx: &dyn Context) -> Decision;
+
+    /// State to hand to the next plugin of the upstream when this one is
+    /// swapped out (the `wasmlb:plugin/state` export). Start it with a format
+    /// tag. Default: nothing (the next plugin starts fresh).
+    fn export_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Restore state exported by the previous plugin of the upstream: called
+    /// after [`Strategy::new`] and [`Strategy::set_backends`], before the first
+    /// [`Strategy::select`]. The bytes may come from another strategy or an
+    /// older version: return `Err` for a format you do not know (the host logs
+    /// it and this instance keeps its fresh state). Default: ignore.
+    fn import_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = state;
+        Ok(())
+    }
 }
 
 /// Config type for strategies that take no `plugin_config`: accepts an empty
@@ -224,6 +241,14 @@ macro_rules! export_strategy {
                 }
                 fn select() -> $crate::__rt::bindings::wasmlb::plugin::types::Decision {
                     __WASMLB_STATE.select()
+                }
+            }
+            impl $crate::__rt::bindings::exports::wasmlb::plugin::state::Guest for __WasmlbGuest {
+                fn export_state() -> $crate::__rt::Vec<u8> {
+                    __WASMLB_STATE.export_state()
+                }
+                fn import_state(state: $crate::__rt::Vec<u8>) -> ::core::result::Result<(), $crate::__rt::String> {
+                    __WASMLB_STATE.import_state(&state)
                 }
             }
             $crate::__rt::bindings::__export_balancer!(__WasmlbGuest with_types_in $crate::__rt::bindings);

@@ -412,3 +412,82 @@ async fn fail_policy_answers_503_and_reports_a_failing_plugin() {
     assert_eq!(app["plugin"]["status"], "ok");
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_is_handed_over_across_a_swap() {
+    let backends = TestBackend::start_many(4).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy =
+        InProcessProxy::start(&config_with_admin("round-robin", &backend_list(&refs), "")).await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/")).await.1, "b0");
+    assert_eq!(get(&c, &proxy.url("/")).await.1, "b1");
+    let put = |plugin: &str| {
+        c.put(proxy.admin_url("/upstreams/app/plugin"))
+            .body(json!({ "plugin": plugin }).to_string())
+            .send()
+    };
+    // round-robin -> round-robin (e.g. a new version): the rotation continues.
+    let (status, report) = json_of(put("round-robin").await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(
+        report["state_bytes"].as_u64().is_some_and(|n| n > 0),
+        "{report}"
+    );
+    assert_eq!(
+        get(&c, &proxy.url("/")).await.1,
+        "b2",
+        "rotation continues after the swap"
+    );
+    // round-robin -> least-connections: the formats differ, the import is
+    // refused, least-connections starts fresh; its own state then carries on.
+    let (_, report) = json_of(put("least-connections").await.unwrap()).await;
+    assert_eq!(report["state_bytes"], Value::Null, "{report}");
+    assert_eq!(get(&c, &proxy.url("/")).await.1, "b0");
+    let (_, report) = json_of(put("least-connections").await.unwrap()).await;
+    assert_eq!(report["state_bytes"], 12, "{report}");
+    assert_eq!(get(&c, &proxy.url("/")).await.1, "b1");
+    assert!(proxy.stop().await);
+}
+
+/// Time from sending the PUT to the first response decided by the new plugin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_to_first_request_latency_new_and_cached() {
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy =
+        InProcessProxy::start(&config_with_admin("round-robin", &backend_list(&refs), "")).await;
+    let c = client();
+    let wasm = std::fs::read(plugins::HEADER_ROUTE).unwrap();
+    let mut figures = Vec::new();
+    for round in ["new", "cached"] {
+        let started = std::time::Instant::now();
+        let r = c
+            .put(proxy.admin_url("/upstreams/app/plugin"))
+            .body(wasm.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let (_, report) = json_of(r).await;
+        assert_eq!(report["cached"], round == "cached");
+        let r = c.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(r.headers()["x-wasmlb-plugin"], "(uploaded)");
+        figures.push(format!(
+            "{round}: {:.2} ms (host-side swap {:.2} ms)",
+            started.elapsed().as_secs_f64() * 1e3,
+            report["elapsed_ms"].as_f64().unwrap()
+        ));
+        // Back to round-robin so the next round is a swap again.
+        c.put(proxy.admin_url("/upstreams/app/plugin"))
+            .body(json!({"plugin": "round-robin"}).to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "PUT -> first request on the new plugin: {}",
+        figures.join("; ")
+    );
+    assert!(proxy.stop().await);
+}

@@ -10,14 +10,17 @@ use std::sync::atomic::Ordering;
 use wasmlb::plugin::FailureKind;
 use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, client, get, plugins};
 
-async fn serve_with(plugin: &str, expected: FailureKind) {
+/// `deadline_ms`: 20 for plugins that must be cut by time; 2000 for those that
+/// must be stopped by the memory cap or the stack limit, so that a slow
+/// debug build on a loaded machine cannot turn them into deadline overruns.
+async fn serve_with(plugin: &str, expected: FailureKind, deadline_ms: u64) {
     for policy in ["fallback", "fail"] {
         let backends = TestBackend::start_many(2).await;
         let refs: Vec<_> = backends.iter().collect();
         let list = backend_list(&refs);
         let other = TestBackend::start("other").await;
         let extra = format!(
-            "plugin_deadline_ms = 20\non_plugin_error = \"{policy}\"\n\
+            "plugin_deadline_ms = {deadline_ms}\non_plugin_error = \"{policy}\"\n\
              [[route]]\npath_prefix = \"/other\"\nupstream = \"healthy\"\n\
              [upstream.healthy]\nplugin = \"round-robin\"\nbackends = [ {} ]\n",
             backend_list(&[&other])
@@ -63,30 +66,30 @@ async fn serve_with(plugin: &str, expected: FailureKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trapping_plugin() {
-    serve_with(plugins::TRAP, FailureKind::Trap).await;
+    serve_with(plugins::TRAP, FailureKind::Trap, 2000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_loop_is_cut_at_the_deadline() {
-    serve_with(plugins::BUSY_LOOP, FailureKind::Deadline).await;
+    serve_with(plugins::BUSY_LOOP, FailureKind::Deadline, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_backend_answer() {
-    serve_with(plugins::BAD_ANSWER, FailureKind::BadAnswer).await;
+    serve_with(plugins::BAD_ANSWER, FailureKind::BadAnswer, 2000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_bomb_hits_the_memory_cap() {
-    serve_with(plugins::MEMORY_BOMB, FailureKind::Trap).await;
+    serve_with(plugins::MEMORY_BOMB, FailureKind::Trap, 2000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unbounded_recursion_overflows_the_stack() {
-    serve_with(plugins::DEEP_RECURSION, FailureKind::Trap).await;
+    serve_with(plugins::DEEP_RECURSION, FailureKind::Trap, 2000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_call_flood_is_cut_at_the_deadline() {
-    serve_with(plugins::HOST_CALL_FLOOD, FailureKind::Deadline).await;
+    serve_with(plugins::HOST_CALL_FLOOD, FailureKind::Deadline, 20).await;
 }

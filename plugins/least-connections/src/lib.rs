@@ -8,6 +8,8 @@
 //!
 //! Per pick: one `in-flight-all` host call and an O(n) scan. Backends marked
 //! unhealthy are skipped; with none healthy the answer is `Unavailable`.
+//!
+//! State hand-off: the tie-breaking cursor survives a plugin swap (format `lc1`).
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use wasmlb_sdk::prelude::*;
@@ -69,7 +71,30 @@ impl Strategy for LeastConnections {
             None => Decision::Unavailable,
         }
     }
+
+    /// `lc1\0` then the cursor (u64 LE).
+    fn export_state(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(12);
+        out.extend_from_slice(STATE_TAG);
+        out.extend_from_slice(&(self.cursor as u64).to_le_bytes());
+        out
+    }
+
+    fn import_state(&mut self, state: &[u8]) -> Result<(), String> {
+        match (state.get(..4), state.get(4..12)) {
+            (Some(tag), Some(cursor)) if tag == STATE_TAG => {
+                let mut le = [0u8; 8];
+                le.copy_from_slice(cursor);
+                self.cursor = usize::try_from(u64::from_le_bytes(le)).unwrap_or(usize::MAX);
+                Ok(())
+            }
+            _ => Err("not least-connections state (no lc1 tag)".into()),
+        }
+    }
 }
+
+/// Format tag of the exported state.
+const STATE_TAG: &[u8; 4] = b"lc1\0";
 
 wasmlb_sdk::export_strategy!(LeastConnections);
 
@@ -108,6 +133,20 @@ mod tests {
         let cx = MockContext::new(&set).with_in_flight(&[1, 0, 1, 0]);
         let counts = spread::<LeastConnections>("{}", &set, &cx, 10).unwrap();
         assert_eq!(counts, vec![0, 5, 0, 5]);
+    }
+
+    #[test]
+    fn state_hand_off_keeps_the_tie_rotation() {
+        let set = backends(&[1, 1, 1]);
+        let cx = MockContext::new(&set);
+        let mut a: LeastConnections = wasmlb_sdk::instantiate("{}").unwrap();
+        a.set_backends(set.clone());
+        assert_eq!(a.select(&cx), Decision::Backend(0));
+        let mut b: LeastConnections = wasmlb_sdk::instantiate("{}").unwrap();
+        b.set_backends(set.clone());
+        b.import_state(&a.export_state()).unwrap();
+        assert_eq!(b.select(&cx), Decision::Backend(1));
+        assert!(b.import_state(b"rr1\0").is_err());
     }
 
     #[test]

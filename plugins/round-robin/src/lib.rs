@@ -14,6 +14,9 @@
 //! Backends marked unhealthy are skipped. With no healthy backend the answer
 //! is `Unavailable` (the host answers 503). State is the upstream's: one
 //! rotation across all requests, whatever thread serves them.
+//!
+//! State hand-off: across a plugin swap the rotation continues where it was
+//! (cursor and NGINX current weights), format `rr1`, see [`RoundRobin::export_state`].
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use wasmlb_sdk::prelude::*;
@@ -82,6 +85,54 @@ impl Strategy for RoundRobin {
             None => Decision::Unavailable,
         }
     }
+
+    fn export_state(&self) -> Vec<u8> {
+        self.encode()
+    }
+
+    fn import_state(&mut self, state: &[u8]) -> Result<(), String> {
+        self.decode(state)
+    }
+}
+
+/// Format tag of the exported state.
+const STATE_TAG: &[u8; 4] = b"rr1\0";
+
+fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let chunk: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(chunk))
+}
+
+impl RoundRobin {
+    /// `rr1\0`, cursor (u64 LE), n (u64 LE), n current weights (i64 LE).
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 16 + 8 * self.current.len());
+        out.extend_from_slice(STATE_TAG);
+        out.extend_from_slice(&(self.cursor as u64).to_le_bytes());
+        out.extend_from_slice(&(self.current.len() as u64).to_le_bytes());
+        for w in &self.current {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Restore from [`RoundRobin::encode`]; current weights only if the
+    /// backend count matches.
+    fn decode(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.get(..4) != Some(STATE_TAG.as_slice()) {
+            return Err("not round-robin state (no rr1 tag)".into());
+        }
+        let bad = || String::from("truncated round-robin state");
+        let cursor = read_u64(bytes, 4).ok_or_else(bad)?;
+        let n = read_u64(bytes, 12).ok_or_else(bad)? as usize;
+        self.cursor = usize::try_from(cursor).unwrap_or(usize::MAX);
+        if n == self.current.len() {
+            for (i, w) in self.current.iter_mut().enumerate() {
+                *w = read_u64(bytes, 20 + 8 * i).ok_or_else(bad)? as i64;
+            }
+        }
+        Ok(())
+    }
 }
 
 wasmlb_sdk::export_strategy!(RoundRobin);
@@ -142,6 +193,31 @@ mod tests {
         assert_eq!(rr.select(&MockContext::new(&set)), Decision::Unavailable);
         rr.set_backends(Vec::new());
         assert_eq!(rr.select(&MockContext::new(&[])), Decision::Unavailable);
+    }
+
+    #[test]
+    fn state_hand_off_continues_the_rotation() {
+        for weights in [vec![1u32, 1, 1, 1], vec![5, 1, 1]] {
+            let set = backends(&weights);
+            let cx = MockContext::new(&set);
+            let mut a: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+            a.set_backends(set.clone());
+            let mut reference: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+            reference.set_backends(set.clone());
+            for _ in 0..2 {
+                a.select(&cx);
+                reference.select(&cx);
+            }
+            let mut b: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+            b.set_backends(set.clone());
+            b.import_state(&a.export_state()).unwrap();
+            for _ in 0..10 {
+                assert_eq!(b.select(&cx), reference.select(&cx), "weights {weights:?}");
+            }
+        }
+        let mut rr: RoundRobin = wasmlb_sdk::instantiate("{}").unwrap();
+        assert!(rr.import_state(b"lc1\0abc").is_err());
+        assert!(rr.import_state(b"rr1\0").is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@ impl Strategy for Hostile {
 }
 
 /// Recurse forever; the frame keeps a live array so it cannot become a loop.
+#[allow(unconditional_recursion)]
 fn dive(n: u32) -> u32 {
     let frame = core::hint::black_box([n; 64]);
     dive(frame[(n % 64) as usize].wrapping_add(1)).wrapping_add(frame[0])
