@@ -516,6 +516,24 @@ pub async fn get(client: &reqwest::Client, url: &str) -> (u16, String, String) {
     (status, backend, r.text().await.expect("body"))
 }
 
+/// GET `url` and return the body as text (panics on a transport error).
+pub async fn text(client: &reqwest::Client, url: &str) -> String {
+    client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// GET `url` and parse the body as JSON (panics if it is not).
+pub async fn json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    let body = text(client, url).await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
 /// Stream `len` bytes of [`pattern`] as a request body.
 pub fn pattern_body(len: u64) -> reqwest::Body {
     let chunk = 256 * 1024u64;

@@ -2,7 +2,8 @@
 
 use serde_json::{Value, json};
 use wasmlb_tests::{
-    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, get, plugins,
+    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, get, json,
+    plugins, text,
 };
 
 fn config_with_admin(plugin: &str, backends: &str, extra: &str) -> String {
@@ -65,14 +66,7 @@ async fn upstreams_are_reported_with_backends_and_plugin() {
         .unwrap();
     assert_eq!(r.status(), 404);
 
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(&c, &proxy.admin_url("/metrics")).await;
     let line = format!(
         r#"wasmlb_requests_total{{upstream="app",backend="{}",class="2xx"}} 2"#,
         backends[0].addr
@@ -221,14 +215,7 @@ async fn plugin_swaps_by_name_by_upload_and_bad_plugins_are_refused() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(&c, &proxy.admin_url("/metrics")).await;
     assert!(
         metrics.contains(r#"wasmlb_plugin_swaps_total{upstream="app",outcome="ok"} 4"#),
         "{metrics}"
@@ -276,14 +263,7 @@ async fn reload_applies_a_good_config_and_rejects_a_broken_one() {
         b == "b1" || b == "b2",
         "the running config keeps serving: {b}"
     );
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(&c, &proxy.admin_url("/metrics")).await;
     assert!(
         metrics.contains("wasmlb_reloads_total{outcome=\"ok\"} 1"),
         "{metrics}"
@@ -371,24 +351,11 @@ async fn fail_policy_answers_503_and_reports_a_failing_plugin() {
         assert!(body.contains("on_plugin_error = \"fail\""), "{body}");
     }
     assert_eq!(backends[0].hits() + backends[1].hits(), 0);
-    let (_, app) = json_of(
-        c.get(proxy.admin_url("/upstreams/app"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let app = json(&c, &proxy.admin_url("/upstreams/app")).await;
     assert_eq!(app["plugin"]["status"], "failing", "{app}");
     assert_eq!(app["plugin"]["failures"]["trap"], 6);
     assert_eq!(app["plugin"]["on_plugin_error"], "fail");
-    let metrics = c
-        .get(proxy.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text(&c, &proxy.admin_url("/metrics")).await;
     assert!(
         metrics.contains(r#"wasmlb_plugin_failures_total{upstream="app",kind="trap"} 6"#),
         "{metrics}"
@@ -402,13 +369,7 @@ async fn fail_policy_answers_503_and_reports_a_failing_plugin() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
-    let (_, app) = json_of(
-        c.get(proxy.admin_url("/upstreams/app"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let app = json(&c, &proxy.admin_url("/upstreams/app")).await;
     assert_eq!(app["plugin"]["status"], "ok");
     assert!(proxy.stop().await);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasmlb_tests::{
-    InProcessProxy, ProxyProcess, TestBackend, app_config, backend_list, client, get,
+    InProcessProxy, ProxyProcess, TestBackend, app_config, backend_list, client, get, json,
 };
 
 const CLIENTS: usize = 16;
@@ -202,15 +202,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
             proxy.rewrite_config("[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n[upstream.app]\nplugin = \"nope\"\n");
             let r = c.post(proxy.admin_url("/reload")).send().await.unwrap();
             assert_eq!(r.status(), 422);
-            let text = c
-                .get(proxy.admin_url("/upstreams/app"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let snapshot: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let snapshot = json(&c, &proxy.admin_url("/upstreams/app")).await;
             assert_eq!(snapshot["backends"].as_array().unwrap().len(), 4);
         }
         proxy.rewrite_config(&config(k));
