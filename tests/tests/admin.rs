@@ -452,3 +452,40 @@ async fn swap_to_first_request_latency_new_and_cached() {
     );
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_listeners() {
+    let b = TestBackend::start("b0").await;
+    let one = config_with_admin("round-robin", &backend_list(&[&b]), "");
+    let two = format!("{one}\n[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n");
+    let proxy = InProcessProxy::start(&one).await;
+    let control = proxy.control();
+    let c = client();
+    let first = control.local_addrs()[0];
+
+    proxy.rewrite_config(&two);
+    let (status, report) = json_of(c.post(proxy.admin_url("/reload")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{report}");
+    let addrs = control.local_addrs();
+    assert_eq!(addrs.len(), 2);
+    assert_eq!(addrs[0], first, "the kept listener keeps its socket");
+    assert_eq!(report["listeners_added"][0], addrs[1].to_string());
+    assert_eq!(get(&c, &format!("http://{}/", addrs[1])).await.1, "b0");
+
+    proxy.rewrite_config(&one);
+    let (status, report) = json_of(c.post(proxy.admin_url("/reload")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["listeners_removed"][0], addrs[1].to_string());
+    assert_eq!(control.local_addrs(), vec![first]);
+    // The removed listener stops accepting (bounded wait for its task to close it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addrs[1]).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removed listener still accepts"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&c, &format!("http://{first}/")).await.1, "b0");
+    assert!(proxy.stop().await);
+}
