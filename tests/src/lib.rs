@@ -237,6 +237,21 @@ pub fn app_config(plugin: &str, backends: &str, extra: &str) -> String {
     )
 }
 
+/// Like [`backend_list`], with each backend labelled `name = "<its name>"`
+/// (what `examples/header-route` matches its header against).
+pub fn named_backend_list(backends: &[TestBackend]) -> String {
+    backends
+        .iter()
+        .map(|b| {
+            format!(
+                r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#,
+                b.addr, b.name
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A config file in a fresh temporary directory (removed on drop).
 #[derive(Debug)]
 pub struct ConfigFile {

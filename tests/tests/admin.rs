@@ -3,7 +3,7 @@
 use serde_json::{Value, json};
 use wasmlb_tests::{
     ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, get, json,
-    plugins, text,
+    named_backend_list, plugins, text,
 };
 
 fn config_with_admin(plugin: &str, backends: &str, extra: &str) -> String {
@@ -82,16 +82,7 @@ async fn upstreams_are_reported_with_backends_and_plugin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_swaps_by_name_by_upload_and_bad_plugins_are_refused() {
     let backends = TestBackend::start_many(2).await;
-    let list = backends
-        .iter()
-        .map(|b| {
-            format!(
-                r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#,
-                b.addr, b.name
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = named_backend_list(&backends);
     let proxy = InProcessProxy::start(&config_with_admin("round-robin", &list, "")).await;
     let c = client();
     let put = |body: reqwest::Body| {

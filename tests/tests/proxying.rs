@@ -3,7 +3,7 @@
 use serde_json::Value;
 use wasmlb_tests::{
     InProcessProxy, TestBackend, app_config, backend_list, client, closed_port, get, h2c_client,
-    plugins,
+    named_backend_list, plugins,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,16 +171,7 @@ async fn http2_cleartext_clients_are_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_plugin_from_examples_routes_by_header() {
     let backends = TestBackend::start_many(3).await;
-    let list = backends
-        .iter()
-        .map(|b| {
-            format!(
-                r#"{{ address = "{}", labels = {{ name = "{}" }} }}"#,
-                b.addr, b.name
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let list = named_backend_list(&backends);
     let extra = "[upstream.app.plugin_config]\nheader = \"x-pin\"";
     let proxy = InProcessProxy::start(&app_config(plugins::HEADER_ROUTE, &list, extra)).await;
     let c = client();

@@ -77,6 +77,18 @@ fn load(url: String, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<S
         .collect()
 }
 
+/// Every request got a 200 and a complete body.
+fn assert_all_ok(seen: &[Seen]) {
+    let failures: Vec<_> = seen.iter().filter(|s| s.status != Ok(200)).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        seen.len(),
+        failures.first()
+    );
+}
+
 async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
     let mut all = Vec::new();
     for t in tasks {
@@ -126,14 +138,7 @@ async fn hundred_swaps_under_load_lose_nothing_and_take_effect_at_once() {
     stop.store(true, Ordering::Relaxed);
     let seen = collect(tasks).await;
 
-    let failures: Vec<_> = seen.iter().filter(|s| s.status != Ok(200)).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        failures.len(),
-        seen.len(),
-        failures.first()
-    );
+    assert_all_ok(&seen);
     let fallbacks = seen.iter().filter(|s| s.plugin == "(fallback)").count();
     assert_eq!(fallbacks, 0, "requests served by the fallback");
     // A request that started after swap k returned and finished before swap
@@ -234,14 +239,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
     }
     stop.store(true, Ordering::Relaxed);
     let seen = collect(tasks).await;
-    let failures: Vec<_> = seen.iter().filter(|s| s.status != Ok(200)).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        failures.len(),
-        seen.len(),
-        failures.first()
-    );
+    assert_all_ok(&seen);
     // The final config (k = 20, even) has b0..b3; b4/b5 got nothing after the last reload settled.
     let b4 = backends[4].hits();
     tokio::time::sleep(Duration::from_millis(100)).await;
