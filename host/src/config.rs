@@ -157,6 +157,63 @@ pub struct UpstreamConfig {
     /// `x-wasmlb-backend` (the backend's address) to responses
     /// (`debug_headers`, default false).
     pub debug_headers: bool,
+    /// Active health checking (`[upstream.NAME.health_check]`), if configured.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// What an active health check probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `GET path` over a new HTTP/1.1 connection; 2xx and 3xx pass (as HAProxy `option httpchk`).
+    Http,
+    /// A TCP connect succeeds.
+    Tcp,
+}
+
+/// `[upstream.NAME.health_check]`: active health checks, following HAProxy
+/// `check inter/rise/fall` and Envoy `health_checks`
+/// (interval, timeout, healthy/unhealthy thresholds).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `http` (default) or `tcp`.
+    #[serde(default = "default_hc_kind")]
+    pub kind: HealthCheckKind,
+    /// Path probed by `http` checks (default `/`).
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    /// Time between probes of one backend, in ms (default 2000).
+    #[serde(default = "default_hc_interval")]
+    pub interval_ms: u64,
+    /// A probe not finished in this time fails, in ms (default 1000).
+    #[serde(default = "default_hc_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive passing probes that mark a down backend healthy (default 2, HAProxy `rise`).
+    #[serde(default = "default_hc_rise")]
+    pub healthy_threshold: u32,
+    /// Consecutive failing probes that mark a backend unhealthy (default 3, HAProxy `fall`).
+    #[serde(default = "default_hc_fall")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_hc_kind() -> HealthCheckKind {
+    HealthCheckKind::Http
+}
+fn default_hc_path() -> String {
+    "/".into()
+}
+fn default_hc_interval() -> u64 {
+    2_000
+}
+fn default_hc_timeout() -> u64 {
+    1_000
+}
+fn default_hc_rise() -> u32 {
+    2
+}
+fn default_hc_fall() -> u32 {
+    3
 }
 
 impl UpstreamConfig {
@@ -174,6 +231,7 @@ impl UpstreamConfig {
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
             on_plugin_error: OnPluginError::default(),
             debug_headers: false,
+            health_check: None,
         }
     }
 }
@@ -262,6 +320,7 @@ struct RawUpstream {
     on_plugin_error: OnPluginError,
     #[serde(default)]
     debug_headers: bool,
+    health_check: Option<Spanned<HealthCheckConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -550,6 +609,28 @@ impl Validator<'_> {
             )?,
             on_plugin_error: u.on_plugin_error,
             debug_headers: u.debug_headers,
+            health_check: match u.health_check {
+                Some(hc) => {
+                    let span = hc.span();
+                    let hc = hc.into_inner();
+                    let key = format!("{prefix}.health_check");
+                    if hc.interval_ms == 0 || hc.timeout_ms == 0 {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "interval_ms and timeout_ms must be at least 1",
+                        ));
+                    }
+                    if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+                        return Err(self.err(Some(span), key, "thresholds must be at least 1"));
+                    }
+                    if !hc.path.starts_with('/') {
+                        return Err(self.err(Some(span), key, "path must start with '/'"));
+                    }
+                    Some(hc)
+                }
+                None => None,
+            },
         })
     }
 

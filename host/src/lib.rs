@@ -12,6 +12,7 @@
 //! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
 //! - [`admin`]: the admin API (upstream state, plugin swaps, reloads, metrics).
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`health`]: active health checks.
 //!
 //! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod builtin;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;

@@ -182,6 +182,7 @@ impl Server {
         let runtime = Runtime::new().map_err(ProxyError::Runtime)?;
         let metrics = Arc::new(Metrics::new());
         let proxy = Proxy::build(config, &runtime, metrics.clone(), None)?;
+        crate::health::start(&proxy, config);
         let mut bound = Vec::new();
         for (index, (key, l)) in ListenerKey::all(config)
             .into_iter()
@@ -335,6 +336,7 @@ impl Control {
             }
         }
         // Commit.
+        crate::health::start(&proxy, &config);
         self.shared.proxy.store(Arc::new(proxy));
         let mut listeners_added = Vec::new();
         for (key, listener) in added {

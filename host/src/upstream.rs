@@ -440,6 +440,34 @@ impl Upstream {
         }
     }
 
+    /// Mark the backend at `address` healthy or not. On a change, the plugin
+    /// gets `set-backends` with the new flags (under the upstream's lock, so
+    /// no decision sees a half-applied change); a plugin that traps on it is
+    /// replaced.
+    pub fn set_healthy(&self, address: SocketAddr, healthy: bool) {
+        let mut slot = self.lock();
+        let Some(backend) = slot.backends.iter().find(|b| b.address == address) else {
+            return;
+        };
+        if backend.counters.healthy.swap(healthy, Ordering::Relaxed) == healthy {
+            return;
+        }
+        let state = if healthy { "healthy" } else { "unhealthy" };
+        tracing::info!(upstream = &*self.name, backend = %address, "backend is now {state}");
+        let backends = slot.backends.clone();
+        if let Some(instance) = slot.instance.as_mut()
+            && let Err(e) = instance.set_backends(backends)
+        {
+            tracing::warn!(
+                upstream = &*self.name,
+                "plugin set-backends failed, replacing the instance: {e}"
+            );
+            slot.instance = None;
+            slot.last_attempt = None;
+            self.try_replace(&mut slot);
+        }
+    }
+
     /// Choose a backend for `request`. The request is handed back unchanged.
     pub fn select(&self, request: RequestView) -> (Selection, RequestView) {
         let mut slot = self.lock();

@@ -57,6 +57,8 @@ type TestBody = BoxBody<Bytes, Infallible>;
 /// - `/headers`: the request headers as a JSON object of arrays.
 /// - `/upload`: read the body, answer `<bytes> <sha256 hex>`.
 /// - `/download?bytes=N`: stream N bytes of [`pattern`] in 64 KiB chunks.
+/// - `/healthz`: 200, or 503 after [`TestBackend::set_healthy`]`(false)`; not
+///   counted in [`TestBackend::hits`].
 /// - anything else: `hello from <name>`.
 #[derive(Debug)]
 pub struct TestBackend {
@@ -65,6 +67,7 @@ pub struct TestBackend {
     /// Where it listens.
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -76,17 +79,22 @@ impl TestBackend {
             .expect("bind test backend");
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicU64::new(0));
-        let (n, h) = (name.to_string(), hits.clone());
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (n, h, up) = (name.to_string(), hits.clone(), healthy.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (n, h) = (n.clone(), h.clone());
+                let (n, h, up) = (n.clone(), h.clone(), up.clone());
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        h.fetch_add(1, Ordering::Relaxed);
-                        respond(n.clone(), req)
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let health =
+                            (req.uri().path() == "/healthz").then(|| up.load(Ordering::Relaxed));
+                        if health.is_none() {
+                            h.fetch_add(1, Ordering::Relaxed);
+                        }
+                        respond(n.clone(), req, health)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -98,6 +106,7 @@ impl TestBackend {
             name: name.to_string(),
             addr,
             hits,
+            healthy,
             task,
         }
     }
@@ -111,7 +120,12 @@ impl TestBackend {
         v
     }
 
-    /// Requests received so far.
+    /// Make `/healthz` answer 200 (`true`) or 503 (`false`).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Requests received so far (not counting `/healthz`).
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
@@ -159,8 +173,20 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn respond(name: String, req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+async fn respond(
+    name: String,
+    req: Request<Incoming>,
+    health: Option<bool>,
+) -> Result<Response<TestBody>, Infallible> {
     let full = |s: String| Full::new(Bytes::from(s)).boxed();
+    if let Some(healthy) = health {
+        let status = if healthy { 200 } else { 503 };
+        let r = Response::builder()
+            .status(status)
+            .body(full(format!("{name} health")))
+            .expect("response");
+        return Ok(r);
+    }
     let body: TestBody = match req.uri().path() {
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms"))).await;

@@ -1,0 +1,109 @@
+//! Active health checks, following HAProxy `check inter/rise/fall` and
+//! Envoy's `health_checks`: every `interval_ms` each backend is probed (a TCP
+//! connect, or `GET path` over a new HTTP/1.1 connection where 2xx and 3xx
+//! pass); `unhealthy_threshold` consecutive failures mark it unhealthy,
+//! `healthy_threshold` consecutive passes mark it healthy again. Backends
+//! start healthy.
+//!
+//! A state change is pushed to the upstream's plugin (`set-backends` with the
+//! new `healthy` flags) and is visible through the `healthy` host function;
+//! the built-in strategies and the fallback skip unhealthy backends. Health
+//! lives in the backend's counters, so it survives config reloads.
+//!
+//! Each probe loop holds only a weak reference to its upstream and ends when a
+//! reload or shutdown drops it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{Config, HealthCheckConfig, HealthCheckKind};
+use crate::proxy::Proxy;
+use crate::upstream::Upstream;
+
+/// Start the probe loops of every upstream of `proxy` whose config has a
+/// `health_check`. Must run inside a tokio runtime.
+pub fn start(proxy: &Proxy, config: &Config) {
+    for upstream in proxy.upstreams() {
+        let Some(hc) = config
+            .upstreams
+            .get(upstream.name())
+            .and_then(|u| u.health_check.clone())
+        else {
+            continue;
+        };
+        for backend in upstream.backends().iter() {
+            tokio::spawn(probe_loop(
+                Arc::downgrade(upstream),
+                backend.address,
+                hc.clone(),
+            ));
+        }
+    }
+}
+
+async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthCheckConfig) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(hc.interval_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut passes, mut fails) = (0u32, 0u32);
+    loop {
+        ticker.tick().await;
+        if upstream.strong_count() == 0 {
+            return;
+        }
+        let ok = probe(&hc, address).await;
+        if ok {
+            passes = passes.saturating_add(1);
+            fails = 0;
+        } else {
+            fails = fails.saturating_add(1);
+            passes = 0;
+        }
+        let Some(up) = upstream.upgrade() else { return };
+        let healthy = up
+            .backends()
+            .iter()
+            .find(|b| b.address == address)
+            .map(|b| b.counters.healthy.load(Ordering::Relaxed));
+        match healthy {
+            None => return,
+            Some(true) if fails >= hc.unhealthy_threshold => up.set_healthy(address, false),
+            Some(false) if passes >= hc.healthy_threshold => up.set_healthy(address, true),
+            Some(_) => {}
+        }
+    }
+}
+
+/// One probe; true if it passed within `timeout_ms`.
+pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr) -> bool {
+    let check = async {
+        let stream = TcpStream::connect(address).await.ok()?;
+        if hc.kind == HealthCheckKind::Tcp {
+            return Some(true);
+        }
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        let driver = tokio::spawn(conn);
+        let request = http::Request::get(hc.path.as_str())
+            .header(http::header::HOST, address.to_string())
+            .header(http::header::USER_AGENT, "wasmlb-health-check")
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let status = sender.send_request(request).await.ok()?.status();
+        driver.abort();
+        Some(status.is_success() || status.is_redirection())
+    };
+    tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
