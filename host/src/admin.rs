@@ -164,7 +164,7 @@ async fn handle(
                 match serde_json::from_slice::<SwapRequest>(&bytes) {
                     Ok(r) => {
                         let source = match r.plugin {
-                            Some(p) => match plugin_ref(control, &p) {
+                            Some(p) => match PluginRef::resolve(&p, config_dir(control)) {
                                 Ok(r) => PluginSource::Ref(r),
                                 Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
                             },
@@ -222,25 +222,12 @@ async fn handle(
     }
 }
 
-/// A built-in name or a path relative to the config file's directory.
-fn plugin_ref(control: &Control, value: &str) -> Result<PluginRef, String> {
-    if crate::builtin::get(value).is_some() {
-        return Ok(PluginRef::Builtin(value.to_string()));
-    }
-    let base = control
+/// Plugin paths in admin requests resolve against the config file's directory.
+fn config_dir(control: &Control) -> &std::path::Path {
+    control
         .config_path()
         .parent()
-        .unwrap_or_else(|| std::path::Path::new("."));
-    let path = base.join(value);
-    if path.is_file() {
-        Ok(PluginRef::File(path))
-    } else {
-        Err(format!(
-            "{value:?} is neither a built-in plugin {:?} nor a file ({} not found)",
-            crate::builtin::names(),
-            path.display()
-        ))
-    }
+        .unwrap_or_else(|| std::path::Path::new("."))
 }
 
 #[cfg(test)]

@@ -122,6 +122,36 @@ pub enum PluginRef {
     File(PathBuf),
 }
 
+impl PluginRef {
+    /// Resolve a `plugin` value as written in a config file or an admin
+    /// request: one ending in `.wasm` or containing a path separator is a file
+    /// relative to `base` (which must exist); anything else must name a
+    /// built-in.
+    ///
+    /// # Errors
+    /// A message naming the unknown built-in (and listing the built-ins) or
+    /// the missing file.
+    pub fn resolve(value: &str, base: &Path) -> Result<PluginRef, String> {
+        let looks_like_path =
+            value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
+        if !looks_like_path {
+            return match builtin::get(value) {
+                Some(_) => Ok(PluginRef::Builtin(value.to_string())),
+                None => Err(format!(
+                    "no built-in plugin named {value:?} (built-ins: {:?}; a file path must end in .wasm)",
+                    builtin::names()
+                )),
+            };
+        }
+        let file = base.join(value);
+        if file.is_file() {
+            Ok(PluginRef::File(file))
+        } else {
+            Err(format!("plugin file {} not found", file.display()))
+        }
+    }
+}
+
 impl std::fmt::Display for PluginRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -648,30 +678,9 @@ impl Validator<'_> {
     }
 
     fn plugin_ref(&self, key: &str, s: &Spanned<String>) -> Result<PluginRef, ConfigError> {
-        let value = s.get_ref();
-        let looks_like_path =
-            value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
-        if !looks_like_path {
-            return if builtin::get(value).is_some() {
-                Ok(PluginRef::Builtin(value.clone()))
-            } else {
-                Err(self.err(
-                    Some(s.span()),
-                    key,
-                    format!("no built-in plugin named {value:?} (built-ins: {:?}; a file path must end in .wasm)", builtin::names()),
-                ))
-            };
-        }
         let base = self.path.parent().unwrap_or_else(|| Path::new("."));
-        let file = base.join(value);
-        if !file.is_file() {
-            return Err(self.err(
-                Some(s.span()),
-                key,
-                format!("plugin file {} not found", file.display()),
-            ));
-        }
-        Ok(PluginRef::File(file))
+        PluginRef::resolve(s.get_ref(), base)
+            .map_err(|message| self.err(Some(s.span()), key, message))
     }
 }
 

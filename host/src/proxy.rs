@@ -279,7 +279,7 @@ impl Proxy {
         };
         let mut parts = view.parts;
         let address = chosen.address;
-        if let Err(reason) = prepare_request(&mut parts, client, address) {
+        if let Err(reason) = prepare_request(&mut parts, client, &chosen.authority) {
             self.metrics.unrouted(upstream.name(), 400);
             return Ok(error_response(StatusCode::BAD_REQUEST, reason));
         }
@@ -329,7 +329,7 @@ impl Proxy {
             if let Ok(v) = HeaderValue::from_str(plugin) {
                 headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);
             }
-            if let Ok(v) = HeaderValue::from_str(&address.to_string()) {
+            if let Ok(v) = HeaderValue::from_str(chosen.authority.as_str()) {
                 headers.insert(HeaderName::from_static("x-wasmlb-backend"), v);
             }
         }
@@ -407,7 +407,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn prepare_request(
     parts: &mut http::request::Parts,
     client: SocketAddr,
-    backend: SocketAddr,
+    backend: &http::uri::Authority,
 ) -> Result<(), &'static str> {
     let authority = authority(parts).to_string();
     strip_hop_by_hop(&mut parts.headers);
@@ -444,7 +444,7 @@ fn prepare_request(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = Uri::builder()
         .scheme("http")
-        .authority(backend.to_string())
+        .authority(backend.clone())
         .path_and_query(path)
         .build()
         .map_err(|_| "invalid request target")?;
@@ -553,7 +553,7 @@ mod tests {
         prepare_request(
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
-            "127.0.0.1:9001".parse().unwrap(),
+            &http::uri::Authority::from_static("127.0.0.1:9001"),
         )
         .unwrap();
         for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
@@ -574,7 +574,7 @@ mod tests {
         prepare_request(
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
-            "127.0.0.1:9001".parse().unwrap(),
+            &http::uri::Authority::from_static("127.0.0.1:9001"),
         )
         .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
@@ -591,7 +591,7 @@ mod tests {
         prepare_request(
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
-            "127.0.0.1:9001".parse().unwrap(),
+            &http::uri::Authority::from_static("127.0.0.1:9001"),
         )
         .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
@@ -608,7 +608,7 @@ mod tests {
         prepare_request(
             &mut p,
             "[::1]:5000".parse().unwrap(),
-            "127.0.0.1:9001".parse().unwrap(),
+            &http::uri::Authority::from_static("127.0.0.1:9001"),
         )
         .unwrap();
         assert_eq!(p.headers["host"], "example.com");

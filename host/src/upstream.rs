@@ -70,6 +70,27 @@ pub struct BackendState {
     pub labels: BTreeMap<String, String>,
     /// Live counters, shared across reloads.
     pub counters: Arc<BackendCounters>,
+    /// `address` as a URI authority, computed once (not per request).
+    pub authority: http::uri::Authority,
+}
+
+impl BackendState {
+    /// The request-path handle for this backend, as backend `id`.
+    pub fn chosen(&self, id: usize) -> Chosen {
+        Chosen {
+            id,
+            address: self.address,
+            authority: self.authority.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// `address` as a URI authority. A socket address always formats as a valid
+/// authority (`1.2.3.4:80`, `[::1]:80`).
+fn authority_of(address: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(address.to_string().as_str())
+        .expect("a socket address is a valid URI authority")
 }
 
 /// What to do when the plugin fails (trap, deadline, bad answer):
@@ -166,6 +187,8 @@ pub struct Chosen {
     pub id: usize,
     /// Its address.
     pub address: SocketAddr,
+    /// Its address as a URI authority.
+    pub authority: http::uri::Authority,
     /// Its live counters.
     pub counters: Arc<BackendCounters>,
 }
@@ -273,6 +296,7 @@ impl Upstream {
                         metrics.backend(name, &b.address.to_string()),
                     ))
                 }),
+                authority: authority_of(b.address),
             })
             .collect();
         let upstream_metrics = metrics.upstream(name);
@@ -482,11 +506,9 @@ impl Upstream {
             .decision_duration
             .observe(started.elapsed().as_secs_f64());
         let chosen = |slot: &Slot, id: u32| {
-            slot.backends.get(id as usize).map(|b| Chosen {
-                id: id as usize,
-                address: b.address,
-                counters: b.counters.clone(),
-            })
+            slot.backends
+                .get(id as usize)
+                .map(|b| b.chosen(id as usize))
         };
         let decided_by = self.debug_headers.then(|| slot.plugin.clone());
         let ok = |backend| Selection {
@@ -576,11 +598,7 @@ impl Upstream {
         let backend = (0..n)
             .map(|i| start.wrapping_add(i) % n)
             .find(|&i| backends[i].counters.healthy.load(Ordering::Relaxed))
-            .map(|i| Chosen {
-                id: i,
-                address: backends[i].address,
-                counters: backends[i].counters.clone(),
-            });
+            .map(|i| backends[i].chosen(i));
         Selection {
             backend,
             fallback: true,
@@ -708,14 +726,7 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up =
             Upstream::new("app", &config("least-connections", 3), &rt, &Metrics::new()).unwrap();
-        let chosen = |id: usize| {
-            let b = &up.backends()[id];
-            Chosen {
-                id,
-                address: b.address,
-                counters: b.counters.clone(),
-            }
-        };
+        let chosen = |id: usize| up.backends()[id].chosen(id);
         let a = InFlight::begin(&chosen(0), Gauge::default());
         let _b = InFlight::begin(&chosen(2), Gauge::default());
         for _ in 0..3 {
@@ -740,12 +751,7 @@ mod tests {
     fn swap_replaces_the_decider_and_keeps_backends() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
-        let counters = up.backends()[1].counters.clone();
-        let b1 = Chosen {
-            id: 1,
-            address: up.backends()[1].address,
-            counters,
-        };
+        let b1 = up.backends()[1].chosen(1);
         let _busy = InFlight::begin(&b1, Gauge::default());
         let lc = rt
             .load(&PluginRef::Builtin("least-connections".into()))
