@@ -52,7 +52,7 @@ fn select(c: &mut Criterion) {
             let mut view = Some(request());
             group.bench_with_input(BenchmarkId::new(format!("wasm/{plugin}"), n), &n, |b, _| {
                 b.iter(|| {
-                    let (selection, back) = upstream.select(view.take().expect("view"));
+                    let (selection, back) = upstream.select(view.take().expect("view"), &[]);
                     view = Some(back);
                     black_box(selection)
                 })

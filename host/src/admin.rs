@@ -6,6 +6,7 @@
 //! | `GET /upstreams` | every upstream: backends (address, weight, state, in-flight, requests served) and plugin (name, digest, load time, status, failure counts) |
 //! | `GET /upstreams/{name}` | one upstream, or 404 |
 //! | `PUT /upstreams/{name}/plugin` | swap the plugin: body is a component (bytes starting with `\0asm`), or JSON `{"plugin": "<built-in or path>", "plugin_config": {...}}` (both keys optional; a missing `plugin` re-initializes the current one). 200 with the swap report; 404; 422 with `{"error": ...}` and the old plugin keeps serving |
+//! | `PUT /upstreams/{name}/backends/{backend}/state` | set a backend's state (HAProxy `set server ... state`): body `ready`, `drain` or `maint`; `{backend}` is its address or id. 200 with the backend's snapshot (its `state` turns `drained` when nothing is in flight); 404; 422 for another body. Kept across reloads unless the config's `state` for the backend changes |
 //! | `POST /reload` | re-read the config file (as SIGHUP does). 200 with the reload report; 422 with `{"error": ...}` and the running config keeps serving |
 //! | `GET /metrics` | Prometheus text format |
 //!
@@ -26,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::{AdminConfig, PluginRef};
+use crate::config::{AdminConfig, AdminState, PluginRef};
 use crate::server::{Control, PluginSource, SwapError, error_chain};
 
 /// A running admin listener.
@@ -196,6 +197,37 @@ async fn handle(
                 Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
             }
         }
+        (Method::PUT, ["upstreams", name, "backends", backend, "state"]) => {
+            let Some(upstream) = control.proxy().upstream(name).cloned() else {
+                return error(StatusCode::NOT_FOUND, format!("no upstream named {name:?}"));
+            };
+            let backends = upstream.backends();
+            let address = match backend.parse::<usize>() {
+                Ok(id) => backends.get(id).map(|b| b.address),
+                Err(_) => backend
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .filter(|a| backends.iter().any(|b| b.address == *a)),
+            };
+            let Some(address) = address else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    format!("upstream {name:?} has no backend {backend:?} (an address or id)"),
+                );
+            };
+            let bytes = match body(req, config.max_body_bytes).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let state = match AdminState::parse(&String::from_utf8_lossy(&bytes)) {
+                Ok(s) => s,
+                Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+            };
+            match upstream.set_admin_state(address, state) {
+                Some(snapshot) => json(StatusCode::OK, &snapshot),
+                None => error(StatusCode::NOT_FOUND, "the backend left the upstream"),
+            }
+        }
         (Method::POST, ["reload"]) => match control.reload().await {
             Ok(report) => json(StatusCode::OK, &report),
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
@@ -215,6 +247,7 @@ async fn handle(
             ["upstreams"]
             | ["upstreams", _]
             | ["upstreams", _, "plugin"]
+            | ["upstreams", _, "backends", _, "state"]
             | ["reload"]
             | ["metrics"],
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),

@@ -46,6 +46,24 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 30_000;
 /// Default bound on graceful shutdown, in ms.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on receiving a downstream request head, in ms (HAProxy
+/// `timeout http-request`): slowloris protection.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default idle time after which a downstream keep-alive connection with no
+/// request in progress is closed, in ms (HAProxy `timeout http-keep-alive`,
+/// NGINX `keepalive_timeout` 75 s).
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default number of retries of a failed request on another backend.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default retry budget: retries may add at most this share of requests, in percent
+/// (Envoy `retry_budget.budget_percent`, linkerd `retryRatio` 0.2).
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Default floor of the retry budget, in retries per second (linkerd `minRetriesPerSecond`).
+pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
+/// Default cap on the request body kept for replaying a retry, in bytes.
+pub const DEFAULT_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
+/// Default panic threshold, in percent of non-drained backends (Envoy `healthy_panic_threshold`).
+pub const DEFAULT_PANIC_THRESHOLD_PERCENT: u32 = 50;
 
 /// A config error: the file, the 1-based line if known, the key path
 /// (`upstream.app.backends[1].address`) and what is wrong.
@@ -189,6 +207,67 @@ pub struct UpstreamConfig {
     pub debug_headers: bool,
     /// Active health checking (`[upstream.NAME.health_check]`), if configured.
     pub health_check: Option<HealthCheckConfig>,
+    /// Passive outlier ejection (`[upstream.NAME.outlier_detection]`), if configured.
+    pub outlier_detection: Option<OutlierConfig>,
+    /// Bound on a whole request (all attempts and the response body), in ms
+    /// (`request_timeout_ms`, default none). On expiry before the response
+    /// headers: 504; after: the response is cut.
+    pub request_timeout_ms: Option<u64>,
+    /// Retries of a failed attempt on another backend (`retries`, default 2; 0 disables).
+    pub retries: u32,
+    /// Retries may add at most this share of the upstream's requests, in percent
+    /// (`retry_budget_percent`, default 20).
+    pub retry_budget_percent: u32,
+    /// Retries always allowed per second regardless of the share (`retry_min_per_second`, default 10).
+    pub retry_min_per_second: u32,
+    /// Request bodies up to this size are kept so an attempt that already sent
+    /// them can be replayed, in bytes (`retry_buffer_bytes`, default 65536).
+    pub retry_buffer_bytes: u64,
+    /// When fewer than this share of the non-drained backends are healthy and
+    /// not ejected, all of them are offered to the plugin, in percent
+    /// (`panic_threshold_percent`, default 50; 0 disables).
+    pub panic_threshold_percent: u32,
+    /// A backend that joins or recovers ramps its effective weight from 10 %
+    /// to 100 % over this window, in ms (`slow_start_ms`, default 0: off).
+    pub slow_start_ms: u64,
+}
+
+/// `[upstream.NAME.outlier_detection]`: passive outlier ejection, following
+/// Envoy's outlier detection (`consecutive_5xx`, `base_ejection_time`,
+/// `max_ejection_time`, `max_ejection_percent`).
+///
+/// A backend whose last `consecutive_5xx` responses were all 5xx, connect
+/// failures or timeouts is ejected for `base_ejection_time_ms` times the
+/// number of times it has been ejected, capped at `max_ejection_time_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject (default 5).
+    #[serde(default = "default_consecutive_5xx")]
+    pub consecutive_5xx: u32,
+    /// Ejection time of a first ejection, in ms (default 30000).
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_time_ms: u64,
+    /// Cap on the ejection time, in ms (default 300000).
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_time_ms: u64,
+    /// At most this share of the backends is ejected at once, in percent;
+    /// one backend may always be ejected (default 10, as Envoy).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+fn default_base_ejection() -> u64 {
+    30_000
+}
+fn default_max_ejection() -> u64 {
+    300_000
+}
+fn default_max_ejection_percent() -> u32 {
+    10
 }
 
 /// What an active health check probes.
@@ -262,6 +341,14 @@ impl UpstreamConfig {
             on_plugin_error: OnPluginError::default(),
             debug_headers: false,
             health_check: None,
+            outlier_detection: None,
+            request_timeout_ms: None,
+            retries: DEFAULT_RETRIES,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            retry_min_per_second: DEFAULT_RETRY_MIN_PER_SECOND,
+            retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+            panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
+            slow_start_ms: 0,
         }
     }
 }
@@ -273,6 +360,7 @@ impl BackendConfig {
             address,
             weight: 1,
             labels: BTreeMap::new(),
+            state: AdminState::Ready,
         }
     }
 }
@@ -286,13 +374,72 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Free-form labels, handed to the plugin.
     pub labels: BTreeMap<String, String>,
+    /// Administrative state (`state`, default `ready`).
+    pub state: AdminState,
+}
+
+/// A backend's administrative state, as HAProxy `set server ... state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes requests (subject to health and outlier ejection).
+    #[default]
+    Ready,
+    /// Takes no new requests; requests in flight finish. Health checks go on.
+    Drain,
+    /// Maintenance: takes no new requests and is not health checked;
+    /// requests in flight finish.
+    Maint,
+}
+
+impl AdminState {
+    /// `ready`, `drain` or `maint`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+
+    /// Parse `ready`, `drain` or `maint` (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// A message naming the bad value and the accepted ones.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "ready" => Ok(Self::Ready),
+            "drain" => Ok(Self::Drain),
+            "maint" => Ok(Self::Maint),
+            other => Err(format!(
+                "unknown backend state {other:?} (expected ready, drain or maint)"
+            )),
+        }
+    }
 }
 
 /// `[server]`: process-wide settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Bound on the graceful-shutdown wait for in-flight requests, in ms.
+    /// Bound on the graceful-shutdown wait for in-flight requests, in ms
+    /// (`shutdown_timeout_ms`, default 10000).
     pub shutdown_timeout_ms: u64,
+    /// A downstream request head must arrive within this time of its first
+    /// byte, in ms (`header_read_timeout_ms`, default 10000).
+    pub header_read_timeout_ms: u64,
+    /// A downstream connection with no request in progress and no bytes
+    /// received for this long is closed, in ms (`idle_timeout_ms`, default 60000).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+        }
+    }
 }
 
 // ---- raw, as deserialized -------------------------------------------------
@@ -351,6 +498,14 @@ struct RawUpstream {
     #[serde(default)]
     debug_headers: bool,
     health_check: Option<Spanned<HealthCheckConfig>>,
+    outlier_detection: Option<Spanned<OutlierConfig>>,
+    request_timeout_ms: Option<Spanned<u64>>,
+    retries: Option<u32>,
+    retry_budget_percent: Option<Spanned<u32>>,
+    retry_min_per_second: Option<u32>,
+    retry_buffer_bytes: Option<u64>,
+    panic_threshold_percent: Option<Spanned<u32>>,
+    slow_start_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -360,12 +515,16 @@ struct RawBackend {
     weight: Option<Spanned<u32>>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    state: AdminState,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     shutdown_timeout_ms: Option<u64>,
+    header_read_timeout_ms: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
 }
 
 impl Config {
@@ -500,12 +659,32 @@ impl Validator<'_> {
             listeners,
             routes,
             upstreams,
-            server: ServerConfig {
-                shutdown_timeout_ms: raw
-                    .server
-                    .shutdown_timeout_ms
-                    .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
-            },
+            server: self.server(&raw.server)?,
+        })
+    }
+
+    fn server(&self, s: &RawServer) -> Result<ServerConfig, ConfigError> {
+        let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+            Some(v) if *v.get_ref() == 0 => Err(self.err(
+                Some(v.span()),
+                format!("server.{key}"),
+                "must be at least 1",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        Ok(ServerConfig {
+            shutdown_timeout_ms: s.shutdown_timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+            header_read_timeout_ms: positive(
+                "header_read_timeout_ms",
+                &s.header_read_timeout_ms,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+            )?,
+            idle_timeout_ms: positive(
+                "idle_timeout_ms",
+                &s.idle_timeout_ms,
+                DEFAULT_IDLE_TIMEOUT_MS,
+            )?,
         })
     }
 
@@ -587,6 +766,7 @@ impl Validator<'_> {
                 address,
                 weight,
                 labels: b.labels.clone(),
+                state: b.state,
             });
         }
         let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
@@ -661,7 +841,66 @@ impl Validator<'_> {
                 }
                 None => None,
             },
+            outlier_detection: match u.outlier_detection {
+                Some(od) => {
+                    let span = od.span();
+                    let od = od.into_inner();
+                    let key = format!("{prefix}.outlier_detection");
+                    if od.consecutive_5xx == 0 || od.base_ejection_time_ms == 0 {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "consecutive_5xx and base_ejection_time_ms must be at least 1",
+                        ));
+                    }
+                    if od.max_ejection_time_ms < od.base_ejection_time_ms {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "max_ejection_time_ms must be at least base_ejection_time_ms",
+                        ));
+                    }
+                    if od.max_ejection_percent > 100 {
+                        return Err(self.err(Some(span), key, "max_ejection_percent is at most 100"));
+                    }
+                    Some(od)
+                }
+                None => None,
+            },
+            request_timeout_ms: match u.request_timeout_ms {
+                Some(t) => Some(positive("request_timeout_ms", &Some(t), 0)?),
+                None => None,
+            },
+            retries: u.retries.unwrap_or(DEFAULT_RETRIES),
+            retry_budget_percent: self.percent(
+                &format!("{prefix}.retry_budget_percent"),
+                u.retry_budget_percent.as_ref(),
+                DEFAULT_RETRY_BUDGET_PERCENT,
+            )?,
+            retry_min_per_second: u.retry_min_per_second.unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
+            retry_buffer_bytes: u.retry_buffer_bytes.unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
+            panic_threshold_percent: self.percent(
+                &format!("{prefix}.panic_threshold_percent"),
+                u.panic_threshold_percent.as_ref(),
+                DEFAULT_PANIC_THRESHOLD_PERCENT,
+            )?,
+            slow_start_ms: u.slow_start_ms.unwrap_or(0),
         })
+    }
+
+    fn percent(
+        &self,
+        key: &str,
+        v: Option<&Spanned<u32>>,
+        default: u32,
+    ) -> Result<u32, ConfigError> {
+        match v {
+            Some(p) if *p.get_ref() > 100 => {
+                Err(self.err(Some(p.span()), key, "a percentage is at most 100"))
+            }
+            Some(p) => Ok(*p.get_ref()),
+            None => Ok(default),
+        }
     }
 
     fn socket_addr(&self, key: &str, s: &Spanned<String>) -> Result<SocketAddr, ConfigError> {

@@ -8,9 +8,13 @@
 //! A state change is pushed to the upstream's plugin (`set-backends` with the
 //! new `healthy` flags) and is visible through the `healthy` host function;
 //! the built-in strategies and the fallback skip unhealthy backends. Health
-//! lives in the backend's counters, so it survives config reloads.
+//! lives in the backend's counters, so it survives config reloads. Backends
+//! in `maint` are not probed.
 //!
-//! Each probe loop holds only a weak reference to its upstream and ends when a
+//! Every upstream also gets an upkeep loop calling [`Upstream::tick`] every
+//! [`crate::upstream::TICK`] (ejection ends, slow-start steps, drain reports).
+//!
+//! Each loop holds only a weak reference to its upstream and ends when a
 //! reload or shutdown drops it.
 
 use std::net::SocketAddr;
@@ -23,14 +27,16 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::config::{Config, HealthCheckConfig, HealthCheckKind};
+use crate::config::{AdminState, Config, HealthCheckConfig, HealthCheckKind};
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 
-/// Start the probe loops of every upstream of `proxy` whose config has a
-/// `health_check`. Must run inside a tokio runtime.
+/// Start the upkeep loop of every upstream of `proxy`, and the probe loops
+/// of those whose config has a `health_check`. Must run inside a tokio
+/// runtime.
 pub fn start(proxy: &Proxy, config: &Config) {
     for upstream in proxy.upstreams() {
+        tokio::spawn(upkeep_loop(Arc::downgrade(upstream)));
         let Some(hc) = config
             .upstreams
             .get(upstream.name())
@@ -48,14 +54,31 @@ pub fn start(proxy: &Proxy, config: &Config) {
     }
 }
 
+async fn upkeep_loop(upstream: Weak<Upstream>) {
+    let mut ticker = tokio::time::interval(crate::upstream::TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(up) = upstream.upgrade() else { return };
+        up.tick();
+    }
+}
+
 async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthCheckConfig) {
     let mut ticker = tokio::time::interval(Duration::from_millis(hc.interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
         ticker.tick().await;
-        if upstream.strong_count() == 0 {
-            return;
+        let maint = {
+            let Some(up) = upstream.upgrade() else { return };
+            up.backends()
+                .iter()
+                .find(|b| b.address == address)
+                .is_some_and(|b| b.counters.admin_state() == AdminState::Maint)
+        };
+        if maint {
+            continue;
         }
         let ok = probe(&hc, address).await;
         if ok {
@@ -66,15 +89,15 @@ async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthChe
             passes = 0;
         }
         let Some(up) = upstream.upgrade() else { return };
-        let healthy = up
+        let passing = up
             .backends()
             .iter()
             .find(|b| b.address == address)
-            .map(|b| b.counters.healthy.load(Ordering::Relaxed));
-        match healthy {
+            .map(|b| b.counters.check_passing.load(Ordering::Relaxed));
+        match passing {
             None => return,
-            Some(true) if fails >= hc.unhealthy_threshold => up.set_healthy(address, false),
-            Some(false) if passes >= hc.healthy_threshold => up.set_healthy(address, true),
+            Some(true) if fails >= hc.unhealthy_threshold => up.set_check_passing(address, false),
+            Some(false) if passes >= hc.healthy_threshold => up.set_check_passing(address, true),
             Some(_) => {}
         }
     }

@@ -6,23 +6,29 @@
 //!   validation.
 //! - [`plugin`]: the wasmtime runtime that loads strategy components, checks
 //!   their imports, and calls them under a deadline and a memory cap.
-//! - [`upstream`]: a named group of backends with live per-backend state, its
-//!   plugin instance, and the native round-robin fallback.
+//! - [`upstream`]: a named group of backends, its plugin instance, the
+//!   native round-robin fallback, outlier ejection, panic mode and slow start.
+//! - [`backend`]: one backend's live counters and state (health, ejection,
+//!   drain, slow start).
 //! - [`proxy`]: per-request routing, header handling and forwarding.
 //! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
+//! - [`conn`]: downstream connection timeouts (request head read, idle keep-alive).
 //! - [`admin`]: the admin API (upstream state, plugin swaps, reloads, metrics).
 //! - [`metrics`]: the Prometheus metrics.
-//! - [`health`]: active health checks.
+//! - [`health`]: active health checks and the per-upstream upkeep loop.
 //!
 //! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod backend;
 pub mod builtin;
 pub mod config;
+pub mod conn;
 pub mod health;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod retry;
 pub mod server;
 pub mod upstream;

@@ -75,6 +75,8 @@ pub struct Metrics {
     plugin_failures: Family<FailureLabels, Counter>,
     swaps: Family<SwapLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
+    retries: Family<UpstreamLabels, Counter>,
+    ejections: Family<UpstreamLabels, Counter>,
 }
 
 /// Metric handles of one upstream.
@@ -86,6 +88,10 @@ pub struct UpstreamMetrics {
     pub request_duration: Histogram,
     /// Plugin decision duration, in seconds.
     pub decision_duration: Histogram,
+    /// Retries of failed attempts on another backend.
+    pub retries: Counter,
+    /// Backends ejected by outlier detection.
+    pub ejections: Counter,
     failures: [Counter; 3],
 }
 
@@ -167,7 +173,21 @@ impl Metrics {
             swaps.clone(),
         );
         registry.register("reloads", "Config reloads by outcome", reloads.clone());
+        let retries = Family::default();
+        let ejections = Family::default();
+        registry.register(
+            "retries",
+            "Failed attempts retried on another backend, by upstream",
+            retries.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Backends ejected by outlier detection, by upstream",
+            ejections.clone(),
+        );
         Self {
+            retries,
+            ejections,
             registry,
             requests,
             in_flight,
@@ -196,6 +216,8 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&u).clone(),
             request_duration: self.request_duration.get_or_create(&u).clone(),
             decision_duration: self.decision_duration.get_or_create(&u).clone(),
+            retries: self.retries.get_or_create(&u).clone(),
+            ejections: self.ejections.get_or_create(&u).clone(),
             failures: [
                 failure(FailureKind::Trap),
                 failure(FailureKind::Deadline),

@@ -12,7 +12,12 @@
 //! Status codes the proxy itself produces, each with a one-line plain-text
 //! reason: 502 when the backend cannot be connected to or breaks the response,
 //! 503 when no backend is available, 504 when connecting or waiting for the
-//! response headers times out.
+//! response headers times out, or the request outlives `request_timeout_ms`.
+//!
+//! A failed attempt is retried on another backend (the plugin is asked
+//! again; backends already tried are skipped) up to the upstream's `retries`,
+//! within its retry budget, and only where [`crate::retry`] says it is safe.
+//! Every attempt's outcome feeds outlier detection.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,7 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -34,7 +39,9 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Config, RouteConfig};
 use crate::metrics::Metrics;
 use crate::plugin::{RequestView, Runtime};
-use crate::upstream::{InFlight, Upstream};
+use crate::conn::RequestGuard;
+use crate::retry::{AttemptBody, ReplayBody};
+use crate::upstream::{Chosen, InFlight, Selection, Upstream};
 
 /// Headers that apply to one connection only and are never forwarded
 /// (RFC 9110 §7.6.1, plus the de-facto `Proxy-Connection` and `Keep-Alive`).
@@ -108,7 +115,7 @@ struct Route {
     upstream: usize,
 }
 
-type HttpClient = Client<HttpConnector, Incoming>;
+type HttpClient = Client<HttpConnector, AttemptBody>;
 
 /// The routing table, the upstreams and their connection pools: everything a
 /// request needs, built from one config. Immutable; a reload builds a new one
@@ -119,6 +126,7 @@ pub struct Proxy {
     routes: Vec<Route>,
     listener_defaults: HashMap<ListenerKey, usize>,
     metrics: Arc<Metrics>,
+    downstream_timeouts: (Duration, Duration),
 }
 
 impl std::fmt::Debug for Proxy {
@@ -206,6 +214,10 @@ impl Proxy {
             routes,
             listener_defaults,
             metrics,
+            downstream_timeouts: (
+                Duration::from_millis(config.server.header_read_timeout_ms),
+                Duration::from_millis(config.server.idle_timeout_ms),
+            ),
         })
     }
 
@@ -244,6 +256,11 @@ impl Proxy {
             .or_else(|| self.listener_defaults.get(listener).copied())
     }
 
+    /// The downstream head-read and idle keep-alive timeouts (see [`crate::conn`]).
+    pub fn downstream_timeouts(&self) -> (Duration, Duration) {
+        self.downstream_timeouts
+    }
+
     /// Serve one downstream request that arrived on `listener` from `client`.
     /// Never fails: errors become 502/503/504 responses.
     pub async fn handle(
@@ -264,82 +281,170 @@ impl Proxy {
                 "no upstream for this listener",
             ));
         };
-        let (selection, view) = upstream.select(RequestView { parts, client });
-        let Some(chosen) = selection.backend else {
-            let reason = if selection.failed {
-                format!(
-                    "the plugin of upstream {} failed (on_plugin_error = \"fail\")",
-                    upstream.name()
-                )
-            } else {
-                format!("no backend available in upstream {}", upstream.name())
-            };
-            self.metrics.unrouted(upstream.name(), 503);
-            return Ok(error_response(StatusCode::SERVICE_UNAVAILABLE, &reason));
-        };
-        let mut parts = view.parts;
-        let address = chosen.address;
-        if let Err(reason) = prepare_request(&mut parts, client, &chosen.authority) {
-            self.metrics.unrouted(upstream.name(), 400);
-            return Ok(error_response(StatusCode::BAD_REQUEST, reason));
-        }
-        let guard = InFlight::begin(&chosen, upstream.metrics().in_flight.clone());
-        let request = Request::from_parts(parts, body);
-        let response = tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
-        let response = match response {
-            Ok(Ok(response)) => {
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ProxyBody::upstream(body, guard))
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
-                if is_timeout(&e) {
+        let deadline = upstream.request_timeout.map(|t| tokio::time::Instant::now() + t);
+        let forward = self.forward(upstream, http, client, parts, body);
+        let mut response = match deadline {
+            None => forward.await,
+            Some(at) => match tokio::time::timeout_at(at, forward).await {
+                Ok(response) => response,
+                Err(_) => {
+                    self.metrics.unrouted(upstream.name(), 504);
                     error_response(
                         StatusCode::GATEWAY_TIMEOUT,
-                        &format!("connecting to backend {address} timed out"),
-                    )
-                } else if e.is_connect() {
-                    error_response(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("cannot connect to backend {address}"),
-                    )
-                } else {
-                    error_response(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("backend {address} broke the response"),
+                        &format!(
+                            "no response within request_timeout_ms = {}",
+                            upstream.request_timeout.map_or(0, |t| t.as_millis())
+                        ),
                     )
                 }
-            }
-            Err(_) => error_response(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!(
-                    "backend {address} did not answer within {} ms",
-                    upstream.response_timeout.as_millis()
-                ),
-            ),
+            },
         };
-        let mut response = response;
-        if upstream.debug_headers() {
-            let plugin = selection
-                .decided_by
-                .as_ref()
-                .map_or("(fallback)", |p| p.name());
-            let headers = response.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(plugin) {
-                headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);
-            }
-            if let Ok(v) = HeaderValue::from_str(chosen.authority.as_str()) {
-                headers.insert(HeaderName::from_static("x-wasmlb-backend"), v);
-            }
+        if let Some(at) = deadline {
+            response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
         }
-        chosen.counters.metrics.response(response.status().as_u16());
         upstream
             .metrics()
             .request_duration
             .observe(started.elapsed().as_secs_f64());
         Ok(response)
     }
+
+    /// Ask the plugin, forward, and retry a failed attempt on another backend
+    /// while the rules of [`crate::retry`], the upstream's `retries` and its
+    /// retry budget allow.
+    async fn forward(
+        &self,
+        upstream: &Upstream,
+        http: &HttpClient,
+        client: SocketAddr,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let idempotent = crate::retry::idempotent(&parts.method);
+        let body = ReplayBody::new(body, upstream.retry_buffer_bytes);
+        upstream.deposit_request();
+        let mut view = RequestView { parts, client };
+        let mut tried: Vec<usize> = Vec::new();
+        loop {
+            let (mut selection, v) = upstream.select(view, &tried);
+            view = v;
+            let Some(chosen) = selection.backend.take() else {
+                let reason = if selection.failed {
+                    format!(
+                        "the plugin of upstream {} failed (on_plugin_error = \"fail\")",
+                        upstream.name()
+                    )
+                } else {
+                    format!("no backend available in upstream {}", upstream.name())
+                };
+                self.metrics.unrouted(upstream.name(), 503);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
+            };
+            let mut head = copy_head(&view.parts);
+            if let Err(reason) = prepare_request(&mut head, client, &chosen.authority) {
+                self.metrics.unrouted(upstream.name(), 400);
+                return error_response(StatusCode::BAD_REQUEST, reason);
+            }
+            let guard = InFlight::begin(&chosen, upstream.metrics().in_flight.clone());
+            let request = Request::from_parts(head, body.attempt());
+            let result =
+                tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
+            let address = chosen.address;
+            let (failure, sent) = match result {
+                Ok(Ok(response)) => {
+                    let (mut parts, incoming) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    upstream.report(&chosen, !parts.status.is_server_error());
+                    chosen.counters.metrics.response(parts.status.as_u16());
+                    let mut response =
+                        Response::from_parts(parts, ProxyBody::upstream(incoming, guard));
+                    if upstream.debug_headers() {
+                        debug_headers(&mut response, &selection, &chosen);
+                    }
+                    return response;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
+                    if is_timeout(&e) {
+                        let r = error_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            &format!("connecting to backend {address} timed out"),
+                        );
+                        (r, false)
+                    } else if e.is_connect() {
+                        let r = error_response(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("cannot connect to backend {address}"),
+                        );
+                        (r, false)
+                    } else {
+                        let r = error_response(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("backend {address} broke the response"),
+                        );
+                        (r, true)
+                    }
+                }
+                Err(_) => {
+                    let r = error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "backend {address} did not answer within {} ms",
+                            upstream.response_timeout.as_millis()
+                        ),
+                    );
+                    (r, true)
+                }
+            };
+            drop(guard);
+            upstream.report(&chosen, false);
+            chosen.counters.metrics.response(failure.status().as_u16());
+            tried.push(chosen.id);
+            let retry = tried.len() <= upstream.retries as usize
+                && (!sent || idempotent)
+                && body.replayable()
+                && upstream.withdraw_retry();
+            if !retry {
+                let mut failure = failure;
+                if upstream.debug_headers() {
+                    debug_headers(&mut failure, &selection, &chosen);
+                }
+                return failure;
+            }
+            upstream.metrics().retries.inc();
+            tracing::debug!(
+                upstream = upstream.name(),
+                %address,
+                attempt = tried.len() + 1,
+                "retrying on another backend"
+            );
+        }
+    }
+}
+
+/// `x-wasmlb-plugin` and `x-wasmlb-backend` (see `debug_headers`).
+fn debug_headers(response: &mut Response<ProxyBody>, selection: &Selection, chosen: &Chosen) {
+    let plugin = selection
+        .decided_by
+        .as_ref()
+        .map_or("(fallback)", |p| p.name());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(plugin) {
+        headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(chosen.authority.as_str()) {
+        headers.insert(HeaderName::from_static("x-wasmlb-backend"), v);
+    }
+}
+
+/// A copy of a request head (method, URI, version, headers) for one attempt.
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
 }
 
 fn http_client(upstream: &Upstream) -> HttpClient {
@@ -466,10 +571,19 @@ fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
 
 /// The body of a response sent downstream: a backend's streamed body (holding
 /// its in-flight count until finished or dropped), or a small fixed body.
+/// With `request_timeout_ms`, the body fails (the response is cut) at the
+/// request's deadline.
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: BodyKind,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _request: Option<RequestGuard>,
 }
+
+/// The request's deadline passed while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request_timeout_ms reached while sending the response body")]
+pub struct BodyTimeout;
 
 #[derive(Debug)]
 enum BodyKind {
@@ -487,28 +601,50 @@ impl ProxyBody {
                 body,
                 _in_flight: in_flight,
             },
+            deadline: None,
+            _request: None,
         }
     }
 
     fn full(bytes: Bytes) -> Self {
         Self {
             kind: BodyKind::Full(Some(bytes)),
+            deadline: None,
+            _request: None,
         }
+    }
+
+    /// Keep the downstream connection's request guard until the body is
+    /// finished (see [`crate::conn`]).
+    pub fn with_request_guard(mut self, guard: RequestGuard) -> Self {
+        self._request = Some(guard);
+        self
     }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match &mut self.get_mut().kind {
-            BodyKind::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.kind {
+            BodyKind::Upstream { body, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+                Poll::Pending => Poll::Pending,
+            },
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if frame.is_pending()
+            && let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
         }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

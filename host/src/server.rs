@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, PluginRef};
+use crate::conn::TimedIo;
 use crate::metrics::Metrics;
 use crate::plugin::{PluginError, Runtime};
 use crate::proxy::{ListenerKey, Proxy, ProxyError};
@@ -523,8 +524,17 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let (header_read, idle) = shared.proxy.load().downstream_timeouts();
+                let (stream, activity) = TimedIo::new(stream, header_read, idle);
                 let shared = shared.clone();
-                let service = service_fn(move |req| shared.proxy.load_full().handle(key, peer, req));
+                let service = service_fn(move |req| {
+                    let guard = activity.begin();
+                    let proxy = shared.proxy.load_full();
+                    async move {
+                        let response = proxy.handle(key, peer, req).await;
+                        response.map(|r| r.map(|body| body.with_request_guard(guard)))
+                    }
+                });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -15,82 +15,110 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::UpstreamConfig;
-use crate::metrics::{BackendMetrics, Metrics, UpstreamMetrics};
+use tower::retry::budget::{Budget, TpsBudget};
+
+pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
+use crate::backend::ramp_percent;
+use crate::config::{AdminState, OutlierConfig, UpstreamConfig};
+use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::plugin::{
     Decision, FailureKind, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime,
 };
-use prometheus_client::metrics::gauge::Gauge;
 
 /// Minimum wait between two attempts to replace a broken instance whose
 /// replacement failed.
 pub const REPLACE_BACKOFF: Duration = Duration::from_secs(1);
 
-/// Counters of one backend that outlive config reloads: a reload keeps the
-/// counters of every backend whose address stays in the upstream, so requests
-/// in flight across a reload are still counted (least-connections stays
-/// right; see pingora #144).
-#[derive(Debug)]
-pub struct BackendCounters {
-    /// Requests forwarded whose response body is not yet fully sent.
-    pub in_flight: AtomicU32,
-    /// Whether the backend may be chosen. Always true until health checks exist.
-    pub healthy: AtomicBool,
-    /// Requests forwarded to this backend since it joined the upstream.
-    pub requests: AtomicU64,
-    /// Its `wasmlb_requests_total` counters.
-    pub metrics: BackendMetrics,
-}
+/// Period of [`Upstream::tick`]: the resolution of ejection ends, slow-start
+/// steps and drain reports.
+pub const TICK: Duration = Duration::from_millis(100);
 
-impl BackendCounters {
-    /// Fresh counters (healthy, nothing in flight) reporting into `metrics`.
-    pub fn new(metrics: BackendMetrics) -> Self {
-        Self {
-            in_flight: AtomicU32::new(0),
-            healthy: AtomicBool::new(true),
-            requests: AtomicU64::new(0),
-            metrics,
-        }
+/// Which backends the plugin may choose, and with which weights, at `now`.
+///
+/// A backend is available when its admin state is `ready`, its health checks
+/// pass and it is not ejected. When fewer than `panic_threshold_percent` of
+/// the ready backends are available, every ready backend is offered (Envoy's
+/// panic threshold: better to spread load over possibly bad backends than to
+/// overload the few left or fail). A backend that becomes available again
+/// (not in panic mode) starts a slow-start ramp of `slow_start`; while any
+/// backend ramps, every weight is the configured weight times its ramp
+/// percentage (100 when not ramping), so integer weights can express 10 %.
+///
+/// Stores each backend's `healthy` flag. Returns the backend set with the
+/// new weights (the same `Arc` if no weight changed), whether any flag or
+/// weight changed, and whether the upstream is in panic mode.
+pub fn evaluate_backends(
+    backends: &Arc<[BackendState]>,
+    now: Instant,
+    panic_threshold_percent: u32,
+    slow_start: Duration,
+) -> (Arc<[BackendState]>, bool, bool) {
+    let ready: Vec<bool> = backends
+        .iter()
+        .map(|b| b.counters.admin_state() == AdminState::Ready)
+        .collect();
+    let up: Vec<bool> = backends
+        .iter()
+        .zip(&ready)
+        .map(|(b, &r)| {
+            r && b.counters.check_passing.load(Ordering::Relaxed) && !b.counters.ejected(now)
+        })
+        .collect();
+    let n_ready = ready.iter().filter(|&&r| r).count();
+    let n_up = up.iter().filter(|&&u| u).count();
+    let panic = panic_threshold_percent > 0
+        && n_ready > 0
+        && n_up * 100 < panic_threshold_percent as usize * n_ready;
+    let mut changed = false;
+    let mut percents = Vec::with_capacity(backends.len());
+    for (i, b) in backends.iter().enumerate() {
+        let selectable = if panic { ready[i] } else { up[i] };
+        let was = b.counters.healthy.swap(selectable, Ordering::Relaxed);
+        changed |= was != selectable;
+        let pct = b.counters.update_status(|s| {
+            if !selectable {
+                s.ramp_from = None;
+            } else if !was && !panic && !slow_start.is_zero() {
+                s.ramp_from = Some(now);
+            }
+            let pct = s
+                .ramp_from
+                .map_or(100, |t| ramp_percent(now.duration_since(t), slow_start));
+            if pct >= 100 {
+                s.ramp_from = None;
+            }
+            pct
+        });
+        percents.push(pct);
     }
-}
-
-/// One backend as the plugin sees it: its config and live counters. Indexed
-/// by the plugin's backend id.
-#[derive(Debug, Clone)]
-pub struct BackendState {
-    /// The backend's address.
-    pub address: SocketAddr,
-    /// Effective weight (at least 1).
-    pub weight: u32,
-    /// Labels from the config.
-    pub labels: BTreeMap<String, String>,
-    /// Live counters, shared across reloads.
-    pub counters: Arc<BackendCounters>,
-    /// `address` as a URI authority, computed once (not per request).
-    pub authority: http::uri::Authority,
-}
-
-impl BackendState {
-    /// The request-path handle for this backend, as backend `id`.
-    pub fn chosen(&self, id: usize) -> Chosen {
-        Chosen {
-            id,
-            address: self.address,
-            authority: self.authority.clone(),
-            counters: self.counters.clone(),
+    let ramping = percents.iter().any(|&p| p < 100);
+    let weight = |b: &BackendState, pct: u32| {
+        if ramping {
+            b.configured_weight.saturating_mul(pct).max(1)
+        } else {
+            b.configured_weight
         }
+    };
+    let reweighted = backends
+        .iter()
+        .zip(&percents)
+        .any(|(b, &p)| weight(b, p) != b.weight);
+    if !reweighted {
+        return (backends.clone(), changed, panic);
     }
-}
-
-/// `address` as a URI authority. A socket address always formats as a valid
-/// authority (`1.2.3.4:80`, `[::1]:80`).
-fn authority_of(address: SocketAddr) -> http::uri::Authority {
-    http::uri::Authority::try_from(address.to_string().as_str())
-        .expect("a socket address is a valid URI authority")
+    let new: Arc<[BackendState]> = backends
+        .iter()
+        .zip(&percents)
+        .map(|(b, &p)| BackendState {
+            weight: weight(b, p),
+            ..b.clone()
+        })
+        .collect();
+    (new, true, panic)
 }
 
 /// What to do when the plugin fails (trap, deadline, bad answer):
@@ -154,6 +182,8 @@ struct Slot {
     backends: Arc<[BackendState]>,
     last_attempt: Option<Instant>,
     loaded_at: SystemTime,
+    /// Too few backends are available: all ready ones are offered.
+    panic: bool,
 }
 
 /// A named group of backends with its plugin.
@@ -169,6 +199,16 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Wait for the backend's response headers.
     pub response_timeout: Duration,
+    /// Bound on a whole request, if any.
+    pub request_timeout: Option<Duration>,
+    /// Retries of a failed attempt on another backend.
+    pub retries: u32,
+    /// Request bodies up to this many bytes are kept for replay.
+    pub retry_buffer_bytes: u64,
+    retry_budget: TpsBudget,
+    outlier: Option<OutlierConfig>,
+    panic_threshold_percent: u32,
+    slow_start: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -177,20 +217,6 @@ impl std::fmt::Debug for Upstream {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
-}
-
-/// The backend a request goes to: taken from the same backend snapshot the
-/// plugin decided on, so a concurrent reload or swap cannot shift it.
-#[derive(Debug, Clone)]
-pub struct Chosen {
-    /// The backend's id in that snapshot.
-    pub id: usize,
-    /// Its address.
-    pub address: SocketAddr,
-    /// Its address as a URI authority.
-    pub authority: http::uri::Authority,
-    /// Its live counters.
-    pub counters: Arc<BackendCounters>,
 }
 
 /// The outcome of a selection.
@@ -211,6 +237,9 @@ pub struct Selection {
 pub struct UpstreamSnapshot {
     /// Upstream name.
     pub name: String,
+    /// True while too few backends are available and all ready ones are
+    /// offered to the plugin (Envoy panic mode).
+    pub panic: bool,
     /// The plugin.
     pub plugin: PluginSnapshot,
     /// Backends in id order.
@@ -245,10 +274,24 @@ pub struct BackendSnapshot {
     pub id: usize,
     /// Address.
     pub address: SocketAddr,
-    /// Weight.
+    /// Configured weight.
     pub weight: u32,
-    /// `healthy` or `unhealthy`.
+    /// Weight the plugin sees (differs during slow start).
+    pub effective_weight: u32,
+    /// Summary, first that applies: `maint`, `drained` (drain with nothing
+    /// in flight), `drain`, `ejected`, `unhealthy` (failing health checks),
+    /// `healthy`.
     pub state: &'static str,
+    /// `ready`, `drain` or `maint`.
+    pub admin_state: AdminState,
+    /// Whether the active health checks pass.
+    pub check_passing: bool,
+    /// Milliseconds left of an outlier ejection, if ejected.
+    pub ejected_for_ms: Option<u64>,
+    /// Times ejected by outlier detection.
+    pub ejections: u32,
+    /// Whether the plugin may choose it (`healthy` as the plugin sees it).
+    pub selectable: bool,
     /// Requests in flight.
     pub in_flight: u32,
     /// Requests forwarded since the backend joined the upstream.
@@ -284,19 +327,25 @@ impl Upstream {
         previous: &HashMap<SocketAddr, Arc<BackendCounters>>,
         metrics: &Metrics,
     ) -> Result<Self, PluginError> {
+        let slow_start = Duration::from_millis(config.slow_start_ms);
+        let now = Instant::now();
         let backends: Arc<[BackendState]> = config
             .backends
             .iter()
-            .map(|b| BackendState {
-                address: b.address,
-                weight: b.weight,
-                labels: b.labels.clone(),
-                counters: previous.get(&b.address).cloned().unwrap_or_else(|| {
+            .map(|b| {
+                let kept = previous.get(&b.address).cloned();
+                let is_new = kept.is_none();
+                let counters = kept.unwrap_or_else(|| {
                     Arc::new(BackendCounters::new(
                         metrics.backend(name, &b.address.to_string()),
                     ))
-                }),
-                authority: authority_of(b.address),
+                });
+                counters.apply_configured_state(b.state, is_new);
+                if is_new && !previous.is_empty() && !slow_start.is_zero() {
+                    // Joined through a reload: ramp up (not at startup).
+                    counters.update_status(|s| s.ramp_from = Some(now));
+                }
+                BackendState::new(b.address, b.weight, b.labels.clone(), counters)
             })
             .collect();
         let upstream_metrics = metrics.upstream(name);
@@ -311,16 +360,16 @@ impl Upstream {
             )
             .unwrap_or(usize::MAX),
         };
-        let instance = plugin.instantiate(&settings, backends.clone())?;
-        Ok(Self {
+        let mut upstream = Self {
             name,
             slot: Mutex::new(Slot {
-                plugin,
-                settings,
-                instance: Some(instance),
-                backends,
+                plugin: plugin.clone(),
+                settings: settings.clone(),
+                instance: None,
+                backends: backends.clone(),
                 last_attempt: None,
                 loaded_at: SystemTime::now(),
+                panic: false,
             }),
             fallback_cursor: AtomicUsize::new(0),
             stats: PluginStats::default(),
@@ -329,7 +378,34 @@ impl Upstream {
             debug_headers: config.debug_headers,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
-        })
+            request_timeout: config.request_timeout_ms.map(Duration::from_millis),
+            retries: config.retries,
+            retry_buffer_bytes: config.retry_buffer_bytes,
+            retry_budget: TpsBudget::new(
+                Duration::from_secs(10),
+                config.retry_min_per_second,
+                config.retry_budget_percent as f32 / 100.0,
+            ),
+            outlier: config.outlier_detection.clone(),
+            panic_threshold_percent: config.panic_threshold_percent,
+            slow_start,
+        };
+        // Flags and weights from carried-over state (drain, ejection, health)
+        // before the plugin first sees the set.
+        let slot = upstream
+            .slot
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (evaluated, _, panic) = evaluate_backends(
+            &backends,
+            now,
+            upstream.panic_threshold_percent,
+            upstream.slow_start,
+        );
+        slot.backends = evaluated.clone();
+        slot.panic = panic;
+        slot.instance = Some(plugin.instantiate(&settings, evaluated)?);
+        Ok(upstream)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
@@ -464,21 +540,159 @@ impl Upstream {
         }
     }
 
-    /// Mark the backend at `address` healthy or not. On a change, the plugin
-    /// gets `set-backends` with the new flags (under the upstream's lock, so
-    /// no decision sees a half-applied change); a plugin that traps on it is
-    /// replaced.
-    pub fn set_healthy(&self, address: SocketAddr, healthy: bool) {
+    /// Record the active health checks' verdict for the backend at
+    /// `address`. On a change the plugin is told (see [`Upstream::refresh`]).
+    pub fn set_check_passing(&self, address: SocketAddr, passing: bool) {
         let mut slot = self.lock();
         let Some(backend) = slot.backends.iter().find(|b| b.address == address) else {
             return;
         };
-        if backend.counters.healthy.swap(healthy, Ordering::Relaxed) == healthy {
+        if backend.counters.check_passing.swap(passing, Ordering::Relaxed) == passing {
             return;
         }
-        let state = if healthy { "healthy" } else { "unhealthy" };
-        tracing::info!(upstream = &*self.name, backend = %address, "backend is now {state}");
-        let backends = slot.backends.clone();
+        let state = if passing { "healthy" } else { "unhealthy" };
+        tracing::info!(upstream = &*self.name, backend = %address, "health check: backend is now {state}");
+        self.refresh(&mut slot, Instant::now());
+    }
+
+    /// Set the administrative state of the backend at `address` (HAProxy
+    /// `set server ... state`). Returns its snapshot, or `None` if the
+    /// upstream has no such backend.
+    pub fn set_admin_state(&self, address: SocketAddr, state: AdminState) -> Option<BackendSnapshot> {
+        let mut slot = self.lock();
+        let id = slot.backends.iter().position(|b| b.address == address)?;
+        let old = slot.backends[id].counters.set_admin_state(state);
+        if old != state {
+            tracing::info!(
+                upstream = &*self.name,
+                backend = %address,
+                "backend state {} -> {}",
+                old.as_str(),
+                state.as_str()
+            );
+        }
+        let now = Instant::now();
+        self.refresh(&mut slot, now);
+        Some(backend_snapshot(id, &slot.backends[id], now))
+    }
+
+    /// Record the outcome of an attempt on `chosen` for outlier detection
+    /// (`ok` false: a 5xx response, a connect failure or a timeout). After
+    /// `consecutive_5xx` failures in a row the backend is ejected, unless
+    /// `max_ejection_percent` of the backends already are (one may always
+    /// be). Without `outlier_detection` this does nothing. Lock-free unless
+    /// the threshold is reached.
+    pub fn report(&self, chosen: &Chosen, ok: bool) {
+        let Some(od) = &self.outlier else { return };
+        if chosen.counters.record(ok) < od.consecutive_5xx {
+            return;
+        }
+        let mut slot = self.lock();
+        let now = Instant::now();
+        let Some(backend) = slot
+            .backends
+            .iter()
+            .find(|b| Arc::ptr_eq(&b.counters, &chosen.counters))
+        else {
+            return;
+        };
+        let counters = backend.counters.clone();
+        counters.consecutive_failures.store(0, Ordering::Relaxed);
+        if counters.ejected(now) {
+            return;
+        }
+        let ejected = slot.backends.iter().filter(|b| b.counters.ejected(now)).count();
+        let cap = (slot.backends.len() * od.max_ejection_percent as usize / 100).max(1);
+        if ejected >= cap {
+            tracing::info!(
+                upstream = &*self.name,
+                backend = %chosen.address,
+                "outlier not ejected: {ejected} of {} backends already are (max_ejection_percent = {})",
+                slot.backends.len(),
+                od.max_ejection_percent
+            );
+            return;
+        }
+        let max = Duration::from_millis(od.max_ejection_time_ms);
+        let time = counters.update_status(|s| {
+            if s.returned_at.is_some_and(|t| now.duration_since(t) > max) {
+                s.ejections = 0;
+            }
+            s.ejections = s.ejections.saturating_add(1);
+            let time = Duration::from_millis(od.base_ejection_time_ms)
+                .saturating_mul(s.ejections)
+                .min(max);
+            s.ejected_until = Some(now + time);
+            time
+        });
+        self.metrics.ejections.inc();
+        tracing::warn!(
+            upstream = &*self.name,
+            backend = %chosen.address,
+            "outlier ejected for {} ms after {} failures in a row",
+            time.as_millis(),
+            od.consecutive_5xx
+        );
+        self.refresh(&mut slot, now);
+    }
+
+    /// Periodic upkeep (every [`TICK`]): end expired ejections, advance slow
+    /// starts, and report drained backends.
+    pub fn tick(&self) {
+        let mut slot = self.lock();
+        let now = Instant::now();
+        for b in slot.backends.iter() {
+            let drained = b.counters.admin_state() == AdminState::Drain
+                && b.counters.in_flight.load(Ordering::Relaxed) == 0;
+            let (readmitted, report_drained) = b.counters.update_status(|s| {
+                let readmitted = s.ejected_until.is_some_and(|t| t <= now);
+                if readmitted {
+                    s.ejected_until = None;
+                    s.returned_at = Some(now);
+                }
+                let report = drained && !s.drained_reported;
+                s.drained_reported |= report;
+                (readmitted, report)
+            });
+            if readmitted {
+                b.counters.consecutive_failures.store(0, Ordering::Relaxed);
+                tracing::info!(upstream = &*self.name, backend = %b.address, "ejection ended, backend readmitted");
+            }
+            if report_drained {
+                tracing::info!(upstream = &*self.name, backend = %b.address, "backend drained: no request in flight");
+            }
+        }
+        self.refresh(&mut slot, now);
+    }
+
+    /// Re-evaluate which backends the plugin may choose and their effective
+    /// weights (see [`evaluate_backends`]); when anything changed, hand the
+    /// plugin the new set through `set-backends` (under the lock, so no
+    /// decision sees a half-applied change). A plugin that traps on it is
+    /// replaced.
+    fn refresh(&self, slot: &mut Slot, now: Instant) {
+        let (backends, changed, panic) = evaluate_backends(
+            &slot.backends,
+            now,
+            self.panic_threshold_percent,
+            self.slow_start,
+        );
+        if panic != slot.panic {
+            slot.panic = panic;
+            if panic {
+                tracing::warn!(
+                    upstream = &*self.name,
+                    "panic mode: fewer than {} % of the backends are available; offering all ready backends",
+                    self.panic_threshold_percent
+                );
+            } else {
+                tracing::info!(upstream = &*self.name, "panic mode ended");
+            }
+        }
+        if !changed {
+            return;
+        }
+        slot.backends = backends.clone();
         if let Some(instance) = slot.instance.as_mut()
             && let Err(e) = instance.set_backends(backends)
         {
@@ -488,16 +702,32 @@ impl Upstream {
             );
             slot.instance = None;
             slot.last_attempt = None;
-            self.try_replace(&mut slot);
+            self.try_replace(slot);
         }
     }
 
-    /// Choose a backend for `request`. The request is handed back unchanged.
-    pub fn select(&self, request: RequestView) -> (Selection, RequestView) {
+    /// Take one retry from the retry budget (tower's `TpsBudget`, after
+    /// linkerd: `retry_budget_percent` of the requests over the last 10 s,
+    /// plus `retry_min_per_second`). False when the budget is spent.
+    pub fn withdraw_retry(&self) -> bool {
+        self.retry_budget.withdraw()
+    }
+
+    /// Credit the retry budget with one request.
+    pub fn deposit_request(&self) {
+        self.retry_budget.deposit();
+    }
+
+    /// Choose a backend for `request`, never one of `tried` (the backends
+    /// earlier attempts of this request failed on): if the plugin names a
+    /// tried backend, its first untried candidate is taken, else the next
+    /// selectable untried backend after it in id order. The request is
+    /// handed back unchanged.
+    pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
         let mut slot = self.lock();
         let Some(instance) = slot.instance.as_mut() else {
             self.try_replace(&mut slot);
-            let selection = self.on_failure(&slot.backends);
+            let selection = self.on_failure(&slot.backends, tried);
             return (selection, request);
         };
         let started = Instant::now();
@@ -506,9 +736,12 @@ impl Upstream {
             .decision_duration
             .observe(started.elapsed().as_secs_f64());
         let chosen = |slot: &Slot, id: u32| {
-            slot.backends
-                .get(id as usize)
-                .map(|b| b.chosen(id as usize))
+            let id = id as usize;
+            let b = slot.backends.get(id)?;
+            if tried.contains(&id) {
+                return next_untried(&slot.backends, id + 1, tried);
+            }
+            Some(b.chosen(id))
         };
         let decided_by = self.debug_headers.then(|| slot.plugin.clone());
         let ok = |backend| Selection {
@@ -522,7 +755,11 @@ impl Upstream {
                 self.stats.consecutive_failures.store(0, Ordering::Relaxed);
                 let backend = match decision {
                     Decision::Backend(id) => chosen(&slot, id),
-                    Decision::Candidates(ids) => ids.first().and_then(|&id| chosen(&slot, id)),
+                    Decision::Candidates(ids) => ids
+                        .iter()
+                        .find(|&&id| !tried.contains(&(id as usize)))
+                        .or(ids.first())
+                        .and_then(|&id| chosen(&slot, id)),
                     Decision::Unavailable => None,
                 };
                 (ok(backend), request)
@@ -545,15 +782,15 @@ impl Upstream {
                 slot.instance = None;
                 slot.last_attempt = None;
                 self.try_replace(&mut slot);
-                let selection = self.on_failure(&slot.backends);
+                let selection = self.on_failure(&slot.backends, tried);
                 (selection, request)
             }
         }
     }
 
-    fn on_failure(&self, backends: &[BackendState]) -> Selection {
+    fn on_failure(&self, backends: &[BackendState], tried: &[usize]) -> Selection {
         match self.on_error {
-            OnPluginError::Fallback => self.fallback(backends),
+            OnPluginError::Fallback => self.fallback(backends, tried),
             OnPluginError::Fail => Selection {
                 backend: None,
                 fallback: false,
@@ -589,16 +826,12 @@ impl Upstream {
         }
     }
 
-    /// The native fallback: plain rotation over healthy backends, ignoring
-    /// weights. `None` when no backend is healthy.
-    fn fallback(&self, backends: &[BackendState]) -> Selection {
+    /// The native fallback: plain rotation over selectable backends not in
+    /// `tried`, ignoring weights. `None` when there is none.
+    fn fallback(&self, backends: &[BackendState], tried: &[usize]) -> Selection {
         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-        let n = backends.len();
         let start = self.fallback_cursor.fetch_add(1, Ordering::Relaxed);
-        let backend = (0..n)
-            .map(|i| start.wrapping_add(i) % n)
-            .find(|&i| backends[i].counters.healthy.load(Ordering::Relaxed))
-            .map(|i| backends[i].chosen(i));
+        let backend = next_untried(backends, start, tried);
         Selection {
             backend,
             fallback: true,
@@ -625,8 +858,10 @@ impl Upstream {
         .into_iter()
         .map(|k| (k.as_str(), self.stats.failures(k)))
         .collect();
+        let now = Instant::now();
         UpstreamSnapshot {
             name: self.name.to_string(),
+            panic: slot.panic,
             plugin: PluginSnapshot {
                 name: slot.plugin.name().to_string(),
                 digest: slot.plugin.digest().to_string(),
@@ -644,49 +879,53 @@ impl Upstream {
                 .backends
                 .iter()
                 .enumerate()
-                .map(|(id, b)| BackendSnapshot {
-                    id,
-                    address: b.address,
-                    weight: b.weight,
-                    state: if b.counters.healthy.load(Ordering::Relaxed) {
-                        "healthy"
-                    } else {
-                        "unhealthy"
-                    },
-                    in_flight: b.counters.in_flight.load(Ordering::Relaxed),
-                    requests: b.counters.requests.load(Ordering::Relaxed),
-                })
+                .map(|(id, b)| backend_snapshot(id, b, now))
                 .collect(),
         }
     }
 }
 
-/// Counts one request in flight to a backend; decrements on drop (when the
-/// response body has been sent, or the request failed).
-#[derive(Debug)]
-pub struct InFlight {
-    counters: Arc<BackendCounters>,
-    gauge: Gauge,
+/// The first backend at or after `start` (in rotation) that is selectable
+/// and not in `tried`.
+fn next_untried(backends: &[BackendState], start: usize, tried: &[usize]) -> Option<Chosen> {
+    let n = backends.len();
+    (0..n)
+        .map(|i| start.wrapping_add(i) % n)
+        .find(|&i| backends[i].counters.healthy.load(Ordering::Relaxed) && !tried.contains(&i))
+        .map(|i| backends[i].chosen(i))
 }
 
-impl InFlight {
-    /// Count a request to `chosen` as in flight (in its counters and in the
-    /// upstream's `gauge`) until the guard drops.
-    pub fn begin(chosen: &Chosen, gauge: Gauge) -> Self {
-        chosen.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        chosen.counters.requests.fetch_add(1, Ordering::Relaxed);
-        gauge.inc();
-        Self {
-            counters: chosen.counters.clone(),
-            gauge,
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.dec();
+fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapshot {
+    let c = &b.counters;
+    let status = c.status();
+    let admin_state = c.admin_state();
+    let in_flight = c.in_flight.load(Ordering::Relaxed);
+    let check_passing = c.check_passing.load(Ordering::Relaxed);
+    let ejected_for_ms = status
+        .ejected_until
+        .filter(|&t| t > now)
+        .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX));
+    let state = match admin_state {
+        AdminState::Maint => "maint",
+        AdminState::Drain if in_flight == 0 => "drained",
+        AdminState::Drain => "drain",
+        AdminState::Ready if ejected_for_ms.is_some() => "ejected",
+        AdminState::Ready if !check_passing => "unhealthy",
+        AdminState::Ready => "healthy",
+    };
+    BackendSnapshot {
+        id,
+        address: b.address,
+        weight: b.configured_weight,
+        effective_weight: b.weight,
+        state,
+        admin_state,
+        check_passing,
+        ejected_for_ms,
+        ejections: status.ejections,
+        selectable: c.healthy.load(Ordering::Relaxed),
+        in_flight,
+        requests: c.requests.load(Ordering::Relaxed),
     }
 }
 
@@ -694,6 +933,7 @@ impl Drop for InFlight {
 mod tests {
     use super::*;
     use crate::config::{BackendConfig, PluginRef};
+    use prometheus_client::metrics::gauge::Gauge;
 
     fn config(plugin: &str, n: u16) -> UpstreamConfig {
         let backends = (0..n)
@@ -715,7 +955,7 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
         let picks: Vec<_> = (0..6)
-            .map(|_| up.select(request()).0.backend.unwrap().id)
+            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
             .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(up.stats().fallbacks.load(Ordering::Relaxed), 0);
@@ -730,7 +970,7 @@ mod tests {
         let a = InFlight::begin(&chosen(0), Gauge::default());
         let _b = InFlight::begin(&chosen(2), Gauge::default());
         for _ in 0..3 {
-            assert_eq!(up.select(request()).0.backend.unwrap().id, 1);
+            assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
         }
         drop(a);
         assert_eq!(
@@ -743,7 +983,7 @@ mod tests {
     fn empty_upstream_is_unavailable() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("none", &config("round-robin", 0), &rt, &Metrics::new()).unwrap();
-        let (s, _) = up.select(request());
+        let (s, _) = up.select(request(), &[]);
         assert!(s.backend.is_none() && !s.fallback && !s.failed);
     }
 
@@ -759,7 +999,7 @@ mod tests {
         up.swap_plugin(lc, None).unwrap();
         assert_eq!(up.plugin().name(), "least-connections");
         let picks: Vec<_> = (0..4)
-            .map(|_| up.select(request()).0.backend.unwrap().id)
+            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
             .collect();
         assert_eq!(
             picks,
@@ -786,7 +1026,7 @@ mod tests {
             .to_string();
         assert!(e.contains("unknown field `nope`"), "{e}");
         assert_eq!(up.plugin().name(), "round-robin");
-        assert_eq!(up.select(request()).0.backend.unwrap().id, 0);
+        assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 0);
     }
 
     #[test]

@@ -1,0 +1,298 @@
+//! One backend's live state: request counters, and the inputs that decide
+//! whether the plugin may choose it (active health check verdict, outlier
+//! ejection, administrative state) and with which effective weight (slow
+//! start).
+//!
+//! [`BackendCounters`] outlive config reloads: a reload keeps the counters of
+//! every backend whose address stays in the upstream, so requests in flight
+//! across a reload are still counted (least-connections stays right; see
+//! pingora #144), and health, ejections and drain survive.
+//!
+//! The per-request path only touches atomics ([`InFlight`],
+//! [`BackendCounters::record`]); everything else changes under the
+//! upstream's lock (see [`crate::upstream::Upstream::refresh`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::config::AdminState;
+use crate::metrics::BackendMetrics;
+
+/// Outlier-ejection and slow-start bookkeeping of one backend. Changed only
+/// under the upstream's lock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Status {
+    /// Ejected by outlier detection until then.
+    pub ejected_until: Option<Instant>,
+    /// How often it has been ejected (the ejection time multiplier).
+    pub ejections: u32,
+    /// When the last ejection ended (to reset the multiplier after a
+    /// healthy `max_ejection_time_ms`).
+    pub returned_at: Option<Instant>,
+    /// Start of the slow-start ramp, while ramping.
+    pub ramp_from: Option<Instant>,
+    /// A drain with nothing in flight has been reported.
+    pub drained_reported: bool,
+}
+
+/// Counters and state of one backend, shared across reloads.
+#[derive(Debug)]
+pub struct BackendCounters {
+    /// Requests forwarded whose response body is not yet fully sent.
+    pub in_flight: AtomicU32,
+    /// Whether the plugin may choose the backend: what the plugin sees as
+    /// `healthy` (ready, passing its health checks and not ejected, or any
+    /// ready backend while the upstream is in panic mode).
+    pub healthy: AtomicBool,
+    /// Requests forwarded to this backend since it joined the upstream.
+    pub requests: AtomicU64,
+    /// Its `wasmlb_requests_total` counters.
+    pub metrics: BackendMetrics,
+    /// The last verdict of the active health checks (true until they say otherwise).
+    pub check_passing: AtomicBool,
+    /// Responses in a row that were 5xx, connect failures or timeouts.
+    pub consecutive_failures: AtomicU32,
+    admin: AtomicU8,
+    configured: AtomicU8,
+    status: Mutex<Status>,
+}
+
+fn state_code(s: AdminState) -> u8 {
+    match s {
+        AdminState::Ready => 0,
+        AdminState::Drain => 1,
+        AdminState::Maint => 2,
+    }
+}
+
+fn state_of(code: u8) -> AdminState {
+    match code {
+        1 => AdminState::Drain,
+        2 => AdminState::Maint,
+        _ => AdminState::Ready,
+    }
+}
+
+impl BackendCounters {
+    /// Fresh counters (healthy, ready, nothing in flight) reporting into `metrics`.
+    pub fn new(metrics: BackendMetrics) -> Self {
+        Self {
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            metrics,
+            check_passing: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            admin: AtomicU8::new(0),
+            configured: AtomicU8::new(0),
+            status: Mutex::new(Status::default()),
+        }
+    }
+
+    /// The administrative state.
+    pub fn admin_state(&self) -> AdminState {
+        state_of(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Set the administrative state; returns the previous one. Call through
+    /// the upstream so the plugin is told.
+    pub fn set_admin_state(&self, state: AdminState) -> AdminState {
+        let old = state_of(self.admin.swap(state_code(state), Ordering::Relaxed));
+        if old != state {
+            self.update_status(|s| s.drained_reported = false);
+        }
+        old
+    }
+
+    /// Apply the `state` written in a (re)loaded config: it takes effect when
+    /// the backend is new or the configured value changed since the last
+    /// load; otherwise a state set at runtime (admin API) is kept.
+    pub fn apply_configured_state(&self, state: AdminState, is_new: bool) {
+        let old = state_of(self.configured.swap(state_code(state), Ordering::Relaxed));
+        if is_new || old != state {
+            self.set_admin_state(state);
+        }
+    }
+
+    /// A copy of the ejection and slow-start bookkeeping.
+    pub fn status(&self) -> Status {
+        *self.status.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Change the ejection and slow-start bookkeeping.
+    pub fn update_status<R>(&self, f: impl FnOnce(&mut Status) -> R) -> R {
+        f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether outlier detection has the backend ejected at `now`.
+    pub fn ejected(&self, now: Instant) -> bool {
+        self.status().ejected_until.is_some_and(|t| t > now)
+    }
+
+    /// Record the outcome of one attempt for outlier detection: `ok` is false
+    /// for a 5xx response, a connect failure or a timeout. Returns the number
+    /// of failures in a row (0 after a success). Two atomics, no lock.
+    pub fn record(&self, ok: bool) -> u32 {
+        if ok {
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
+            0
+        } else {
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+        }
+    }
+}
+
+/// Slow-start weight factor in percent (10..=100) for a backend that became
+/// available `elapsed` ago, over a `window`: a linear ramp (HAProxy
+/// `slowstart`; Envoy `slow_start_window` with aggression 1.0) from Envoy's
+/// default `min_weight_percent` of 10 %, in steps of 5 % so the plugin is
+/// told at most 18 times per ramp.
+pub fn ramp_percent(elapsed: Duration, window: Duration) -> u32 {
+    if window.is_zero() || elapsed >= window {
+        return 100;
+    }
+    let pct = (elapsed.as_millis() * 100 / window.as_millis()) as u32;
+    (pct / 5 * 5).clamp(10, 100)
+}
+
+/// One backend as the plugin sees it: its config and live counters. Indexed
+/// by the plugin's backend id.
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    /// The backend's address.
+    pub address: SocketAddr,
+    /// Effective weight handed to the plugin (at least 1): the configured
+    /// weight, or while some backend of the upstream is in slow start, the
+    /// configured weight times its ramp percentage (100 when not ramping).
+    pub weight: u32,
+    /// The configured weight.
+    pub configured_weight: u32,
+    /// Labels from the config.
+    pub labels: BTreeMap<String, String>,
+    /// Live counters, shared across reloads.
+    pub counters: Arc<BackendCounters>,
+    /// `address` as a URI authority, computed once (not per request).
+    pub authority: http::uri::Authority,
+}
+
+impl BackendState {
+    /// A backend at `address` with `weight` (as configured and effective).
+    pub fn new(
+        address: SocketAddr,
+        weight: u32,
+        labels: BTreeMap<String, String>,
+        counters: Arc<BackendCounters>,
+    ) -> Self {
+        Self {
+            address,
+            weight,
+            configured_weight: weight,
+            labels,
+            counters,
+            authority: authority_of(address),
+        }
+    }
+
+    /// The request-path handle for this backend, as backend `id`.
+    pub fn chosen(&self, id: usize) -> Chosen {
+        Chosen {
+            id,
+            address: self.address,
+            authority: self.authority.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+}
+
+/// `address` as a URI authority. A socket address always formats as a valid
+/// authority (`1.2.3.4:80`, `[::1]:80`).
+fn authority_of(address: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(address.to_string().as_str())
+        .expect("a socket address is a valid URI authority")
+}
+
+/// The backend a request goes to: taken from the same backend snapshot the
+/// plugin decided on, so a concurrent reload or swap cannot shift it.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    /// The backend's id in that snapshot.
+    pub id: usize,
+    /// Its address.
+    pub address: SocketAddr,
+    /// Its address as a URI authority.
+    pub authority: http::uri::Authority,
+    /// Its live counters.
+    pub counters: Arc<BackendCounters>,
+}
+
+/// Counts one request in flight to a backend; decrements on drop (when the
+/// response body has been sent, or the request failed).
+#[derive(Debug)]
+pub struct InFlight {
+    counters: Arc<BackendCounters>,
+    gauge: Gauge,
+}
+
+impl InFlight {
+    /// Count a request to `chosen` as in flight (in its counters and in the
+    /// upstream's `gauge`) until the guard drops.
+    pub fn begin(chosen: &Chosen, gauge: Gauge) -> Self {
+        chosen.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        chosen.counters.requests.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        Self {
+            counters: chosen.counters.clone(),
+            gauge,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramp_is_linear_from_ten_percent_in_five_percent_steps() {
+        let w = Duration::from_secs(10);
+        assert_eq!(ramp_percent(Duration::ZERO, w), 10);
+        assert_eq!(ramp_percent(Duration::from_millis(2_600), w), 25);
+        assert_eq!(ramp_percent(Duration::from_millis(5_000), w), 50);
+        assert_eq!(ramp_percent(Duration::from_millis(9_999), w), 95);
+        assert_eq!(ramp_percent(w, w), 100);
+        assert_eq!(ramp_percent(Duration::ZERO, Duration::ZERO), 100);
+    }
+
+    #[test]
+    fn record_counts_failures_in_a_row() {
+        let c = BackendCounters::new(crate::metrics::Metrics::new().backend("a", "b"));
+        assert_eq!(c.record(false), 1);
+        assert_eq!(c.record(false), 2);
+        assert_eq!(c.record(true), 0);
+        assert_eq!(c.record(false), 1);
+    }
+
+    #[test]
+    fn configured_state_applies_only_when_new_or_changed() {
+        let c = BackendCounters::new(crate::metrics::Metrics::new().backend("a", "b"));
+        c.apply_configured_state(AdminState::Ready, true);
+        c.set_admin_state(AdminState::Drain); // admin API
+        c.apply_configured_state(AdminState::Ready, false); // reload, same config
+        assert_eq!(c.admin_state(), AdminState::Drain);
+        c.apply_configured_state(AdminState::Maint, false); // config changed
+        assert_eq!(c.admin_state(), AdminState::Maint);
+    }
+}

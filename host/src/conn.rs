@@ -1,0 +1,269 @@
+//! Downstream connection timeouts, enforced on the socket's read side:
+//!
+//! - **request head** (`header_read_timeout_ms`, HAProxy `timeout
+//!   http-request`): once the first byte of a request arrives on a
+//!   connection with no request in progress, the whole head must follow in
+//!   time, else the connection is closed (slowloris protection);
+//! - **idle keep-alive** (`idle_timeout_ms`, HAProxy `timeout
+//!   http-keep-alive`, NGINX `keepalive_timeout`): a connection with no
+//!   request in progress and nothing received for this long is closed.
+//!
+//! A request is in progress from the moment hyper hands it to the proxy
+//! until its response body is finished ([`ConnActivity::begin`] returns a
+//! guard the response body holds). While one is, neither timeout runs
+//! (slow backends are bounded by the upstream's timeouts). Works the same
+//! for HTTP/1.1 and h2c: for HTTP/2 "in progress" means any stream open.
+//!
+//! The timer lives in [`TimedIo::poll_read`]: when a read would block, the
+//! deadline that applies is computed from [`ConnActivity`] and a
+//! `tokio::time::Sleep` armed for it; when it fires the read fails with
+//! `TimedOut` and hyper closes the connection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds since the process's first call, never 0 (0 means unset).
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Which timeout applies to a connection, shared by its socket and the
+/// requests it carries.
+#[derive(Debug)]
+pub struct ConnActivity {
+    active: AtomicU32,
+    idle_since_ms: AtomicU64,
+    head_started_ms: AtomicU64,
+    waker: AtomicWaker,
+}
+
+impl Default for ConnActivity {
+    fn default() -> Self {
+        Self {
+            active: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(now_ms()),
+            head_started_ms: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+        }
+    }
+}
+
+impl ConnActivity {
+    /// A request arrived: no timeout runs until the returned guard drops.
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.head_started_ms.store(0, Ordering::Relaxed);
+        RequestGuard {
+            activity: self.clone(),
+        }
+    }
+
+    /// The deadline that applies now, in ms since the epoch, if any.
+    fn deadline_ms(&self, header_read: Duration, idle: Duration) -> Option<u64> {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        match self.head_started_ms.load(Ordering::Relaxed) {
+            0 => Some(
+                self.idle_since_ms
+                    .load(Ordering::Relaxed)
+                    .saturating_add(ms(idle)),
+            ),
+            started => Some(started.saturating_add(ms(header_read))),
+        }
+    }
+
+    fn received(&self) {
+        if self.active.load(Ordering::Relaxed) == 0
+            && self.head_started_ms.load(Ordering::Relaxed) == 0
+        {
+            self.head_started_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Held by a response body: the request is in progress until it drops.
+#[derive(Debug)]
+pub struct RequestGuard {
+    activity: Arc<ConnActivity>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let a = &self.activity;
+        a.idle_since_ms.store(now_ms(), Ordering::Relaxed);
+        if a.active.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The idle timer must start even if no read is pending a wake-up.
+            a.waker.wake();
+        }
+    }
+}
+
+/// A downstream socket with the head-read and idle timeouts on its reads.
+#[derive(Debug)]
+pub struct TimedIo<S> {
+    inner: S,
+    activity: Arc<ConnActivity>,
+    header_read: Duration,
+    idle: Duration,
+    sleep: Pin<Box<Sleep>>,
+    armed_ms: Option<u64>,
+}
+
+impl<S> TimedIo<S> {
+    /// Wrap `inner`; returns it with the activity handle its requests must
+    /// report to.
+    pub fn new(inner: S, header_read: Duration, idle: Duration) -> (Self, Arc<ConnActivity>) {
+        let activity = Arc::new(ConnActivity::default());
+        let io = Self {
+            inner,
+            activity: activity.clone(),
+            header_read,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+            armed_ms: None,
+        };
+        (io, activity)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.activity.received();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                this.activity.waker.register(cx.waker());
+                let Some(deadline) = this.activity.deadline_ms(this.header_read, this.idle) else {
+                    this.armed_ms = None;
+                    return Poll::Pending;
+                };
+                if this.armed_ms != Some(deadline) {
+                    let at = epoch() + Duration::from_millis(deadline);
+                    this.sleep
+                        .as_mut()
+                        .reset(tokio::time::Instant::from_std(at));
+                    this.armed_ms = Some(deadline);
+                }
+                match this.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let what = if this.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
+                            "idle keep-alive timeout"
+                        } else {
+                            "request head not received in time"
+                        };
+                        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair(header_ms: u64, idle_ms: u64) -> (TimedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<ConnActivity>) {
+        let (a, b) = tokio::io::duplex(1024);
+        let (io, activity) = TimedIo::new(
+            a,
+            Duration::from_millis(header_ms),
+            Duration::from_millis(idle_ms),
+        );
+        (io, b, activity)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_times_out() {
+        let (mut io, _peer, _a) = pair(10_000, 50).await;
+        let mut buf = [0u8; 8];
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("idle"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_partial_head_times_out_with_its_own_timer() {
+        let (mut io, mut peer, _a) = pair(50, 60_000).await;
+        peer.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 8);
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("request head"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn no_timeout_while_a_request_is_in_progress() {
+        let (mut io, mut peer, activity) = pair(20, 20).await;
+        let guard = activity.begin();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_millis(150), io.read(&mut buf)).await;
+        assert!(read.is_err(), "the read must still be pending");
+        drop(guard);
+        // Now idle: the timer starts when the guard drops.
+        let e = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        drop(peer.write_all(b"x").await);
+    }
+}
