@@ -861,7 +861,11 @@ impl Validator<'_> {
                         ));
                     }
                     if od.max_ejection_percent > 100 {
-                        return Err(self.err(Some(span), key, "max_ejection_percent is at most 100"));
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "max_ejection_percent is at most 100",
+                        ));
                     }
                     Some(od)
                 }
@@ -877,7 +881,9 @@ impl Validator<'_> {
                 u.retry_budget_percent.as_ref(),
                 DEFAULT_RETRY_BUDGET_PERCENT,
             )?,
-            retry_min_per_second: u.retry_min_per_second.unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
+            retry_min_per_second: u
+                .retry_min_per_second
+                .unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
             retry_buffer_bytes: u.retry_buffer_bytes.unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
             panic_threshold_percent: self.percent(
                 &format!("{prefix}.panic_threshold_percent"),

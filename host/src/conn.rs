@@ -224,7 +224,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn pair(header_ms: u64, idle_ms: u64) -> (TimedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<ConnActivity>) {
+    async fn pair(
+        header_ms: u64,
+        idle_ms: u64,
+    ) -> (
+        TimedIo<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        Arc<ConnActivity>,
+    ) {
         let (a, b) = tokio::io::duplex(1024);
         let (io, activity) = TimedIo::new(
             a,

@@ -37,9 +37,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, RouteConfig};
+use crate::conn::RequestGuard;
 use crate::metrics::Metrics;
 use crate::plugin::{RequestView, Runtime};
-use crate::conn::RequestGuard;
 use crate::retry::{AttemptBody, ReplayBody};
 use crate::upstream::{Chosen, InFlight, Selection, Upstream};
 
@@ -281,7 +281,9 @@ impl Proxy {
                 "no upstream for this listener",
             ));
         };
-        let deadline = upstream.request_timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = upstream
+            .request_timeout
+            .map(|t| tokio::time::Instant::now() + t);
         let forward = self.forward(upstream, http, client, parts, body);
         let mut response = match deadline {
             None => forward.await,
@@ -325,10 +327,15 @@ impl Proxy {
         upstream.deposit_request();
         let mut view = RequestView { parts, client };
         let mut tried: Vec<usize> = Vec::new();
+        let mut last_failure = None;
         loop {
             let (mut selection, v) = upstream.select(view, &tried);
             view = v;
             let Some(chosen) = selection.backend.take() else {
+                if let Some(failure) = last_failure {
+                    // Every backend was tried: answer with the last failure.
+                    return failure;
+                }
                 let reason = if selection.failed {
                     format!(
                         "the plugin of upstream {} failed (on_plugin_error = \"fail\")",
@@ -404,13 +411,14 @@ impl Proxy {
                 && (!sent || idempotent)
                 && body.replayable()
                 && upstream.withdraw_retry();
+            let mut failure = failure;
+            if upstream.debug_headers() {
+                debug_headers(&mut failure, &selection, &chosen);
+            }
             if !retry {
-                let mut failure = failure;
-                if upstream.debug_headers() {
-                    debug_headers(&mut failure, &selection, &chosen);
-                }
                 return failure;
             }
+            last_failure = Some(failure);
             upstream.metrics().retries.inc();
             tracing::debug!(
                 upstream = upstream.name(),

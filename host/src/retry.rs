@@ -14,8 +14,8 @@
 //!   to `retry_buffer_bytes` of what was sent; a larger body that was
 //!   (partly) sent cannot be replayed, so its request is not retried.
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -128,7 +128,7 @@ impl ReplayBody {
             generation,
             position: 0,
             trailers_sent: false,
-            hint: self.hint.clone(),
+            hint: self.hint,
         }
     }
 }
@@ -214,7 +214,7 @@ impl Body for AttemptBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 

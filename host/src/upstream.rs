@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tower::retry::budget::{Budget, TpsBudget};
 
-pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
 use crate::backend::ramp_percent;
+pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
 use crate::config::{AdminState, OutlierConfig, UpstreamConfig};
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::plugin::{
@@ -547,7 +547,12 @@ impl Upstream {
         let Some(backend) = slot.backends.iter().find(|b| b.address == address) else {
             return;
         };
-        if backend.counters.check_passing.swap(passing, Ordering::Relaxed) == passing {
+        if backend
+            .counters
+            .check_passing
+            .swap(passing, Ordering::Relaxed)
+            == passing
+        {
             return;
         }
         let state = if passing { "healthy" } else { "unhealthy" };
@@ -558,7 +563,11 @@ impl Upstream {
     /// Set the administrative state of the backend at `address` (HAProxy
     /// `set server ... state`). Returns its snapshot, or `None` if the
     /// upstream has no such backend.
-    pub fn set_admin_state(&self, address: SocketAddr, state: AdminState) -> Option<BackendSnapshot> {
+    pub fn set_admin_state(
+        &self,
+        address: SocketAddr,
+        state: AdminState,
+    ) -> Option<BackendSnapshot> {
         let mut slot = self.lock();
         let id = slot.backends.iter().position(|b| b.address == address)?;
         let old = slot.backends[id].counters.set_admin_state(state);
@@ -601,7 +610,11 @@ impl Upstream {
         if counters.ejected(now) {
             return;
         }
-        let ejected = slot.backends.iter().filter(|b| b.counters.ejected(now)).count();
+        let ejected = slot
+            .backends
+            .iter()
+            .filter(|b| b.counters.ejected(now))
+            .count();
         let cap = (slot.backends.len() * od.max_ejection_percent as usize / 100).max(1);
         if ejected >= cap {
             tracing::info!(

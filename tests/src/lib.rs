@@ -60,6 +60,10 @@ type TestBody = BoxBody<Bytes, Infallible>;
 /// - `/healthz`: 200, or 503 after [`TestBackend::set_healthy`]`(false)`; not
 ///   counted in [`TestBackend::hits`].
 /// - anything else: `hello from <name>`.
+///
+/// Every other request's `x-request-id` is recorded ([`TestBackend::ids`]);
+/// [`TestBackend::set_mode`] makes it answer a fixed status or drop the
+/// connection after reading the whole request.
 #[derive(Debug)]
 pub struct TestBackend {
     /// The backend's name.
@@ -68,7 +72,26 @@ pub struct TestBackend {
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
     healthy: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<Shared>,
     task: JoinHandle<()>,
+}
+
+/// How a [`TestBackend`] answers requests other than `/healthz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// As documented on [`TestBackend`].
+    Normal,
+    /// Answer this status with a short body.
+    Status(u16),
+    /// Read the whole request (recording its id), then close the connection
+    /// without answering.
+    Drop,
+}
+
+#[derive(Debug)]
+struct Shared {
+    mode: std::sync::Mutex<Mode>,
+    ids: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestBackend {
@@ -80,13 +103,22 @@ impl TestBackend {
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (n, h, up) = (name.to_string(), hits.clone(), healthy.clone());
+        let shared = Arc::new(Shared {
+            mode: std::sync::Mutex::new(Mode::Normal),
+            ids: std::sync::Mutex::new(Vec::new()),
+        });
+        let (n, h, up, sh) = (
+            name.to_string(),
+            hits.clone(),
+            healthy.clone(),
+            shared.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (n, h, up) = (n.clone(), h.clone(), up.clone());
+                let (n, h, up, sh) = (n.clone(), h.clone(), up.clone(), sh.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let health =
@@ -94,7 +126,7 @@ impl TestBackend {
                         if health.is_none() {
                             h.fetch_add(1, Ordering::Relaxed);
                         }
-                        respond(n.clone(), req, health)
+                        serve(n.clone(), sh.clone(), req, health)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -107,8 +139,19 @@ impl TestBackend {
             addr,
             hits,
             healthy,
+            shared,
             task,
         }
+    }
+
+    /// Change how it answers (see [`Mode`]).
+    pub fn set_mode(&self, mode: Mode) {
+        *self.shared.mode.lock().expect("mode") = mode;
+    }
+
+    /// The `x-request-id` of every request received (not `/healthz`), in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.shared.ids.lock().expect("ids").clone()
     }
 
     /// Start `n` backends named `b0..b{n-1}`.
@@ -171,6 +214,49 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
         .find(|(k, _)| *k == key)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The request was read and the connection is dropped on purpose.
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped on purpose")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn serve(
+    name: String,
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    health: Option<bool>,
+) -> Result<Response<TestBody>, Dropped> {
+    if health.is_some() {
+        return respond(name, req, health).await.map_err(|e| match e {});
+    }
+    if let Some(id) = req.headers().get("x-request-id") {
+        let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
+        shared.ids.lock().expect("ids").push(id);
+    }
+    let mode = *shared.mode.lock().expect("mode");
+    match mode {
+        Mode::Normal => respond(name, req, None).await.map_err(|e| match e {}),
+        Mode::Status(code) => {
+            let _ = req.into_body().collect().await;
+            Ok(Response::builder()
+                .status(code)
+                .header("x-backend", name.as_str())
+                .body(Full::new(Bytes::from(format!("{code} from {name}"))).boxed())
+                .expect("response"))
+        }
+        Mode::Drop => {
+            let _ = req.into_body().collect().await;
+            Err(Dropped)
+        }
+    }
 }
 
 async fn respond(
@@ -393,6 +479,186 @@ pub fn wasmlb_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// One response seen by a [`load`] client.
+#[derive(Debug)]
+pub struct Seen {
+    /// When the request was sent.
+    pub started: std::time::Instant,
+    /// When its body was complete (or it failed).
+    pub finished: std::time::Instant,
+    /// The status, or the client error.
+    pub status: Result<u16, String>,
+    /// `x-wasmlb-plugin` (with `debug_headers`).
+    pub plugin: String,
+    /// `x-backend` (the backend's own name).
+    pub backend: String,
+    /// `x-wasmlb-backend` (the backend's address, with `debug_headers`).
+    pub address: String,
+}
+
+/// Most requests one [`load`] client sends, so a load test is bounded in
+/// count as well as in time.
+pub const LOAD_MAX_PER_CLIENT: usize = 200_000;
+
+/// Start `clients` tasks sending GET `url` without pause until `stop` (or
+/// [`LOAD_MAX_PER_CLIENT`] requests); each returns what it saw.
+pub fn load(
+    url: String,
+    clients: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<JoinHandle<Vec<Seen>>> {
+    (0..clients)
+        .map(|_| {
+            let (url, stop) = (url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) && seen.len() < LOAD_MAX_PER_CLIENT {
+                    let started = std::time::Instant::now();
+                    let (status, plugin, backend, address) = match c.get(&url).send().await {
+                        Ok(r) => {
+                            let header = |n: &str| {
+                                r.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_string()
+                            };
+                            let names = (
+                                header("x-wasmlb-plugin"),
+                                header("x-backend"),
+                                header("x-wasmlb-backend"),
+                            );
+                            let status = r.status().as_u16();
+                            let status = r.bytes().await.map(|_| status).map_err(|e| e.to_string());
+                            (status, names.0, names.1, names.2)
+                        }
+                        Err(e) => (
+                            Err(e.to_string()),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                        ),
+                    };
+                    seen.push(Seen {
+                        started,
+                        finished: std::time::Instant::now(),
+                        status,
+                        plugin,
+                        backend,
+                        address,
+                    });
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// Wait for every [`load`] client and merge what they saw.
+pub async fn collect(tasks: Vec<JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all
+}
+
+/// Every request got a 200 and a complete body.
+pub fn assert_all_ok(seen: &[Seen]) {
+    let failures: Vec<_> = seen.iter().filter(|s| s.status != Ok(200)).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed, e.g. {:?}",
+        failures.len(),
+        seen.len(),
+        failures.first()
+    );
+}
+
+/// `demo-backend` (examples/demo-backend) built by `cargo test --workspace`
+/// next to the test binary, or `$DEMO_BACKEND_BIN`.
+pub fn demo_backend_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("DEMO_BACKEND_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("demo-backend");
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo test --workspace` (it builds the binary) or set DEMO_BACKEND_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A backend in its own process (`demo-backend` on 127.0.0.1:0), so tests can
+/// SIGKILL or SIGSTOP it; killed (and resumed first) on drop.
+#[derive(Debug)]
+pub struct BackendProcess {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl BackendProcess {
+    /// Start one and wait for its `listening on` line.
+    pub fn spawn() -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(demo_backend_bin())
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn demo-backend");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line
+                    .split("listening on ")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse::<SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(addr) => Self { child, addr },
+            Err(e) => {
+                let _ = child.kill();
+                panic!("demo-backend did not report its address: {e}");
+            }
+        }
+    }
+
+    /// Send signal `name` (`KILL`, `STOP`, `CONT`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{name} failed");
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Run `wasmlb --config <file> --check`; returns (exit code, stdout, stderr).

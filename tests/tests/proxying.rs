@@ -234,3 +234,78 @@ backends = [ {{ address = "{}" }} ]
     }
     assert!(proxy.stop().await);
 }
+
+/// Read from `stream` until EOF or an error (bounded by [`wasmlb_tests::WAIT`]);
+/// what was read.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(wasmlb_tests::WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the proxy never closed the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let b = TestBackend::start("b0").await;
+    let config = format!(
+        "{}\n[server]\nheader_read_timeout_ms = 300\nidle_timeout_ms = 600\n",
+        app_config("round-robin", &backend_list(&[&b]), "")
+    );
+    let proxy = InProcessProxy::start(&config).await;
+
+    // Slowloris: half a head, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(proxy.addrs[0])
+        .await
+        .expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let got = read_until_closed(&mut slow).await;
+    assert!(!got.contains("hello"), "no request was served: {got:?}");
+
+    // Idle keep-alive: one request, then silence.
+    let mut idle = tokio::net::TcpStream::connect(proxy.addrs[0])
+        .await
+        .expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let got = read_until_closed(&mut idle).await;
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.contains("hello from b0"),
+        "{got:?}"
+    );
+
+    // A request in progress longer than both timeouts is not cut.
+    let (status, _, body) = get(&client(), &proxy.url("/slow?ms=900")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_bounds_the_whole_request() {
+    let b = TestBackend::start("b0").await;
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &backend_list(&[&b]),
+        "request_timeout_ms = 300",
+    ))
+    .await;
+    let (status, _, body) = get(&client(), &proxy.url("/slow?ms=3000")).await;
+    assert_eq!(status, 504);
+    assert!(body.contains("request_timeout_ms = 300"), "{body}");
+    let (status, _, _) = get(&client(), &proxy.url("/")).await;
+    assert_eq!(status, 200);
+    assert!(proxy.stop().await);
+}

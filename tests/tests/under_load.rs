@@ -7,95 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wasmlb_tests::{
-    InProcessProxy, ProxyProcess, TestBackend, app_config, backend_list, client, get, json,
+    InProcessProxy, ProxyProcess, TestBackend, app_config, assert_all_ok, backend_list, client,
+    collect, get, json, load,
 };
 
 const CLIENTS: usize = 16;
-
-/// One response seen by a load client.
-#[derive(Debug)]
-struct Seen {
-    started: Instant,
-    finished: Instant,
-    status: Result<u16, String>,
-    plugin: String,
-    backend: String,
-}
-
-/// Start `CLIENTS` tasks sending GET `url` until `stop`; each returns what it saw.
-fn load(url: String, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<Seen>>> {
-    (0..CLIENTS)
-        .map(|_| {
-            let (url, stop) = (url.clone(), stop.clone());
-            tokio::spawn(async move {
-                let c = client();
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    let entry = match c.get(&url).send().await {
-                        Ok(r) => {
-                            let header = |n: &str| {
-                                r.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_string()
-                            };
-                            let (plugin, backend) =
-                                (header("x-wasmlb-plugin"), header("x-backend"));
-                            let status = r.status().as_u16();
-                            match r.bytes().await {
-                                Ok(_) => Seen {
-                                    started,
-                                    finished: Instant::now(),
-                                    status: Ok(status),
-                                    plugin,
-                                    backend,
-                                },
-                                Err(e) => Seen {
-                                    started,
-                                    finished: Instant::now(),
-                                    status: Err(e.to_string()),
-                                    plugin,
-                                    backend,
-                                },
-                            }
-                        }
-                        Err(e) => Seen {
-                            started,
-                            finished: Instant::now(),
-                            status: Err(e.to_string()),
-                            plugin: String::new(),
-                            backend: String::new(),
-                        },
-                    };
-                    seen.push(entry);
-                }
-                seen
-            })
-        })
-        .collect()
-}
-
-/// Every request got a 200 and a complete body.
-fn assert_all_ok(seen: &[Seen]) {
-    let failures: Vec<_> = seen.iter().filter(|s| s.status != Ok(200)).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        failures.len(),
-        seen.len(),
-        failures.first()
-    );
-}
-
-async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<Seen>>>) -> Vec<Seen> {
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("load task"));
-    }
-    all
-}
 
 /// Debug headers, the admin API, and a select deadline generous enough that a
 /// call descheduled on this loaded 2-core machine is not cut (these tests are
@@ -113,7 +29,7 @@ async fn hundred_swaps_under_load_lose_nothing_and_take_effect_at_once() {
     let proxy =
         InProcessProxy::start(&app_config("round-robin", &backend_list(&refs), &admin(""))).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(proxy.url("/"), stop.clone());
+    let tasks = load(proxy.url("/"), CLIENTS, stop.clone());
     let c = client();
     // (sent, done, plugin) per swap.
     let mut swaps = Vec::new();
@@ -197,7 +113,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
     };
     let proxy = InProcessProxy::start(&config(0)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tasks = load(proxy.url("/"), stop.clone());
+    let tasks = load(proxy.url("/"), CLIENTS, stop.clone());
     let c = client();
     let mut late_hits = 0;
     for k in 1..=20 {
