@@ -1066,4 +1066,61 @@ key = "x-user"
         let e = error_of("[[listener]]\naddress = \n");
         assert!(e.starts_with("/etc/wasmlb/test.toml:2: (syntax)"), "{e}");
     }
+
+    #[test]
+    fn failure_handling_keys_parse_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(app.retries, DEFAULT_RETRIES);
+        assert_eq!(app.panic_threshold_percent, 50);
+        assert_eq!(app.request_timeout_ms, None);
+        assert!(app.outlier_detection.is_none());
+        assert_eq!(app.backends[0].state, AdminState::Ready);
+        assert_eq!(
+            c.server.header_read_timeout_ms,
+            DEFAULT_HEADER_READ_TIMEOUT_MS
+        );
+        let text = GOOD
+            .replace(
+                "[upstream.api]",
+                "retries = 1\nrequest_timeout_ms = 900\nslow_start_ms = 5000\n\
+             [upstream.app.outlier_detection]\nconsecutive_5xx = 3\n\n[upstream.api]",
+            )
+            .replace("weight = 3,", "weight = 3, state = \"drain\",")
+            + "\n[server]\nidle_timeout_ms = 5000\n";
+        let c = parse(&text).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(
+            (app.retries, app.request_timeout_ms, app.slow_start_ms),
+            (1, Some(900), 5000)
+        );
+        let od = app.outlier_detection.as_ref().unwrap();
+        assert_eq!((od.consecutive_5xx, od.base_ejection_time_ms), (3, 30_000));
+        assert_eq!(app.backends[1].state, AdminState::Drain);
+        assert_eq!(c.server.idle_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn bad_failure_handling_values_are_named() {
+        let e = error_of(&GOOD.replace("weight = 3,", "weight = 3, state = \"sleeping\","));
+        assert!(e.contains("unknown variant `sleeping`"), "{e}");
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "panic_threshold_percent = 150\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("upstream.app.panic_threshold_percent: a percentage is at most 100"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "[upstream.app.outlier_detection]\nbase_ejection_time_ms = 0\n[upstream.api]",
+        ));
+        assert!(e.contains("upstream.app.outlier_detection"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[server]\nheader_read_timeout_ms = 0\n"));
+        assert!(
+            e.contains("server.header_read_timeout_ms: must be at least 1"),
+            "{e}"
+        );
+    }
 }

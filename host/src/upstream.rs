@@ -1057,4 +1057,102 @@ mod tests {
             "{e}"
         );
     }
+
+    fn with_outlier(n: u16, consecutive: u32, max_percent: u32) -> UpstreamConfig {
+        let mut c = config("round-robin", n);
+        c.outlier_detection = Some(OutlierConfig {
+            consecutive_5xx: consecutive,
+            base_ejection_time_ms: 60_000,
+            max_ejection_time_ms: 300_000,
+            max_ejection_percent: max_percent,
+        });
+        c
+    }
+
+    #[test]
+    fn consecutive_failures_eject_within_the_cap() {
+        let rt = Runtime::new().unwrap();
+        let up = Upstream::new("app", &with_outlier(3, 2, 10), &rt, &Metrics::new()).unwrap();
+        let b = |id: usize| up.backends()[id].chosen(id);
+        up.report(&b(1), false);
+        up.report(&b(1), true); // a success resets the streak
+        up.report(&b(1), false);
+        assert_eq!(up.snapshot().backends[1].state, "healthy");
+        up.report(&b(1), false);
+        let snap = up.snapshot();
+        assert_eq!(snap.backends[1].state, "ejected");
+        assert!(snap.backends[1].ejected_for_ms.unwrap() > 50_000);
+        assert_eq!(snap.backends[1].ejections, 1);
+        for _ in 0..6 {
+            assert_ne!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+        }
+        // 10 % of 3 is 0, but one may always be ejected; a second may not.
+        up.report(&b(2), false);
+        up.report(&b(2), false);
+        assert_eq!(up.snapshot().backends[2].state, "healthy");
+        assert_eq!(up.metrics().ejections.get(), 1);
+    }
+
+    #[test]
+    fn panic_mode_offers_every_ready_backend() {
+        let rt = Runtime::new().unwrap();
+        let up = Upstream::new("app", &config("round-robin", 2), &rt, &Metrics::new()).unwrap();
+        let [a, b] = [0, 1].map(|i| up.backends()[i].address);
+        up.set_check_passing(a, false);
+        // 1 of 2 available is 50 %: not below the default threshold.
+        assert!(!up.snapshot().panic);
+        assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+        up.set_check_passing(b, false);
+        let snap = up.snapshot();
+        assert!(snap.panic);
+        assert!(snap.backends.iter().all(|b| b.selectable));
+        let picks: Vec<_> = (0..4)
+            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
+            .collect();
+        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+        // A drained backend is not offered even in panic mode.
+        up.set_admin_state(a, AdminState::Drain);
+        for _ in 0..4 {
+            assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+        }
+    }
+
+    #[test]
+    fn retries_skip_tried_backends() {
+        let rt = Runtime::new().unwrap();
+        let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
+        for _ in 0..6 {
+            let id = up.select(request(), &[0, 2]).0.backend.unwrap().id;
+            assert_eq!(id, 1);
+        }
+        assert!(up.select(request(), &[0, 1, 2]).0.backend.is_none());
+    }
+
+    #[test]
+    fn slow_start_scales_weights_while_a_backend_ramps() {
+        let rt = Runtime::new().unwrap();
+        let mut c = config("round-robin", 2);
+        c.slow_start_ms = 10_000;
+        let up = Upstream::new("app", &c, &rt, &Metrics::new()).unwrap();
+        assert_eq!(up.backends()[1].weight, 1, "no ramp at startup");
+        let b = up.backends()[1].address;
+        up.set_check_passing(b, false);
+        up.set_check_passing(b, true);
+        let weights: Vec<u32> = up.backends().iter().map(|b| b.weight).collect();
+        assert_eq!(weights, vec![100, 10]);
+        let later = Instant::now() + Duration::from_secs(5);
+        let (backends, changed, panic) = evaluate_backends(&up.backends(), later, 50, c_slow());
+        assert!(changed && !panic);
+        assert_eq!(backends[1].weight, 50);
+        let done = Instant::now() + Duration::from_secs(11);
+        let (backends, _, _) = evaluate_backends(&backends, done, 50, c_slow());
+        assert_eq!(
+            backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            vec![1, 1]
+        );
+    }
+
+    fn c_slow() -> Duration {
+        Duration::from_secs(10)
+    }
 }
