@@ -309,3 +309,34 @@ async fn request_timeout_bounds_the_whole_request() {
     assert_eq!(status, 200);
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_waiting_at_its_deadline() {
+    let b = TestBackend::start("b0").await;
+    let config = format!(
+        "{}\n[server]\nshutdown_timeout_ms = 300\n",
+        app_config("round-robin", &backend_list(&[&b]), "")
+    );
+    let proxy = InProcessProxy::start(&config).await;
+    let url = proxy.url("/slow?ms=5000");
+    let slow = tokio::spawn(async move { client().get(url).send().await.map(|r| r.status()) });
+    let up = proxy.upstream("app");
+    let deadline = std::time::Instant::now() + wasmlb_tests::WAIT;
+    while up.backends()[0]
+        .counters
+        .in_flight
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        !proxy.stop().await,
+        "a request outliving shutdown_timeout_ms is not waited for"
+    );
+    slow.abort();
+}
