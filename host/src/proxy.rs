@@ -57,6 +57,17 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -347,7 +358,12 @@ impl Proxy {
                 self.metrics.unrouted(upstream.name(), 503);
                 return error_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
             };
-            let mut head = copy_head(&view.parts);
+            // A retry needs the head again; without retries, move it.
+            let mut head = if upstream.retries == 0 {
+                std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
+            } else {
+                copy_head(&view.parts)
+            };
             if let Err(reason) = prepare_request(&mut head, client, &chosen.authority) {
                 self.metrics.unrouted(upstream.name(), 400);
                 return error_response(StatusCode::BAD_REQUEST, reason);
@@ -499,6 +515,11 @@ fn host_without_port(authority: &str) -> &str {
 
 /// Remove `Connection`, the headers it names, and [`HOP_BY_HOP`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none of these, and
+    // comparing a few names is cheaper than nine hashed removals.
+    if !headers.keys().any(|k| HOP_BY_HOP_NAMES.contains(k)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -522,12 +543,20 @@ fn prepare_request(
     client: SocketAddr,
     backend: &http::uri::Authority,
 ) -> Result<(), &'static str> {
-    let authority = authority(parts).to_string();
+    // The Host header, else (HTTP/2) `:authority`; shared, not copied.
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => match parts.uri.authority() {
+            Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| "invalid authority")?),
+            None => None,
+        },
+    };
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
-    if !headers.contains_key(header::HOST) && !authority.is_empty() {
-        let host = HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?;
-        headers.insert(header::HOST, host);
+    if let Some(host) = &host
+        && !headers.contains_key(header::HOST)
+    {
+        headers.insert(header::HOST, host.clone());
     }
     let ip = client.ip().to_string();
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
@@ -548,19 +577,19 @@ fn prepare_request(
         HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?,
     );
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if !authority.is_empty() {
-        headers.insert(
-            &X_FORWARDED_HOST,
-            HeaderValue::from_str(&authority).map_err(|_| "invalid authority")?,
-        );
+    if let Some(host) = host
+        && !host.is_empty()
+    {
+        headers.insert(&X_FORWARDED_HOST, host);
     }
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(backend.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| "invalid request target")?;
+    // Reuse the parsed path and query (a cheap `Bytes` clone, no re-parse).
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(backend.clone());
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|_| "invalid request target")?;
     parts.version = Version::HTTP_11;
     Ok(())
 }

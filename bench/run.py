@@ -1,0 +1,445 @@
+#!/usr/bin/env python3
+"""Load benchmark: wasmlb beside NGINX and HAProxy on the same backends, in one run.
+
+Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST] [--out BENCHMARKS.md]
+
+Installs what it needs (nginx haproxy wrk nghttp2-client, with apt-get), builds
+the release binaries, starts 4 demo-backend servers (one process, pinned to
+CPU 1), then for each target (direct to one backend, NGINX 1 worker, HAProxy
+1 thread, wasmlb 1 worker thread with round-robin and with least-connections)
+pinned to CPU 0 runs `wrk -t1` pinned to CPU 1 at 64 and 256 connections, in
+interleaved repetitions (target order rotates each rep). Per target and
+connection count it reports the median over the repetitions of:
+requests/s, ratio to direct, p50/p99 latency (wrk), CPU microseconds per
+request (from /proc/PID/task/*/schedstat, summed over the target's
+processes and threads), and the target's peak RSS (VmHWM). Then latency at a
+fixed 20k requests/s (h2load --rps, per-request log), the same with 2 wasmlb
+worker threads (unpinned), and writes the table to BENCHMARKS.md with the
+machine it ran on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare
+only inside one run).
+"""
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def install():
+    missing = [pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None
+               and not Path("/usr/sbin", tool).exists()]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)}")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq"] + missing, check=True,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def tool(name):
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+def build():
+    log("building release binaries")
+    subprocess.run(["cargo", "build", "--release", "-p", "wasmlb", "-p", "demo-backend"],
+                   cwd=ROOT, check=True)
+    return ROOT / "target/release/wasmlb", ROOT / "target/release/demo-backend"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def descendants(pid):
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            children = []
+        todo.extend(int(c) for c in children)
+    return out
+
+
+def cpu_ns(pid):
+    """CPU time of pid's processes and threads, in ns (schedstat field 1)."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+def peak_rss_kib(pid):
+    """Sum of VmHWM over pid's processes, in KiB."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    def __init__(self, argv, cpus=None, **kw):
+        if cpus is not None:
+            argv = ["taskset", "-c", cpus] + [str(a) for a in argv]
+        self.p = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, **kw)
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def start_backends(demo):
+    proc = Proc([demo] + ["127.0.0.1:0"] * 4, cpus="1")
+    addrs = []
+    while len(addrs) < 4:
+        line = proc.p.stdout.readline()
+        if not line:
+            raise RuntimeError("demo-backend exited")
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            addrs.append(m.group(1))
+    return proc, addrs
+
+
+def nginx_conf(workdir, port, addrs):
+    servers = "\n".join(f"        server {a};" for a in addrs)
+    return f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; use epoll; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    tcp_nodelay on;
+    upstream backends {{
+{servers}
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(port, addrs):
+    servers = "\n".join(f"    server b{i} {a}" for i, a in enumerate(addrs))
+    return f"""global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client  30s
+    timeout server  30s
+    timeout http-keep-alive 65s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance roundrobin
+{servers}
+"""
+
+
+def wasmlb_conf(port, addrs, plugin):
+    backends = ", ".join(f'{{ address = "{a}" }}' for a in addrs)
+    return f"""[[listener]]
+address = "127.0.0.1:{port}"
+upstream = "app"
+
+[upstream.app]
+plugin = "{plugin}"
+backends = [ {backends} ]
+"""
+
+
+def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
+    """Start target `name`; returns (Proc or None, port)."""
+    if name == "direct":
+        return None, int(addrs[0].rsplit(":", 1)[1])
+    port = free_port()
+    if name == "nginx":
+        conf = workdir / "nginx.conf"
+        conf.write_text(nginx_conf(workdir, port, addrs))
+        proc = Proc([tool("nginx"), "-c", conf, "-e", workdir / "nginx-error.log"], cpus=cpus)
+    elif name == "haproxy":
+        conf = workdir / "haproxy.cfg"
+        conf.write_text(haproxy_conf(port, addrs))
+        proc = Proc([tool("haproxy"), "-f", conf], cpus=cpus)
+    else:
+        plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[
+            name.split("@")[0]]
+        conf = workdir / f"{name}.toml"
+        conf.write_text(wasmlb_conf(port, addrs, plugin))
+        proc = Proc([wasmlb, "--config", conf, "--threads", threads, "--log-level", "warn"],
+                    cpus=cpus)
+    wait_port(port)
+    return proc, port
+
+
+def parse_duration_ms(s):
+    """wrk's `1.23us` / `4.56ms` / `7.89s` / `1.00m` in ms; NaN if unparsable."""
+    m = re.match(r"([\d.]+)(us|ms|s|m)\b", s or "")
+    if not m:
+        return float("nan")
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def percentile(out, q):
+    m = re.search(rf"^\s*{q}%\s+(\S+)", out, re.M)
+    return parse_duration_ms(m.group(1) if m else None)
+
+
+def run_wrk(port, conns, duration):
+    for attempt in range(2):
+        out = subprocess.run(
+            ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{duration}s", "--latency",
+             f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, check=True).stdout
+        if re.search(r"Requests/sec:", out) and re.search(r"requests in", out):
+            break
+        log(f"  unexpected wrk output (attempt {attempt + 1}):\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    p50, p99 = percentile(out, 50), percentile(out, 99)
+    if p50 != p50 or p99 != p99:
+        log(f"  could not read wrk's latency distribution:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    if errors or socket_errors:
+        log(f"  wrk reported errors on port {port}: {errors and errors.group(0)} "
+            f"{socket_errors and socket_errors.group(0)}")
+    return rps, total, p50, p99
+
+
+def run_fixed_rate(port, rate, duration):
+    """p50/p99 in ms at `rate` requests/s over 64 connections (h2load --rps per client)."""
+    with tempfile.NamedTemporaryFile(suffix=".log") as f:
+        per_client = rate / 64
+        subprocess.run(
+            ["taskset", "-c", "1", tool("h2load"), "--h1", "-c64", "-t1",
+             f"--rps={per_client}", "-D", str(duration), f"--log-file={f.name}",
+             f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, check=True)
+        lat = sorted(int(line.split("\t")[2]) / 1000.0
+                     for line in Path(f.name).read_text().splitlines() if line.count("\t") >= 2)
+    if not lat:
+        return float("nan"), float("nan"), 0
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    return pick(0.50), pick(0.99), len(lat) / duration
+
+
+def measure(name, workdir, addrs, wasmlb, conns, duration, backend_proc, threads=1, cpus="0"):
+    proc, port = start_target(name, workdir, addrs, wasmlb, threads, cpus)
+    try:
+        # Warm up connections and caches.
+        subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", "-d1s",
+                        f"http://127.0.0.1:{port}/"], capture_output=True, check=True)
+        measured = backend_proc.pid if proc is None else proc.pid
+        before = cpu_ns(measured)
+        rps, total, p50, p99 = run_wrk(port, conns, duration)
+        used = cpu_ns(measured) - before
+        rss = peak_rss_kib(measured)
+    finally:
+        if proc:
+            proc.stop()
+    return {"rps": rps, "p50": p50, "p99": p99, "cpu_us": used / 1000.0 / max(total, 1),
+            "rss_mib": rss / 1024.0}
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 1048576:.0f} GiB"
+    except (OSError, ValueError):
+        pass
+    versions = []
+    for cmd in (["nginx", "-v"], ["haproxy", "-v"]):
+        r = subprocess.run([tool(cmd[0])] + cmd[1:], capture_output=True, text=True)
+        first = (r.stdout or r.stderr).splitlines()[0] if (r.stdout or r.stderr) else cmd[0]
+        versions.append(first.strip())
+    return f"{os.cpu_count()} CPUs ({cpu}){mem}, {platform.system()} {platform.release()}; " \
+           + "; ".join(versions)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    ap.add_argument("--quick", action="store_true", help="2 s runs, 1 rep (a smoke test)")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--targets", default="direct,nginx,haproxy,wasmlb-rr,wasmlb-lc",
+                    help="comma-separated subset of the targets (direct is always run)")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.reps = 2, 1
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs at least 2 CPUs (target on CPU 0, load and backends on CPU 1)")
+    install()
+    wasmlb, demo = build()
+    known = ["direct", "nginx", "haproxy", "wasmlb-rr", "wasmlb-lc"]
+    wanted = set(args.targets.split(",")) | {"direct"}
+    unknown = wanted - set(known)
+    if unknown:
+        sys.exit(f"unknown targets {sorted(unknown)} (known: {known})")
+    targets = [t for t in known if t in wanted]
+    conn_levels = [64, 256]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="wasmlb-bench-") as tmp:
+        workdir = Path(tmp)
+        for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (workdir / d).mkdir()
+        backend_proc, addrs = start_backends(demo)
+        try:
+            for rep in range(args.reps):
+                order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+                for conns in conn_levels:
+                    for name in order:
+                        log(f"rep {rep + 1}/{args.reps}: {name}, {conns} connections")
+                        r = measure(name, workdir, addrs, wasmlb, conns, args.duration,
+                                    backend_proc)
+                        results.setdefault((name, conns), []).append(r)
+            fixed = {}
+            for name in targets:
+                log(f"fixed 20k rps: {name}")
+                proc, port = start_target(name, workdir, addrs, wasmlb)
+                try:
+                    fixed[name] = run_fixed_rate(port, 20_000, args.duration)
+                finally:
+                    if proc:
+                        proc.stop()
+            scaling = {}
+            for conns in conn_levels:
+                log(f"wasmlb-rr with 2 worker threads, {conns} connections")
+                scaling[conns] = measure("wasmlb-rr", workdir, addrs, wasmlb, conns,
+                                         args.duration, backend_proc, threads=2, cpus="0,1")
+        finally:
+            backend_proc.stop()
+
+    med = lambda rs, k: statistics.median(r[k] for r in rs)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `bench/run.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {machine()}.",
+        "",
+        f"Each target alone on CPU 0; `wrk -t1` and the 4 `demo-backend` servers on CPU 1; "
+        f"{args.duration} s per run, median of {args.reps} interleaved repetition(s). "
+        "CPU us/request counts every thread of the target (for direct: the backend process). "
+        "Compare only inside one run.",
+        "",
+        "| conns | target | requests/s | ratio to direct | p50 / p99 ms | CPU us per request | peak RSS MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for conns in conn_levels:
+        direct = med(results[("direct", conns)], "rps")
+        for name in targets:
+            rs = results[(name, conns)]
+            lines.append(
+                f"| {conns} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'rps') / direct:.2f} | "
+                f"{med(rs, 'p50'):.2f} / {med(rs, 'p99'):.2f} | {med(rs, 'cpu_us'):.1f} | "
+                f"{med(rs, 'rss_mib'):.1f} |")
+    lines += ["", "Fixed rate (h2load --h1, 64 connections, target 20,000 requests/s):", "",
+              "| target | achieved requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+    for name in targets:
+        p50, p99, achieved = fixed[name]
+        lines.append(f"| {name} | {achieved:,.0f} | {p50:.2f} | {p99:.2f} |")
+    lines += ["", "wasmlb round-robin with 2 worker threads (unpinned, sharing CPU 1 with the load "
+              "generator):", "", "| conns | requests/s | p50 / p99 ms | CPU us per request |",
+              "| --- | --- | --- | --- |"]
+    for conns in conn_levels:
+        r = scaling[conns]
+        lines.append(f"| {conns} | {r['rps']:,.0f} | {r['p50']:.2f} / {r['p99']:.2f} | "
+                     f"{r['cpu_us']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
