@@ -463,19 +463,26 @@ impl InProcessProxy {
 /// The `wasmlb` binary built by `cargo test --workspace` (target/<profile>/wasmlb),
 /// or `$WASMLB_BIN`.
 pub fn wasmlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("WASMLB_BIN") {
+    workspace_bin("wasmlb", "WASMLB_BIN")
+}
+
+/// Binary `name` of this workspace, next to the running test binary
+/// (target/<profile>/deps/<test> -> target/<profile>/<name>), or the path in
+/// environment variable `env`. `cargo test --workspace` builds the binaries
+/// of packages that have integration tests.
+fn workspace_bin(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/wasmlb
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("wasmlb");
+        .join(name);
     assert!(
         bin.is_file(),
-        "{} not found: run `cargo test --workspace` (it builds the binary) or set WASMLB_BIN",
+        "{} not found: run `cargo test --workspace` (it builds the binary) or set {env}",
         bin.display()
     );
     bin
@@ -581,21 +588,7 @@ pub fn assert_all_ok(seen: &[Seen]) {
 /// `demo-backend` (examples/demo-backend) built by `cargo test --workspace`
 /// next to the test binary, or `$DEMO_BACKEND_BIN`.
 pub fn demo_backend_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("DEMO_BACKEND_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("demo-backend");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo test --workspace` (it builds the binary) or set DEMO_BACKEND_BIN",
-        bin.display()
-    );
-    bin
+    workspace_bin("demo-backend", "DEMO_BACKEND_BIN")
 }
 
 /// A backend in its own process (`demo-backend` on 127.0.0.1:0), so tests can
