@@ -591,6 +591,31 @@ pub fn demo_backend_bin() -> PathBuf {
     workspace_bin("demo-backend", "DEMO_BACKEND_BIN")
 }
 
+/// The addresses a child announces on `stdout`, one per `... listening on
+/// [http://]ADDR ...` line (wasmlb and demo-backend both print these), read
+/// on a thread so the child never blocks on a full pipe.
+fn announced_addrs(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<SocketAddr> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line
+                .split("listening on ")
+                .nth(1)
+                .map(|rest| rest.trim_start_matches("http://"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    rx
+}
+
 /// A backend in its own process (`demo-backend` on 127.0.0.1:0), so tests can
 /// SIGKILL or SIGSTOP it; killed (and resumed first) on drop.
 #[derive(Debug)]
@@ -603,29 +628,13 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Start one and wait for its `listening on` line.
     pub fn spawn() -> Self {
-        use std::io::BufRead;
         let mut child = Command::new(demo_backend_bin())
             .arg("127.0.0.1:0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn demo-backend");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(addr) = line
-                    .split("listening on ")
-                    .nth(1)
-                    .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
+        let rx = announced_addrs(child.stdout.take().expect("stdout"));
         match rx.recv_timeout(WAIT) {
             Ok(addr) => Self { child, addr },
             Err(e) => {
@@ -680,7 +689,6 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Start `wasmlb --config <toml>` and wait for `listeners` "listening on" lines.
     pub fn spawn(toml: &str, listeners: usize) -> Self {
-        use std::io::BufRead;
         let config = ConfigFile::new(toml);
         let mut child = Command::new(wasmlb_bin())
             .arg("--config")
@@ -690,23 +698,7 @@ impl ProxyProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn wasmlb");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(rest) = line.split("listening on http://").nth(1)
-                    && let Some(addr) = rest
-                        .split_whitespace()
-                        .next()
-                        .and_then(|a| a.parse::<SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
+        let rx = announced_addrs(child.stdout.take().expect("stdout"));
         let mut addrs = Vec::new();
         while addrs.len() < listeners {
             match rx.recv_timeout(WAIT) {
