@@ -335,7 +335,10 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let idempotent = crate::retry::idempotent(&parts.method);
         let body = ReplayBody::new(body, upstream.retry_buffer_bytes);
-        upstream.deposit_request();
+        if upstream.retries > 0 {
+            // The budget only matters to upstreams that retry.
+            upstream.deposit_request();
+        }
         let mut view = RequestView { parts, client };
         let mut tried: Vec<usize> = Vec::new();
         let mut last_failure = None;
