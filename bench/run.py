@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Load benchmark: wasmlb beside NGINX and HAProxy on the same backends, in one run.
 
-Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST] [--out BENCHMARKS.md]
+Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST]
+                    [--idle-connections N] [--out BENCHMARKS.md]
 
 Installs what it needs (nginx haproxy wrk nghttp2-client, with apt-get), builds
 the release binaries, starts 4 demo-backend servers (one process, pinned to
@@ -14,7 +15,9 @@ requests/s, ratio to direct, p50/p99 latency (wrk), CPU microseconds per
 request (from /proc/PID/task/*/schedstat, summed over the target's
 processes and threads), and the target's peak RSS (VmHWM). Then latency at a
 fixed 20k requests/s (h2load --rps, per-request log), the same with 2 wasmlb
-worker threads (unpinned), and writes the table to BENCHMARKS.md with the
+worker threads (unpinned), the resident memory each proxy holds for 10,000
+idle keep-alive client connections (each made one request; fewer if the
+open-file limit is lower), and writes the tables to BENCHMARKS.md with the
 machine it ran on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare
 only inside one run).
 """
@@ -111,17 +114,22 @@ def cpu_ns(pid):
     return total
 
 
-def peak_rss_kib(pid):
-    """Sum of VmHWM over pid's processes, in KiB."""
+def rss_kib(pid, field="VmRSS"):
+    """Sum of `field` (VmRSS: resident now; VmHWM: peak) over pid's processes, in KiB."""
     total = 0
     for p in descendants(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def peak_rss_kib(pid):
+    """Sum of VmHWM over pid's processes, in KiB."""
+    return rss_kib(pid, "VmHWM")
 
 
 class Proc:
@@ -165,7 +173,8 @@ daemon off;
 master_process on;
 pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
-events {{ worker_connections 4096; use epoll; multi_accept on; }}
+worker_rlimit_nofile 65536;
+events {{ worker_connections 30000; use epoll; multi_accept on; }}
 http {{
     access_log off;
     client_body_temp_path {workdir}/body;
@@ -194,11 +203,17 @@ http {{
 """
 
 
+def haproxy_maxconn():
+    """What the open-file limit lets HAProxy accept (it needs 2 x maxconn + 14 descriptors)."""
+    import resource
+    return min(30000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 14) // 2)
+
+
 def haproxy_conf(port, addrs):
     servers = "\n".join(f"    server b{i} {a}" for i, a in enumerate(addrs))
     return f"""global
     nbthread 1
-    maxconn 8000
+    maxconn {haproxy_maxconn()}
 defaults
     mode http
     option http-keep-alive
@@ -323,6 +338,60 @@ def measure(name, workdir, addrs, wasmlb, conns, duration, backend_proc, threads
             "rss_mib": rss / 1024.0}
 
 
+IDLE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def read_response(sock):
+    """Read one HTTP/1.1 response with a Content-Length body from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed before the response head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+    length = int(m.group(1)) if m else 0
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("connection closed before the response body")
+        body += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"unexpected response {head[:40]!r}")
+
+
+def idle_memory(name, workdir, addrs, wasmlb, count):
+    """Resident memory the target holds for `count` idle keep-alive client
+    connections, each of which has made one request: (MiB in total, KiB per connection)."""
+    proc, port = start_target(name, workdir, addrs, wasmlb)
+    socks = []
+    try:
+        # Warm up (backend connections, allocator arenas) before the baseline.
+        subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c64", "-d1s",
+                        f"http://127.0.0.1:{port}/"], capture_output=True, check=True)
+        time.sleep(0.5)
+        before = rss_kib(proc.pid)
+        batch = 500
+        for start in range(0, count, batch):
+            opened = []
+            for _ in range(min(batch, count - start)):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(IDLE_REQUEST)
+                opened.append(s)
+            for s in opened:
+                read_response(s)
+            socks.extend(opened)
+        time.sleep(1.0)
+        after = rss_kib(proc.pid)
+    finally:
+        for s in socks:
+            s.close()
+        proc.stop()
+    grown = max(after - before, 0)
+    return grown / 1024.0, grown / count
+
+
 def machine():
     cpu = "unknown CPU"
     try:
@@ -347,12 +416,33 @@ def machine():
            + "; ".join(versions)
 
 
+def idle_connection_count(wanted):
+    """`wanted`, lowered to what the open-file limit allows. Raises the limit (and,
+    as root, its hard limit) first; the targets inherit it."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(limit, 65536), max(limit, 65536)))
+        limit = max(limit, 65536)
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    # HAProxy needs about 2 descriptors per connection it accepts (maxsock).
+    usable = limit // 2 - 100
+    if usable < wanted:
+        log(f"open-file limit {limit}: measuring {usable} idle connections, not {wanted}")
+        return usable
+    return wanted
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     ap.add_argument("--quick", action="store_true", help="2 s runs, 1 rep (a smoke test)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    ap.add_argument("--idle-connections", type=int, default=10_000,
+                    help="idle keep-alive connections for the memory figure (default 10000)")
     ap.add_argument("--targets", default="direct,nginx,haproxy,wasmlb-rr,wasmlb-lc",
                     help="comma-separated subset of the targets (direct is always run)")
     args = ap.parse_args()
@@ -362,6 +452,7 @@ def main():
         sys.exit("needs at least 2 CPUs (target on CPU 0, load and backends on CPU 1)")
     install()
     wasmlb, demo = build()
+    count = idle_connection_count(args.idle_connections)
     known = ["direct", "nginx", "haproxy", "wasmlb-rr", "wasmlb-lc"]
     wanted = set(args.targets.split(",")) | {"direct"}
     unknown = wanted - set(known)
@@ -393,6 +484,12 @@ def main():
                 finally:
                     if proc:
                         proc.stop()
+            idle = {}
+            for name in targets:
+                if name == "direct":
+                    continue
+                log(f"{count} idle keep-alive connections: {name}")
+                idle[name] = idle_memory(name, workdir, addrs, wasmlb, count)
             scaling = {}
             for conns in conn_levels:
                 log(f"wasmlb-rr with 2 worker threads, {conns} connections")
@@ -436,6 +533,11 @@ def main():
         r = scaling[conns]
         lines.append(f"| {conns} | {r['rps']:,.0f} | {r['p50']:.2f} / {r['p99']:.2f} | "
                      f"{r['cpu_us']:.1f} |")
+    lines += ["", f"Memory held by {count:,} idle keep-alive client connections (each made one "
+              "request; growth of the target's resident set, VmRSS summed over its processes):",
+              "", "| target | MiB in total | KiB per connection |", "| --- | --- | --- |"]
+    for name, (mib, kib) in idle.items():
+        lines.append(f"| {name} | {mib:.1f} | {kib:.1f} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
