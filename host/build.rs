@@ -6,6 +6,10 @@ fn main() {
         &[
             "wasmlb-plugin-round-robin",
             "wasmlb-plugin-least-connections",
+            "wasmlb-plugin-random",
+            "wasmlb-plugin-p2c",
+            "wasmlb-plugin-ip-hash",
+            "wasmlb-plugin-maglev",
         ],
         &["wit", "sdk", "plugins"],
     );

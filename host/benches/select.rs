@@ -46,7 +46,14 @@ fn select(c: &mut Criterion) {
     let metrics = wasmlb::metrics::Metrics::new();
     let mut group = c.benchmark_group("select");
     for n in SIZES {
-        for plugin in ["round-robin", "least-connections"] {
+        for plugin in [
+            "round-robin",
+            "least-connections",
+            "random",
+            "p2c",
+            "ip-hash",
+            "maglev",
+        ] {
             let upstream =
                 Upstream::new("bench", &config(plugin, n), &runtime, &metrics).expect("upstream");
             let mut view = Some(request());

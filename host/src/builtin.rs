@@ -14,6 +14,22 @@ pub const PLUGINS: &[(&str, &[u8])] = &[
             "/wasmlb-plugin-least-connections.wasm"
         )),
     ),
+    (
+        "random",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-random.wasm")),
+    ),
+    (
+        "p2c",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-p2c.wasm")),
+    ),
+    (
+        "ip-hash",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-ip-hash.wasm")),
+    ),
+    (
+        "maglev",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-maglev.wasm")),
+    ),
 ];
 
 /// The component bytes of built-in strategy `name`, if there is one.

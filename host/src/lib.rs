@@ -16,6 +16,7 @@
 //! - [`admin`]: the admin API (upstream state, plugin swaps, reloads, metrics).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`health`]: active health checks and the per-upstream upkeep loop.
+//! - [`scaffold`]: `wasmlb plugin new`, a ready-to-build strategy crate.
 //!
 //! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
 #![forbid(unsafe_code)]
@@ -30,5 +31,6 @@ pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod retry;
+pub mod scaffold;
 pub mod server;
 pub mod upstream;

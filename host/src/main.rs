@@ -1,4 +1,5 @@
-//! The `wasmlb` binary: `wasmlb --config wasmlb.toml [--check]`.
+//! The `wasmlb` binary: `wasmlb --config wasmlb.toml [--check]`, and
+//! `wasmlb plugin new NAME` for plugin authors.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -13,11 +14,16 @@ use wasmlb::server::Server;
 
 /// A load balancer whose backend selection is a WebAssembly plugin.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
-    /// The config file (TOML).
-    #[arg(short, long, value_name = "FILE")]
-    config: PathBuf,
+    /// The config file (TOML). Required unless a subcommand is given.
+    #[arg(short, long, value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Load and validate the config and every plugin (including its init),
     /// print `ok` and exit 0; or print what is wrong and exit 1.
     #[arg(long)]
@@ -29,6 +35,32 @@ struct Cli {
     /// Worker threads serving requests (default: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Tools for strategy plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PluginCommand {
+    /// Write a ready-to-build strategy crate NAME (Cargo.toml, a documented
+    /// src/lib.rs, native tests) into DIR/NAME.
+    New {
+        /// Crate name: lowercase letters, digits and '-'.
+        name: String,
+        /// Directory to create the crate in.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        dir: PathBuf,
+        /// Path of the wasmlb SDK (`sdk/` of a wasmlb checkout); default: the
+        /// checkout this binary was built from, else the registry version.
+        #[arg(long, value_name = "PATH")]
+        sdk: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +81,21 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let config = Config::load(&cli.config)?;
+    if let Some(Command::Plugin(PluginCommand::New { name, dir, sdk })) = &cli.command {
+        let sdk = match sdk {
+            Some(path) => wasmlb::scaffold::SdkSource::Path(
+                std::path::absolute(path).context("resolving --sdk")?,
+            ),
+            None => wasmlb::scaffold::SdkSource::default_for_this_build(),
+        };
+        let created = wasmlb::scaffold::new_plugin(name, dir, &sdk)?;
+        println!("created {}", created.display());
+        println!("  cd {} && cargo test", created.display());
+        println!("  cargo build --release --target wasm32-wasip2");
+        return Ok(());
+    }
+    let path = cli.config.as_ref().context("--config FILE is required")?;
+    let config = Config::load(path)?;
     if cli.check {
         let runtime = Runtime::new()?;
         Proxy::new(&config, &runtime)?;

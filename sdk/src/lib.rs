@@ -40,6 +40,13 @@
 //! (dlmalloc) and a panic handler that traps; the host then serves the request
 //! with its fallback policy and replaces the instance.
 //!
+//! # Randomness
+//!
+//! A plugin has no `wasi:random`. Strategies that pick at random keep a
+//! [`fastrand::Rng`] (re-exported) seeded from their config, or from
+//! [`Context::monotonic_now`] on the first pick; [`weighted::WeightedTable`]
+//! turns it into a weighted choice in O(log n).
+//!
 //! # Testing natively
 //!
 //! [`testing::MockContext`] stands in for the host: backends, in-flight counts,
@@ -57,6 +64,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 pub use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+pub use fastrand;
 pub use serde;
 pub use serde_json;
 pub use wit_bindgen;
@@ -65,6 +73,7 @@ pub use wit_bindgen;
 #[doc(hidden)]
 pub mod __rt;
 pub mod testing;
+pub mod weighted;
 
 /// Everything a strategy usually needs, including `alloc`'s `Vec`, `String`,
 /// `Box`, `BTreeMap`, `vec!` and `format!` for `no_std` crates.

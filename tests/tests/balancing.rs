@@ -127,3 +127,94 @@ async fn least_connections_avoids_the_backend_holding_slow_requests() {
     }
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_spreads_by_weight_over_real_backends() {
+    let backends = TestBackend::start_many(2).await;
+    let list = format!(
+        r#"{{ address = "{}", weight = 1 }}, {{ address = "{}", weight = 3 }}"#,
+        backends[0].addr, backends[1].addr
+    );
+    let extra = "[upstream.app.plugin_config]\nseed = 7\n";
+    let proxy = InProcessProxy::start(&app_config("random", &list, extra)).await;
+    let c = client();
+    for _ in 0..400 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    // Binomial(400, 1/4): mean 100, standard deviation 8.7.
+    let light = backends[0].hits();
+    assert!((65..=135).contains(&light), "b0 served {light} of 400");
+    assert_eq!(light + backends[1].hits(), 400);
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_requests_away_from_the_backend_holding_a_slow_one() {
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy = InProcessProxy::start(&app_config("p2c", &backend_list(&refs), "")).await;
+    let c = client();
+    let slow = {
+        let (c, u) = (c.clone(), proxy.url("/slow?ms=1500"));
+        tokio::spawn(async move { get(&c, &u).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = backends
+        .iter()
+        .position(|b| b.hits() == 1)
+        .expect("the slow request reached a backend");
+    let idle = 1 - busy;
+    // With two backends both are always drawn: the idle one always wins.
+    for _ in 0..20 {
+        let (status, backend, _) = get(&c, &proxy.url("/")).await;
+        assert_eq!(status, 200);
+        assert_eq!(backend, backends[idle].name);
+    }
+    assert_eq!(slow.await.unwrap().0, 200);
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_hash_keeps_a_client_on_one_backend() {
+    let backends = TestBackend::start_many(4).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy = InProcessProxy::start(&app_config("ip-hash", &backend_list(&refs), "")).await;
+    for _ in 0..40 {
+        // A fresh connection (new source port) each time: only the address counts.
+        let (status, _, _) = get(&client(), &proxy.url("/")).await;
+        assert_eq!(status, 200);
+    }
+    let mut hits: Vec<u64> = backends.iter().map(TestBackend::hits).collect();
+    hits.sort_unstable();
+    assert_eq!(hits, vec![0, 0, 0, 40]);
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maglev_on_a_header_keeps_each_user_on_one_backend() {
+    let backends = TestBackend::start_many(4).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let extra = "[upstream.app.plugin_config]\nhash_on = \"header\"\nname = \"x-user\"\n";
+    let proxy = InProcessProxy::start(&app_config("maglev", &backend_list(&refs), extra)).await;
+    let c = client();
+    let mut user_backend = HashMap::new();
+    for round in 0..3 {
+        for user in 0..40 {
+            let r = c
+                .get(proxy.url("/"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let backend = r.headers()["x-backend"].to_str().unwrap().to_string();
+            let first = user_backend.entry(user).or_insert_with(|| backend.clone());
+            assert_eq!(*first, backend, "user-{user} moved in round {round}");
+        }
+    }
+    // 40 users over 4 backends: every backend has some.
+    for b in &backends {
+        assert!(b.hits() >= 3, "{} served {} of 120", b.name, b.hits());
+    }
+    assert!(proxy.stop().await);
+}
