@@ -10,6 +10,7 @@ fn main() {
             "wasmlb-plugin-p2c",
             "wasmlb-plugin-ip-hash",
             "wasmlb-plugin-maglev",
+            "wasmlb-plugin-canary",
         ],
         &["wit", "sdk", "plugins"],
     );

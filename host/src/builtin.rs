@@ -30,6 +30,10 @@ pub const PLUGINS: &[(&str, &[u8])] = &[
         "maglev",
         include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-maglev.wasm")),
     ),
+    (
+        "canary",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-canary.wasm")),
+    ),
 ];
 
 /// The component bytes of built-in strategy `name`, if there is one.

@@ -17,6 +17,8 @@
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`health`]: active health checks and the per-upstream upkeep loop.
 //! - [`scaffold`]: `wasmlb plugin new`, a ready-to-build strategy crate.
+//! - [`simulate`]: `wasmlb simulate`, a plugin run offline against synthetic
+//!   or recorded traffic.
 //!
 //! Embedding: load a [`config::Config`], then [`server::Server::start`] it.
 #![forbid(unsafe_code)]
@@ -33,4 +35,5 @@ pub mod proxy;
 pub mod retry;
 pub mod scaffold;
 pub mod server;
+pub mod simulate;
 pub mod upstream;

@@ -44,6 +44,56 @@ enum Command {
     /// Tools for strategy plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Run a strategy plugin offline against synthetic or recorded traffic
+    /// (simulated latency and failures per backend) and print the spread,
+    /// fairness and hot spots.
+    Simulate(SimulateArgs),
+}
+
+/// `wasmlb simulate` options. Per-backend lists are comma-separated, one
+/// value per backend; a single value applies to every backend.
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    /// A built-in strategy's name or a .wasm component file.
+    #[arg(long, value_name = "FILE_OR_NAME")]
+    plugin: String,
+    /// Number of backends.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    backends: usize,
+    /// The plugin's plugin_config, as a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    plugin_config: String,
+    /// Backend weights, e.g. `1,1,2`.
+    #[arg(long, value_name = "LIST", default_value = "1")]
+    weights: String,
+    /// One label per backend as key=value, e.g. `group=stable,group=canary`.
+    #[arg(long, value_name = "LIST")]
+    labels: Option<String>,
+    /// Mean response latency per backend, in ms, e.g. `5,5,50`.
+    #[arg(long, value_name = "LIST", default_value = "5")]
+    latency_ms: String,
+    /// Failure probability per backend (0 to 1), e.g. `0,0,0.2`.
+    #[arg(long, value_name = "LIST", default_value = "0")]
+    fail: String,
+    /// Recorded traffic: JSON lines with at_ms, method, path, client, headers.
+    /// Without it, synthetic traffic is generated.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Synthetic traffic: number of requests.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    requests: u64,
+    /// Synthetic traffic: arrivals per second.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    rate: u64,
+    /// Synthetic traffic: distinct client addresses (each also sends `x-user: user-<n>`).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    clients: u32,
+    /// Synthetic traffic: a header added to every request, `name: value` (repeatable).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Seed for simulated latencies and failures.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -93,6 +143,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         println!("  cd {} && cargo test", created.display());
         println!("  cargo build --release --target wasm32-wasip2");
         return Ok(());
+    }
+    if let Some(Command::Simulate(args)) = &cli.command {
+        return simulate(args);
     }
     let path = cli.config.as_ref().context("--config FILE is required")?;
     let config = Config::load(path)?;
@@ -148,5 +201,96 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
     } else {
         tracing::warn!("shutdown timeout reached with connections still open");
     }
+    Ok(())
+}
+
+/// `values` (comma-separated) as one value per backend: exactly `n`, or one
+/// for all. Errors name `flag`.
+fn per_backend<T: std::str::FromStr + Clone>(
+    flag: &str,
+    values: &str,
+    n: usize,
+) -> anyhow::Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    let parsed = values
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("--{flag}: {v:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<T>>>()?;
+    match parsed.len() {
+        1 => Ok(vec![parsed[0].clone(); n]),
+        len if len == n => Ok(parsed),
+        len => anyhow::bail!("--{flag}: {len} values for {n} backends (give 1 or {n})"),
+    }
+}
+
+fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
+    use wasmlb::simulate::{SimBackend, Synthetic};
+    let n = args.backends;
+    anyhow::ensure!(n >= 1, "--backends: at least 1");
+    let plugin = wasmlb::config::PluginRef::resolve(&args.plugin, std::path::Path::new("."))
+        .map_err(|e| anyhow::anyhow!("--plugin: {e}"))?;
+    let plugin_config: serde_json::Value = serde_json::from_str(&args.plugin_config)
+        .map_err(|e| anyhow::anyhow!("--plugin-config: {e}"))?;
+    anyhow::ensure!(
+        plugin_config.is_object(),
+        "--plugin-config: not a JSON object"
+    );
+    let weights: Vec<u32> = per_backend("weights", &args.weights, n)?;
+    let latency: Vec<f64> = per_backend("latency-ms", &args.latency_ms, n)?;
+    let fail: Vec<f64> = per_backend("fail", &args.fail, n)?;
+    let labels: Vec<String> = match &args.labels {
+        Some(l) => per_backend("labels", l, n)?,
+        None => vec![String::new(); n],
+    };
+    let mut backends = Vec::with_capacity(n);
+    for i in 0..n {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&fail[i]),
+            "--fail: {} is not a probability",
+            fail[i]
+        );
+        let mut b = SimBackend {
+            weight: weights[i].max(1),
+            latency_ms: latency[i],
+            failure_rate: fail[i],
+            ..SimBackend::default()
+        };
+        if !labels[i].is_empty() {
+            let (k, v) = labels[i]
+                .split_once('=')
+                .with_context(|| format!("--labels: {:?} is not key=value", labels[i]))?;
+            b.labels.insert(k.to_string(), v.to_string());
+        }
+        backends.push(b);
+    }
+    let requests = match &args.trace {
+        Some(path) => wasmlb::simulate::read_trace(path)?,
+        None => {
+            let mut headers = std::collections::BTreeMap::new();
+            for h in &args.headers {
+                let (k, v) = h
+                    .split_once(':')
+                    .with_context(|| format!("--header: {h:?} is not `name: value`"))?;
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+            Synthetic {
+                requests: args.requests,
+                rate: args.rate,
+                clients: args.clients,
+                headers,
+            }
+            .requests()
+        }
+    };
+    let runtime = Runtime::new()?;
+    let config = wasmlb::simulate::upstream_config(plugin, plugin_config, &backends);
+    let report = wasmlb::simulate::run(&runtime, &config, &backends, &requests, args.seed)?;
+    print!("{}", report.render());
     Ok(())
 }

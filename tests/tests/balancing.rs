@@ -218,3 +218,40 @@ async fn maglev_on_a_header_keeps_each_user_on_one_backend() {
     }
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_gets_its_share_and_the_header_forces_it() {
+    let backends = TestBackend::start_many(4).await;
+    let list = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let group = if i == 3 { "canary" } else { "stable" };
+            format!(
+                r#"{{ address = "{}", labels = {{ group = "{group}" }} }}"#,
+                b.addr
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let extra = "[upstream.app.plugin_config]\nweights = { stable = 90, canary = 10 }\n";
+    let proxy = InProcessProxy::start(&app_config("canary", &list, extra)).await;
+    let c = client();
+    for _ in 0..100 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    assert_eq!(backends[3].hits(), 10, "the canary's 10 %");
+    for b in &backends[..3] {
+        assert_eq!(b.hits(), 30, "{}", b.name);
+    }
+    for _ in 0..5 {
+        let r = c
+            .get(proxy.url("/"))
+            .header("x-canary", "always")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-backend"], backends[3].name.as_str());
+    }
+    assert!(proxy.stop().await);
+}

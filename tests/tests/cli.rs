@@ -171,3 +171,84 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         "listener closed after exit"
     );
 }
+
+fn simulate(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(wasmlb_tests::wasmlb_bin())
+        .arg("simulate")
+        .args(args)
+        .output()
+        .expect("run wasmlb simulate");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn simulate_reports_the_spread_of_a_built_in_strategy() {
+    let (ok, report, err) = simulate(&[
+        "--plugin",
+        "round-robin",
+        "--backends",
+        "4",
+        "--requests",
+        "400",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(report.matches("    100   25.0%").count(), 4, "{report}");
+    assert!(
+        report.contains("Jain's index") && report.contains(": 1.000"),
+        "{report}"
+    );
+}
+
+#[test]
+fn simulate_replays_a_trace_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    let lines: Vec<String> = (0..30)
+        .map(|i| format!(r#"{{"at_ms": {i}, "client": "198.51.100.{i}:5000"}}"#))
+        .collect();
+    std::fs::write(&trace, lines.join("\n")).unwrap();
+    let trace_arg = trace.display().to_string();
+    // One /24: ip-hash puts all 30 on one backend, a hot spot of 3.
+    let (ok, report, err) = simulate(&[
+        "--plugin",
+        "ip-hash",
+        "--backends",
+        "3",
+        "--trace",
+        &trace_arg,
+    ]);
+    assert!(ok, "{err}");
+    assert!(report.contains("30  100.0%"), "{report}");
+    assert!(
+        report.contains("hot spot (largest share / its weight's share): 3.00"),
+        "{report}"
+    );
+
+    std::fs::write(&trace, "{\"at_ms\": 0}\n{\"clinet\": \"x\"}\n").unwrap();
+    let (ok, _, err) = simulate(&["--plugin", "ip-hash", "--trace", &trace_arg]);
+    assert!(!ok);
+    assert!(
+        err.contains("trace.jsonl:2") && err.contains("clinet"),
+        "{err}"
+    );
+    let (ok, _, err) = simulate(&[
+        "--plugin",
+        "round-robin",
+        "--backends",
+        "3",
+        "--weights",
+        "1,2",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--weights: 2 values for 3 backends"), "{err}");
+    let (ok, _, err) = simulate(&["--plugin", "no-such-strategy"]);
+    assert!(!ok);
+    assert!(
+        err.contains("--plugin") && err.contains("no-such-strategy"),
+        "{err}"
+    );
+}

@@ -42,6 +42,40 @@ fn cargo(manifest: &Path, args: &[&str]) {
     );
 }
 
+/// Run the crate's native tests, build its component and return the `.wasm`
+/// path. Resolves with the workspace's lock file: the versions CI built.
+fn test_and_build(dir: &Path, lib_name: &str) -> PathBuf {
+    std::fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock")).expect("copy Cargo.lock");
+    let manifest = dir.join("Cargo.toml");
+    cargo(&manifest, &["test", "--quiet"]);
+    cargo(
+        &manifest,
+        &["build", "--quiet", "--release", "--target", "wasm32-wasip2"],
+    );
+    let wasm = root().join(format!(
+        "target/plugin-new/wasm32-wasip2/release/{lib_name}.wasm"
+    ));
+    assert!(wasm.is_file(), "{} missing", wasm.display());
+    wasm
+}
+
+/// `wasmlb simulate --plugin WASM ARGS`; its report (panics on failure).
+fn simulate_wasm(wasm: &Path, args: &[&str]) -> String {
+    let out = Command::new(wasmlb_bin())
+        .args(["simulate", "--plugin"])
+        .arg(wasm)
+        .args(args)
+        .output()
+        .expect("run wasmlb simulate");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
 fn plugin_new(name: &str, dir: &Path) -> std::process::Output {
     Command::new(wasmlb_bin())
         .args(["plugin", "new", name, "--dir"])
@@ -59,17 +93,17 @@ fn generated_crate_tests_builds_and_loads() {
     assert!(out.status.success(), "{out:?}");
     let dir = tmp.path().join("my-strategy");
     assert!(String::from_utf8_lossy(&out.stdout).contains("created"));
-    // Resolve with the workspace's lock file: the versions CI already built.
-    std::fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
-    let manifest = dir.join("Cargo.toml");
+    let wasm = test_and_build(&dir, "my_strategy");
 
-    cargo(&manifest, &["test", "--quiet"]);
-    cargo(
-        &manifest,
-        &["build", "--quiet", "--release", "--target", "wasm32-wasip2"],
+    // Offline: the skeleton's weighted rotation, 1:3.
+    let report = simulate_wasm(
+        &wasm,
+        &["--backends", "2", "--weights", "1,3", "--requests", "400"],
     );
-    let wasm = root().join("target/plugin-new/wasm32-wasip2/release/my_strategy.wasm");
-    assert!(wasm.is_file(), "{} missing", wasm.display());
+    assert!(
+        report.contains(" 100   25.0%") && report.contains(" 300   75.0%"),
+        "{report}"
+    );
 
     let backends = r#"{ address = "127.0.0.1:9" }"#;
     let plugin = wasm.display().to_string();
@@ -104,4 +138,44 @@ fn plugin_new_refuses_bad_names_and_existing_directories() {
     let again = plugin_new("twice", tmp.path());
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+/// The ```rust blocks of docs/tutorial.md, in order.
+fn tutorial_rust_blocks() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("docs/tutorial.md")).expect("docs/tutorial.md");
+    let mut blocks = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("```rust\n") {
+        let body = &rest[start + "```rust\n".len()..];
+        let end = body.find("```").expect("unterminated rust block");
+        blocks.push(body[..end].to_string());
+        rest = &body[end + 3..];
+    }
+    blocks
+}
+
+#[test]
+fn tutorial_strategy_tests_builds_and_simulates() {
+    let blocks = tutorial_rust_blocks();
+    assert_eq!(blocks.len(), 2, "the strategy and its tests");
+    let strategy_lines = blocks[0].lines().count();
+    assert!(
+        strategy_lines < 30,
+        "the tutorial promises under 30 lines, has {strategy_lines}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(plugin_new("header-canary", tmp.path()).status.success());
+    let dir = tmp.path().join("header-canary");
+    std::fs::write(dir.join("src/lib.rs"), blocks.join("\n")).unwrap();
+    let wasm = test_and_build(&dir, "header_canary");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--backends", "3", "--requests", "1000"];
+        args.extend(["--labels", "track=stable,track=stable,track=canary"]);
+        args.extend(extra);
+        simulate_wasm(&wasm, &args)
+    };
+    let plain = run(&[]);
+    assert_eq!(plain.matches("     500   50.0%").count(), 2, "{plain}");
+    let canary = run(&["--header", "x-canary: 1"]);
+    assert!(canary.contains("    1000  100.0%"), "{canary}");
 }
