@@ -11,6 +11,7 @@ fn main() {
             "wasmlb-plugin-ip-hash",
             "wasmlb-plugin-maglev",
             "wasmlb-plugin-canary",
+            "wasmlb-plugin-ring-hash",
         ],
         &["wit", "sdk", "plugins"],
     );

@@ -19,13 +19,21 @@ const SIZES: [usize; 3] = [4, 64, 1024];
 fn config(plugin: &str, n: usize) -> UpstreamConfig {
     let backends = (0..n)
         .map(|i| {
-            BackendConfig::new(SocketAddr::from((
+            let mut b = BackendConfig::new(SocketAddr::from((
                 [127, 0, (i / 250) as u8, 1],
                 9000 + (i % 250) as u16,
-            )))
+            )));
+            // canary: every 4th backend in the canary group.
+            let group = if i % 4 == 3 { "canary" } else { "stable" };
+            b.labels.insert("group".into(), group.into());
+            b
         })
         .collect();
-    UpstreamConfig::new(PluginRef::Builtin(plugin.into()), backends)
+    let mut config = UpstreamConfig::new(PluginRef::Builtin(plugin.into()), backends);
+    if plugin == "canary" {
+        config.plugin_config = serde_json::json!({"weights": {"stable": 95, "canary": 5}});
+    }
+    config
 }
 
 fn request() -> RequestView {
@@ -53,6 +61,8 @@ fn select(c: &mut Criterion) {
             "p2c",
             "ip-hash",
             "maglev",
+            "ring-hash",
+            "canary",
         ] {
             let upstream =
                 Upstream::new("bench", &config(plugin, n), &runtime, &metrics).expect("upstream");

@@ -34,6 +34,10 @@ pub const PLUGINS: &[(&str, &[u8])] = &[
         "canary",
         include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-canary.wasm")),
     ),
+    (
+        "ring-hash",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-ring-hash.wasm")),
+    ),
 ];
 
 /// The component bytes of built-in strategy `name`, if there is one.

@@ -72,6 +72,7 @@ pub use wit_bindgen;
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod __rt;
+pub mod hashing;
 pub mod testing;
 pub mod weighted;
 

@@ -191,32 +191,42 @@ async fn ip_hash_keeps_a_client_on_one_backend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maglev_on_a_header_keeps_each_user_on_one_backend() {
-    let backends = TestBackend::start_many(4).await;
-    let refs: Vec<_> = backends.iter().collect();
-    let extra = "[upstream.app.plugin_config]\nhash_on = \"header\"\nname = \"x-user\"\n";
-    let proxy = InProcessProxy::start(&app_config("maglev", &backend_list(&refs), extra)).await;
-    let c = client();
-    let mut user_backend = HashMap::new();
-    for round in 0..3 {
-        for user in 0..40 {
-            let r = c
-                .get(proxy.url("/"))
-                .header("x-user", format!("user-{user}"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let backend = r.headers()["x-backend"].to_str().unwrap().to_string();
-            let first = user_backend.entry(user).or_insert_with(|| backend.clone());
-            assert_eq!(*first, backend, "user-{user} moved in round {round}");
+async fn maglev_and_ring_hash_on_a_header_keep_each_user_on_one_backend() {
+    for plugin in ["maglev", "ring-hash"] {
+        let backends = TestBackend::start_many(4).await;
+        let refs: Vec<_> = backends.iter().collect();
+        let extra = "[upstream.app.plugin_config]\nhash_on = \"header\"\nname = \"x-user\"\n";
+        let proxy = InProcessProxy::start(&app_config(plugin, &backend_list(&refs), extra)).await;
+        let c = client();
+        let mut user_backend = HashMap::new();
+        for round in 0..3 {
+            for user in 0..40 {
+                let r = c
+                    .get(proxy.url("/"))
+                    .header("x-user", format!("user-{user}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let backend = r.headers()["x-backend"].to_str().unwrap().to_string();
+                let first = user_backend.entry(user).or_insert_with(|| backend.clone());
+                assert_eq!(
+                    *first, backend,
+                    "{plugin}: user-{user} moved in round {round}"
+                );
+            }
         }
+        // 40 users over 4 backends: every backend has some.
+        for b in &backends {
+            assert!(
+                b.hits() >= 3,
+                "{plugin}: {} served {} of 120",
+                b.name,
+                b.hits()
+            );
+        }
+        assert!(proxy.stop().await);
     }
-    // 40 users over 4 backends: every backend has some.
-    for b in &backends {
-        assert!(b.hits() >= 3, "{} served {} of 120", b.name, b.hits());
-    }
-    assert!(proxy.stop().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

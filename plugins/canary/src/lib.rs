@@ -7,7 +7,8 @@
 //! by default); `weights` gives each group's share of the requests. The
 //! split is exact over any window of `sum(weights)` requests and spread out
 //! within it (NGINX smooth weighted round-robin over the groups, then over
-//! the healthy backends of the chosen group, by backend weight).
+//! the healthy backends of the chosen group, by backend weight; O(1) when
+//! the group's weights are equal).
 //!
 //! A request header (`x-canary` by default) overrides the split:
 //! - `always`: the canary group (`canary`, by default `"canary"`);
@@ -68,7 +69,14 @@ struct Group {
     weight: u32,
     /// Backend ids in the group.
     members: Vec<u32>,
-    /// `current_weight` per member.
+    /// `(id, weight)` of the healthy members (health arrives with
+    /// `set-backends`, so this is rebuilt there).
+    healthy: Vec<(u32, u32)>,
+    /// True when the healthy members' weights are all equal: rotate in O(1).
+    equal: bool,
+    /// Rotation cursor (equal weights).
+    cursor: usize,
+    /// `current_weight` per healthy member (unequal weights).
     current: Vec<i64>,
 }
 
@@ -105,27 +113,24 @@ pub struct Canary {
     groups: Vec<Group>,
     /// `current_weight` per group.
     current: Vec<i64>,
-    /// Weight and health per backend id.
-    backends: Vec<(u32, bool)>,
 }
 
 impl Canary {
     fn pick_in(&mut self, g: usize) -> Option<u32> {
-        let backends = &self.backends;
         let group = &mut self.groups[g];
-        let members = &group.members;
-        let eligible = members.iter().enumerate().filter_map(|(i, &id)| {
-            let (w, healthy) = backends.get(id as usize).copied().unwrap_or((1, false));
-            healthy.then_some((i, w.max(1)))
-        });
-        smooth(&mut group.current, eligible).map(|i| group.members[i])
+        if group.healthy.is_empty() {
+            return None;
+        }
+        if group.equal {
+            group.cursor = (group.cursor + 1) % group.healthy.len();
+            return Some(group.healthy[group.cursor].0);
+        }
+        let eligible = group.healthy.iter().enumerate().map(|(i, &(_, w))| (i, w));
+        smooth(&mut group.current, eligible).map(|i| group.healthy[i].0)
     }
 
     fn has_healthy(&self, g: usize) -> bool {
-        self.groups[g]
-            .members
-            .iter()
-            .any(|&id| self.backends.get(id as usize).is_some_and(|b| b.1))
+        !self.groups[g].healthy.is_empty()
     }
 
     fn group(&self, name: &str) -> Option<usize> {
@@ -170,7 +175,6 @@ impl Strategy for Canary {
             current: vec![0; groups.len()],
             groups,
             config,
-            backends: Vec::new(),
         })
     }
 
@@ -199,10 +203,18 @@ impl Strategy for Canary {
             self.groups[g].members.push(b.id);
         }
         for g in &mut self.groups {
-            g.current = vec![0; g.members.len()];
+            g.healthy = g
+                .members
+                .iter()
+                .map(|&id| &backends[id as usize])
+                .filter(|b| b.healthy)
+                .map(|b| (b.id, b.weight.max(1)))
+                .collect();
+            g.equal = g.healthy.windows(2).all(|w| w[0].1 == w[1].1);
+            g.current = vec![0; g.healthy.len()];
+            g.cursor = g.healthy.len().saturating_sub(1);
         }
         self.current = vec![0; self.groups.len()];
-        self.backends = backends.iter().map(|b| (b.weight, b.healthy)).collect();
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {

@@ -10,7 +10,8 @@
 //! come from two hashes of the backend's address, so every balancer with
 //! the same backends builds the same table.
 //!
-//! A request's key is hashed (FNV-1a 64, finished with the SplitMix64 mixer)
+//! A request's key is hashed ([`wasmlb_sdk::hashing::hash64`]: FNV-1a 64,
+//! finished with the SplitMix64 mixer)
 //! and looked up: O(1) per request, the table is rebuilt (O(M log M) at
 //! worst) only when the backend set or health changes. Properties, tested
 //! below: each backend owns its weighted share of the table within 1 %, and
@@ -27,50 +28,11 @@
 //! answer is `Unavailable`.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
+use wasmlb_sdk::hashing::{HashKey, hash64 as hash};
 use wasmlb_sdk::prelude::*;
-use wasmlb_sdk::serde::Deserialize;
 
 /// Slots in the lookup table (prime; Envoy's default).
 pub const TABLE_SIZE: usize = 65_537;
-
-/// What a request is hashed on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(crate = "wasmlb_sdk::serde", rename_all = "kebab-case")]
-pub enum HashOn {
-    /// The downstream peer's IP address.
-    #[default]
-    ClientAddress,
-    /// A request header's first value.
-    Header,
-    /// A cookie's value.
-    Cookie,
-    /// The path and query.
-    Path,
-}
-
-/// `plugin_config` of `maglev`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(crate = "wasmlb_sdk::serde", deny_unknown_fields, default)]
-pub struct Config {
-    /// What a request is hashed on.
-    pub hash_on: HashOn,
-    /// Header or cookie name.
-    pub name: Option<String>,
-}
-
-/// 64-bit FNV-1a over `bytes`, then SplitMix64's finalizer for avalanche.
-pub fn hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
 
 /// The lookup table for `backends`: slot → backend id; empty when no
 /// backend is healthy.
@@ -132,48 +94,17 @@ pub fn build_table(backends: &[Backend]) -> Vec<u32> {
 /// Maglev state.
 #[derive(Debug, Default)]
 pub struct Maglev {
-    config: Config,
+    key: HashKey,
     table: Vec<u32>,
 }
 
-impl Maglev {
-    /// The bytes a request is hashed on, per the config.
-    fn key(&self, cx: &dyn Context) -> Vec<u8> {
-        let name = self.config.name.as_deref().unwrap_or("");
-        let found = match self.config.hash_on {
-            HashOn::ClientAddress => None,
-            HashOn::Path => Some(cx.path()),
-            HashOn::Header => cx.header(name),
-            HashOn::Cookie => cookie(&cx.header_all("cookie"), name),
-        };
-        match found {
-            Some(k) => k.into_bytes(),
-            None => format!("{}", cx.client_address().ip()).into_bytes(),
-        }
-    }
-}
-
-/// The value of cookie `name` in `Cookie` header values (RFC 6265 §4.2:
-/// `name=value` pairs separated by `; `).
-pub fn cookie(headers: &[String], name: &str) -> Option<String> {
-    headers
-        .iter()
-        .flat_map(|h| h.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"').to_string())
-}
-
 impl Strategy for Maglev {
-    type Config = Config;
+    type Config = HashKey;
 
-    fn new(config: Config) -> Result<Self, String> {
-        let needs_name = matches!(config.hash_on, HashOn::Header | HashOn::Cookie);
-        if needs_name && config.name.as_deref().is_none_or(str::is_empty) {
-            return Err("hash_on = \"header\" or \"cookie\" needs `name`".into());
-        }
+    fn new(key: HashKey) -> Result<Self, String> {
+        key.validate()?;
         Ok(Self {
-            config,
+            key,
             table: Vec::new(),
         })
     }
@@ -186,7 +117,7 @@ impl Strategy for Maglev {
         if self.table.is_empty() {
             return Decision::Unavailable;
         }
-        let h = hash(&self.key(cx), 0);
+        let h = hash(&self.key.bytes(cx), 0);
         Decision::Backend(self.table[(h % TABLE_SIZE as u64) as usize])
     }
 }
@@ -290,11 +221,6 @@ mod tests {
             by_cookie.select(&with_cookie("abc")),
             by_cookie.select(&with_cookie("abc"))
         );
-        assert_eq!(
-            cookie(&["a=1; sid=\"x y\"".into()], "sid").as_deref(),
-            Some("x y")
-        );
-        assert_eq!(cookie(&["a=1".into()], "sid"), None);
         let mut by_path: Maglev = wasmlb_sdk::instantiate(r#"{"hash_on": "path"}"#).unwrap();
         by_path.set_backends(set.clone());
         let spread: std::collections::BTreeSet<u32> = (0..50)
