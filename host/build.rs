@@ -12,6 +12,8 @@ fn main() {
             "wasmlb-plugin-maglev",
             "wasmlb-plugin-canary",
             "wasmlb-plugin-ring-hash",
+            "wasmlb-plugin-peak-ewma",
+            "wasmlb-plugin-sticky",
         ],
         &["wit", "sdk", "plugins"],
     );

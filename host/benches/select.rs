@@ -63,6 +63,8 @@ fn select(c: &mut Criterion) {
             "maglev",
             "ring-hash",
             "canary",
+            "peak-ewma",
+            "sticky",
         ] {
             let upstream =
                 Upstream::new("bench", &config(plugin, n), &runtime, &metrics).expect("upstream");

@@ -57,9 +57,50 @@ pub struct BackendCounters {
     pub check_passing: AtomicBool,
     /// Responses in a row that were 5xx, connect failures or timeouts.
     pub consecutive_failures: AtomicU32,
+    /// Peak-EWMA of the response time (what plugins read as `rtt-estimate`).
+    pub rtt: RttEstimate,
     admin: AtomicU8,
     configured: AtomicU8,
     status: Mutex<Status>,
+}
+
+/// Time constant of [`RttEstimate`]'s decay (linkerd2's and tower's default).
+pub const RTT_DECAY: Duration = Duration::from_secs(10);
+
+/// A peak-sensitive exponentially weighted moving average of a backend's
+/// response time, after tower's `load::peak_ewma` (itself after linkerd and
+/// Finagle): a sample above the estimate replaces it at once; a lower sample
+/// is blended in with weight `1 - exp(-elapsed / RTT_DECAY)`, `elapsed` being
+/// the time since the previous sample. Lock-free: concurrent samples may
+/// overwrite each other, which only drops a sample.
+#[derive(Debug, Default)]
+pub struct RttEstimate {
+    /// The estimate, in ns (0: no sample yet).
+    estimate_ns: AtomicU64,
+    /// When the last sample arrived, in ns on the caller's clock.
+    updated_ns: AtomicU64,
+}
+
+impl RttEstimate {
+    /// Record one response time `sample_ns` observed at `now_ns` (any
+    /// monotonic clock in ns, the same for every call).
+    pub fn observe(&self, sample_ns: u64, now_ns: u64) {
+        let previous = self.estimate_ns.load(Ordering::Relaxed);
+        let last = self.updated_ns.swap(now_ns, Ordering::Relaxed);
+        let next = if previous == 0 || sample_ns >= previous {
+            sample_ns
+        } else {
+            let elapsed = now_ns.saturating_sub(last) as f64;
+            let keep = (-elapsed / RTT_DECAY.as_nanos() as f64).exp();
+            (previous as f64 * keep + sample_ns as f64 * (1.0 - keep)) as u64
+        };
+        self.estimate_ns.store(next.max(1), Ordering::Relaxed);
+    }
+
+    /// The estimate, in ns; 0 before the first sample.
+    pub fn get_ns(&self) -> u64 {
+        self.estimate_ns.load(Ordering::Relaxed)
+    }
 }
 
 fn state_code(s: AdminState) -> u8 {
@@ -88,6 +129,7 @@ impl BackendCounters {
             metrics,
             check_passing: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
+            rtt: RttEstimate::default(),
             admin: AtomicU8::new(0),
             configured: AtomicU8::new(0),
             status: Mutex::new(Status::default()),
@@ -274,6 +316,34 @@ mod tests {
         assert_eq!(ramp_percent(Duration::from_millis(9_999), w), 95);
         assert_eq!(ramp_percent(w, w), 100);
         assert_eq!(ramp_percent(Duration::ZERO, Duration::ZERO), 100);
+    }
+
+    #[test]
+    fn rtt_estimate_jumps_to_peaks_and_decays_to_lower_samples() {
+        let rtt = RttEstimate::default();
+        assert_eq!(rtt.get_ns(), 0);
+        rtt.observe(5_000_000, 0);
+        assert_eq!(rtt.get_ns(), 5_000_000);
+        // A peak replaces the estimate at once.
+        rtt.observe(50_000_000, 1_000);
+        assert_eq!(rtt.get_ns(), 50_000_000);
+        // A lower sample right after barely moves it ...
+        rtt.observe(5_000_000, 2_000);
+        assert!(rtt.get_ns() > 49_000_000, "{}", rtt.get_ns());
+        // ... one a decay time (10 s) later moves it 1 - 1/e of the way.
+        rtt.observe(5_000_000, 2_000 + RTT_DECAY.as_nanos() as u64);
+        let expected = 5e6 + (rtt_before_decay(50e6, 5e6, 1e-6)) * (-1f64).exp();
+        let got = rtt.get_ns() as f64;
+        assert!(
+            (got - expected).abs() / expected < 0.01,
+            "{got} vs {expected}"
+        );
+    }
+
+    /// The estimate after one lower sample `elapsed_s` after `peak`, minus `low`.
+    fn rtt_before_decay(peak: f64, low: f64, elapsed_s: f64) -> f64 {
+        let keep = (-elapsed_s / RTT_DECAY.as_secs_f64()).exp();
+        (peak * keep + low * (1.0 - keep)) - low
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub const PLUGINS: &[(&str, &[u8])] = &[
         "ring-hash",
         include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-ring-hash.wasm")),
     ),
+    (
+        "peak-ewma",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-peak-ewma.wasm")),
+    ),
+    (
+        "sticky",
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmlb-plugin-sticky.wasm")),
+    ),
 ];
 
 /// The component bytes of built-in strategy `name`, if there is one.

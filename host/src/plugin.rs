@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use http::header::{HeaderName, HeaderValue};
 use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 
@@ -39,7 +40,19 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
 /// The WIT package plugins may import from, and the interfaces in it.
 const ALLOWED_PACKAGE: &str = "wasmlb:plugin";
-const ALLOWED_INTERFACES: &[&str] = &["types", "log", "clock", "backend-state", "request"];
+const ALLOWED_INTERFACES: &[&str] = &[
+    "types",
+    "log",
+    "clock",
+    "backend-state",
+    "request",
+    "response",
+];
+
+/// Most headers a plugin may add to one response (`response.add-header`).
+pub const MAX_RESPONSE_HEADERS: usize = 16;
+/// Most bytes (names and values) a plugin may add to one response.
+pub const MAX_RESPONSE_HEADER_BYTES: usize = 8192;
 /// Log messages from plugins are truncated to this many bytes.
 const MAX_LOG_BYTES: usize = 4096;
 
@@ -353,6 +366,7 @@ impl Plugin {
             upstream: settings.upstream.clone(),
             backends,
             request: None,
+            response_headers: Vec::new(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -529,6 +543,7 @@ impl Instance {
         &mut self,
         request: RequestView,
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
+        self.store.data_mut().response_headers.clear();
         self.store.data_mut().request = Some(request);
         self.store.set_epoch_deadline(self.deadline_ticks);
         let result = self
@@ -564,6 +579,12 @@ impl Instance {
         };
         (result, request)
     }
+
+    /// The headers the plugin added with `response.add-header` during the
+    /// last [`Instance::select`] (taken: a second call returns none).
+    pub fn take_response_headers(&mut self) -> Vec<(HeaderName, HeaderValue)> {
+        std::mem::take(&mut self.store.data_mut().response_headers)
+    }
 }
 
 fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureKind, String)> {
@@ -591,11 +612,19 @@ pub struct HostState {
     upstream: Arc<str>,
     backends: Arc<[BackendState]>,
     request: Option<RequestView>,
+    /// Headers added with `response.add-header` during the current `select`.
+    response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 fn process_start() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
     *START.get_or_init(Instant::now)
+}
+
+/// Nanoseconds on the host's monotonic clock (what plugins read as
+/// `monotonic-now`).
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(process_start().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl wit_types::Host for HostState {}
@@ -623,7 +652,7 @@ impl bindings::wasmlb::plugin::log::Host for HostState {
 
 impl bindings::wasmlb::plugin::clock::Host for HostState {
     fn monotonic_now(&mut self) -> u64 {
-        u64::try_from(process_start().elapsed().as_nanos()).unwrap_or(u64::MAX)
+        monotonic_ns()
     }
 }
 
@@ -646,6 +675,58 @@ impl bindings::wasmlb::plugin::backend_state::Host for HostState {
         self.backends
             .get(id as usize)
             .is_some_and(|b| b.counters.healthy.load(Ordering::Relaxed))
+    }
+    fn rtt_estimate(&mut self, id: u32) -> u64 {
+        self.backends
+            .get(id as usize)
+            .map_or(0, |b| b.counters.rtt.get_ns())
+    }
+    fn draining(&mut self, id: u32) -> bool {
+        self.backends.get(id as usize).is_some_and(|b| {
+            b.counters.admin_state() == crate::config::AdminState::Drain
+                && b.counters.check_passing.load(Ordering::Relaxed)
+        })
+    }
+}
+
+impl bindings::wasmlb::plugin::response::Host for HostState {
+    fn add_header(&mut self, name: String, value: String) {
+        if self.request.is_none() {
+            return; // only during select
+        }
+        let used: usize = self
+            .response_headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        let refuse = |why: &str| {
+            tracing::warn!(
+                target: "wasmlb::plugin",
+                upstream = &*self.upstream,
+                header = %name,
+                "response.add-header ignored: {why}"
+            );
+        };
+        if self.response_headers.len() >= MAX_RESPONSE_HEADERS
+            || used + name.len() + value.len() > MAX_RESPONSE_HEADER_BYTES
+        {
+            return refuse("more than 16 headers or 8 KiB for this response");
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) else {
+            return refuse("not a valid HTTP header name or value");
+        };
+        let framing = [
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::CONTENT_ENCODING,
+        ];
+        if crate::proxy::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
+            return refuse("hop-by-hop and framing headers are the host's");
+        }
+        self.response_headers.push((n, v));
     }
 }
 
@@ -718,6 +799,52 @@ mod tests {
         assert!(!import_allowed("wasmlb:plugin/secrets@0.1.0"));
         assert!(!import_allowed("wasi:filesystem/preopens@0.2.6"));
         assert!(!import_allowed("wasmlb:plugin/log"));
+        assert!(import_allowed("wasmlb:plugin/response@0.1.0"));
+    }
+
+    fn host_state(during_select: bool) -> HostState {
+        let (parts, ()) = http::Request::new(()).into_parts();
+        HostState {
+            limits: StoreLimitsBuilder::new().build(),
+            upstream: Arc::from("app"),
+            backends: Arc::from(Vec::new()),
+            request: during_select.then(|| RequestView {
+                parts,
+                client: SocketAddr::from(([192, 0, 2, 1], 1)),
+            }),
+            response_headers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn add_header_keeps_valid_headers_and_refuses_the_rest() {
+        use bindings::wasmlb::plugin::response::Host as _;
+        let mut s = host_state(true);
+        s.add_header("set-cookie".into(), "a=1; Path=/".into());
+        s.add_header("set-cookie".into(), "b=2".into());
+        s.add_header("bad name".into(), "x".into());
+        s.add_header("x-ok".into(), "line\nbreak".into());
+        s.add_header("connection".into(), "close".into());
+        s.add_header("content-length".into(), "0".into());
+        s.add_header("Transfer-Encoding".into(), "chunked".into());
+        let kept: Vec<_> = s
+            .response_headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(kept, ["set-cookie: a=1; Path=/", "set-cookie: b=2"]);
+        // Caps: 16 headers, 8 KiB.
+        for i in 0..20 {
+            s.add_header(format!("x-{i}"), "v".into());
+        }
+        assert_eq!(s.response_headers.len(), MAX_RESPONSE_HEADERS);
+        let mut big = host_state(true);
+        big.add_header("x-big".into(), "v".repeat(MAX_RESPONSE_HEADER_BYTES));
+        assert!(big.response_headers.is_empty());
+        // Outside select: ignored.
+        let mut idle = host_state(false);
+        idle.add_header("x-a".into(), "1".into());
+        assert!(idle.response_headers.is_empty());
     }
 
     #[test]

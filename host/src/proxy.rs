@@ -373,15 +373,24 @@ impl Proxy {
             }
             let guard = InFlight::begin(&chosen, upstream.metrics().in_flight.clone());
             let request = Request::from_parts(head, body.attempt());
+            let sent_ns = crate::plugin::monotonic_ns();
             let result =
                 tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
             let address = chosen.address;
             let (failure, sent) = match result {
                 Ok(Ok(response)) => {
+                    let now_ns = crate::plugin::monotonic_ns();
+                    chosen
+                        .counters
+                        .rtt
+                        .observe(now_ns.saturating_sub(sent_ns), now_ns);
                     let (mut parts, incoming) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     upstream.report(&chosen, !parts.status.is_server_error());
                     chosen.counters.metrics.response(parts.status.as_u16());
+                    for (name, value) in std::mem::take(&mut selection.response_headers) {
+                        parts.headers.append(name, value);
+                    }
                     let mut response =
                         Response::from_parts(parts, ProxyBody::upstream(incoming, guard));
                     if upstream.debug_headers() {

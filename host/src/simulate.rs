@@ -5,8 +5,9 @@
 //! [`Upstream`], host functions and fallback), but requests never leave the
 //! process: each one holds its backend's in-flight count for a simulated
 //! latency on a virtual clock, so load-aware strategies see the load they
-//! would see in production, and a simulated failure feeds outlier detection
-//! like a 5xx. Runs are deterministic for a given seed and trace.
+//! would see in production, each completion feeds the backend's response-time
+//! estimate (`rtt-estimate`) on the virtual clock, and a simulated failure
+//! feeds outlier detection like a 5xx. Runs are deterministic for a given seed and trace.
 //!
 //! Figures reported per backend: requests, share against the weight's share,
 //! failures and peak in-flight requests; overall: unavailable answers,
@@ -20,8 +21,9 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 
-use crate::backend::InFlight;
+use crate::backend::{BackendCounters, InFlight};
 use crate::config::{BackendConfig, PluginRef, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginError, RequestView, Runtime};
@@ -341,7 +343,8 @@ pub fn run(
         .collect();
     // Completions on the virtual clock: (done at µs, slot of the guard).
     let mut pending: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
-    let mut guards: Vec<Option<InFlight>> = Vec::new();
+    // Per slot: the in-flight guard, the backend's counters and the latency.
+    let mut guards: Vec<Option<(InFlight, Arc<BackendCounters>, u64)>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut latencies: Vec<f64> = Vec::with_capacity(requests.len());
     let (mut unavailable, mut fallbacks) = (0u64, 0u64);
@@ -351,7 +354,10 @@ pub fn run(
                 break;
             }
             pending.pop();
-            guards[slot] = None;
+            // The response arrives: the host's response-time estimate sees it.
+            if let Some((_, counters, latency_ns)) = guards[slot].take() {
+                counters.rtt.observe(latency_ns, done * 1000);
+            }
             free.push(slot);
         }
         let view = RequestView {
@@ -379,13 +385,14 @@ pub fn run(
             .in_flight
             .load(std::sync::atomic::Ordering::Relaxed);
         report.peak_in_flight = report.peak_in_flight.max(in_flight);
+        let entry = Some((guard, chosen.counters.clone(), (latency_ms * 1e6) as u64));
         let slot = match free.pop() {
             Some(s) => {
-                guards[s] = Some(guard);
+                guards[s] = entry;
                 s
             }
             None => {
-                guards.push(Some(guard));
+                guards.push(entry);
                 guards.len() - 1
             }
         };
@@ -505,6 +512,24 @@ mod tests {
         // Round-robin ignores the latency.
         let rr = simulate("round-robin", "{}", &backends, &traffic(4000, 2000, 10));
         assert!(rr.backends.iter().all(|b| b.requests.abs_diff(1333) <= 1));
+    }
+
+    #[test]
+    fn peak_ewma_learns_which_backend_is_slow() {
+        let mut backends = vec![SimBackend::default(); 4];
+        backends[3].latency_ms = 50.0;
+        // 200 requests/s: about one in flight at a time, so only latency tells.
+        let r = simulate(
+            "peak-ewma",
+            r#"{"seed": 1}"#,
+            &backends,
+            &traffic(2000, 200, 10),
+        );
+        let slow = r.backends[3].requests;
+        assert!(slow < 100, "the slow backend served {slow} of 2000");
+        // p2c sees only in-flight counts and sends it far more.
+        let p2c = simulate("p2c", r#"{"seed": 1}"#, &backends, &traffic(2000, 200, 10));
+        assert!(p2c.backends[3].requests > 3 * slow, "{p2c:?}");
     }
 
     #[test]

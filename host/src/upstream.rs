@@ -230,6 +230,8 @@ pub struct Selection {
     pub failed: bool,
     /// The plugin that decided (only with `debug_headers`; `None` for the fallback).
     pub decided_by: Option<Arc<Plugin>>,
+    /// Headers the plugin asked to add to the response (`response.add-header`).
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// A point-in-time view of an upstream for the admin API.
@@ -296,6 +298,9 @@ pub struct BackendSnapshot {
     pub in_flight: u32,
     /// Requests forwarded since the backend joined the upstream.
     pub requests: u64,
+    /// The response-time estimate (peak EWMA, what plugins read as
+    /// `rtt-estimate`), in ms; 0 before the first response.
+    pub rtt_ms: f64,
 }
 
 impl Upstream {
@@ -745,6 +750,7 @@ impl Upstream {
         };
         let started = Instant::now();
         let (result, request) = instance.select(request);
+        let response_headers = instance.take_response_headers();
         self.metrics
             .decision_duration
             .observe(started.elapsed().as_secs_f64());
@@ -762,6 +768,7 @@ impl Upstream {
             fallback: false,
             failed: false,
             decided_by,
+            response_headers,
         };
         match result {
             Ok(decision) => {
@@ -809,6 +816,7 @@ impl Upstream {
                 fallback: false,
                 failed: true,
                 decided_by: None,
+                response_headers: Vec::new(),
             },
         }
     }
@@ -850,6 +858,7 @@ impl Upstream {
             fallback: true,
             failed: false,
             decided_by: None,
+            response_headers: Vec::new(),
         }
     }
 
@@ -939,6 +948,7 @@ fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapsho
         selectable: c.healthy.load(Ordering::Relaxed),
         in_flight,
         requests: c.requests.load(Ordering::Relaxed),
+        rtt_ms: c.rtt.get_ns() as f64 / 1e6,
     }
 }
 

@@ -219,6 +219,15 @@ impl Context for WasmContext {
     fn healthy(&self, id: u32) -> bool {
         wit::backend_state::healthy(id)
     }
+    fn rtt_estimate(&self, id: u32) -> u64 {
+        wit::backend_state::rtt_estimate(id)
+    }
+    fn draining(&self, id: u32) -> bool {
+        wit::backend_state::draining(id)
+    }
+    fn add_response_header(&self, name: &str, value: &str) {
+        wit::response::add_header(name, value)
+    }
     fn monotonic_now(&self) -> u64 {
         wit::clock::monotonic_now()
     }

@@ -32,7 +32,7 @@
 //! # Why `no_std`
 //!
 //! The host grants a plugin only the `wasmlb:plugin` imports (log, clock,
-//! backend state, request) and rejects any component importing `wasi:*`. Rust's
+//! backend state, request, response) and rejects any component importing `wasi:*`. Rust's
 //! `std` on `wasm32-wasip2` imports 14 `wasi:cli`/`wasi:io` interfaces just to
 //! print panic messages, so a plugin crate is `no_std` on wasm32 (the
 //! `cfg_attr` line above; it stays `std` natively, so `cargo test` works) and
@@ -168,6 +168,18 @@ pub trait Context {
     fn in_flight_all(&self) -> Vec<u32>;
     /// Whether backend `id` is currently healthy (false for an unknown id).
     fn healthy(&self, id: u32) -> bool;
+    /// The host's peak-EWMA of backend `id`'s response time, in ns (0 until
+    /// its first response, and for an unknown id). Samples above the estimate
+    /// replace it; lower ones decay in over about 10 s (tower's `PeakEwma`).
+    fn rtt_estimate(&self, id: u32) -> u64;
+    /// Whether backend `id` is set to drain and still passes its health
+    /// checks: it reads `healthy = false` (no new sessions), but requests of
+    /// a session it already serves may still go to it (sticky sessions).
+    fn draining(&self, id: u32) -> bool;
+    /// Add `name: value` to the response sent to the client (for example a
+    /// `set-cookie`). Only valid during `select`; the host ignores invalid,
+    /// hop-by-hop and framing headers, and more than 16 headers or 8 KiB.
+    fn add_response_header(&self, name: &str, value: &str);
     /// Monotonic clock, in nanoseconds since an arbitrary fixed point.
     fn monotonic_now(&self) -> u64;
     /// Log through the host's logger, tagged with the upstream's name.

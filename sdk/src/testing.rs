@@ -58,6 +58,12 @@ pub struct MockContext {
     pub in_flight: Vec<u32>,
     /// Health per backend id.
     pub healthy: Vec<bool>,
+    /// Response-time estimate per backend id, in ns (default 0: unmeasured).
+    pub rtt_ns: Vec<u64>,
+    /// Draining per backend id (default false).
+    pub draining: Vec<bool>,
+    /// Every [`Context::add_response_header`] call, in order.
+    pub response_headers: RefCell<Vec<(String, String)>>,
     /// What [`Context::monotonic_now`] returns, in ns.
     pub now_ns: Cell<u64>,
     /// Every [`Context::log`] call, in order.
@@ -75,6 +81,9 @@ impl MockContext {
             client: SocketAddr::new(Ipv4Addr::new(192, 0, 2, 1).into(), 40000),
             in_flight: alloc::vec![0; backends.len()],
             healthy: backends.iter().map(|b| b.healthy).collect(),
+            rtt_ns: alloc::vec![0; backends.len()],
+            draining: alloc::vec![false; backends.len()],
+            response_headers: RefCell::new(Vec::new()),
             now_ns: Cell::new(0),
             logs: RefCell::new(Vec::new()),
         }
@@ -101,6 +110,12 @@ impl MockContext {
     /// Set the in-flight counts, indexed by backend id.
     pub fn with_in_flight(mut self, in_flight: &[u32]) -> Self {
         self.in_flight = in_flight.to_vec();
+        self
+    }
+
+    /// Set the response-time estimates, in ms, indexed by backend id.
+    pub fn with_rtt_ms(mut self, rtt_ms: &[u64]) -> Self {
+        self.rtt_ns = rtt_ms.iter().map(|ms| ms * 1_000_000).collect();
         self
     }
 }
@@ -142,6 +157,17 @@ impl Context for MockContext {
     }
     fn healthy(&self, id: u32) -> bool {
         self.healthy.get(id as usize).copied().unwrap_or(false)
+    }
+    fn rtt_estimate(&self, id: u32) -> u64 {
+        self.rtt_ns.get(id as usize).copied().unwrap_or(0)
+    }
+    fn draining(&self, id: u32) -> bool {
+        self.draining.get(id as usize).copied().unwrap_or(false)
+    }
+    fn add_response_header(&self, name: &str, value: &str) {
+        self.response_headers
+            .borrow_mut()
+            .push((name.to_string(), value.to_string()));
     }
     fn monotonic_now(&self) -> u64 {
         self.now_ns.get()

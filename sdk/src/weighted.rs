@@ -13,7 +13,7 @@
 
 use alloc::vec::Vec;
 
-use crate::Backend;
+use crate::{Backend, Context, Decision};
 
 /// The healthy backends laid end to end on a line of length
 /// [`WeightedTable::total`], each owning a stretch as long as its weight.
@@ -94,6 +94,93 @@ impl WeightedTable {
     }
 }
 
+/// Power of two choices (M. Mitzenmacher, IEEE TPDS 2001; Envoy
+/// `LEAST_REQUEST`, HAProxy `random(2)`, linkerd2): draw two distinct healthy
+/// backends with probability proportional to weight, and take the one whose
+/// `load / weight` is lower (the first draw on a tie). The built-in `p2c`
+/// and `peak-ewma` strategies are this with different loads.
+#[derive(Debug, Clone, Default)]
+pub struct TwoChoices {
+    table: WeightedTable,
+    weights: Vec<u32>,
+    rng: Option<fastrand::Rng>,
+}
+
+impl TwoChoices {
+    /// With `seed`, a fixed random sequence; without, seeded from the host's
+    /// clock on the first pick.
+    pub fn new(seed: Option<u64>) -> Self {
+        Self {
+            rng: seed.map(fastrand::Rng::with_seed),
+            ..Self::default()
+        }
+    }
+
+    /// Take a new backend set (call from `Strategy::set_backends`).
+    pub fn set_backends(&mut self, backends: &[Backend]) {
+        self.table = WeightedTable::new(backends);
+        self.weights = backends.iter().map(|b| b.weight.max(1)).collect();
+    }
+
+    /// Choose for one request; `load(id)` is read for the two drawn
+    /// backends only. One healthy backend is chosen without reading its
+    /// load; none gives `Unavailable`.
+    pub fn select(&mut self, cx: &dyn Context, mut load: impl FnMut(u32) -> u128) -> Decision {
+        let rng = self
+            .rng
+            .get_or_insert_with(|| fastrand::Rng::with_seed(cx.monotonic_now()));
+        let Some((a, b)) = self.table.pick_two(rng) else {
+            return Decision::Unavailable;
+        };
+        if a == b {
+            return Decision::Backend(a);
+        }
+        let weight = |id: u32| u128::from(self.weights.get(id as usize).copied().unwrap_or(1));
+        // load_b / weight_b < load_a / weight_a, without division.
+        if load(b) * weight(a) < load(a) * weight(b) {
+            Decision::Backend(b)
+        } else {
+            Decision::Backend(a)
+        }
+    }
+}
+
+/// NGINX's smooth weighted round-robin (`ngx_http_upstream_get_peer`, nginx
+/// 1.3.1): each pick adds every eligible item's weight to its current
+/// weight, takes the largest (first on ties) and subtracts the total from
+/// it. Over any `sum(weights)` picks each item is chosen exactly `weight`
+/// times, spread out (5:1:1 gives `a a b a c a a`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Smooth {
+    current: Vec<i64>,
+}
+
+impl Smooth {
+    /// State for `n` items, indexed `0..n`.
+    pub fn new(n: usize) -> Self {
+        Self {
+            current: alloc::vec![0; n],
+        }
+    }
+
+    /// Pick among `eligible` `(index, weight)` pairs (indexes below `n`;
+    /// weight 0 counts as 1). `None` when nothing is eligible.
+    pub fn pick(&mut self, eligible: impl Iterator<Item = (usize, u32)> + Clone) -> Option<usize> {
+        let total: i64 = eligible.clone().map(|(_, w)| i64::from(w.max(1))).sum();
+        let mut best: Option<usize> = None;
+        for (i, w) in eligible {
+            let slot = self.current.get_mut(i)?;
+            *slot += i64::from(w.max(1));
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                best = Some(i);
+            }
+        }
+        let b = best?;
+        self.current[b] -= total;
+        Some(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +229,16 @@ mod tests {
         }
         let single = WeightedTable::new(&backends(&[4]));
         assert_eq!(single.pick_two(&mut rng), Some((0, 0)));
+    }
+
+    #[test]
+    fn smooth_weighting_interleaves() {
+        let mut s = Smooth::new(3);
+        let picks: Vec<usize> = (0..7)
+            .map(|_| s.pick([(0, 5), (1, 1), (2, 1)].into_iter()).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(Smooth::new(0).pick(core::iter::empty()), None);
     }
 
     #[test]

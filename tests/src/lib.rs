@@ -86,6 +86,8 @@ pub enum Mode {
     /// Read the whole request (recording its id), then close the connection
     /// without answering.
     Drop,
+    /// Wait this many ms, then answer as `Normal`.
+    Delay(u64),
 }
 
 #[derive(Debug)]
@@ -255,6 +257,10 @@ async fn serve(
         Mode::Drop => {
             let _ = req.into_body().collect().await;
             Err(Dropped)
+        }
+        Mode::Delay(ms) => {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            respond(name, req, None).await.map_err(|e| match e {})
         }
     }
 }

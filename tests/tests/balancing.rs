@@ -265,3 +265,77 @@ async fn canary_gets_its_share_and_the_header_forces_it() {
     }
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_backend_after_its_first_slow_response() {
+    let backends = TestBackend::start_many(3).await;
+    backends[2].set_mode(wasmlb_tests::Mode::Delay(150));
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy = InProcessProxy::start(&app_config("peak-ewma", &backend_list(&refs), "")).await;
+    let c = client();
+    for _ in 0..60 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    // Until the fast backends are measured, the slow one may be drawn and win
+    // a tie; once it is measured (150 ms against about 1 ms) it never wins.
+    let slow = backends[2].hits();
+    assert!(slow <= 3, "the slow backend served {slow} of 60");
+    // The host's estimates, as the admin API shows them.
+    let snapshot = proxy.upstream("app").snapshot();
+    for b in &snapshot.backends[..2] {
+        assert!(b.rtt_ms > 0.0 && b.rtt_ms < 150.0, "{b:?}");
+    }
+    if slow > 0 {
+        assert!(
+            snapshot.backends[2].rtt_ms >= 150.0,
+            "{:?}",
+            snapshot.backends[2]
+        );
+    }
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_sessions_follow_the_cookie_through_drain_and_move_when_gone() {
+    use wasmlb::config::AdminState;
+    let backends = TestBackend::start_many(3).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy = InProcessProxy::start(&app_config("sticky", &backend_list(&refs), "")).await;
+    let c = client();
+    let url = proxy.url("/");
+    // The first response sets the cookie.
+    let r = c.get(&url).send().await.unwrap();
+    let home = r.headers()["x-backend"].to_str().unwrap().to_string();
+    let set_cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set_cookie.starts_with("wasmlb_sticky=") && set_cookie.contains("HttpOnly"));
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let with_cookie = || c.get(&url).header("cookie", cookie.clone()).send();
+    for _ in 0..5 {
+        let r = with_cookie().await.unwrap();
+        assert_eq!(r.headers()["x-backend"], home.as_str());
+        assert!(r.headers().get("set-cookie").is_none());
+    }
+    // Draining: the session stays, new sessions go elsewhere.
+    let home_backend = backends.iter().find(|b| b.name == home).unwrap();
+    let upstream = proxy.upstream("app");
+    upstream
+        .set_admin_state(home_backend.addr, AdminState::Drain)
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            with_cookie().await.unwrap().headers()["x-backend"],
+            home.as_str()
+        );
+        let fresh = c.get(&url).send().await.unwrap();
+        assert_ne!(fresh.headers()["x-backend"], home.as_str());
+    }
+    // In maintenance the backend is gone: the session moves, the cookie is rewritten.
+    upstream
+        .set_admin_state(home_backend.addr, AdminState::Maint)
+        .unwrap();
+    let r = with_cookie().await.unwrap();
+    assert_ne!(r.headers()["x-backend"], home.as_str());
+    let rewritten = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(!rewritten.starts_with(&cookie), "{rewritten}");
+    assert!(proxy.stop().await);
+}

@@ -36,6 +36,7 @@
 
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
+use wasmlb_sdk::weighted::Smooth;
 
 /// `plugin_config` of `canary`.
 #[derive(Debug, Deserialize)]
@@ -76,27 +77,8 @@ struct Group {
     equal: bool,
     /// Rotation cursor (equal weights).
     cursor: usize,
-    /// `current_weight` per healthy member (unequal weights).
-    current: Vec<i64>,
-}
-
-/// NGINX smooth weighted round-robin over `eligible` (index, weight) pairs,
-/// with `current` indexed like the caller's items. Returns the chosen index.
-fn smooth(
-    current: &mut [i64],
-    eligible: impl Iterator<Item = (usize, u32)> + Clone,
-) -> Option<usize> {
-    let total: i64 = eligible.clone().map(|(_, w)| i64::from(w)).sum();
-    let mut best: Option<usize> = None;
-    for (i, w) in eligible {
-        current[i] += i64::from(w);
-        if best.is_none_or(|b| current[i] > current[b]) {
-            best = Some(i);
-        }
-    }
-    let b = best?;
-    current[b] -= total;
-    Some(b)
+    /// Smooth weighting over the healthy members (unequal weights).
+    current: Smooth,
 }
 
 /// What the override header asks for.
@@ -111,8 +93,8 @@ enum Force {
 pub struct Canary {
     config: Config,
     groups: Vec<Group>,
-    /// `current_weight` per group.
-    current: Vec<i64>,
+    /// Smooth weighting over the groups.
+    current: Smooth,
 }
 
 impl Canary {
@@ -126,7 +108,7 @@ impl Canary {
             return Some(group.healthy[group.cursor].0);
         }
         let eligible = group.healthy.iter().enumerate().map(|(i, &(_, w))| (i, w));
-        smooth(&mut group.current, eligible).map(|i| group.healthy[i].0)
+        group.current.pick(eligible).map(|i| group.healthy[i].0)
     }
 
     fn has_healthy(&self, g: usize) -> bool {
@@ -172,7 +154,7 @@ impl Strategy for Canary {
             })
             .collect::<Vec<_>>();
         Ok(Self {
-            current: vec![0; groups.len()],
+            current: Smooth::new(groups.len()),
             groups,
             config,
         })
@@ -211,10 +193,10 @@ impl Strategy for Canary {
                 .map(|b| (b.id, b.weight.max(1)))
                 .collect();
             g.equal = g.healthy.windows(2).all(|w| w[0].1 == w[1].1);
-            g.current = vec![0; g.healthy.len()];
+            g.current = Smooth::new(g.healthy.len());
             g.cursor = g.healthy.len().saturating_sub(1);
         }
-        self.current = vec![0; self.groups.len()];
+        self.current = Smooth::new(self.groups.len());
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
@@ -232,7 +214,7 @@ impl Strategy for Canary {
             .filter(|&g| Some(g) != exclude && self.groups[g].weight > 0 && self.has_healthy(g))
             .map(|g| (g, self.groups[g].weight))
             .collect();
-        let Some(g) = smooth(&mut self.current, eligible.iter().copied()) else {
+        let Some(g) = self.current.pick(eligible.iter().copied()) else {
             return Decision::Unavailable;
         };
         self.pick_in(g)

@@ -10,8 +10,8 @@
 //! `balance random(2)` and the core of linkerd2's balancer.
 //!
 //! The second backend is drawn among the others (weighted sampling without
-//! replacement, [`wasmlb_sdk::weighted::WeightedTable::pick_two`]), so two
-//! healthy backends are always compared with each other.
+//! replacement), so two healthy backends are always compared with each
+//! other. The machinery is the SDK's [`wasmlb_sdk::weighted::TwoChoices`].
 //!
 //! Compared with `least-connections` it needs no scan: per pick, two binary
 //! searches over the cumulative weights and two `in-flight` host calls,
@@ -26,10 +26,9 @@
 //! without it the generator is seeded from the host's clock on the first pick.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use wasmlb_sdk::fastrand::Rng;
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
-use wasmlb_sdk::weighted::WeightedTable;
+use wasmlb_sdk::weighted::TwoChoices;
 
 /// `plugin_config` of `p2c`.
 #[derive(Debug, Default, Deserialize)]
@@ -42,16 +41,7 @@ pub struct Config {
 /// Power-of-two-choices state.
 #[derive(Debug)]
 pub struct P2c {
-    table: WeightedTable,
-    /// Weight per backend id (at least 1).
-    weights: Vec<u32>,
-    rng: Option<Rng>,
-}
-
-impl P2c {
-    fn weight(&self, id: u32) -> u64 {
-        u64::from(self.weights.get(id as usize).copied().unwrap_or(1))
-    }
+    choices: TwoChoices,
 }
 
 impl Strategy for P2c {
@@ -59,34 +49,16 @@ impl Strategy for P2c {
 
     fn new(config: Config) -> Result<Self, String> {
         Ok(Self {
-            table: WeightedTable::default(),
-            weights: Vec::new(),
-            rng: config.seed.map(Rng::with_seed),
+            choices: TwoChoices::new(config.seed),
         })
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
-        self.table = WeightedTable::new(&backends);
-        self.weights = backends.iter().map(|b| b.weight.max(1)).collect();
+        self.choices.set_backends(&backends);
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
-        let rng = self
-            .rng
-            .get_or_insert_with(|| Rng::with_seed(cx.monotonic_now()));
-        let Some((a, b)) = self.table.pick_two(rng) else {
-            return Decision::Unavailable;
-        };
-        if a == b {
-            return Decision::Backend(a);
-        }
-        let (load_a, load_b) = (u64::from(cx.in_flight(a)), u64::from(cx.in_flight(b)));
-        // load_b / weight_b < load_a / weight_a, without division.
-        if load_b * self.weight(a) < load_a * self.weight(b) {
-            Decision::Backend(b)
-        } else {
-            Decision::Backend(a)
-        }
+        self.choices.select(cx, |id| u128::from(cx.in_flight(id)))
     }
 }
 
@@ -95,6 +67,7 @@ wasmlb_sdk::export_strategy!(P2c);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wasmlb_sdk::fastrand::Rng;
     use wasmlb_sdk::testing::{MockContext, backends, spread};
 
     /// Balls into bins: `n` requests that never finish, each placed by the
