@@ -82,6 +82,53 @@ pub fn cookie(headers: &[String], name: &str) -> Option<String> {
         .map(|(_, v)| v.trim_matches('"').to_string())
 }
 
+/// Bounded load for consistent hashing (V. Mirrokni, M. Thorup, M.
+/// Zadimoghaddam, "Consistent Hashing with Bounded Loads", SODA 2018; Envoy
+/// `hash_balance_factor`, HAProxy `hash-balance-factor`): with `factor`
+/// percent (at least 100), no backend takes a request while it has
+/// `ceil(factor/100 × (total in flight + 1) / healthy)` or more in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadBound {
+    bound: u64,
+}
+
+impl LoadBound {
+    /// The bound for `factor` percent, the in-flight counts by backend id
+    /// and the number of healthy backends.
+    pub fn new(factor: u32, in_flight: &[u32], healthy: usize) -> Self {
+        let total: u64 = in_flight.iter().map(|&c| u64::from(c)).sum();
+        let healthy = healthy.max(1) as u64;
+        Self {
+            bound: (u64::from(factor) * (total + 1)).div_ceil(100 * healthy),
+        }
+    }
+
+    /// The bound, in requests in flight.
+    pub fn get(&self) -> u64 {
+        self.bound
+    }
+
+    /// The first of `candidates` (backend ids, in preference order) under
+    /// the bound, given the in-flight counts by id.
+    pub fn first_under(
+        &self,
+        candidates: impl Iterator<Item = u32>,
+        in_flight: &[u32],
+    ) -> Option<u32> {
+        candidates
+            .into_iter()
+            .find(|&id| u64::from(in_flight.get(id as usize).copied().unwrap_or(0)) < self.bound)
+    }
+}
+
+/// `Err` unless `factor` is 0 (off) or at least 100 (percent).
+pub fn check_balance_factor(factor: u32) -> Result<(), String> {
+    if factor != 0 && factor < 100 {
+        return Err("hash_balance_factor must be 0 (off) or at least 100".to_string());
+    }
+    Ok(())
+}
+
 /// 64-bit FNV-1a over `bytes` (offset basis xor `seed`), finished with
 /// SplitMix64's mixer so nearby inputs land far apart.
 pub fn hash64(bytes: &[u8], seed: u64) -> u64 {
@@ -125,6 +172,20 @@ mod tests {
         assert_eq!(key.bytes(&MockContext::new(&set)), b"192.0.2.1");
         let cx = MockContext::new(&set).with_header("cookie", "sid=abc");
         assert_eq!(key.bytes(&cx), b"abc");
+    }
+
+    #[test]
+    fn load_bound_follows_the_mean() {
+        // 10 in flight over 4: ceil(1.25 x 11 / 4) = 4.
+        let b = LoadBound::new(125, &[10, 0, 0, 0], 4);
+        assert_eq!(b.get(), 4);
+        assert_eq!(
+            b.first_under([0, 2, 1].into_iter(), &[10, 0, 0, 0]),
+            Some(2)
+        );
+        assert_eq!(b.first_under([0].into_iter(), &[10, 0, 0, 0]), None);
+        assert!(check_balance_factor(99).is_err());
+        assert!(check_balance_factor(0).is_ok() && check_balance_factor(150).is_ok());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use wasmlb_tests::{ConfigFile, app_config, check, wasmlb_bin};
+use wasmlb_tests::{
+    ConfigFile, InProcessProxy, TestBackend, app_config, check, client, get, wasmlb_bin,
+};
 
 /// The workspace root (this crate is `<root>/tests`).
 fn root() -> PathBuf {
@@ -154,8 +156,8 @@ fn tutorial_rust_blocks() -> Vec<String> {
     blocks
 }
 
-#[test]
-fn tutorial_strategy_tests_builds_and_simulates() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_strategy_tests_builds_simulates_and_hot_swaps() {
     let blocks = tutorial_rust_blocks();
     assert_eq!(blocks.len(), 2, "the strategy and its tests");
     let strategy_lines = blocks[0].lines().count();
@@ -178,4 +180,48 @@ fn tutorial_strategy_tests_builds_and_simulates() {
     assert_eq!(plain.matches("     500   50.0%").count(), 2, "{plain}");
     let canary = run(&["--header", "x-canary: 1"]);
     assert!(canary.contains("    1000  100.0%"), "{canary}");
+
+    // Step 5: hot-swap it into a running balancer through the admin API.
+    let backends = TestBackend::start_many(3).await;
+    let list = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let track = if i == 2 { "canary" } else { "stable" };
+            format!(
+                r#"{{ address = "{}", labels = {{ track = "{track}" }} }}"#,
+                b.addr
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let admin = "[admin]\naddress = \"127.0.0.1:0\"\nmax_body_bytes = 2000000\n";
+    let proxy = InProcessProxy::start(&app_config("round-robin", &list, admin)).await;
+    let c = client();
+    let bytes = std::fs::read(&wasm).expect("read the component");
+    let r = c
+        .put(proxy.admin_url("/upstreams/app/plugin"))
+        .body(bytes)
+        .send()
+        .await
+        .expect("swap");
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    for _ in 0..4 {
+        let (status, backend, _) = get(&c, &proxy.url("/")).await;
+        assert_eq!(status, 200);
+        assert_ne!(
+            backend, backends[2].name,
+            "stable traffic reached the canary"
+        );
+    }
+    for _ in 0..2 {
+        let r = c
+            .get(proxy.url("/"))
+            .header("x-canary", "1")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.headers()["x-backend"], backends[2].name.as_str());
+    }
+    assert!(proxy.stop().await);
 }

@@ -21,15 +21,20 @@
 //! `plugin_config`:
 //! - `hash_on`: `"client-address"` (default; the IP, not the port),
 //!   `"header"`, `"cookie"` or `"path"` (path and query);
-//! - `name`: the header or cookie name (required for those two).
+//! - `name`: the header or cookie name (required for those two);
+//! - `hash_balance_factor`: bounded load as in `ring-hash` (0, the default,
+//!   is off; else at least 100, a percentage of the mean in-flight load). A
+//!   request whose backend is at the bound walks the following table slots
+//!   to the first backend under it; one `in-flight-all` host call.
 //!
 //! A request without the key (no such header or cookie) is hashed on its
 //! client address. Only healthy backends are in the table; with none the
 //! answer is `Unavailable`.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use wasmlb_sdk::hashing::{HashKey, hash64 as hash};
+use wasmlb_sdk::hashing::{HashKey, HashOn, LoadBound, check_balance_factor, hash64 as hash};
 use wasmlb_sdk::prelude::*;
+use wasmlb_sdk::serde::Deserialize;
 
 /// Slots in the lookup table (prime; Envoy's default).
 pub const TABLE_SIZE: usize = 65_537;
@@ -91,34 +96,80 @@ pub fn build_table(backends: &[Backend]) -> Vec<u32> {
     table
 }
 
+/// `plugin_config` of `maglev`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(crate = "wasmlb_sdk::serde", deny_unknown_fields, default)]
+pub struct Config {
+    /// What to hash on.
+    pub hash_on: HashOn,
+    /// The header or cookie name.
+    pub name: Option<String>,
+    /// Bounded load, in percent of the mean (0: off).
+    pub hash_balance_factor: u32,
+}
+
 /// Maglev state.
 #[derive(Debug, Default)]
 pub struct Maglev {
     key: HashKey,
+    balance_factor: u32,
     table: Vec<u32>,
+    healthy: usize,
+}
+
+impl Maglev {
+    /// The backend for a key hashing to `h`, given in-flight counts by id
+    /// (only read with bounded load).
+    pub fn lookup(&self, h: u64, in_flight: &[u32]) -> Option<u32> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let slot = (h % TABLE_SIZE as u64) as usize;
+        let home = self.table[slot];
+        if self.balance_factor == 0 {
+            return Some(home);
+        }
+        // The following slots hold the backends in a pseudo-random order
+        // (each backend's permutation), so walking them spreads the overflow.
+        let bound = LoadBound::new(self.balance_factor, in_flight, self.healthy);
+        let walk = (0..TABLE_SIZE).map(|step| self.table[(slot + step) % TABLE_SIZE]);
+        bound.first_under(walk, in_flight).or(Some(home))
+    }
 }
 
 impl Strategy for Maglev {
-    type Config = HashKey;
+    type Config = Config;
 
-    fn new(key: HashKey) -> Result<Self, String> {
+    fn new(config: Config) -> Result<Self, String> {
+        let key = HashKey {
+            hash_on: config.hash_on,
+            name: config.name,
+        };
         key.validate()?;
+        check_balance_factor(config.hash_balance_factor)?;
         Ok(Self {
             key,
-            table: Vec::new(),
+            balance_factor: config.hash_balance_factor,
+            ..Self::default()
         })
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
         self.table = build_table(&backends);
+        self.healthy = backends.iter().filter(|b| b.healthy).count();
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
-        if self.table.is_empty() {
-            return Decision::Unavailable;
-        }
         let h = hash(&self.key.bytes(cx), 0);
-        Decision::Backend(self.table[(h % TABLE_SIZE as u64) as usize])
+        let in_flight = if self.balance_factor > 0 {
+            cx.in_flight_all()
+        } else {
+            Vec::new()
+        };
+        match self.lookup(h, &in_flight) {
+            Some(id) => Decision::Backend(id),
+            None => Decision::Unavailable,
+        }
     }
 }
 
@@ -240,6 +291,26 @@ mod tests {
         assert!(err.contains("name"), "{err}");
         let err = wasmlb_sdk::instantiate::<Maglev>(r#"{"hash_on": "ip"}"#).unwrap_err();
         assert!(err.contains("ip"), "{err}");
+    }
+
+    #[test]
+    fn bounded_load_keeps_a_hot_key_within_the_bound() {
+        let set = backends(&[1, 1, 1, 1]);
+        let mut s: Maglev = wasmlb_sdk::instantiate(
+            r#"{"hash_on": "header", "name": "x-user", "hash_balance_factor": 125}"#,
+        )
+        .unwrap();
+        s.set_backends(set.clone());
+        let mut cx = MockContext::new(&set).with_header("x-user", "hot");
+        for _ in 0..40 {
+            match s.select(&cx) {
+                Decision::Backend(id) => cx.in_flight[id as usize] += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(cx.in_flight.iter().all(|&c| c <= 13), "{:?}", cx.in_flight);
+        let err = wasmlb_sdk::instantiate::<Maglev>(r#"{"hash_balance_factor": 10}"#).unwrap_err();
+        assert!(err.contains("hash_balance_factor"), "{err}");
     }
 
     #[test]

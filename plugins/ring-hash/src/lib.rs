@@ -33,7 +33,7 @@
 //! `Unavailable`.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use wasmlb_sdk::hashing::{HashKey, HashOn, hash64};
+use wasmlb_sdk::hashing::{HashKey, HashOn, LoadBound, check_balance_factor, hash64};
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
 
@@ -89,7 +89,7 @@ pub struct RingHash {
     points_per_weight: u32,
     balance_factor: u32,
     ring: Vec<(u64, u32)>,
-    healthy: u64,
+    healthy: usize,
 }
 
 impl RingHash {
@@ -104,14 +104,10 @@ impl RingHash {
         if self.balance_factor == 0 {
             return Some(home);
         }
-        let total: u64 = in_flight.iter().map(|&c| u64::from(c)).sum();
-        let bound =
-            (u64::from(self.balance_factor) * (total + 1)).div_ceil(100 * self.healthy.max(1));
-        let load = |id: u32| u64::from(in_flight.get(id as usize).copied().unwrap_or(0));
-        (0..self.ring.len())
-            .map(|step| self.ring[(start + step) % self.ring.len()].1)
-            .find(|&id| load(id) < bound)
-            .or(Some(home))
+        let bound = LoadBound::new(self.balance_factor, in_flight, self.healthy);
+        let clockwise =
+            (0..self.ring.len()).map(|step| self.ring[(start + step) % self.ring.len()].1);
+        bound.first_under(clockwise, in_flight).or(Some(home))
     }
 }
 
@@ -127,9 +123,7 @@ impl Strategy for RingHash {
         if !(1..=4096).contains(&config.points_per_weight) {
             return Err("points_per_weight must be between 1 and 4096".into());
         }
-        if config.hash_balance_factor != 0 && config.hash_balance_factor < 100 {
-            return Err("hash_balance_factor must be 0 (off) or at least 100".into());
-        }
+        check_balance_factor(config.hash_balance_factor)?;
         Ok(Self {
             key,
             points_per_weight: config.points_per_weight,
@@ -141,7 +135,7 @@ impl Strategy for RingHash {
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
         self.ring = build_ring(&backends, self.points_per_weight);
-        self.healthy = backends.iter().filter(|b| b.healthy).count() as u64;
+        self.healthy = backends.iter().filter(|b| b.healthy).count();
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
