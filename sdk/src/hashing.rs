@@ -15,7 +15,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::Context;
+use crate::{Backend, Context};
 
 /// What a request is hashed on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -121,12 +121,54 @@ impl LoadBound {
     }
 }
 
-/// `Err` unless `factor` is 0 (off) or at least 100 (percent).
-pub fn check_balance_factor(factor: u32) -> Result<(), String> {
-    if factor != 0 && factor < 100 {
-        return Err("hash_balance_factor must be 0 (off) or at least 100".to_string());
+/// A hash-based strategy's bounded-load setting (`hash_balance_factor`)
+/// and what applying it needs: the number of healthy backends, and the
+/// in-flight counts, read only when the bound is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BoundedLoad {
+    factor: u32,
+    healthy: usize,
+}
+
+impl BoundedLoad {
+    /// `factor` percent of the mean in-flight load; 0 turns it off.
+    ///
+    /// # Errors
+    /// A message naming `hash_balance_factor` unless `factor` is 0 or at
+    /// least 100.
+    pub fn new(factor: u32) -> Result<Self, String> {
+        if factor != 0 && factor < 100 {
+            return Err("hash_balance_factor must be 0 (off) or at least 100".to_string());
+        }
+        Ok(Self { factor, healthy: 0 })
     }
-    Ok(())
+
+    /// Count the healthy backends (call from `Strategy::set_backends`).
+    pub fn set_backends(&mut self, backends: &[Backend]) {
+        self.healthy = backends.iter().filter(|b| b.healthy).count();
+    }
+
+    /// The in-flight counts by backend id: one `in-flight-all` host call
+    /// with the bound on, nothing (an empty list) with it off.
+    pub fn in_flight(&self, cx: &dyn Context) -> Vec<u32> {
+        if self.factor == 0 {
+            Vec::new()
+        } else {
+            cx.in_flight_all()
+        }
+    }
+
+    /// `home`, or with the bound on, the first backend of `walk` (the
+    /// strategy's fallback order, starting with `home`) under the bound;
+    /// `home` if none is. `walk` is not consumed with the bound off.
+    pub fn choose(&self, home: u32, walk: impl Iterator<Item = u32>, in_flight: &[u32]) -> u32 {
+        if self.factor == 0 {
+            return home;
+        }
+        LoadBound::new(self.factor, in_flight, self.healthy)
+            .first_under(walk, in_flight)
+            .unwrap_or(home)
+    }
 }
 
 /// 64-bit FNV-1a over `bytes` (offset basis xor `seed`), finished with
@@ -184,8 +226,13 @@ mod tests {
             Some(2)
         );
         assert_eq!(b.first_under([0].into_iter(), &[10, 0, 0, 0]), None);
-        assert!(check_balance_factor(99).is_err());
-        assert!(check_balance_factor(0).is_ok() && check_balance_factor(150).is_ok());
+        assert!(BoundedLoad::new(99).is_err());
+        assert!(BoundedLoad::new(0).is_ok() && BoundedLoad::new(150).is_ok());
+        let mut on = BoundedLoad::new(125).unwrap();
+        on.set_backends(&backends(&[1, 1, 1, 1]));
+        assert_eq!(on.choose(0, [0, 3].into_iter(), &[10, 0, 0, 0]), 3);
+        let off = BoundedLoad::new(0).unwrap();
+        assert_eq!(off.choose(0, [0, 3].into_iter(), &[10, 0, 0, 0]), 0);
     }
 
     #[test]

@@ -94,6 +94,17 @@ impl WeightedTable {
     }
 }
 
+/// `plugin_config` of a random strategy whose only setting is its seed
+/// (the built-in `random` and `p2c`): `{"seed": 7}` fixes the random
+/// sequence, for reproducible tests; `{}` seeds from the host's clock.
+/// Other keys are rejected, by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SeedConfig {
+    /// Seed of the random sequence; absent: seeded from the clock.
+    pub seed: Option<u64>,
+}
+
 /// Power of two choices (M. Mitzenmacher, IEEE TPDS 2001; Envoy
 /// `LEAST_REQUEST`, HAProxy `random(2)`, linkerd2): draw two distinct healthy
 /// backends with probability proportional to weight, and take the one whose

@@ -32,7 +32,7 @@
 //! answer is `Unavailable`.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use wasmlb_sdk::hashing::{HashKey, HashOn, LoadBound, check_balance_factor, hash64 as hash};
+use wasmlb_sdk::hashing::{BoundedLoad, HashKey, HashOn, hash64 as hash};
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
 
@@ -112,9 +112,8 @@ pub struct Config {
 #[derive(Debug, Default)]
 pub struct Maglev {
     key: HashKey,
-    balance_factor: u32,
+    bounded: BoundedLoad,
     table: Vec<u32>,
-    healthy: usize,
 }
 
 impl Maglev {
@@ -125,15 +124,10 @@ impl Maglev {
             return None;
         }
         let slot = (h % TABLE_SIZE as u64) as usize;
-        let home = self.table[slot];
-        if self.balance_factor == 0 {
-            return Some(home);
-        }
         // The following slots hold the backends in a pseudo-random order
         // (each backend's permutation), so walking them spreads the overflow.
-        let bound = LoadBound::new(self.balance_factor, in_flight, self.healthy);
         let walk = (0..TABLE_SIZE).map(|step| self.table[(slot + step) % TABLE_SIZE]);
-        bound.first_under(walk, in_flight).or(Some(home))
+        Some(self.bounded.choose(self.table[slot], walk, in_flight))
     }
 }
 
@@ -146,30 +140,22 @@ impl Strategy for Maglev {
             name: config.name,
         };
         key.validate()?;
-        check_balance_factor(config.hash_balance_factor)?;
         Ok(Self {
             key,
-            balance_factor: config.hash_balance_factor,
-            ..Self::default()
+            bounded: BoundedLoad::new(config.hash_balance_factor)?,
+            table: Vec::new(),
         })
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
         self.table = build_table(&backends);
-        self.healthy = backends.iter().filter(|b| b.healthy).count();
+        self.bounded.set_backends(&backends);
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
         let h = hash(&self.key.bytes(cx), 0);
-        let in_flight = if self.balance_factor > 0 {
-            cx.in_flight_all()
-        } else {
-            Vec::new()
-        };
-        match self.lookup(h, &in_flight) {
-            Some(id) => Decision::Backend(id),
-            None => Decision::Unavailable,
-        }
+        self.lookup(h, &self.bounded.in_flight(cx))
+            .map_or(Decision::Unavailable, Decision::Backend)
     }
 }
 

@@ -27,16 +27,7 @@
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use wasmlb_sdk::prelude::*;
-use wasmlb_sdk::serde::Deserialize;
-use wasmlb_sdk::weighted::TwoChoices;
-
-/// `plugin_config` of `p2c`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(crate = "wasmlb_sdk::serde", deny_unknown_fields, default)]
-pub struct Config {
-    /// Seed of the random sequence; absent: seeded from the clock.
-    pub seed: Option<u64>,
-}
+use wasmlb_sdk::weighted::{SeedConfig, TwoChoices};
 
 /// Power-of-two-choices state.
 #[derive(Debug)]
@@ -45,9 +36,9 @@ pub struct P2c {
 }
 
 impl Strategy for P2c {
-    type Config = Config;
+    type Config = SeedConfig;
 
-    fn new(config: Config) -> Result<Self, String> {
+    fn new(config: SeedConfig) -> Result<Self, String> {
         Ok(Self {
             choices: TwoChoices::new(config.seed),
         })

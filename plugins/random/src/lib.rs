@@ -19,16 +19,7 @@
 
 use wasmlb_sdk::fastrand::Rng;
 use wasmlb_sdk::prelude::*;
-use wasmlb_sdk::serde::Deserialize;
-use wasmlb_sdk::weighted::WeightedTable;
-
-/// `plugin_config` of `random`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(crate = "wasmlb_sdk::serde", deny_unknown_fields, default)]
-pub struct Config {
-    /// Seed of the random sequence; absent: seeded from the clock.
-    pub seed: Option<u64>,
-}
+use wasmlb_sdk::weighted::{SeedConfig, WeightedTable};
 
 /// Weighted random state.
 #[derive(Debug)]
@@ -38,9 +29,9 @@ pub struct Random {
 }
 
 impl Strategy for Random {
-    type Config = Config;
+    type Config = SeedConfig;
 
-    fn new(config: Config) -> Result<Self, String> {
+    fn new(config: SeedConfig) -> Result<Self, String> {
         Ok(Self {
             table: WeightedTable::default(),
             rng: config.seed.map(Rng::with_seed),

@@ -33,7 +33,7 @@
 //! `Unavailable`.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
-use wasmlb_sdk::hashing::{HashKey, HashOn, LoadBound, check_balance_factor, hash64};
+use wasmlb_sdk::hashing::{BoundedLoad, HashKey, HashOn, hash64};
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
 
@@ -87,9 +87,8 @@ pub fn build_ring(backends: &[Backend], points_per_weight: u32) -> Vec<(u64, u32
 pub struct RingHash {
     key: HashKey,
     points_per_weight: u32,
-    balance_factor: u32,
+    bounded: BoundedLoad,
     ring: Vec<(u64, u32)>,
-    healthy: usize,
 }
 
 impl RingHash {
@@ -100,14 +99,12 @@ impl RingHash {
             return None;
         }
         let start = self.ring.partition_point(|&(p, _)| p < h) % self.ring.len();
-        let home = self.ring[start].1;
-        if self.balance_factor == 0 {
-            return Some(home);
-        }
-        let bound = LoadBound::new(self.balance_factor, in_flight, self.healthy);
         let clockwise =
             (0..self.ring.len()).map(|step| self.ring[(start + step) % self.ring.len()].1);
-        bound.first_under(clockwise, in_flight).or(Some(home))
+        Some(
+            self.bounded
+                .choose(self.ring[start].1, clockwise, in_flight),
+        )
     }
 }
 
@@ -123,32 +120,23 @@ impl Strategy for RingHash {
         if !(1..=4096).contains(&config.points_per_weight) {
             return Err("points_per_weight must be between 1 and 4096".into());
         }
-        check_balance_factor(config.hash_balance_factor)?;
         Ok(Self {
             key,
             points_per_weight: config.points_per_weight,
-            balance_factor: config.hash_balance_factor,
+            bounded: BoundedLoad::new(config.hash_balance_factor)?,
             ring: Vec::new(),
-            healthy: 0,
         })
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
         self.ring = build_ring(&backends, self.points_per_weight);
-        self.healthy = backends.iter().filter(|b| b.healthy).count();
+        self.bounded.set_backends(&backends);
     }
 
     fn select(&mut self, cx: &dyn Context) -> Decision {
         let h = hash64(&self.key.bytes(cx), 0);
-        let in_flight = if self.balance_factor > 0 {
-            cx.in_flight_all()
-        } else {
-            Vec::new()
-        };
-        match self.lookup(h, &in_flight) {
-            Some(id) => Decision::Backend(id),
-            None => Decision::Unavailable,
-        }
+        self.lookup(h, &self.bounded.in_flight(cx))
+            .map_or(Decision::Unavailable, Decision::Backend)
     }
 }
 
