@@ -12,10 +12,20 @@
 //!
 //! Security: the config refuses a non-loopback `address` without
 //! `token_file`. With a token, every request needs `Authorization: Bearer
-//! <token>` (else 401). Bodies over `max_body_bytes` get 413.
+//! <token>` (else 401); the comparison takes the same time whatever the
+//! value (both sides are hashed with SHA-256 first, so not even the length
+//! leaks). Bodies over `max_body_bytes` get 413. A plugin path must be a
+//! `.wasm` file inside `plugin_dirs` (default: the config file's directory),
+//! after resolving `..` and links; errors never quote a file or a resolved
+//! path. A connection must send its request head within the server's
+//! `header_read_timeout_ms`, its body within as long again, and is closed
+//! after `idle_timeout_ms` without a request; at most `max_connections` are
+//! open (more wait in the kernel's backlog).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -25,9 +35,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::config::{AdminConfig, AdminState, PluginRef};
+use crate::conn::TimedIo;
 use crate::server::{Control, PluginSource, SwapError, error_chain};
 
 /// A running admin listener.
@@ -47,21 +59,35 @@ pub async fn start(config: &AdminConfig, control: Control) -> std::io::Result<Ad
     let listener = TcpListener::bind(config.address).await?;
     let local = listener.local_addr()?;
     let config = config.clone();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
     let task = tokio::spawn(async move {
         loop {
+            // At the cap, stop accepting: the kernel's backlog holds the rest.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
+            let (header_read, idle) = control.proxy().downstream_timeouts();
+            let (stream, activity) = TimedIo::new(stream, header_read, idle);
             let (control, config) = (control.clone(), config.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let (control, config) = (control.clone(), config.clone());
-                    async move { Ok::<_, Infallible>(handle(&control, &config, req).await) }
+                    let guard = activity.begin();
+                    async move {
+                        let response = handle(&control, &config, req, header_read).await;
+                        drop(guard);
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(16 * 1024)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                drop(slot);
             });
         }
     });
@@ -95,18 +121,32 @@ fn authorized(config: &AdminConfig, req: &Request<Incoming>) -> bool {
     else {
         return false;
     };
-    given
-        .strip_prefix("Bearer ")
-        .is_some_and(|g| constant_time_eq(g.trim().as_bytes(), token.as_bytes()))
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is compared
+    // exactly, whitespace included.
+    let given = given.as_bytes();
+    let (scheme, credentials) = given.split_at(given.len().min(7));
+    scheme.eq_ignore_ascii_case(b"bearer ") && token_matches(credentials, token.as_bytes())
 }
 
-/// Compare without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `given` equals `token`, in time independent of both: the SHA-256
+/// digests are compared without an early exit, so neither the position of
+/// the first difference nor the token's length leaks.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use sha2::Digest as _;
+    let (a, b) = (sha2::Sha256::digest(given), sha2::Sha256::digest(token));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
-/// The request body, or 413 if it is larger than `max` bytes.
-async fn body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<Full<Bytes>>> {
+/// The request body, or 413 if it is larger than `max` bytes, or 408 if it
+/// does not arrive within `timeout`.
+async fn body(
+    req: Request<Incoming>,
+    max: u64,
+    timeout: Duration,
+) -> Result<Bytes, Response<Full<Bytes>>> {
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -121,9 +161,13 @@ async fn body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<Full<B
         return Err(too_large());
     }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(_) => Err(too_large()),
+    match tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
+        )),
     }
 }
 
@@ -138,6 +182,7 @@ async fn handle(
     control: &Control,
     config: &AdminConfig,
     req: Request<Incoming>,
+    body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
     if !authorized(config, &req) {
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
@@ -155,7 +200,7 @@ async fn handle(
         },
         (Method::PUT, ["upstreams", name, "plugin"]) => {
             let name = name.to_string();
-            let bytes = match body(req, config.max_body_bytes).await {
+            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -165,7 +210,11 @@ async fn handle(
                 match serde_json::from_slice::<SwapRequest>(&bytes) {
                     Ok(r) => {
                         let source = match r.plugin {
-                            Some(p) => match PluginRef::resolve(&p, config_dir(control)) {
+                            Some(p) => match PluginRef::resolve_confined(
+                                &p,
+                                config_dir(control),
+                                &config.plugin_dirs,
+                            ) {
                                 Ok(r) => PluginSource::Ref(r),
                                 Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
                             },
@@ -215,7 +264,7 @@ async fn handle(
                     format!("upstream {name:?} has no backend {backend:?} (an address or id)"),
                 );
             };
-            let bytes = match body(req, config.max_body_bytes).await {
+            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
@@ -269,8 +318,10 @@ mod tests {
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abc", b"abd"));
+        assert!(!token_matches(b"abc", b"abcd"));
+        assert!(!token_matches(b"abc ", b"abc"), "trailing whitespace");
+        assert!(!token_matches(b"", b"abc"));
     }
 }

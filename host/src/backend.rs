@@ -36,6 +36,10 @@ pub struct Status {
     pub returned_at: Option<Instant>,
     /// Start of the slow-start ramp, while ramping.
     pub ramp_from: Option<Instant>,
+    /// Out of rotation after `max_fails` connect failures in a row, until
+    /// then (NGINX `max_fails` / `fail_timeout`; see
+    /// [`BackendCounters::record_connect`]).
+    pub unreachable_until: Option<Instant>,
     /// A drain with nothing in flight has been reported.
     pub drained_reported: bool,
 }
@@ -57,6 +61,9 @@ pub struct BackendCounters {
     pub check_passing: AtomicBool,
     /// Responses in a row that were 5xx, connect failures or timeouts.
     pub consecutive_failures: AtomicU32,
+    /// Connect failures (refused, or not connected within
+    /// `connect_timeout_ms`) in a row; any response resets it.
+    pub connect_failures: AtomicU32,
     /// Peak-EWMA of the response time (what plugins read as `rtt-estimate`).
     pub rtt: RttEstimate,
     admin: AtomicU8,
@@ -129,6 +136,7 @@ impl BackendCounters {
             metrics,
             check_passing: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
+            connect_failures: AtomicU32::new(0),
             rtt: RttEstimate::default(),
             admin: AtomicU8::new(0),
             configured: AtomicU8::new(0),
@@ -174,6 +182,25 @@ impl BackendCounters {
     /// Whether outlier detection has the backend ejected at `now`.
     pub fn ejected(&self, now: Instant) -> bool {
         self.status().ejected_until.is_some_and(|t| t > now)
+    }
+
+    /// Whether connect failures keep the backend out of rotation at `now`.
+    pub fn unreachable(&self, now: Instant) -> bool {
+        self.status().unreachable_until.is_some_and(|t| t > now)
+    }
+
+    /// Record whether connecting to the backend worked: `connected` false
+    /// for a refused or timed-out connect, true for any response. Returns
+    /// the connect failures in a row (0 after a success). Atomics only.
+    pub fn record_connect(&self, connected: bool) -> u32 {
+        if connected {
+            if self.connect_failures.load(Ordering::Relaxed) != 0 {
+                self.connect_failures.store(0, Ordering::Relaxed);
+            }
+            0
+        } else {
+            self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
+        }
     }
 
     /// Record the outcome of one attempt for outlier detection: `ok` is false

@@ -64,6 +64,24 @@ pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
 pub const DEFAULT_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
 /// Default panic threshold, in percent of non-drained backends (Envoy `healthy_panic_threshold`).
 pub const DEFAULT_PANIC_THRESHOLD_PERCENT: u32 = 50;
+/// Default connect failures in a row that take a backend out of rotation
+/// (NGINX `max_fails=1`).
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+/// Default time a backend stays out of rotation after `max_fails` connect
+/// failures, in ms (NGINX `fail_timeout=10s`).
+pub const DEFAULT_FAIL_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on a request line's target (the URI), in bytes; longer is
+/// 414 (NGINX `large_client_header_buffers` 8k).
+pub const DEFAULT_MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+/// Default limit on a request's header fields (names, values and 4 bytes of
+/// framing each), in bytes; more is 431 (HAProxy `tune.bufsize` 16k).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default limit on the number of request header fields; more is 431
+/// (hyper's default, HAProxy `tune.http.maxhdr` 101).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default cap on concurrent admin API connections; at the cap the admin
+/// listener stops accepting until one closes.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// A config error: the file, the 1-based line if known, the key path
 /// (`upstream.app.backends[1].address`) and what is wrong.
@@ -109,6 +127,12 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Requests with a larger body are refused with 413, in bytes.
     pub max_body_bytes: u64,
+    /// Directories a plugin path in an admin request must lie in
+    /// (`plugin_dirs`, relative to the config file; default: the config
+    /// file's directory), as given and resolved.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Concurrent admin connections at most (`max_connections`, default 64).
+    pub max_connections: usize,
 }
 
 /// One `[[listener]]`.
@@ -136,45 +160,164 @@ pub struct RouteConfig {
 pub enum PluginRef {
     /// A strategy embedded in the binary (see [`crate::builtin`]).
     Builtin(String),
-    /// A `.wasm` component file (resolved against the config file's directory).
-    File(PathBuf),
+    /// A `.wasm` component file.
+    File {
+        /// The file (resolved against the config file's directory).
+        path: PathBuf,
+        /// How it is named in messages and the admin API: the resolved path
+        /// for a config file's plugin, the path as given for an admin
+        /// request's (which must not learn the server's directories).
+        shown: String,
+    },
 }
 
+/// Largest plugin file read, in bytes (16 MiB, the admin API's default
+/// body limit); the size is checked before anything is read.
+pub const MAX_PLUGIN_FILE_BYTES: u64 = 16 << 20;
+
 impl PluginRef {
-    /// Resolve a `plugin` value as written in a config file or an admin
-    /// request: one ending in `.wasm` or containing a path separator is a file
-    /// relative to `base` (which must exist); anything else must name a
-    /// built-in.
+    /// Resolve a `plugin` value as written in a config file: one ending in
+    /// `.wasm` or containing a path separator is a file relative to `base`
+    /// (which must exist); anything else must name a built-in.
     ///
     /// # Errors
     /// A message naming the unknown built-in (and listing the built-ins) or
     /// the missing file.
     pub fn resolve(value: &str, base: &Path) -> Result<PluginRef, String> {
-        let looks_like_path =
-            value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
-        if !looks_like_path {
-            return match builtin::get(value) {
-                Some(_) => Ok(PluginRef::Builtin(value.to_string())),
-                None => Err(format!(
-                    "no built-in plugin named {value:?} (built-ins: {:?}; a file path must end in .wasm)",
-                    builtin::names()
-                )),
-            };
+        if let Some(builtin) = Self::builtin(value)? {
+            return Ok(builtin);
         }
         let file = base.join(value);
         if file.is_file() {
-            Ok(PluginRef::File(file))
+            Ok(PluginRef::File {
+                shown: file.display().to_string(),
+                path: file,
+            })
         } else {
             Err(format!("plugin file {} not found", file.display()))
         }
     }
+
+    /// Resolve a `plugin` value from an admin request (untrusted): a
+    /// built-in, or a `.wasm` file that lies, after resolving `..` and
+    /// symbolic links, inside one of `dirs` (relative paths are taken
+    /// against `base`, the config file's directory). Messages name the value
+    /// as given, never a resolved path, and do not tell whether a file
+    /// outside `dirs` exists.
+    ///
+    /// # Errors
+    /// A message: unknown built-in, not a `.wasm` path, outside the plugin
+    /// directories, or not found inside them.
+    pub fn resolve_confined(
+        value: &str,
+        base: &Path,
+        dirs: &[PathBuf],
+    ) -> Result<PluginRef, String> {
+        if let Some(builtin) = Self::builtin(value)? {
+            return Ok(builtin);
+        }
+        let outside = || {
+            format!(
+                "plugin path {value:?} is not a .wasm file inside the allowed plugin directories ([admin] plugin_dirs)"
+            )
+        };
+        if !value.ends_with(".wasm") || value.contains('\0') {
+            return Err(outside());
+        }
+        let file = lexical_normalize(&base.join(value));
+        let dirs: Vec<PathBuf> = dirs.iter().map(|d| lexical_normalize(d)).collect();
+        if !dirs.iter().any(|d| file.starts_with(d)) {
+            return Err(outside());
+        }
+        let Ok(real) = file.canonicalize() else {
+            return Err(format!(
+                "plugin file {value:?} not found in the plugin directories"
+            ));
+        };
+        let inside = dirs
+            .iter()
+            .filter_map(|d| d.canonicalize().ok())
+            .any(|d| real.starts_with(d));
+        if !inside || !real.is_file() {
+            // A link out of the directories, or not a regular file.
+            return Err(outside());
+        }
+        Ok(PluginRef::File {
+            path: real,
+            shown: value.to_string(),
+        })
+    }
+
+    /// `Some` built-in for a value that is not path-like; an error for an
+    /// unknown one; `None` for a path.
+    fn builtin(value: &str) -> Result<Option<PluginRef>, String> {
+        let looks_like_path =
+            value.ends_with(".wasm") || value.contains('/') || value.contains('\\');
+        if looks_like_path {
+            return Ok(None);
+        }
+        match builtin::get(value) {
+            Some(_) => Ok(Some(PluginRef::Builtin(value.to_string()))),
+            None => Err(format!(
+                "no built-in plugin named {value:?} (built-ins: {:?}; a file path must end in .wasm)",
+                builtin::names()
+            )),
+        }
+    }
+}
+
+/// `path` with `.` and `..` components resolved without touching the file
+/// system (`..` never climbs above the root).
+fn lexical_normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Read a plugin file of at most [`MAX_PLUGIN_FILE_BYTES`]: its size is
+/// checked first, then its first 4 bytes must be the WebAssembly magic
+/// `\0asm`, and only then is the rest read. Messages never quote the file.
+///
+/// # Errors
+/// A message: cannot open, too large, or not WebAssembly.
+pub fn read_plugin_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {}", e.kind()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat: {}", e.kind()))?
+        .len();
+    if len > MAX_PLUGIN_FILE_BYTES {
+        return Err(format!(
+            "{len} bytes, larger than the {MAX_PLUGIN_FILE_BYTES}-byte limit on plugin files"
+        ));
+    }
+    let mut reader = file.take(MAX_PLUGIN_FILE_BYTES);
+    let mut magic = [0u8; 4];
+    if reader.read_exact(&mut magic).is_err() || &magic != b"\0asm" {
+        return Err("not a WebAssembly file (no \\0asm header)".into());
+    }
+    let mut bytes = magic.to_vec();
+    reader
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {}", e.kind()))?;
+    Ok(bytes)
 }
 
 impl std::fmt::Display for PluginRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PluginRef::Builtin(n) => write!(f, "{n}"),
-            PluginRef::File(p) => write!(f, "{}", p.display()),
+            PluginRef::File { shown, .. } => write!(f, "{shown}"),
         }
     }
 }
@@ -227,6 +370,13 @@ pub struct UpstreamConfig {
     /// not ejected, all of them are offered to the plugin, in percent
     /// (`panic_threshold_percent`, default 50; 0 disables).
     pub panic_threshold_percent: u32,
+    /// Connect failures in a row (refused, or `connect_timeout_ms` passed)
+    /// that take a backend out of rotation for `fail_timeout_ms`
+    /// (`max_fails`, default 1, as NGINX; 0 disables).
+    pub max_fails: u32,
+    /// How long a backend stays out of rotation after `max_fails` connect
+    /// failures, in ms (`fail_timeout_ms`, default 10000, as NGINX).
+    pub fail_timeout_ms: u64,
     /// A backend that joins or recovers ramps its effective weight from 10 %
     /// to 100 % over this window, in ms (`slow_start_ms`, default 0: off).
     pub slow_start_ms: u64,
@@ -348,6 +498,8 @@ impl UpstreamConfig {
             retry_min_per_second: DEFAULT_RETRY_MIN_PER_SECOND,
             retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
             panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout_ms: DEFAULT_FAIL_TIMEOUT_MS,
             slow_start_ms: 0,
         }
     }
@@ -430,6 +582,32 @@ pub struct ServerConfig {
     /// A downstream connection with no request in progress and no bytes
     /// received for this long is closed, in ms (`idle_timeout_ms`, default 60000).
     pub idle_timeout_ms: u64,
+    /// Request limits (`max_request_line_bytes`, `max_header_bytes`,
+    /// `max_headers`).
+    pub limits: RequestLimits,
+}
+
+/// Limits on a downstream request's head (`[server]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// The request target (URI) at most, in bytes; longer is 414
+    /// (`max_request_line_bytes`, default 8192).
+    pub max_request_line_bytes: usize,
+    /// The header fields at most (each counted as name + value + 4 bytes),
+    /// in bytes; more is 431 (`max_header_bytes`, default 16384).
+    pub max_header_bytes: usize,
+    /// Header fields at most; more is 431 (`max_headers`, default 100).
+    pub max_headers: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_request_line_bytes: DEFAULT_MAX_REQUEST_LINE_BYTES,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -438,6 +616,7 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            limits: RequestLimits::default(),
         }
     }
 }
@@ -464,6 +643,8 @@ struct RawAdmin {
     address: Spanned<String>,
     token_file: Option<Spanned<String>>,
     max_body_bytes: Option<u64>,
+    plugin_dirs: Option<Spanned<Vec<String>>>,
+    max_connections: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -506,6 +687,8 @@ struct RawUpstream {
     retry_buffer_bytes: Option<u64>,
     panic_threshold_percent: Option<Spanned<u32>>,
     slow_start_ms: Option<u64>,
+    max_fails: Option<u32>,
+    fail_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -525,6 +708,9 @@ struct RawServer {
     shutdown_timeout_ms: Option<u64>,
     header_read_timeout_ms: Option<Spanned<u64>>,
     idle_timeout_ms: Option<Spanned<u64>>,
+    max_request_line_bytes: Option<Spanned<u64>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    max_headers: Option<Spanned<u64>>,
 }
 
 impl Config {
@@ -685,7 +871,46 @@ impl Validator<'_> {
                 &s.idle_timeout_ms,
                 DEFAULT_IDLE_TIMEOUT_MS,
             )?,
+            limits: RequestLimits {
+                max_request_line_bytes: self.bounded(
+                    "server.max_request_line_bytes",
+                    s.max_request_line_bytes.as_ref(),
+                    DEFAULT_MAX_REQUEST_LINE_BYTES,
+                    64..=65_534,
+                )?,
+                max_header_bytes: self.bounded(
+                    "server.max_header_bytes",
+                    s.max_header_bytes.as_ref(),
+                    DEFAULT_MAX_HEADER_BYTES,
+                    1024..=1 << 20,
+                )?,
+                max_headers: self.bounded(
+                    "server.max_headers",
+                    s.max_headers.as_ref(),
+                    DEFAULT_MAX_HEADERS,
+                    1..=10_000,
+                )?,
+            },
         })
+    }
+
+    /// `v` if within `range`, else an error naming `key`; `default` if unset.
+    fn bounded(
+        &self,
+        key: &str,
+        v: Option<&Spanned<u64>>,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.err(
+                Some(v.span()),
+                key,
+                format!("must be from {} to {}", range.start(), range.end()),
+            )),
+        }
     }
 
     fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
@@ -722,10 +947,49 @@ impl Validator<'_> {
                 format!("{address} is not a loopback address: set admin.token_file so requests must carry a bearer token"),
             ));
         }
+        let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+        let plugin_dirs = match &a.plugin_dirs {
+            None => vec![base.to_path_buf()],
+            Some(dirs) => {
+                if dirs.get_ref().is_empty() {
+                    return Err(self.err(
+                        Some(dirs.span()),
+                        "admin.plugin_dirs",
+                        "name at least one directory",
+                    ));
+                }
+                let mut out = Vec::new();
+                for d in dirs.get_ref() {
+                    let dir = base.join(d);
+                    if !dir.is_dir() {
+                        return Err(self.err(
+                            Some(dirs.span()),
+                            "admin.plugin_dirs",
+                            format!("{d:?} is not a directory"),
+                        ));
+                    }
+                    out.push(dir);
+                }
+                out
+            }
+        };
+        let max_connections = match &a.max_connections {
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(self.err(
+                    Some(n.span()),
+                    "admin.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_ADMIN_MAX_CONNECTIONS,
+        };
         Ok(AdminConfig {
             address,
             token,
             max_body_bytes: a.max_body_bytes.unwrap_or(DEFAULT_ADMIN_MAX_BODY_BYTES),
+            plugin_dirs,
+            max_connections,
         })
     }
 
@@ -891,6 +1155,12 @@ impl Validator<'_> {
                 DEFAULT_PANIC_THRESHOLD_PERCENT,
             )?,
             slow_start_ms: u.slow_start_ms.unwrap_or(0),
+            max_fails: u.max_fails.unwrap_or(DEFAULT_MAX_FAILS),
+            fail_timeout_ms: positive(
+                "fail_timeout_ms",
+                &u.fail_timeout_ms,
+                DEFAULT_FAIL_TIMEOUT_MS,
+            )?,
         })
     }
 

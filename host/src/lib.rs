@@ -10,6 +10,8 @@
 //!   native round-robin fallback, outlier ejection, panic mode and slow start.
 //! - [`backend`]: one backend's live counters and state (health, ejection,
 //!   drain, slow start).
+//! - [`request_rules`]: what a downstream request must satisfy before it is
+//!   routed (limits, `Host`, `CONNECT`, HTTP/2 to HTTP/1.1 translation).
 //! - [`proxy`]: per-request routing, header handling and forwarding.
 //! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
 //! - [`conn`]: downstream connection timeouts (request head read, idle keep-alive).
@@ -32,6 +34,7 @@ pub mod health;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod request_rules;
 pub mod retry;
 pub mod scaffold;
 pub mod server;

@@ -202,10 +202,10 @@ impl Runtime {
                     message: "no such built-in".into(),
                 })?
                 .into(),
-            PluginRef::File(path) => std::fs::read(path)
-                .map_err(|e| PluginError::Read {
+            PluginRef::File { path, .. } => crate::config::read_plugin_file(path)
+                .map_err(|message| PluginError::Read {
                     plugin: name.clone(),
-                    message: e.to_string(),
+                    message,
                 })?
                 .into(),
         };

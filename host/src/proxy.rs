@@ -36,7 +36,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RequestLimits, RouteConfig};
 use crate::conn::RequestGuard;
 use crate::metrics::Metrics;
 use crate::plugin::{RequestView, Runtime};
@@ -138,6 +138,7 @@ pub struct Proxy {
     listener_defaults: HashMap<ListenerKey, usize>,
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
+    limits: RequestLimits,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -229,6 +230,7 @@ impl Proxy {
                 Duration::from_millis(config.server.header_read_timeout_ms),
                 Duration::from_millis(config.server.idle_timeout_ms),
             ),
+            limits: config.server.limits,
         })
     }
 
@@ -267,13 +269,19 @@ impl Proxy {
             .or_else(|| self.listener_defaults.get(listener).copied())
     }
 
+    /// The downstream request limits (see [`crate::request_rules`]).
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
+    }
+
     /// The downstream head-read and idle keep-alive timeouts (see [`crate::conn`]).
     pub fn downstream_timeouts(&self) -> (Duration, Duration) {
         self.downstream_timeouts
     }
 
     /// Serve one downstream request that arrived on `listener` from `client`.
-    /// Never fails: errors become 502/503/504 responses.
+    /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
+    /// other errors become 400/502/503/504 responses (see [`Failure`]).
     pub async fn handle(
         self: Arc<Self>,
         listener: ListenerKey,
@@ -281,7 +289,17 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
+            tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
+            let mut response = error_response(rejection.status, rejection.reason);
+            // The rest of the connection cannot be trusted to be framed as
+            // the client meant: answer, then close.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
         let index = self.route(&listener, &parts);
         let (Some(upstream), Some(http)) = (
             index.and_then(|i| self.upstreams.get(i)),
@@ -324,7 +342,9 @@ impl Proxy {
 
     /// Ask the plugin, forward, and retry a failed attempt on another backend
     /// while the rules of [`crate::retry`], the upstream's `retries` and its
-    /// retry budget allow.
+    /// retry budget allow. A connect failure (nothing was sent) is retried
+    /// without drawing on the budget, on up to [`MAX_CONNECT_RETRIES`] other
+    /// backends; a client fault is never retried.
     async fn forward(
         &self,
         upstream: &Upstream,
@@ -341,6 +361,7 @@ impl Proxy {
         }
         let mut view = RequestView { parts, client };
         let mut tried: Vec<usize> = Vec::new();
+        let (mut retries, mut connect_retries) = (0u32, 0u32);
         let mut last_failure = None;
         loop {
             let (mut selection, v) = upstream.select(view, &tried);
@@ -351,15 +372,12 @@ impl Proxy {
                     return failure;
                 }
                 let reason = if selection.failed {
-                    format!(
-                        "the plugin of upstream {} failed (on_plugin_error = \"fail\")",
-                        upstream.name()
-                    )
+                    "the plugin failed (on_plugin_error = \"fail\")"
                 } else {
-                    format!("no backend available in upstream {}", upstream.name())
+                    "no backend available"
                 };
                 self.metrics.unrouted(upstream.name(), 503);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, &reason);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
             };
             // A retry needs the head again; without retries, move it.
             let mut head = if upstream.retries == 0 {
@@ -377,7 +395,7 @@ impl Proxy {
             let result =
                 tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
             let address = chosen.address;
-            let (failure, sent) = match result {
+            let failure = match result {
                 Ok(Ok(response)) => {
                     let now_ns = crate::plugin::monotonic_ns();
                     chosen
@@ -386,6 +404,7 @@ impl Proxy {
                         .observe(now_ns.saturating_sub(sent_ns), now_ns);
                     let (mut parts, incoming) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    upstream.report_connected(&chosen);
                     upstream.report(&chosen, !parts.status.is_server_error());
                     chosen.counters.metrics.response(parts.status.as_u16());
                     for (name, value) in std::mem::take(&mut selection.response_headers) {
@@ -398,55 +417,64 @@ impl Proxy {
                     }
                     return response;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(upstream = upstream.name(), %address, "backend request failed: {e:#}");
-                    if is_timeout(&e) {
-                        let r = error_response(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            &format!("connecting to backend {address} timed out"),
-                        );
-                        (r, false)
-                    } else if e.is_connect() {
-                        let r = error_response(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("cannot connect to backend {address}"),
-                        );
-                        (r, false)
-                    } else {
-                        let r = error_response(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("backend {address} broke the response"),
-                        );
-                        (r, true)
-                    }
-                }
-                Err(_) => {
-                    let r = error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        &format!(
-                            "backend {address} did not answer within {} ms",
-                            upstream.response_timeout.as_millis()
-                        ),
-                    );
-                    (r, true)
-                }
+                // The client's body failed: whatever the backend did, it is
+                // not its fault, and nothing may be retried.
+                _ if body.client_failed() => Failure::Client,
+                Ok(Err(e)) if e.is_connect() => Failure::Connect {
+                    timed_out: is_timeout(&e),
+                    detail: e.to_string(),
+                },
+                Ok(Err(e)) => Failure::Broken {
+                    detail: error_chain(&e),
+                },
+                Err(_) => Failure::ResponseTimeout,
             };
             drop(guard);
-            upstream.report(&chosen, false);
-            chosen.counters.metrics.response(failure.status().as_u16());
+            tracing::debug!(upstream = upstream.name(), %address, "attempt failed: {failure}");
+            if let Failure::Client = failure {
+                self.metrics.unrouted(upstream.name(), 400);
+                let mut response = error_response(StatusCode::BAD_REQUEST, failure.reason());
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+            let status = failure.status();
+            if failure.nothing_sent() {
+                upstream.report_connect_failure(&chosen);
+            } else {
+                upstream.report(&chosen, false);
+            }
+            chosen.counters.metrics.response(status.as_u16());
             tried.push(chosen.id);
-            let retry = tried.len() <= upstream.retries as usize
-                && (!sent || idempotent)
-                && body.replayable()
-                && upstream.withdraw_retry();
-            let mut failure = failure;
+            let mut response = error_response(status, failure.reason());
             if upstream.debug_headers() {
-                debug_headers(&mut failure, &selection, &chosen);
+                debug_headers(&mut response, &selection, &chosen);
+                if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {
+                    response
+                        .headers_mut()
+                        .insert(HeaderName::from_static("x-wasmlb-error"), v);
+                }
             }
+            let retry = upstream.retries > 0
+                && body.replayable()
+                && if failure.nothing_sent() {
+                    // Connect failures: the backend saw nothing, so retrying
+                    // is always safe; bounded per request, not budgeted.
+                    connect_retries < MAX_CONNECT_RETRIES && {
+                        connect_retries += 1;
+                        true
+                    }
+                } else {
+                    retries < upstream.retries && idempotent && upstream.withdraw_retry() && {
+                        retries += 1;
+                        true
+                    }
+                };
             if !retry {
-                return failure;
+                return response;
             }
-            last_failure = Some(failure);
+            last_failure = Some(response);
             upstream.metrics().retries.inc();
             tracing::debug!(
                 upstream = upstream.name(),
@@ -456,6 +484,75 @@ impl Proxy {
             );
         }
     }
+}
+
+/// Connect failures of one request retried on other backends at most
+/// (NGINX `proxy_next_upstream error timeout` tries every server; this
+/// bounds the wait when many connects time out).
+pub const MAX_CONNECT_RETRIES: u32 = 8;
+
+/// Why an attempt failed, classified by the side at fault.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The client's request body failed (it aborted, or its framing broke):
+    /// 400, never blamed on the backend, never retried.
+    #[error("the client's request body failed")]
+    Client,
+    /// Connecting failed (refused, unreachable, or `connect_timeout_ms`):
+    /// nothing was sent. 502, or 504 if it timed out.
+    #[error("connect failed: {detail}")]
+    Connect { timed_out: bool, detail: String },
+    /// The request was (perhaps) sent, then the connection broke before a
+    /// response head: 502.
+    #[error("the backend broke the connection: {detail}")]
+    Broken { detail: String },
+    /// No response head within `response_timeout_ms`: 504.
+    #[error("no response head within response_timeout_ms")]
+    ResponseTimeout,
+}
+
+impl Failure {
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Client => StatusCode::BAD_REQUEST,
+            Failure::Connect {
+                timed_out: true, ..
+            }
+            | Failure::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Connect { .. } | Failure::Broken { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// What the client is told: generic, no backend address (the detail is
+    /// logged, and shown in `x-wasmlb-error` with `debug_headers`).
+    fn reason(&self) -> &'static str {
+        match self {
+            Failure::Client => "the request body was incomplete or malformed",
+            Failure::Connect {
+                timed_out: true, ..
+            } => "connecting to the backend timed out",
+            Failure::Connect { .. } => "the backend could not be reached",
+            Failure::Broken { .. } => "the backend closed the connection without a response",
+            Failure::ResponseTimeout => "the backend did not answer in time",
+        }
+    }
+
+    fn nothing_sent(&self) -> bool {
+        matches!(self, Failure::Connect { .. })
+    }
+}
+
+/// `e` and its sources, joined by `: ` (hyper-util's errors say little on
+/// their own).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// `x-wasmlb-plugin` and `x-wasmlb-backend` (see `debug_headers`).

@@ -13,6 +13,13 @@
 //! - either way, the body must be available again: [`ReplayBody`] keeps up
 //!   to `retry_buffer_bytes` of what was sent; a larger body that was
 //!   (partly) sent cannot be replayed, so its request is not retried.
+//! - a request body the client did not complete (it aborted, or its chunked
+//!   framing broke) is never completed on any backend: the downstream error
+//!   is final for the request. Every attempt body, the current one and any
+//!   later one, fails from then on ([`ClientBodyError`]), so the backend
+//!   connection is aborted mid-body rather than ended cleanly, and
+//!   [`ReplayBody::client_failed`] tells the request path to answer 400
+//!   without blaming or retrying a backend.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -37,6 +44,13 @@ pub fn idempotent(method: &Method) -> bool {
 #[error("request body superseded by a retry")]
 pub struct Superseded;
 
+/// The downstream request body failed (the client aborted, or its framing
+/// was invalid): the request body can never be completed. Carries hyper's
+/// description of the downstream error.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(pub String);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A downstream request body that can be sent once per attempt: each
@@ -45,14 +59,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// downstream. Only the newest attempt's body may be read; an older one
 /// fails with [`Superseded`].
 #[derive(Debug)]
-pub struct ReplayBody {
-    shared: Option<Arc<Mutex<Shared>>>,
+pub struct ReplayBody<B = Incoming> {
+    shared: Option<Arc<Mutex<Shared<B>>>>,
     hint: SizeHint,
 }
 
 #[derive(Debug)]
-struct Shared {
-    body: Incoming,
+struct Shared<B> {
+    body: B,
     chunks: Vec<Bytes>,
     buffered: u64,
     limit: u64,
@@ -61,12 +75,14 @@ struct Shared {
     ended: bool,
     trailers: Option<HeaderMap>,
     generation: u64,
+    /// The downstream body failed; final for every attempt.
+    failed: Option<String>,
 }
 
-impl ReplayBody {
+impl<B: Body> ReplayBody<B> {
     /// Wrap `body`, keeping up to `limit` bytes for replays. An empty body
     /// (`is_end_stream` already) costs no allocation.
-    pub fn new(body: Incoming, limit: u64) -> Self {
+    pub fn new(body: B, limit: u64) -> Self {
         if body.is_end_stream() {
             return Self {
                 shared: None,
@@ -85,6 +101,7 @@ impl ReplayBody {
                 ended: false,
                 trailers: None,
                 generation: 0,
+                failed: None,
             }))),
             hint,
         }
@@ -99,6 +116,15 @@ impl ReplayBody {
         })
     }
 
+    /// True if the downstream body failed (client abort, broken framing):
+    /// the request must not be retried and is the client's fault (400).
+    pub fn client_failed(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| {
+            let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+            s.failed.is_some()
+        })
+    }
+
     /// True if some of the body was read (handed to a backend connection).
     pub fn consumed(&self) -> bool {
         self.shared.as_ref().is_some_and(|s| {
@@ -108,7 +134,7 @@ impl ReplayBody {
     }
 
     /// The body for a new attempt; earlier attempts' bodies stop working.
-    pub fn attempt(&self) -> AttemptBody {
+    pub fn attempt(&self) -> AttemptBody<B> {
         let Some(shared) = &self.shared else {
             return AttemptBody {
                 shared: None,
@@ -135,15 +161,19 @@ impl ReplayBody {
 
 /// One attempt's request body (see [`ReplayBody`]).
 #[derive(Debug)]
-pub struct AttemptBody {
-    shared: Option<Arc<Mutex<Shared>>>,
+pub struct AttemptBody<B = Incoming> {
+    shared: Option<Arc<Mutex<Shared<B>>>>,
     generation: u64,
     position: usize,
     trailers_sent: bool,
     hint: SizeHint,
 }
 
-impl Body for AttemptBody {
+impl<B> Body for AttemptBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -158,6 +188,10 @@ impl Body for AttemptBody {
         let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
         if s.generation != this.generation {
             return Poll::Ready(Some(Err(Box::new(Superseded))));
+        }
+        if let Some(failed) = &s.failed {
+            // Never replay a prefix of a body the client did not complete.
+            return Poll::Ready(Some(Err(Box::new(ClientBodyError(failed.clone())))));
         }
         if let Some(chunk) = s.chunks.get(this.position) {
             this.position += 1;
@@ -178,7 +212,11 @@ impl Body for AttemptBody {
                 s.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => {
+                let message = e.to_string();
+                s.failed = Some(message.clone());
+                Poll::Ready(Some(Err(Box::new(ClientBodyError(message)))))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 s.consumed = true;
                 match frame.into_data() {
@@ -221,6 +259,85 @@ impl Body for AttemptBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use std::collections::VecDeque;
+
+    /// A scripted downstream body: yields its frames in order, then ends.
+    struct Script(VecDeque<Result<Frame<Bytes>, String>>);
+
+    impl Body for Script {
+        type Data = Bytes;
+        type Error = String;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, String>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+    }
+
+    fn script(items: Vec<Result<&'static str, &'static str>>) -> Script {
+        Script(
+            items
+                .into_iter()
+                .map(|i| {
+                    i.map(|d| Frame::data(Bytes::from_static(d.as_bytes())))
+                        .map_err(str::to_string)
+                })
+                .collect(),
+        )
+    }
+
+    /// Every frame of `body` until it ends or fails: the data, and the error.
+    async fn drain<B>(mut body: AttemptBody<B>) -> (Vec<u8>, Option<String>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        let mut data = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => data.extend_from_slice(&f.into_data().unwrap_or_default()),
+                Err(e) => return (data, Some(e.to_string())),
+            }
+        }
+        (data, None)
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_is_replayed_whole() {
+        let replay = ReplayBody::new(script(vec![Ok("hel"), Ok("lo")]), 1024);
+        assert_eq!(drain(replay.attempt()).await, (b"hello".to_vec(), None));
+        assert!(replay.replayable() && !replay.client_failed());
+        assert_eq!(drain(replay.attempt()).await, (b"hello".to_vec(), None));
+    }
+
+    #[tokio::test]
+    async fn a_failed_downstream_body_is_final_for_every_attempt() {
+        let replay = ReplayBody::new(script(vec![Ok("hello"), Err("incomplete")]), 1024);
+        let (data, error) = drain(replay.attempt()).await;
+        assert_eq!(data, b"hello");
+        assert!(error.unwrap().contains("incomplete"));
+        assert!(replay.client_failed());
+        // A later attempt never replays the prefix and never ends cleanly.
+        let (data, error) = drain(replay.attempt()).await;
+        assert!(data.is_empty(), "replayed {data:?}");
+        assert!(error.unwrap().contains("client's request body failed"));
+    }
+
+    #[tokio::test]
+    async fn a_body_failing_on_a_later_attempt_is_final_too() {
+        // Attempt 1 reads one chunk (then its backend fails); attempt 2
+        // replays it and reads on into the client's error.
+        let replay = ReplayBody::new(script(vec![Ok("a"), Err("bad chunk")]), 1024);
+        let mut first = replay.attempt();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "a");
+        drop(first);
+        let (data, error) = drain(replay.attempt()).await;
+        assert_eq!(data, b"a");
+        assert!(error.is_some() && replay.client_failed());
+    }
 
     #[test]
     fn idempotent_methods_follow_rfc_9110() {

@@ -436,17 +436,7 @@ fn swap_blocking(
     ))
 }
 
-/// `e` and its sources, joined by `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use crate::proxy::error_chain;
 
 /// A started server.
 #[derive(Debug)]
@@ -501,6 +491,21 @@ impl RunningServer {
     }
 }
 
+/// hyper's connection settings for `limits`: heads that cannot fit are
+/// answered 431 (or 414) by hyper itself, with bounded memory (see
+/// [`crate::request_rules`]).
+fn connection_builder(limits: &crate::config::RequestLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(crate::request_rules::h1_max_buf_size(limits))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .max_header_list_size(crate::request_rules::h2_max_header_list_size(limits));
+    builder
+}
+
 /// Accept connections until told to stop, then wait for open connections to
 /// finish their in-flight requests. Returns true when all have.
 async fn accept_loop(
@@ -510,7 +515,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> bool {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut limits = None;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -524,7 +530,14 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (header_read, idle) = shared.proxy.load().downstream_timeouts();
+                let proxy = shared.proxy.load();
+                let (header_read, idle) = proxy.downstream_timeouts();
+                if limits != Some(proxy.limits()) {
+                    // First connection, or a reload changed the limits.
+                    limits = Some(proxy.limits());
+                    builder = connection_builder(&proxy.limits());
+                }
+                drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
                 let shared = shared.clone();
                 let service = service_fn(move |req| {

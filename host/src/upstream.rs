@@ -40,10 +40,12 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// Which backends the plugin may choose, and with which weights, at `now`.
 ///
 /// A backend is available when its admin state is `ready`, its health checks
-/// pass and it is not ejected. When fewer than `panic_threshold_percent` of
-/// the ready backends are available, every ready backend is offered (Envoy's
-/// panic threshold: better to spread load over possibly bad backends than to
-/// overload the few left or fail). A backend that becomes available again
+/// pass, it is not ejected and connect failures have not made it
+/// unreachable. When fewer than `panic_threshold_percent` of the ready
+/// backends are available, every ready backend that is not unreachable is
+/// offered (Envoy's panic threshold: better to spread load over possibly bad
+/// backends than to overload the few left or fail); a backend that refuses
+/// connections is pointless to offer, unless every ready backend does. A backend that becomes available again
 /// (not in panic mode) starts a slow-start ramp of `slow_start`; while any
 /// backend ramps, every weight is the configured weight times its ramp
 /// percentage (100 when not ramping), so integer weights can express 10 %.
@@ -61,9 +63,14 @@ pub fn evaluate_backends(
         .iter()
         .map(|b| b.counters.admin_state() == AdminState::Ready)
         .collect();
-    let up: Vec<bool> = backends
+    let reachable: Vec<bool> = backends
         .iter()
         .zip(&ready)
+        .map(|(b, &r)| r && !b.counters.unreachable(now))
+        .collect();
+    let up: Vec<bool> = backends
+        .iter()
+        .zip(&reachable)
         .map(|(b, &r)| {
             r && b.counters.check_passing.load(Ordering::Relaxed) && !b.counters.ejected(now)
         })
@@ -73,10 +80,17 @@ pub fn evaluate_backends(
     let panic = panic_threshold_percent > 0
         && n_ready > 0
         && n_up * 100 < panic_threshold_percent as usize * n_ready;
+    // In panic mode: the ready backends that accept connections, or every
+    // ready backend if none does.
+    let offered = if reachable.contains(&true) {
+        &reachable
+    } else {
+        &ready
+    };
     let mut changed = false;
     let mut percents = Vec::with_capacity(backends.len());
     for (i, b) in backends.iter().enumerate() {
-        let selectable = if panic { ready[i] } else { up[i] };
+        let selectable = if panic { offered[i] } else { up[i] };
         let was = b.counters.healthy.swap(selectable, Ordering::Relaxed);
         changed |= was != selectable;
         let pct = b.counters.update_status(|s| {
@@ -207,6 +221,8 @@ pub struct Upstream {
     pub retry_buffer_bytes: u64,
     retry_budget: TpsBudget,
     outlier: Option<OutlierConfig>,
+    max_fails: u32,
+    fail_timeout: Duration,
     panic_threshold_percent: u32,
     slow_start: Duration,
 }
@@ -281,8 +297,8 @@ pub struct BackendSnapshot {
     /// Weight the plugin sees (differs during slow start).
     pub effective_weight: u32,
     /// Summary, first that applies: `maint`, `drained` (drain with nothing
-    /// in flight), `drain`, `ejected`, `unhealthy` (failing health checks),
-    /// `healthy`.
+    /// in flight), `drain`, `unreachable` (out of rotation after connect
+    /// failures), `ejected`, `unhealthy` (failing health checks), `healthy`.
     pub state: &'static str,
     /// `ready`, `drain` or `maint`.
     pub admin_state: AdminState,
@@ -290,6 +306,9 @@ pub struct BackendSnapshot {
     pub check_passing: bool,
     /// Milliseconds left of an outlier ejection, if ejected.
     pub ejected_for_ms: Option<u64>,
+    /// Milliseconds left out of rotation after connect failures
+    /// (`max_fails` / `fail_timeout_ms`), if so.
+    pub unreachable_for_ms: Option<u64>,
     /// Times ejected by outlier detection.
     pub ejections: u32,
     /// Whether the plugin may choose it (`healthy` as the plugin sees it).
@@ -392,6 +411,8 @@ impl Upstream {
                 config.retry_budget_percent as f32 / 100.0,
             ),
             outlier: config.outlier_detection.clone(),
+            max_fails: config.max_fails,
+            fail_timeout: Duration::from_millis(config.fail_timeout_ms),
             panic_threshold_percent: config.panic_threshold_percent,
             slow_start,
         };
@@ -654,24 +675,69 @@ impl Upstream {
         self.refresh(&mut slot, now);
     }
 
-    /// Periodic upkeep (every [`TICK`]): end expired ejections, advance slow
-    /// starts, and report drained backends.
+    /// Record a failed connect to `chosen` (refused, or not connected within
+    /// `connect_timeout_ms`): nothing was sent. After `max_fails` in a row the
+    /// backend leaves rotation for `fail_timeout_ms`, whatever share of the
+    /// backends already has (NGINX `max_fails` / `fail_timeout`, on by
+    /// default; `max_fails = 0` turns it off). It also counts for outlier
+    /// detection, if configured. Lock-free below the threshold.
+    pub fn report_connect_failure(&self, chosen: &Chosen) {
+        self.report(chosen, false);
+        if self.max_fails == 0 || chosen.counters.record_connect(false) < self.max_fails {
+            return;
+        }
+        let mut slot = self.lock();
+        let now = Instant::now();
+        let until = now + self.fail_timeout;
+        let newly = chosen.counters.update_status(|s| {
+            let newly = s.unreachable_until.is_none_or(|t| t <= now);
+            s.unreachable_until = Some(until);
+            newly
+        });
+        chosen.counters.connect_failures.store(0, Ordering::Relaxed);
+        if newly {
+            tracing::warn!(
+                upstream = &*self.name,
+                backend = %chosen.address,
+                "backend unreachable: out of rotation for {} ms after {} connect failures in a row",
+                self.fail_timeout.as_millis(),
+                self.max_fails
+            );
+        }
+        self.refresh(&mut slot, now);
+    }
+
+    /// Record that `chosen` answered (any response): its connect-failure
+    /// streak restarts. One relaxed load when there is none.
+    pub fn report_connected(&self, chosen: &Chosen) {
+        chosen.counters.record_connect(true);
+    }
+
+    /// Periodic upkeep (every [`TICK`]): end expired ejections and
+    /// unreachable periods, advance slow starts, and report drained backends.
     pub fn tick(&self) {
         let mut slot = self.lock();
         let now = Instant::now();
         for b in slot.backends.iter() {
             let drained = b.counters.admin_state() == AdminState::Drain
                 && b.counters.in_flight.load(Ordering::Relaxed) == 0;
-            let (readmitted, report_drained) = b.counters.update_status(|s| {
+            let (readmitted, retrying, report_drained) = b.counters.update_status(|s| {
                 let readmitted = s.ejected_until.is_some_and(|t| t <= now);
                 if readmitted {
                     s.ejected_until = None;
                     s.returned_at = Some(now);
                 }
+                let retrying = s.unreachable_until.is_some_and(|t| t <= now);
+                if retrying {
+                    s.unreachable_until = None;
+                }
                 let report = drained && !s.drained_reported;
                 s.drained_reported |= report;
-                (readmitted, report)
+                (readmitted, retrying, report)
             });
+            if retrying {
+                tracing::info!(upstream = &*self.name, backend = %b.address, "fail_timeout_ms passed: the unreachable backend is tried again");
+            }
             if readmitted {
                 b.counters.consecutive_failures.store(0, Ordering::Relaxed);
                 tracing::info!(upstream = &*self.name, backend = %b.address, "ejection ended, backend readmitted");
@@ -923,14 +989,18 @@ fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapsho
     let admin_state = c.admin_state();
     let in_flight = c.in_flight.load(Ordering::Relaxed);
     let check_passing = c.check_passing.load(Ordering::Relaxed);
-    let ejected_for_ms = status
-        .ejected_until
-        .filter(|&t| t > now)
-        .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX));
+    let left_ms = |until: Option<Instant>| {
+        until
+            .filter(|&t| t > now)
+            .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX))
+    };
+    let ejected_for_ms = left_ms(status.ejected_until);
+    let unreachable_for_ms = left_ms(status.unreachable_until);
     let state = match admin_state {
         AdminState::Maint => "maint",
         AdminState::Drain if in_flight == 0 => "drained",
         AdminState::Drain => "drain",
+        AdminState::Ready if unreachable_for_ms.is_some() => "unreachable",
         AdminState::Ready if ejected_for_ms.is_some() => "ejected",
         AdminState::Ready if !check_passing => "unhealthy",
         AdminState::Ready => "healthy",
@@ -944,6 +1014,7 @@ fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapsho
         admin_state,
         check_passing,
         ejected_for_ms,
+        unreachable_for_ms,
         ejections: status.ejections,
         selectable: c.healthy.load(Ordering::Relaxed),
         in_flight,

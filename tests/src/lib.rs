@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 
 pub use wasmlb;
 
+pub mod corpus;
+pub mod raw;
+
 /// Paths of the plugins built for the tests by `build.rs`.
 pub mod plugins {
     /// `examples/header-route`.
