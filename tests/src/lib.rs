@@ -408,7 +408,14 @@ pub struct InProcessProxy {
 impl InProcessProxy {
     /// Load `toml` (listener addresses should use port 0) and start serving.
     pub async fn start(toml: &str) -> Self {
+        Self::start_with(toml, |_| {}).await
+    }
+
+    /// As [`InProcessProxy::start`], after `prepare` has run on the config
+    /// file's directory (to create files the config names).
+    pub async fn start_with(toml: &str, prepare: impl FnOnce(&Path)) -> Self {
         let config = ConfigFile::new(toml);
+        prepare(config.dir());
         let loaded = wasmlb::config::Config::load(&config.path).expect("valid config");
         let server = wasmlb::server::Server::start(&loaded)
             .await

@@ -77,19 +77,14 @@ async fn closed_backend_port_is_502_and_empty_upstream_is_503() {
     .await;
     let (status, _, body) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 502);
-    assert!(
-        body.contains(&format!("cannot connect to backend {dead}")),
-        "{body}"
-    );
+    assert!(body.contains("the backend could not be reached"), "{body}");
+    assert!(!body.contains(&dead.to_string()), "{body}");
     assert!(proxy.stop().await);
 
     let proxy = InProcessProxy::start(&app_config("round-robin", "", "")).await;
     let (status, _, body) = get(&client(), &proxy.url("/")).await;
     assert_eq!(status, 503);
-    assert!(
-        body.contains("no backend available in upstream app"),
-        "{body}"
-    );
+    assert!(body.contains("no backend available"), "{body}");
     assert!(proxy.stop().await);
 }
 
@@ -104,7 +99,7 @@ async fn slow_backend_is_504_after_the_response_timeout() {
     .await;
     let (status, _, body) = get(&client(), &proxy.url("/slow?ms=3000")).await;
     assert_eq!(status, 504);
-    assert!(body.contains("did not answer within 200 ms"), "{body}");
+    assert!(body.contains("did not answer in time"), "{body}");
     assert!(proxy.stop().await);
 }
 
