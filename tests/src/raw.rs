@@ -661,7 +661,7 @@ pub async fn h2_exchange(
             let _ = stream.write_all(&frame(0x1, 0x5, id, &block)).await;
         }
         let probe_done = !probe_after || probe.is_some() || goaway.is_some();
-        if (watched_done && probe_done) || goaway.is_some() && watched_done {
+        if watched_done && (probe_done || goaway.is_some()) {
             break;
         }
         match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {

@@ -61,7 +61,7 @@ fn nginx(b0: SocketAddr, b1: SocketAddr, dead: SocketAddr) -> Option<Peer> {
          upstream app {{ server {b0}; server {b1}; keepalive 8; }}\n\
          upstream dead {{ server {dead}; server {b1}; }}\n\
          server {{\n    listen {h1};\n    listen {h2} http2;\n\
-         location /dead/ {{ proxy_pass http://dead; }}\n\
+         location /dead/ {{ proxy_pass http://dead; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $http_host; }}\n\
          location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $http_host; }}\n  }}\n}}\n"
     );
     let path = dir.path().join("nginx.conf");
