@@ -193,28 +193,27 @@ impl BackendCounters {
     /// for a refused or timed-out connect, true for any response. Returns
     /// the connect failures in a row (0 after a success). Atomics only.
     pub fn record_connect(&self, connected: bool) -> u32 {
-        if connected {
-            if self.connect_failures.load(Ordering::Relaxed) != 0 {
-                self.connect_failures.store(0, Ordering::Relaxed);
-            }
-            0
-        } else {
-            self.connect_failures.fetch_add(1, Ordering::Relaxed) + 1
-        }
+        streak(&self.connect_failures, connected)
     }
 
     /// Record the outcome of one attempt for outlier detection: `ok` is false
     /// for a 5xx response, a connect failure or a timeout. Returns the number
     /// of failures in a row (0 after a success). Two atomics, no lock.
     pub fn record(&self, ok: bool) -> u32 {
-        if ok {
-            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
-                self.consecutive_failures.store(0, Ordering::Relaxed);
-            }
-            0
-        } else {
-            self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
+        streak(&self.consecutive_failures, ok)
+    }
+}
+
+/// Count a failure in a row in `counter` (`ok` false) or end the streak
+/// (`ok` true; only a load when there is none). Returns the streak.
+fn streak(counter: &AtomicU32, ok: bool) -> u32 {
+    if ok {
+        if counter.load(Ordering::Relaxed) != 0 {
+            counter.store(0, Ordering::Relaxed);
         }
+        0
+    } else {
+        counter.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 
