@@ -66,20 +66,13 @@ fn nginx(b0: SocketAddr, b1: SocketAddr, dead: SocketAddr) -> Option<Peer> {
     );
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, conf).ok()?;
-    let child = Command::new("nginx")
-        .args(["-p", &d.to_string(), "-c", &path.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    wait_listening(h1);
-    Some(Peer {
-        name: "nginx",
-        h1,
-        h2,
-        child,
-        _dir: dir,
-    })
+    let args = [
+        "-p".to_string(),
+        d.to_string(),
+        "-c".into(),
+        path.display().to_string(),
+    ];
+    start_peer("nginx", &args, dir, h1, h2)
 }
 
 fn haproxy(b0: SocketAddr, b1: SocketAddr, dead: SocketAddr) -> Option<Peer> {
@@ -96,15 +89,28 @@ fn haproxy(b0: SocketAddr, b1: SocketAddr, dead: SocketAddr) -> Option<Peer> {
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, conf).ok()?;
-    let child = Command::new("haproxy")
-        .args(["-db", "-f", &path.display().to_string()])
+    let args = ["-db".to_string(), "-f".into(), path.display().to_string()];
+    start_peer("haproxy", &args, dir, h1, h2)
+}
+
+/// Run `name` with `args` (its config in `dir`), wait until it listens on
+/// `h1`, and keep it (with `dir`) until dropped.
+fn start_peer(
+    name: &'static str,
+    args: &[String],
+    dir: tempfile::TempDir,
+    h1: SocketAddr,
+    h2: SocketAddr,
+) -> Option<Peer> {
+    let child = Command::new(name)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
     wait_listening(h1);
     Some(Peer {
-        name: "haproxy",
+        name,
         h1,
         h2,
         child,
