@@ -40,6 +40,20 @@ pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
 pub const DEFAULT_PLUGIN_INIT_DEADLINE_MS: u64 = 1_000;
 /// Default cap on a plugin instance's linear memory, in MiB.
 pub const DEFAULT_PLUGIN_MEMORY_LIMIT_MIB: u64 = 16;
+/// Default inactivity limit between two reads of a backend's response body,
+/// in ms (NGINX `proxy_read_timeout` 60 s, HAProxy `timeout server`).
+pub const DEFAULT_RESPONSE_BODY_TIMEOUT_MS: u64 = 60_000;
+/// Default number of compiled plugin components kept for reuse (swaps back,
+/// reloads); the least recently used beyond it are released.
+pub const DEFAULT_PLUGIN_CACHE_ENTRIES: usize = 16;
+/// Default bound on the compiled components kept for reuse, in MiB of
+/// compiled code.
+pub const DEFAULT_PLUGIN_CACHE_MIB: usize = 256;
+/// File descriptors kept back from downstream connections when
+/// `max_connections` is derived from `RLIMIT_NOFILE`: standard streams,
+/// listeners, the epoll instance, the epoch ticker, logs and plugin images
+/// (admin connections and health checks are reserved on top).
+pub const RESERVED_FDS: u64 = 32;
 /// Default TCP connect timeout to a backend, in ms.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// Default wait for a backend's response headers, in ms.
@@ -142,6 +156,10 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// Upstream for requests no route matches.
     pub upstream: String,
+    /// Open connections at most on this listener (`max_connections`,
+    /// default: only the global cap applies); at the cap it stops accepting
+    /// and the kernel's backlog holds new clients (HAProxy `bind ... maxconn`).
+    pub max_connections: Option<usize>,
 }
 
 /// One `[[route]]`: matches when every given condition holds.
@@ -342,6 +360,10 @@ pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
     /// Wait for response headers, in ms (`response_timeout_ms`, default 30000); on expiry 504.
     pub response_timeout_ms: u64,
+    /// Most time between two reads of the response body, in ms
+    /// (`response_body_timeout_ms`, default 60000, NGINX `proxy_read_timeout`);
+    /// on expiry both connections are cut (the status is already sent).
+    pub response_body_timeout_ms: u64,
     /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
     pub on_plugin_error: OnPluginError,
     /// Add `x-wasmlb-plugin` (the plugin that decided, or `(fallback)`) and
@@ -488,6 +510,7 @@ impl UpstreamConfig {
             plugin_memory_limit_mib: DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+            response_body_timeout_ms: DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
             on_plugin_error: OnPluginError::default(),
             debug_headers: false,
             health_check: None,
@@ -585,6 +608,39 @@ pub struct ServerConfig {
     /// Request limits (`max_request_line_bytes`, `max_header_bytes`,
     /// `max_headers`).
     pub limits: RequestLimits,
+    /// Open downstream connections at most, over all listeners
+    /// (`max_connections`; unset: derived from `RLIMIT_NOFILE` by
+    /// [`derived_max_connections`], as HAProxy derives `maxconn`). At the cap
+    /// listeners stop accepting; the kernel's backlog holds new clients.
+    pub max_connections: Option<usize>,
+    /// Compiled plugin components kept for reuse (`plugin_cache_entries`,
+    /// default 16); the least recently used beyond it are released.
+    pub plugin_cache_entries: usize,
+    /// Bound on the kept compiled components, in MiB (`plugin_cache_mib`,
+    /// default 256).
+    pub plugin_cache_mib: usize,
+}
+
+/// The global connection cap when `max_connections` is unset, for a process
+/// allowed `nofile` descriptors: each proxied connection may hold two (the
+/// client's and a backend's), so `(nofile - reserved) / 2`, where
+/// `reserved` is [`RESERVED_FDS`] plus one descriptor per admin connection,
+/// per backend (its health check) and per cached plugin component. At least 1.
+/// HAProxy derives `maxconn` from `ulimit -n` the same way.
+pub fn derived_max_connections(nofile: u64, config: &Config) -> usize {
+    let admin = config
+        .admin
+        .as_ref()
+        .map_or(0, |a| a.max_connections as u64);
+    let backends: u64 = config
+        .upstreams
+        .values()
+        .map(|u| u.backends.len() as u64)
+        .sum();
+    let reserved = RESERVED_FDS + admin + backends + config.server.plugin_cache_entries as u64;
+    usize::try_from(nofile.saturating_sub(reserved) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
 }
 
 /// Limits on a downstream request's head (`[server]`).
@@ -617,6 +673,9 @@ impl Default for ServerConfig {
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             limits: RequestLimits::default(),
+            max_connections: None,
+            plugin_cache_entries: DEFAULT_PLUGIN_CACHE_ENTRIES,
+            plugin_cache_mib: DEFAULT_PLUGIN_CACHE_MIB,
         }
     }
 }
@@ -652,6 +711,7 @@ struct RawAdmin {
 struct RawListener {
     address: Spanned<String>,
     upstream: Spanned<String>,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -674,6 +734,7 @@ struct RawUpstream {
     plugin_memory_limit_mib: Option<Spanned<u64>>,
     connect_timeout_ms: Option<Spanned<u64>>,
     response_timeout_ms: Option<Spanned<u64>>,
+    response_body_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     on_plugin_error: OnPluginError,
     #[serde(default)]
@@ -711,6 +772,9 @@ struct RawServer {
     max_request_line_bytes: Option<Spanned<u64>>,
     max_header_bytes: Option<Spanned<u64>>,
     max_headers: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    plugin_cache_entries: Option<Spanned<u64>>,
+    plugin_cache_mib: Option<Spanned<u64>>,
 }
 
 impl Config {
@@ -806,9 +870,22 @@ impl Validator<'_> {
                 ));
             }
             check_ref(format!("listener[{i}].upstream"), &l.upstream)?;
+            let max_connections = l
+                .max_connections
+                .as_ref()
+                .map(|m| {
+                    self.bounded(
+                        &format!("listener[{i}].max_connections"),
+                        Some(m),
+                        0,
+                        1..=10_000_000,
+                    )
+                })
+                .transpose()?;
             listeners.push(ListenerConfig {
                 address,
                 upstream: l.upstream.get_ref().clone(),
+                max_connections,
             });
         }
 
@@ -891,6 +968,23 @@ impl Validator<'_> {
                     1..=10_000,
                 )?,
             },
+            max_connections: s
+                .max_connections
+                .as_ref()
+                .map(|m| self.bounded("server.max_connections", Some(m), 0, 1..=10_000_000))
+                .transpose()?,
+            plugin_cache_entries: self.bounded(
+                "server.plugin_cache_entries",
+                s.plugin_cache_entries.as_ref(),
+                DEFAULT_PLUGIN_CACHE_ENTRIES,
+                1..=10_000,
+            )?,
+            plugin_cache_mib: self.bounded(
+                "server.plugin_cache_mib",
+                s.plugin_cache_mib.as_ref(),
+                DEFAULT_PLUGIN_CACHE_MIB,
+                1..=1 << 20,
+            )?,
         })
     }
 
@@ -1080,6 +1174,11 @@ impl Validator<'_> {
                 "response_timeout_ms",
                 &u.response_timeout_ms,
                 DEFAULT_RESPONSE_TIMEOUT_MS,
+            )?,
+            response_body_timeout_ms: positive(
+                "response_body_timeout_ms",
+                &u.response_body_timeout_ms,
+                DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
             )?,
             on_plugin_error: u.on_plugin_error,
             debug_headers: u.debug_headers,

@@ -1,9 +1,11 @@
 //! Downstream connection timeouts, enforced on the socket's read side:
 //!
 //! - **request head** (`header_read_timeout_ms`, HAProxy `timeout
-//!   http-request`): once the first byte of a request arrives on a
-//!   connection with no request in progress, the whole head must follow in
-//!   time, else the connection is closed (slowloris protection);
+//!   http-request`): the first request's whole head is due within this of
+//!   accept (a connection that never sends a byte is closed then, not after
+//!   the idle timeout); on a kept-alive connection, once the first byte of
+//!   the next request arrives the whole head must follow in time, else the
+//!   connection is closed (slowloris protection);
 //! - **idle keep-alive** (`idle_timeout_ms`, HAProxy `timeout
 //!   http-keep-alive`, NGINX `keepalive_timeout`): a connection with no
 //!   request in progress and nothing received for this long is closed.
@@ -14,6 +16,10 @@
 //! (slow backends are bounded by the upstream's timeouts). Works the same
 //! for HTTP/1.1 and h2c: for HTTP/2 "in progress" means any stream open.
 //!
+//! [`ConnLimit`] caps open connections (HAProxy `maxconn`): a listener takes
+//! a [`ConnPermit`] before it accepts, so at the cap it stops accepting and
+//! the kernel's listen backlog holds new clients until a connection closes.
+//!
 //! The timer lives in [`TimedIo::poll_read`]: when a read would block, the
 //! deadline that applies is computed from [`ConnActivity`] and a
 //! `tokio::time::Sleep` armed for it; when it fires the read fails with
@@ -23,12 +29,13 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 fn epoch() -> Instant {
@@ -54,11 +61,14 @@ pub struct ConnActivity {
 }
 
 impl Default for ConnActivity {
+    /// A freshly accepted connection: its first request head is due within
+    /// the head-read timeout, counted from now.
     fn default() -> Self {
+        let now = now_ms();
         Self {
             active: AtomicU32::new(0),
-            idle_since_ms: AtomicU64::new(now_ms()),
-            head_started_ms: AtomicU64::new(0),
+            idle_since_ms: AtomicU64::new(now),
+            head_started_ms: AtomicU64::new(now),
             waker: AtomicWaker::new(),
         }
     }
@@ -112,6 +122,92 @@ impl Drop for RequestGuard {
         if a.active.fetch_sub(1, Ordering::Relaxed) == 1 {
             // The idle timer must start even if no read is pending a wake-up.
             a.waker.wake();
+        }
+    }
+}
+
+/// A cap on open connections, adjustable at run time (a reload may change
+/// it; lowering it closes nothing, it only stops accepting until the count
+/// falls below).
+#[derive(Debug)]
+pub struct ConnLimit {
+    open: AtomicUsize,
+    max: AtomicUsize,
+    freed: Notify,
+}
+
+impl ConnLimit {
+    /// A cap of `max` open connections (`usize::MAX`: none).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Change the cap; waiters re-check at once.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A permit if a connection may open now.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnPermit> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnPermit {
+                limit: Some(self.clone()),
+            })
+    }
+
+    /// Wait until a connection may open.
+    pub async fn acquire(self: &Arc<Self>) -> ConnPermit {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check: a release in between is not missed.
+            freed.as_mut().enable();
+            if let Some(permit) = self.try_acquire() {
+                return permit;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// One open connection's place under a [`ConnLimit`]; released on drop.
+#[derive(Debug)]
+pub struct ConnPermit {
+    limit: Option<Arc<ConnLimit>>,
+}
+
+impl ConnPermit {
+    /// A permit under no limit.
+    pub fn unlimited() -> Self {
+        Self { limit: None }
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        if let Some(limit) = self.limit.take() {
+            limit.open.fetch_sub(1, Ordering::AcqRel);
+            limit.freed.notify_waiters();
         }
     }
 }
@@ -243,11 +339,48 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_times_out() {
-        let (mut io, _peer, _a) = pair(10_000, 50).await;
+        let (mut io, _peer, activity) = pair(10_000, 50).await;
+        // After one request, the connection is idle (keep-alive).
+        drop(activity.begin());
         let mut buf = [0u8; 8];
         let e = io.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("idle"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_new_connection_is_cut_at_the_head_timeout_not_the_idle_one() {
+        let (mut io, _peer, _a) = pair(50, 60_000).await;
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf)).await;
+        let e = read.expect("cut long before the idle timeout").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("request head"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_limit_waits_for_a_release_and_follows_a_new_cap() {
+        let limit = ConnLimit::new(2);
+        let a = limit.acquire().await;
+        let _b = limit.acquire().await;
+        assert!(limit.try_acquire().is_none());
+        assert_eq!(limit.open(), 2);
+        let waiter = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.acquire().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "at the cap nothing is admitted");
+        drop(a);
+        let c = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("a release admits the waiter")
+            .unwrap();
+        assert_eq!(limit.open(), 2);
+        limit.set_max(3);
+        let _d = limit.try_acquire().expect("a raised cap admits at once");
+        drop(c);
+        assert_eq!(limit.open(), 2);
     }
 
     #[tokio::test]

@@ -11,6 +11,10 @@
 //! lives in the backend's counters, so it survives config reloads. Backends
 //! in `maint` are not probed.
 //!
+//! A probe that fails because the proxy itself is out of descriptors,
+//! buffers, memory or ports ([`crate::fd_limit`]) counts neither way: a full
+//! descriptor table never marks a healthy backend down.
+//!
 //! Every upstream also gets an upkeep loop calling [`Upstream::tick`] every
 //! [`crate::upstream::TICK`] (ejection ends, slow-start steps, drain reports).
 //!
@@ -28,6 +32,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::config::{AdminState, Config, HealthCheckConfig, HealthCheckKind};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{LocalOp, Metrics};
 use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 
@@ -49,6 +55,7 @@ pub fn start(proxy: &Proxy, config: &Config) {
                 Arc::downgrade(upstream),
                 backend.address,
                 hc.clone(),
+                proxy.metrics().clone(),
             ));
         }
     }
@@ -64,7 +71,13 @@ async fn upkeep_loop(upstream: Weak<Upstream>) {
     }
 }
 
-async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthCheckConfig) {
+async fn probe_loop(
+    upstream: Weak<Upstream>,
+    address: SocketAddr,
+    hc: HealthCheckConfig,
+    metrics: Arc<Metrics>,
+) {
+    static LOCAL: LogLimiter = LogLimiter::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(hc.interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut passes, mut fails) = (0u32, 0u32);
@@ -80,13 +93,22 @@ async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthChe
         if maint {
             continue;
         }
-        let ok = probe(&hc, address).await;
-        if ok {
-            passes = passes.saturating_add(1);
-            fails = 0;
-        } else {
-            fails = fails.saturating_add(1);
-            passes = 0;
+        match probe(&hc, address).await {
+            Probe::Pass => {
+                passes = passes.saturating_add(1);
+                fails = 0;
+            }
+            Probe::Fail => {
+                fails = fails.saturating_add(1);
+                passes = 0;
+            }
+            Probe::Local(e) => {
+                metrics.resources().local_error(LocalOp::HealthCheck);
+                if let Some(suppressed) = LOCAL.admit() {
+                    tracing::warn!(backend = %address, suppressed, "health check skipped, out of local resources: {e}");
+                }
+                continue;
+            }
         }
         let Some(up) = upstream.upgrade() else { return };
         let passing = up
@@ -103,10 +125,31 @@ async fn probe_loop(upstream: Weak<Upstream>, address: SocketAddr, hc: HealthChe
     }
 }
 
-/// One probe; true if it passed within `timeout_ms`.
-pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr) -> bool {
+/// The outcome of one probe.
+#[derive(Debug)]
+pub enum Probe {
+    /// Connected (TCP), or answered 2xx/3xx (HTTP), within `timeout_ms`.
+    Pass,
+    /// Anything else the backend could be blamed for.
+    Fail,
+    /// The proxy could not open a socket (out of descriptors, buffers,
+    /// memory or ports): says nothing about the backend.
+    Local(std::io::Error),
+}
+
+/// One probe within `timeout_ms`.
+pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr) -> Probe {
+    let mut local = None;
     let check = async {
-        let stream = TcpStream::connect(address).await.ok()?;
+        let stream = match TcpStream::connect(address).await {
+            Ok(s) => s,
+            Err(e) => {
+                if crate::fd_limit::is_local_resource_error(&e) {
+                    local = Some(e);
+                }
+                return None;
+            }
+        };
         if hc.kind == HealthCheckKind::Tcp {
             return Some(true);
         }
@@ -124,9 +167,14 @@ pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr) -> bool {
         driver.abort();
         Some(status.is_success() || status.is_redirection())
     };
-    tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check)
+    let passed = tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check)
         .await
         .ok()
         .flatten()
-        .unwrap_or(false)
+        .unwrap_or(false);
+    match (passed, local) {
+        (true, _) => Probe::Pass,
+        (false, Some(e)) => Probe::Local(e),
+        (false, None) => Probe::Fail,
+    }
 }

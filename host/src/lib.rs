@@ -14,7 +14,11 @@
 //!   routed (limits, `Host`, `CONNECT`, HTTP/2 to HTTP/1.1 translation).
 //! - [`proxy`]: per-request routing, header handling and forwarding.
 //! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
-//! - [`conn`]: downstream connection timeouts (request head read, idle keep-alive).
+//! - [`conn`]: downstream connection timeouts (request head read, idle
+//!   keep-alive) and the connection cap.
+//! - [`log_limit`]: rate limits for log lines on per-request paths.
+//! - [`fd_limit`]: the descriptor budget (`RLIMIT_NOFILE`) and local
+//!   resource errors.
 //! - [`admin`]: the admin API (upstream state, plugin swaps, reloads, metrics).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`health`]: active health checks and the per-upstream upkeep loop.
@@ -30,7 +34,9 @@ pub mod backend;
 pub mod builtin;
 pub mod config;
 pub mod conn;
+pub mod fd_limit;
 pub mod health;
+pub mod log_limit;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;

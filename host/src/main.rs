@@ -155,6 +155,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         println!("ok");
         return Ok(());
     }
+    // As NGINX's `worker_rlimit_nofile`: use every descriptor the hard
+    // limit allows; `max_connections` is derived from the result.
+    match wasmlb::fd_limit::raise_nofile() {
+        (n, None) => tracing::debug!(nofile = n, "RLIMIT_NOFILE raised to the hard limit"),
+        (n, Some(e)) => tracing::warn!(nofile = n, "cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.threads {
         builder.worker_threads(n.max(1));

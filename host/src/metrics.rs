@@ -10,6 +10,17 @@
 //! | `wasmlb_plugin_failures_total` | counter | upstream, kind (`trap`, `deadline`, `bad_answer`) |
 //! | `wasmlb_plugin_swaps_total` | counter | upstream, outcome (`ok`, `error`) |
 //! | `wasmlb_reloads_total` | counter | outcome (`ok`, `error`) |
+//! | `wasmlb_retries_total` | counter | upstream |
+//! | `wasmlb_outlier_ejections_total` | counter | upstream |
+//! | `wasmlb_outlier_ejections_skipped_total` | counter | upstream (an outlier not ejected: `max_ejection_percent` reached) |
+//! | `wasmlb_plugin_breaker_open` | gauge | upstream (1 while the plugin's circuit breaker is open) |
+//! | `wasmlb_plugin_calls_skipped_total` | counter | upstream (requests decided without calling the plugin: breaker open) |
+//! | `wasmlb_connections_open` | gauge | (downstream connections open) |
+//! | `wasmlb_connections_max` | gauge | (the global `max_connections`) |
+//! | `wasmlb_connections_cap_reached_total` | counter | (times a listener stopped accepting at a cap) |
+//! | `wasmlb_local_resource_errors_total` | counter | op (`accept`, `connect`, `health_check`): the proxy ran out of descriptors, buffers, memory or ports |
+//! | `wasmlb_plugin_cache_entries` | gauge | (compiled components kept for reuse) |
+//! | `wasmlb_plugin_cache_bytes` | gauge | (their compiled code, in bytes) |
 //!
 //! Handles are looked up once, when an upstream or backend is built, so the
 //! per-request cost is a few atomic operations.
@@ -52,6 +63,46 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: String,
+}
+
+/// Where the proxy ran out of a local resource (see [`crate::fd_limit`]).
+#[derive(Debug, Clone, Copy)]
+pub enum LocalOp {
+    /// Accepting a downstream connection.
+    Accept,
+    /// Connecting to a backend.
+    Connect,
+    /// A health check probe.
+    HealthCheck,
+}
+
+/// Process-wide resource metrics: connections against their cap, local
+/// resource errors, the compiled-component cache.
+#[derive(Debug, Clone, Default)]
+pub struct ResourceMetrics {
+    /// Downstream connections open.
+    pub connections_open: Gauge,
+    /// The global connection cap.
+    pub connections_max: Gauge,
+    /// Times a listener stopped accepting at a cap.
+    pub cap_reached: Counter,
+    /// Compiled components kept for reuse.
+    pub plugin_cache_entries: Gauge,
+    /// Their compiled code, in bytes.
+    pub plugin_cache_bytes: Gauge,
+    local_errors: [Counter; 3],
+}
+
+impl ResourceMetrics {
+    /// Count a local resource error during `op`.
+    pub fn local_error(&self, op: LocalOp) {
+        self.local_errors[op as usize].inc();
+    }
+}
+
 type HistogramFamily = Family<UpstreamLabels, Histogram, fn() -> Histogram>;
 
 fn request_histogram() -> Histogram {
@@ -77,6 +128,10 @@ pub struct Metrics {
     reloads: Family<OutcomeLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     ejections: Family<UpstreamLabels, Counter>,
+    ejections_skipped: Family<UpstreamLabels, Counter>,
+    breaker_open: Family<UpstreamLabels, Gauge>,
+    calls_skipped: Family<UpstreamLabels, Counter>,
+    resources: ResourceMetrics,
 }
 
 /// Metric handles of one upstream.
@@ -92,6 +147,12 @@ pub struct UpstreamMetrics {
     pub retries: Counter,
     /// Backends ejected by outlier detection.
     pub ejections: Counter,
+    /// Outliers not ejected because `max_ejection_percent` was reached.
+    pub ejections_skipped: Counter,
+    /// 1 while the plugin's circuit breaker is open.
+    pub breaker_open: Gauge,
+    /// Requests decided without calling the plugin (breaker open).
+    pub calls_skipped: Counter,
     failures: [Counter; 3],
 }
 
@@ -185,7 +246,70 @@ impl Metrics {
             "Backends ejected by outlier detection, by upstream",
             ejections.clone(),
         );
+        let ejections_skipped = Family::default();
+        let breaker_open = Family::default();
+        let calls_skipped = Family::default();
+        registry.register(
+            "outlier_ejections_skipped",
+            "Outliers not ejected because max_ejection_percent was reached, by upstream",
+            ejections_skipped.clone(),
+        );
+        registry.register(
+            "plugin_breaker_open",
+            "1 while the upstream's plugin circuit breaker is open",
+            breaker_open.clone(),
+        );
+        registry.register(
+            "plugin_calls_skipped",
+            "Requests decided without calling the plugin (circuit breaker open), by upstream",
+            calls_skipped.clone(),
+        );
+        let resources = ResourceMetrics::default();
+        registry.register(
+            "connections_open",
+            "Downstream connections open",
+            resources.connections_open.clone(),
+        );
+        registry.register(
+            "connections_max",
+            "The global cap on downstream connections (max_connections)",
+            resources.connections_max.clone(),
+        );
+        registry.register(
+            "connections_cap_reached",
+            "Times a listener stopped accepting at its connection cap",
+            resources.cap_reached.clone(),
+        );
+        registry.register(
+            "plugin_cache_entries",
+            "Compiled plugin components kept for reuse",
+            resources.plugin_cache_entries.clone(),
+        );
+        registry.register(
+            "plugin_cache_bytes",
+            "Compiled code of the kept plugin components, in bytes",
+            resources.plugin_cache_bytes.clone(),
+        );
+        let local_errors: Family<OpLabels, Counter> = Family::default();
+        registry.register(
+            "local_resource_errors",
+            "Operations that failed because the proxy ran out of descriptors, buffers, memory or ports",
+            local_errors.clone(),
+        );
+        let op = |name: &str| {
+            local_errors
+                .get_or_create(&OpLabels { op: name.into() })
+                .clone()
+        };
+        let resources = ResourceMetrics {
+            local_errors: [op("accept"), op("connect"), op("health_check")],
+            ..resources
+        };
         Self {
+            ejections_skipped,
+            breaker_open,
+            calls_skipped,
+            resources,
             retries,
             ejections,
             registry,
@@ -218,6 +342,9 @@ impl Metrics {
             decision_duration: self.decision_duration.get_or_create(&u).clone(),
             retries: self.retries.get_or_create(&u).clone(),
             ejections: self.ejections.get_or_create(&u).clone(),
+            ejections_skipped: self.ejections_skipped.get_or_create(&u).clone(),
+            breaker_open: self.breaker_open.get_or_create(&u).clone(),
+            calls_skipped: self.calls_skipped.get_or_create(&u).clone(),
             failures: [
                 failure(FailureKind::Trap),
                 failure(FailureKind::Deadline),
@@ -257,6 +384,11 @@ impl Metrics {
                 class: class(status),
             })
             .inc();
+    }
+
+    /// Process-wide resource metrics.
+    pub fn resources(&self) -> &ResourceMetrics {
+        &self.resources
     }
 
     /// Count a plugin swap on `upstream`.

@@ -11,7 +11,6 @@
 //! lowered only on change, and request fields are read through host calls on
 //! demand rather than copied in.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -145,7 +144,79 @@ pub struct Runtime {
     /// Compiled components by sha256 of their bytes: loading known bytes again
     /// (a swap back, a reload) skips compilation. In memory, because
     /// `Component::deserialize` is `unsafe` and the host forbids unsafe code.
-    cache: Arc<Mutex<HashMap<String, Component>>>,
+    cache: Arc<Mutex<ComponentCache>>,
+}
+
+/// The compiled-component cache: least recently used entries beyond
+/// `max_entries` or `max_bytes` of compiled code are released (with their
+/// memory images and memfds, once no upstream still runs them).
+#[derive(Default)]
+struct ComponentCache {
+    entries: Vec<CacheEntry>,
+    clock: u64,
+    max_entries: usize,
+    max_bytes: usize,
+    metrics: Option<crate::metrics::ResourceMetrics>,
+}
+
+struct CacheEntry {
+    digest: String,
+    component: Component,
+    bytes: usize,
+    used: u64,
+}
+
+impl ComponentCache {
+    fn get(&mut self, digest: &str) -> Option<Component> {
+        self.clock += 1;
+        let clock = self.clock;
+        let entry = self.entries.iter_mut().find(|e| e.digest == digest)?;
+        entry.used = clock;
+        Some(entry.component.clone())
+    }
+
+    fn insert(&mut self, digest: String, component: Component) {
+        self.clock += 1;
+        let range = component.image_range();
+        let bytes = (range.end as usize).saturating_sub(range.start as usize);
+        self.entries.retain(|e| e.digest != digest);
+        self.entries.push(CacheEntry {
+            digest,
+            component,
+            bytes,
+            used: self.clock,
+        });
+        self.evict();
+    }
+
+    fn total_bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// Drop least recently used entries until within both bounds (the
+    /// newest entry always stays).
+    fn evict(&mut self) {
+        while self.entries.len() > 1
+            && (self.entries.len() > self.max_entries || self.total_bytes() > self.max_bytes)
+        {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            self.entries.swap_remove(oldest);
+        }
+        if let Some(m) = &self.metrics {
+            m.plugin_cache_entries
+                .set(i64::try_from(self.entries.len()).unwrap_or(i64::MAX));
+            m.plugin_cache_bytes
+                .set(i64::try_from(self.total_bytes()).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -183,8 +254,34 @@ impl Runtime {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
-            cache: Arc::default(),
+            cache: Arc::new(Mutex::new(ComponentCache {
+                max_entries: crate::config::DEFAULT_PLUGIN_CACHE_ENTRIES,
+                max_bytes: crate::config::DEFAULT_PLUGIN_CACHE_MIB << 20,
+                ..ComponentCache::default()
+            })),
         })
+    }
+
+    /// Bound the compiled-component cache to `max_entries` components and
+    /// `max_bytes` of compiled code (least recently used released first),
+    /// reporting its size to `metrics`.
+    pub fn set_cache_limits(
+        &self,
+        max_entries: usize,
+        max_bytes: usize,
+        metrics: crate::metrics::ResourceMetrics,
+    ) {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.max_entries = max_entries.max(1);
+        cache.max_bytes = max_bytes;
+        cache.metrics = Some(metrics);
+        cache.evict();
+    }
+
+    /// Compiled components in the cache, and their compiled code in bytes.
+    pub fn cache_size(&self) -> (usize, usize) {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        (cache.entries.len(), cache.total_bytes())
     }
 
     /// Load and compile a plugin, check its imports and link it.
@@ -222,8 +319,7 @@ impl Runtime {
             .cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&digest)
-            .cloned();
+            .get(&digest);
         let from_cache = cached.is_some();
         let component = match cached {
             Some(c) => c,
@@ -325,6 +421,9 @@ pub struct InstanceSettings {
     pub init_deadline_ms: u64,
     /// Cap on linear memory, in bytes.
     pub memory_limit_bytes: usize,
+    /// The rate limit of the plugin's log lines (shared by its instances,
+    /// so a plugin logging on every request writes a few lines a second).
+    pub log_limit: Arc<crate::log_limit::LogLimiter>,
 }
 
 impl Plugin {
@@ -364,6 +463,7 @@ impl Plugin {
                 .instances(16)
                 .build(),
             upstream: settings.upstream.clone(),
+            log_limit: settings.log_limit.clone(),
             backends,
             request: None,
             response_headers: Vec::new(),
@@ -610,6 +710,7 @@ fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureKind, String
 pub struct HostState {
     limits: StoreLimits,
     upstream: Arc<str>,
+    log_limit: Arc<crate::log_limit::LogLimiter>,
     backends: Arc<[BackendState]>,
     request: Option<RequestView>,
     /// Headers added with `response.add-header` during the current `select`.
@@ -631,6 +732,15 @@ impl wit_types::Host for HostState {}
 
 impl bindings::wasmlb::plugin::log::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
+        // info and above are rate-limited per upstream; trace and debug are
+        // off by default and not limited.
+        let suppressed = match level {
+            Level::Trace | Level::Debug => 0,
+            _ => match self.log_limit.admit() {
+                Some(n) => n,
+                None => return,
+            },
+        };
         let mut message = message;
         if message.len() > MAX_LOG_BYTES {
             let mut cut = MAX_LOG_BYTES;
@@ -643,9 +753,15 @@ impl bindings::wasmlb::plugin::log::Host for HostState {
         match level {
             Level::Trace => tracing::trace!(target: "wasmlb::plugin", upstream, "{message}"),
             Level::Debug => tracing::debug!(target: "wasmlb::plugin", upstream, "{message}"),
-            Level::Info => tracing::info!(target: "wasmlb::plugin", upstream, "{message}"),
-            Level::Warn => tracing::warn!(target: "wasmlb::plugin", upstream, "{message}"),
-            Level::Error => tracing::error!(target: "wasmlb::plugin", upstream, "{message}"),
+            Level::Info => {
+                tracing::info!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
         }
     }
 }
@@ -700,12 +816,15 @@ impl bindings::wasmlb::plugin::response::Host for HostState {
             .map(|(n, v)| n.as_str().len() + v.len())
             .sum();
         let refuse = |why: &str| {
-            tracing::warn!(
-                target: "wasmlb::plugin",
-                upstream = &*self.upstream,
-                header = %name,
-                "response.add-header ignored: {why}"
-            );
+            if let Some(suppressed) = self.log_limit.admit() {
+                tracing::warn!(
+                    target: "wasmlb::plugin",
+                    upstream = &*self.upstream,
+                    header = %name,
+                    suppressed,
+                    "response.add-header ignored: {why}"
+                );
+            }
         };
         if self.response_headers.len() >= MAX_RESPONSE_HEADERS
             || used + name.len() + value.len() > MAX_RESPONSE_HEADER_BYTES
@@ -802,11 +921,34 @@ mod tests {
         assert!(import_allowed("wasmlb:plugin/response@0.1.0"));
     }
 
+    #[test]
+    fn the_component_cache_keeps_the_most_recently_used_within_its_bounds() {
+        let runtime = Runtime::new().unwrap();
+        let metrics = crate::metrics::ResourceMetrics::default();
+        runtime.set_cache_limits(2, usize::MAX, metrics.clone());
+        let load = |name: &str| runtime.load(&PluginRef::Builtin(name.into())).unwrap();
+        assert!(!load("round-robin").from_cache());
+        assert!(!load("random").from_cache());
+        assert!(load("round-robin").from_cache()); // now the most recent
+        assert!(!load("least-connections").from_cache()); // evicts random
+        assert_eq!(runtime.cache_size().0, 2);
+        assert_eq!(metrics.plugin_cache_entries.get(), 2);
+        assert!(load("round-robin").from_cache());
+        assert!(!load("random").from_cache(), "random was evicted");
+        // A byte bound below one component keeps only the newest.
+        runtime.set_cache_limits(16, 1, metrics.clone());
+        assert_eq!(runtime.cache_size().0, 1);
+        let (_, bytes) = runtime.cache_size();
+        assert!(bytes > 0);
+        assert_eq!(metrics.plugin_cache_bytes.get(), bytes as i64);
+    }
+
     fn host_state(during_select: bool) -> HostState {
         let (parts, ()) = http::Request::new(()).into_parts();
         HostState {
             limits: StoreLimitsBuilder::new().build(),
             upstream: Arc::from("app"),
+            log_limit: Arc::default(),
             backends: Arc::from(Vec::new()),
             request: during_select.then(|| RequestView {
                 parts,

@@ -38,7 +38,8 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, RequestLimits, RouteConfig};
 use crate::conn::RequestGuard;
-use crate::metrics::Metrics;
+use crate::log_limit::LogLimiter;
+use crate::metrics::{LocalOp, Metrics};
 use crate::plugin::{RequestView, Runtime};
 use crate::retry::{AttemptBody, ReplayBody};
 use crate::upstream::{Chosen, InFlight, Selection, Upstream};
@@ -269,6 +270,11 @@ impl Proxy {
             .or_else(|| self.listener_defaults.get(listener).copied())
     }
 
+    /// The metrics registry requests are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The downstream request limits (see [`crate::request_rules`]).
     pub fn limits(&self) -> RequestLimits {
         self.limits
@@ -410,8 +416,10 @@ impl Proxy {
                     for (name, value) in std::mem::take(&mut selection.response_headers) {
                         parts.headers.append(name, value);
                     }
-                    let mut response =
-                        Response::from_parts(parts, ProxyBody::upstream(incoming, guard));
+                    let mut response = Response::from_parts(
+                        parts,
+                        ProxyBody::upstream(incoming, guard, upstream.response_body_timeout),
+                    );
                     if upstream.debug_headers() {
                         debug_headers(&mut response, &selection, &chosen);
                     }
@@ -420,6 +428,11 @@ impl Proxy {
                 // The client's body failed: whatever the backend did, it is
                 // not its fault, and nothing may be retried.
                 _ if body.client_failed() => Failure::Client,
+                Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => {
+                    Failure::Local {
+                        detail: error_chain(&e),
+                    }
+                }
                 Ok(Err(e)) if e.is_connect() => Failure::Connect {
                     timed_out: is_timeout(&e),
                     detail: e.to_string(),
@@ -438,6 +451,22 @@ impl Proxy {
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return response;
+            }
+            if let Failure::Local { detail } = &failure {
+                // The proxy's own shortage: not the backend's fault, and
+                // another backend would fare no better.
+                static LOCAL: LogLimiter = LogLimiter::new();
+                self.metrics.resources().local_error(LocalOp::Connect);
+                self.metrics.unrouted(upstream.name(), 503);
+                if let Some(suppressed) = LOCAL.admit() {
+                    tracing::warn!(
+                        upstream = upstream.name(),
+                        suppressed,
+                        "cannot open a backend connection, out of local resources \
+                         (raise RLIMIT_NOFILE or lower max_connections): {detail}"
+                    );
+                }
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, failure.reason());
             }
             let status = failure.status();
             if failure.nothing_sent() {
@@ -509,6 +538,10 @@ enum Failure {
     /// No response head within `response_timeout_ms`: 504.
     #[error("no response head within response_timeout_ms")]
     ResponseTimeout,
+    /// The proxy itself is out of descriptors, buffers, memory or ports
+    /// ([`crate::fd_limit`]): 503, not blamed on the backend, not retried.
+    #[error("out of local resources: {detail}")]
+    Local { detail: String },
 }
 
 impl Failure {
@@ -520,6 +553,7 @@ impl Failure {
             }
             | Failure::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Connect { .. } | Failure::Broken { .. } => StatusCode::BAD_GATEWAY,
+            Failure::Local { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -534,6 +568,7 @@ impl Failure {
             Failure::Connect { .. } => "the backend could not be reached",
             Failure::Broken { .. } => "the backend closed the connection without a response",
             Failure::ResponseTimeout => "the backend did not answer in time",
+            Failure::Local { .. } => "the proxy is out of resources, try again",
         }
     }
 
@@ -718,7 +753,9 @@ fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
 /// The body of a response sent downstream: a backend's streamed body (holding
 /// its in-flight count until finished or dropped), or a small fixed body.
 /// With `request_timeout_ms`, the body fails (the response is cut) at the
-/// request's deadline.
+/// request's deadline. A backend body also fails when the backend sends
+/// nothing for `response_body_timeout_ms` while the proxy waits on it (a slow
+/// client reading is not the backend's inactivity: no read is pending then).
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: BodyKind,
@@ -731,21 +768,59 @@ pub struct ProxyBody {
 #[error("request_timeout_ms reached while sending the response body")]
 pub struct BodyTimeout;
 
+/// The backend sent no part of the response body for
+/// `response_body_timeout_ms` (NGINX `proxy_read_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for response_body_timeout_ms")]
+pub struct BodyIdleTimeout;
+
 #[derive(Debug)]
 enum BodyKind {
     Upstream {
         body: Incoming,
         _in_flight: InFlight,
+        idle: IdleTimer,
     },
     Full(Option<Bytes>),
 }
 
+/// The inactivity timer of a backend body: armed only when a read would
+/// block (most bodies finish without one, and pay no timer), re-armed after
+/// each frame.
+#[derive(Debug)]
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
+}
+
+impl IdleTimer {
+    /// Poll the timer after a read returned `Pending`; ready when it expired.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = tokio::time::Instant::now() + self.limit;
+        match &mut self.sleep {
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            Some(sleep) if self.progressed => sleep.as_mut().reset(at),
+            Some(_) => {}
+        }
+        self.progressed = false;
+        self.sleep
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+    }
+}
+
 impl ProxyBody {
-    fn upstream(body: Incoming, in_flight: InFlight) -> Self {
+    fn upstream(body: Incoming, in_flight: InFlight, idle_limit: Duration) -> Self {
         Self {
             kind: BodyKind::Upstream {
                 body,
                 _in_flight: in_flight,
+                idle: IdleTimer {
+                    limit: idle_limit,
+                    sleep: None,
+                    progressed: false,
+                },
             },
             deadline: None,
             _request: None,
@@ -778,8 +853,14 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = match &mut this.kind {
-            BodyKind::Upstream { body, .. } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            BodyKind::Upstream { body, idle, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(f) => {
+                    idle.progressed = true;
+                    Poll::Ready(f.map(|r| r.map_err(Into::into)))
+                }
+                Poll::Pending if idle.poll_expired(cx) => {
+                    return Poll::Ready(Some(Err(Box::new(BodyIdleTimeout))));
+                }
                 Poll::Pending => Poll::Pending,
             },
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),

@@ -23,8 +23,9 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, PluginRef};
-use crate::conn::TimedIo;
-use crate::metrics::Metrics;
+use crate::conn::{ConnLimit, ConnPermit, TimedIo};
+use crate::log_limit::LogLimiter;
+use crate::metrics::{LocalOp, Metrics};
 use crate::plugin::{PluginError, Runtime};
 use crate::proxy::{ListenerKey, Proxy, ProxyError};
 use crate::upstream::{Upstream, UpstreamSnapshot};
@@ -136,6 +137,8 @@ pub struct SwapReport {
 struct ListenerTask {
     key: ListenerKey,
     local: SocketAddr,
+    /// The listener's own `max_connections` (`usize::MAX` if unset).
+    limit: Arc<ConnLimit>,
     stop: watch::Sender<bool>,
     task: JoinHandle<bool>,
 }
@@ -152,6 +155,16 @@ struct Shared {
     addrs: ArcSwap<Vec<SocketAddr>>,
     config_path: PathBuf,
     control: Mutex<ControlState>,
+    /// The global `max_connections`, over all listeners.
+    conn_limit: Arc<ConnLimit>,
+}
+
+/// The global connection cap for `config`: `max_connections`, else derived
+/// from the process's `RLIMIT_NOFILE`.
+fn global_max_connections(config: &Config) -> usize {
+    config.server.max_connections.unwrap_or_else(|| {
+        crate::config::derived_max_connections(crate::fd_limit::nofile(), config)
+    })
 }
 
 /// A cloneable handle to a running server's control plane: reloads, plugin
@@ -182,6 +195,21 @@ impl Server {
     pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
         let runtime = Runtime::new().map_err(ProxyError::Runtime)?;
         let metrics = Arc::new(Metrics::new());
+        runtime.set_cache_limits(
+            config.server.plugin_cache_entries,
+            config.server.plugin_cache_mib << 20,
+            metrics.resources().clone(),
+        );
+        let max_connections = global_max_connections(config);
+        tracing::info!(
+            max_connections,
+            nofile = crate::fd_limit::nofile(),
+            "downstream connection cap"
+        );
+        metrics
+            .resources()
+            .connections_max
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let proxy = Proxy::build(config, &runtime, metrics.clone(), None)?;
         crate::health::start(&proxy, config);
         let mut bound = Vec::new();
@@ -210,10 +238,11 @@ impl Server {
                 config: config.clone(),
                 listeners: Vec::new(),
             }),
+            conn_limit: ConnLimit::new(max_connections),
         });
         let mut listeners = Vec::new();
-        for (key, listener) in bound {
-            listeners.push(spawn_listener(&shared, key, listener));
+        for ((key, listener), l) in bound.into_iter().zip(&config.listeners) {
+            listeners.push(spawn_listener(&shared, key, listener, l.max_connections));
         }
         shared
             .addrs
@@ -237,13 +266,26 @@ impl Server {
     }
 }
 
-fn spawn_listener(shared: &Arc<Shared>, key: ListenerKey, listener: TcpListener) -> ListenerTask {
+fn spawn_listener(
+    shared: &Arc<Shared>,
+    key: ListenerKey,
+    listener: TcpListener,
+    max_connections: Option<usize>,
+) -> ListenerTask {
     let local = listener.local_addr().unwrap_or(key.address);
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(key, listener, shared.clone(), stop_rx));
+    let limit = ConnLimit::new(max_connections.unwrap_or(usize::MAX));
+    let task = tokio::spawn(accept_loop(
+        key,
+        listener,
+        shared.clone(),
+        limit.clone(),
+        stop_rx,
+    ));
     ListenerTask {
         key,
         local,
+        limit,
         stop,
         task,
     }
@@ -339,9 +381,28 @@ impl Control {
         // Commit.
         crate::health::start(&proxy, &config);
         self.shared.proxy.store(Arc::new(proxy));
+        let max_connections = global_max_connections(&config);
+        self.shared.conn_limit.set_max(max_connections);
+        let resources = self.shared.metrics.resources();
+        resources
+            .connections_max
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
+        self.shared.runtime.set_cache_limits(
+            config.server.plugin_cache_entries,
+            config.server.plugin_cache_mib << 20,
+            resources.clone(),
+        );
+        let own_max = |key: &ListenerKey| {
+            keys.iter()
+                .position(|k| k == key)
+                .and_then(|i| config.listeners[i].max_connections)
+        };
+        for l in &control.listeners {
+            l.limit.set_max(own_max(&l.key).unwrap_or(usize::MAX));
+        }
         let mut listeners_added = Vec::new();
         for (key, listener) in added {
-            let task = spawn_listener(&self.shared, key, listener);
+            let task = spawn_listener(&self.shared, key, listener, own_max(&key));
             listeners_added.push(task.local);
             control.listeners.push(task);
         }
@@ -506,25 +567,67 @@ fn connection_builder(limits: &crate::config::RequestLimits) -> auto::Builder<To
     builder
 }
 
+/// Permits from the listener's cap and the global one, waiting (not
+/// accepting) while either is reached.
+async fn admit(
+    own: &Arc<ConnLimit>,
+    global: &Arc<ConnLimit>,
+    metrics: &Metrics,
+) -> [ConnPermit; 2] {
+    static AT_CAP: LogLimiter = LogLimiter::new();
+    if let (Some(a), Some(b)) = (own.try_acquire(), global.try_acquire()) {
+        return [a, b];
+    }
+    metrics.resources().cap_reached.inc();
+    if let Some(suppressed) = AT_CAP.admit() {
+        tracing::warn!(
+            global_open = global.open(),
+            global_max = global.max(),
+            listener_max = own.max(),
+            suppressed,
+            "max_connections reached: not accepting until a connection closes \
+             (new clients wait in the listen backlog)"
+        );
+    }
+    let a = own.acquire().await;
+    let b = global.acquire().await;
+    [a, b]
+}
+
 /// Accept connections until told to stop, then wait for open connections to
-/// finish their in-flight requests. Returns true when all have.
+/// finish their in-flight requests. Returns true when all have. Each
+/// connection holds permits under the listener's and the global
+/// `max_connections`; at a cap the loop stops accepting.
 async fn accept_loop(
     key: ListenerKey,
     listener: TcpListener,
     shared: Arc<Shared>,
+    own_limit: Arc<ConnLimit>,
     mut stop: watch::Receiver<bool>,
 ) -> bool {
+    static ACCEPT_FAILED: LogLimiter = LogLimiter::new();
     let graceful = GracefulShutdown::new();
     let mut limits = None;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    let open = shared.metrics.resources().connections_open.clone();
     loop {
+        let permits = tokio::select! {
+            p = admit(&own_limit, &shared.conn_limit, &shared.metrics) => p,
+            _ = stop.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(listener = %key.address, "accept failed: {e}");
+                        if crate::fd_limit::is_local_resource_error(&e) {
+                            shared.metrics.resources().local_error(LocalOp::Accept);
+                        }
+                        if let Some(suppressed) = ACCEPT_FAILED.admit() {
+                            tracing::warn!(listener = %key.address, suppressed, "accept failed: {e}");
+                        }
+                        drop(permits);
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
@@ -554,10 +657,14 @@ async fn accept_loop(
                 });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
+                open.inc();
+                let open = open.clone();
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, "connection ended with an error: {e}");
                     }
+                    open.dec();
+                    drop(permits);
                 });
             }
             _ = stop.changed() => break,

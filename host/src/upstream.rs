@@ -8,10 +8,18 @@
 //! critical section is short.
 //!
 //! When the plugin traps, overruns its deadline or answers an unknown backend,
-//! the request is served by the host's native round-robin fallback, the event
-//! is logged and counted ([`Upstream::stats`]), and the instance is replaced
-//! by a fresh one
-//! (at most one replacement attempt per [`REPLACE_BACKOFF`] if replacing fails).
+//! the request is served per `on_plugin_error` (the host's native round-robin
+//! fallback, or 503), the event is counted ([`Upstream::stats`]) and logged
+//! (rate-limited, [`crate::log_limit`]), and the plugin's **circuit breaker**
+//! opens: the broken instance is dropped and, while the breaker is open,
+//! requests are decided per `on_plugin_error` without calling the plugin.
+//! When it closes, a fresh instance is built and the next request probes it
+//! (half-open); a failure reopens the breaker for twice as long, from
+//! [`BREAKER_INITIAL_BACKOFF`] up to [`BREAKER_MAX_BACKOFF`]; after
+//! [`BREAKER_QUIET_PERIOD`] without a failure the backoff starts over (as
+//! Envoy's and Hystrix-style breakers, with gRPC's connection backoff). A
+//! plugin that fails on every call thus costs a few calls per 30 s, not one
+//! per request.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -24,14 +32,59 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::backend::ramp_percent;
 pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
 use crate::config::{AdminState, OutlierConfig, UpstreamConfig};
+use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::plugin::{
     Decision, FailureKind, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime,
 };
 
-/// Minimum wait between two attempts to replace a broken instance whose
-/// replacement failed.
-pub const REPLACE_BACKOFF: Duration = Duration::from_secs(1);
+/// How long the plugin's circuit breaker stays open after the first failure.
+pub const BREAKER_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest the breaker stays open (the backoff doubles up to this).
+pub const BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A failure after this long without one starts the backoff over.
+pub const BREAKER_QUIET_PERIOD: Duration = Duration::from_secs(60);
+
+/// The plugin's circuit breaker (see the module docs).
+#[derive(Debug)]
+struct Breaker {
+    /// While set and in the future, the plugin is not called.
+    open_until: Option<Instant>,
+    /// How long the next trip keeps it open.
+    next_backoff: Duration,
+    last_failure: Option<Instant>,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            open_until: None,
+            next_backoff: BREAKER_INITIAL_BACKOFF,
+            last_failure: None,
+        }
+    }
+}
+
+impl Breaker {
+    /// Open after a failure at `now`; returns how long it stays open.
+    fn trip(&mut self, now: Instant) -> Duration {
+        if self
+            .last_failure
+            .is_some_and(|t| now.duration_since(t) >= BREAKER_QUIET_PERIOD)
+        {
+            self.next_backoff = BREAKER_INITIAL_BACKOFF;
+        }
+        let wait = self.next_backoff;
+        self.open_until = Some(now + wait);
+        self.next_backoff = (wait * 2).min(BREAKER_MAX_BACKOFF);
+        self.last_failure = Some(now);
+        wait
+    }
+
+    fn is_open(&self, now: Instant) -> bool {
+        self.open_until.is_some_and(|t| now < t)
+    }
+}
 
 /// Period of [`Upstream::tick`]: the resolution of ejection ends, slow-start
 /// steps and drain reports.
@@ -161,8 +214,14 @@ pub struct PluginStats {
     pub bad_answers: AtomicU64,
     /// Requests decided by the native round-robin fallback.
     pub fallbacks: AtomicU64,
-    /// Instances replaced after a failure.
+    /// Instances replaced after a failure (each replacement is a half-open
+    /// probe of the circuit breaker).
     pub replacements: AtomicU64,
+    /// Requests decided without calling the plugin: its circuit breaker was
+    /// open.
+    pub skipped: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: AtomicU64,
     /// Failed calls since the last successful one; at [`FAILING_AFTER`] the
     /// plugin is reported as failing.
     pub consecutive_failures: AtomicU64,
@@ -194,10 +253,18 @@ struct Slot {
     settings: InstanceSettings,
     instance: Option<Instance>,
     backends: Arc<[BackendState]>,
-    last_attempt: Option<Instant>,
+    breaker: Breaker,
     loaded_at: SystemTime,
     /// Too few backends are available: all ready ones are offered.
     panic: bool,
+}
+
+/// Rate limits of an upstream's repeated log lines, one per cause.
+#[derive(Debug, Default)]
+struct UpstreamLogs {
+    plugin_failed: LogLimiter,
+    replace_failed: LogLimiter,
+    not_ejected: LogLimiter,
 }
 
 /// A named group of backends with its plugin.
@@ -209,10 +276,13 @@ pub struct Upstream {
     metrics: UpstreamMetrics,
     on_error: OnPluginError,
     debug_headers: bool,
+    logs: UpstreamLogs,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Wait for the backend's response headers.
     pub response_timeout: Duration,
+    /// Most time between two reads of a response body.
+    pub response_body_timeout: Duration,
     /// Bound on a whole request, if any.
     pub request_timeout: Option<Duration>,
     /// Retries of a failed attempt on another backend.
@@ -273,8 +343,19 @@ pub struct PluginSnapshot {
     pub digest: String,
     /// When this plugin was swapped in, in seconds since the Unix epoch.
     pub loaded_at_unix_s: u64,
-    /// `ok`, `failing` (the last calls all failed) or `no_instance`.
+    /// `ok`; `failing` (the circuit breaker is open, or the last
+    /// [`FAILING_AFTER`] calls all failed); or `no_instance` (the breaker
+    /// is closed and the next request builds and probes a fresh instance).
     pub status: &'static str,
+    /// The circuit breaker: `closed`, `open` (the plugin is not called) or
+    /// `half_open` (the next request probes a fresh instance).
+    pub breaker: &'static str,
+    /// While the breaker is open: time until the next probe, in ms.
+    pub retry_in_ms: Option<u64>,
+    /// Times the breaker opened.
+    pub breaker_trips: u64,
+    /// Requests decided without calling the plugin (breaker open).
+    pub skipped: u64,
     /// `fallback` or `fail`.
     pub on_plugin_error: OnPluginError,
     /// Failure counters by kind, since the upstream was (re)built.
@@ -383,6 +464,7 @@ impl Upstream {
                 config.plugin_memory_limit_mib.saturating_mul(1 << 20),
             )
             .unwrap_or(usize::MAX),
+            log_limit: Arc::default(),
         };
         let mut upstream = Self {
             name,
@@ -391,7 +473,7 @@ impl Upstream {
                 settings: settings.clone(),
                 instance: None,
                 backends: backends.clone(),
-                last_attempt: None,
+                breaker: Breaker::default(),
                 loaded_at: SystemTime::now(),
                 panic: false,
             }),
@@ -400,8 +482,10 @@ impl Upstream {
             metrics: upstream_metrics,
             on_error: config.on_plugin_error,
             debug_headers: config.debug_headers,
+            logs: UpstreamLogs::default(),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
+            response_body_timeout: Duration::from_millis(config.response_body_timeout_ms),
             request_timeout: config.request_timeout_ms.map(Duration::from_millis),
             retries: config.retries,
             retry_buffer_bytes: config.retry_buffer_bytes,
@@ -525,7 +609,8 @@ impl Upstream {
         slot.instance = Some(instance);
         slot.plugin = plugin;
         slot.settings = settings;
-        slot.last_attempt = None;
+        slot.breaker = Breaker::default();
+        self.metrics.breaker_open.set(0);
         slot.loaded_at = SystemTime::now();
         drop(slot);
         self.stats.consecutive_failures.store(0, Ordering::Relaxed);
@@ -643,13 +728,19 @@ impl Upstream {
             .count();
         let cap = (slot.backends.len() * od.max_ejection_percent as usize / 100).max(1);
         if ejected >= cap {
-            tracing::info!(
-                upstream = &*self.name,
-                backend = %chosen.address,
-                "outlier not ejected: {ejected} of {} backends already are (max_ejection_percent = {})",
-                slot.backends.len(),
-                od.max_ejection_percent
-            );
+            // Once per cap reached, then at debug: a second dead backend
+            // fails every request sent to it, and this must not flood.
+            self.metrics.ejections_skipped.inc();
+            if let Some(suppressed) = self.logs.not_ejected.admit() {
+                tracing::debug!(
+                    upstream = &*self.name,
+                    backend = %chosen.address,
+                    suppressed,
+                    "outlier not ejected: {ejected} of {} backends already are (max_ejection_percent = {})",
+                    slot.backends.len(),
+                    od.max_ejection_percent
+                );
+            }
             return;
         }
         let max = Duration::from_millis(od.max_ejection_time_ms);
@@ -780,13 +871,7 @@ impl Upstream {
         if let Some(instance) = slot.instance.as_mut()
             && let Err(e) = instance.set_backends(backends)
         {
-            tracing::warn!(
-                upstream = &*self.name,
-                "plugin set-backends failed, replacing the instance: {e}"
-            );
-            slot.instance = None;
-            slot.last_attempt = None;
-            self.try_replace(slot);
+            self.trip(slot, "set-backends", &e);
         }
     }
 
@@ -809,8 +894,13 @@ impl Upstream {
     /// handed back unchanged.
     pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
         let mut slot = self.lock();
+        if slot.instance.is_none() && !self.try_replace(&mut slot) {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.calls_skipped.inc();
+            let selection = self.on_failure(&slot.backends, tried);
+            return (selection, request);
+        }
         let Some(instance) = slot.instance.as_mut() else {
-            self.try_replace(&mut slot);
             let selection = self.on_failure(&slot.backends, tried);
             return (selection, request);
         };
@@ -838,7 +928,10 @@ impl Upstream {
         };
         match result {
             Ok(decision) => {
-                self.stats.consecutive_failures.store(0, Ordering::Relaxed);
+                if self.stats.consecutive_failures.swap(0, Ordering::Relaxed) > 0 {
+                    // A half-open probe passed: the breaker is closed.
+                    self.metrics.breaker_open.set(0);
+                }
                 let backend = match decision {
                     Decision::Backend(id) => chosen(&slot, id),
                     Decision::Candidates(ids) => ids
@@ -856,18 +949,10 @@ impl Upstream {
                 self.stats
                     .consecutive_failures
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    upstream = &*self.name,
-                    plugin = slot.plugin.name(),
-                    failure = kind.as_str(),
-                    on_plugin_error = ?self.on_error,
-                    "plugin select failed: {message}"
-                );
                 // A trapped instance cannot be entered again; one that answered
-                // nonsense may hold corrupt state. Either way, start afresh.
-                slot.instance = None;
-                slot.last_attempt = None;
-                self.try_replace(&mut slot);
+                // nonsense may hold corrupt state. Either way, start afresh,
+                // once the breaker closes.
+                self.trip(&mut slot, kind.as_str(), &message);
                 let selection = self.on_failure(&slot.backends, tried);
                 (selection, request)
             }
@@ -887,17 +972,36 @@ impl Upstream {
         }
     }
 
-    /// Instantiate a fresh instance into `slot` unless an attempt failed
-    /// within [`REPLACE_BACKOFF`].
-    fn try_replace(&self, slot: &mut Slot) {
-        let now = Instant::now();
-        if slot
-            .last_attempt
-            .is_some_and(|t| now.duration_since(t) < REPLACE_BACKOFF)
-        {
-            return;
+    /// Drop the instance and open the circuit breaker after a failure of
+    /// `what` (`trap`, `deadline`, `bad_answer`, `set-backends`,
+    /// `instantiate`); logged, rate-limited.
+    fn trip(&self, slot: &mut Slot, what: &str, message: &str) {
+        slot.instance = None;
+        let wait = slot.breaker.trip(Instant::now());
+        self.stats.breaker_trips.fetch_add(1, Ordering::Relaxed);
+        self.metrics.breaker_open.set(1);
+        if let Some(suppressed) = self.logs.plugin_failed.admit() {
+            // The first line of the message: wasmtime appends a backtrace.
+            let first = message.lines().next().unwrap_or_default();
+            tracing::warn!(
+                upstream = &*self.name,
+                plugin = slot.plugin.name(),
+                failure = what,
+                on_plugin_error = ?self.on_error,
+                retry_in_ms = wait.as_millis() as u64,
+                suppressed,
+                "plugin failed, circuit breaker open: {first}"
+            );
         }
-        slot.last_attempt = Some(now);
+    }
+
+    /// Build a fresh instance into `slot` if the circuit breaker is closed
+    /// (the caller's request then probes it). False if it is open, or
+    /// instantiating failed (which reopens it).
+    fn try_replace(&self, slot: &mut Slot) -> bool {
+        if slot.breaker.is_open(Instant::now()) {
+            return false;
+        }
         match slot
             .plugin
             .instantiate(&slot.settings, slot.backends.clone())
@@ -905,11 +1009,19 @@ impl Upstream {
             Ok(instance) => {
                 slot.instance = Some(instance);
                 self.stats.replacements.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            Err(e) => tracing::error!(
-                upstream = &*self.name,
-                "replacing the plugin instance failed: {e}"
-            ),
+            Err(e) => {
+                if let Some(suppressed) = self.logs.replace_failed.admit() {
+                    tracing::error!(
+                        upstream = &*self.name,
+                        suppressed,
+                        "replacing the plugin instance failed: {e}"
+                    );
+                }
+                self.trip(slot, "instantiate", &e.to_string());
+                false
+            }
         }
     }
 
@@ -931,13 +1043,25 @@ impl Upstream {
     /// A point-in-time view for the admin API.
     pub fn snapshot(&self) -> UpstreamSnapshot {
         let slot = self.lock();
-        let status = if slot.instance.is_none() {
-            "no_instance"
-        } else if self.stats.failing() {
+        let now = Instant::now();
+        let open = slot.breaker.is_open(now);
+        let status = if open || self.stats.failing() {
             "failing"
+        } else if slot.instance.is_none() {
+            "no_instance"
         } else {
             "ok"
         };
+        let breaker = match (open, slot.instance.is_some()) {
+            (true, _) => "open",
+            (false, false) => "half_open",
+            (false, true) => "closed",
+        };
+        let retry_in_ms = slot
+            .breaker
+            .open_until
+            .filter(|_| open)
+            .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX));
         let failures = [
             FailureKind::Trap,
             FailureKind::Deadline,
@@ -946,7 +1070,6 @@ impl Upstream {
         .into_iter()
         .map(|k| (k.as_str(), self.stats.failures(k)))
         .collect();
-        let now = Instant::now();
         UpstreamSnapshot {
             name: self.name.to_string(),
             panic: slot.panic,
@@ -958,6 +1081,10 @@ impl Upstream {
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 status,
+                breaker,
+                retry_in_ms,
+                breaker_trips: self.stats.breaker_trips.load(Ordering::Relaxed),
+                skipped: self.stats.skipped.load(Ordering::Relaxed),
                 on_plugin_error: self.on_error,
                 failures,
                 fallbacks: self.stats.fallbacks.load(Ordering::Relaxed),
@@ -1231,6 +1358,27 @@ mod tests {
             backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
             vec![1, 1]
         );
+    }
+
+    #[test]
+    fn the_breaker_backs_off_exponentially_and_starts_over_after_a_quiet_period() {
+        let mut b = Breaker::default();
+        let t0 = Instant::now();
+        assert!(!b.is_open(t0));
+        assert_eq!(b.trip(t0), BREAKER_INITIAL_BACKOFF);
+        assert!(b.is_open(t0 + Duration::from_millis(50)));
+        assert!(!b.is_open(t0 + BREAKER_INITIAL_BACKOFF));
+        let mut waits = Vec::new();
+        let mut t = t0;
+        for _ in 0..12 {
+            t += Duration::from_secs(1);
+            waits.push(b.trip(t));
+        }
+        assert_eq!(waits[0], BREAKER_INITIAL_BACKOFF * 2);
+        assert_eq!(waits[1], BREAKER_INITIAL_BACKOFF * 4);
+        assert_eq!(*waits.last().unwrap(), BREAKER_MAX_BACKOFF);
+        // Quiet for long enough: the next failure starts over.
+        assert_eq!(b.trip(t + BREAKER_QUIET_PERIOD), BREAKER_INITIAL_BACKOFF);
     }
 
     fn c_slow() -> Duration {
