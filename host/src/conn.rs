@@ -19,17 +19,25 @@
 //! [`ConnLimit`] caps open connections (HAProxy `maxconn`): a listener takes
 //! a [`ConnPermit`] before it accepts, so at the cap it stops accepting and
 //! the kernel's listen backlog holds new clients until a connection closes.
+//! To make room it closes up to [`RECLAIM_BATCH`] connections that have no
+//! request in progress, no request head arriving, and have been so for at
+//! least [`RECLAIM_MIN_IDLE`] (idle keep-alive, or never sent a byte),
+//! oldest first, as NGINX reuses its "reusable" connections when
+//! `worker_connections` run out: otherwise silent clients would hold every
+//! slot for `header_read_timeout_ms` while real clients wait.
 //!
 //! The timer lives in [`TimedIo::poll_read`]: when a read would block, the
 //! deadline that applies is computed from [`ConnActivity`] and a
 //! `tokio::time::Sleep` armed for it; when it fires the read fails with
 //! `TimedOut` and hyper closes the connection.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -57,6 +65,10 @@ pub struct ConnActivity {
     active: AtomicU32,
     idle_since_ms: AtomicU64,
     head_started_ms: AtomicU64,
+    /// Bytes of a request head arrived since the last request began.
+    receiving: AtomicBool,
+    /// Asked to close to make room under the connection cap.
+    reclaimed: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -69,6 +81,8 @@ impl Default for ConnActivity {
             active: AtomicU32::new(0),
             idle_since_ms: AtomicU64::new(now),
             head_started_ms: AtomicU64::new(now),
+            receiving: AtomicBool::new(false),
+            reclaimed: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         }
     }
@@ -79,6 +93,7 @@ impl ConnActivity {
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(0, Ordering::Relaxed);
+        self.receiving.store(false, Ordering::Relaxed);
         RequestGuard {
             activity: self.clone(),
         }
@@ -101,11 +116,25 @@ impl ConnActivity {
     }
 
     fn received(&self) {
-        if self.active.load(Ordering::Relaxed) == 0
-            && self.head_started_ms.load(Ordering::Relaxed) == 0
-        {
-            self.head_started_ms.store(now_ms(), Ordering::Relaxed);
+        if self.active.load(Ordering::Relaxed) == 0 {
+            self.receiving.store(true, Ordering::Relaxed);
+            if self.head_started_ms.load(Ordering::Relaxed) == 0 {
+                self.head_started_ms.store(now_ms(), Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Since when (ms) the connection has had no request in progress and no
+    /// head arriving, if so.
+    fn idle_since(&self) -> Option<u64> {
+        (self.active.load(Ordering::Relaxed) == 0 && !self.receiving.load(Ordering::Relaxed))
+            .then(|| self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// Ask the connection to close at its next blocked read, if still idle.
+    fn reclaim(&self) {
+        self.reclaimed.store(true, Ordering::Relaxed);
+        self.waker.wake();
     }
 }
 
@@ -134,6 +163,32 @@ pub struct ConnLimit {
     open: AtomicUsize,
     max: AtomicUsize,
     freed: Notify,
+    /// Open connections, for reclaiming idle ones at the cap.
+    registry: Mutex<HashMap<u64, Weak<ConnActivity>>>,
+    next_id: AtomicU64,
+}
+
+/// Connections closed at most per reclaim (NGINX drains 32 at a time).
+pub const RECLAIM_BATCH: usize = 32;
+/// A connection must have been idle this long to be reclaimed, so one whose
+/// next request is on its way is not cut.
+pub const RECLAIM_MIN_IDLE: Duration = Duration::from_millis(200);
+
+/// A connection's entry in its [`ConnLimit`]'s registry; removed on drop.
+#[derive(Debug)]
+pub struct Registration {
+    limit: Arc<ConnLimit>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.limit
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 impl ConnLimit {
@@ -143,7 +198,44 @@ impl ConnLimit {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max),
             freed: Notify::new(),
+            registry: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
         })
+    }
+
+    /// Make a connection's activity known, so it can be reclaimed while idle.
+    pub fn register(self: &Arc<Self>, activity: &Arc<ConnActivity>) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::downgrade(activity));
+        Registration {
+            limit: self.clone(),
+            id,
+        }
+    }
+
+    /// Ask up to `n` of the connections idle for at least
+    /// [`RECLAIM_MIN_IDLE`] to close, oldest first; returns how many were asked.
+    pub fn reclaim_idle(&self, n: usize) -> usize {
+        let newest = now_ms()
+            .saturating_sub(u64::try_from(RECLAIM_MIN_IDLE.as_millis()).unwrap_or(u64::MAX));
+        let mut idle: Vec<(u64, Arc<ConnActivity>)> = self
+            .registry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter_map(|a| Some((a.idle_since()?, a)))
+            .filter(|(since, _)| *since <= newest)
+            .collect();
+        idle.sort_unstable_by_key(|(since, _)| *since);
+        idle.truncate(n);
+        for (_, a) in &idle {
+            a.reclaim();
+        }
+        idle.len()
     }
 
     /// Change the cap; waiters re-check at once.
@@ -258,6 +350,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 this.activity.waker.register(cx.waker());
+                if this.activity.reclaimed.swap(false, Ordering::Relaxed)
+                    && this.activity.idle_since().is_some()
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "closed while idle to make room: max_connections reached",
+                    )));
+                }
                 let Some(deadline) = this.activity.deadline_ms(this.header_read, this.idle) else {
                     this.armed_ms = None;
                     return Poll::Pending;
@@ -381,6 +481,34 @@ mod tests {
         let _d = limit.try_acquire().expect("a raised cap admits at once");
         drop(c);
         assert_eq!(limit.open(), 2);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_idle_connections_are_reclaimed_oldest_first_and_busy_ones_kept() {
+        let limit = ConnLimit::new(3);
+        let (mut idle, _p1, a1) = pair(60_000, 60_000).await;
+        let (mut busy, _p2, a2) = pair(60_000, 60_000).await;
+        let (mut heading, mut p3, a3) = pair(60_000, 60_000).await;
+        let _r = [
+            limit.register(&a1),
+            limit.register(&a2),
+            limit.register(&a3),
+        ];
+        let _guard = a2.begin();
+        p3.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(heading.read(&mut buf).await.unwrap(), 8);
+        // Too fresh to reclaim.
+        assert_eq!(limit.reclaim_idle(RECLAIM_BATCH), 0);
+        tokio::time::sleep(RECLAIM_MIN_IDLE + Duration::from_millis(50)).await;
+        assert_eq!(limit.reclaim_idle(RECLAIM_BATCH), 1, "only the idle one");
+        let e = idle.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        let read = tokio::time::timeout(Duration::from_millis(100), busy.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "a connection with a request in progress stays"
+        );
     }
 
     #[tokio::test]

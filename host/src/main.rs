@@ -193,7 +193,7 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         println!("wasmlb listening on http://{addr} (listener[{i}], default upstream {upstream})");
     }
     if let Some(addr) = server.admin_addr() {
-        println!("wasmlb admin API on http://{addr}");
+        println!("wasmlb admin API listening on http://{addr}");
     }
     tracing::info!(config = %config.path.display(), "started");
     tokio::select! {

@@ -568,7 +568,9 @@ fn connection_builder(limits: &crate::config::RequestLimits) -> auto::Builder<To
 }
 
 /// Permits from the listener's cap and the global one, waiting (not
-/// accepting) while either is reached.
+/// accepting) while either is reached. While the global cap is reached,
+/// idle connections are reclaimed (see [`crate::conn`]) every
+/// [`crate::conn::RECLAIM_MIN_IDLE`] until a slot frees.
 async fn admit(
     own: &Arc<ConnLimit>,
     global: &Arc<ConnLimit>,
@@ -579,19 +581,29 @@ async fn admit(
         return [a, b];
     }
     metrics.resources().cap_reached.inc();
-    if let Some(suppressed) = AT_CAP.admit() {
-        tracing::warn!(
-            global_open = global.open(),
-            global_max = global.max(),
-            listener_max = own.max(),
-            suppressed,
-            "max_connections reached: not accepting until a connection closes \
-             (new clients wait in the listen backlog)"
-        );
+    let mut reported = false;
+    let own_permit = own.acquire().await;
+    loop {
+        if let Some(p) = global.try_acquire() {
+            return [own_permit, p];
+        }
+        let reclaimed = global.reclaim_idle(crate::conn::RECLAIM_BATCH);
+        if !reported && let Some(suppressed) = AT_CAP.admit() {
+            reported = true;
+            tracing::warn!(
+                open = global.open(),
+                max_connections = global.max(),
+                reclaimed,
+                suppressed,
+                "max_connections reached: closing idle connections, not accepting until one \
+                 closes (new clients wait in the listen backlog)"
+            );
+        }
+        tokio::select! {
+            p = global.acquire() => return [own_permit, p],
+            () = tokio::time::sleep(crate::conn::RECLAIM_MIN_IDLE) => {}
+        }
     }
-    let a = own.acquire().await;
-    let b = global.acquire().await;
-    [a, b]
 }
 
 /// Accept connections until told to stop, then wait for open connections to
@@ -642,6 +654,7 @@ async fn accept_loop(
                 }
                 drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
+                let registration = shared.conn_limit.register(&activity);
                 let shared = shared.clone();
                 let service = service_fn(move |req| {
                     let guard = activity.begin();
@@ -664,7 +677,7 @@ async fn accept_loop(
                         tracing::debug!(%peer, "connection ended with an error: {e}");
                     }
                     open.dec();
-                    drop(permits);
+                    drop((registration, permits));
                 });
             }
             _ = stop.changed() => break,

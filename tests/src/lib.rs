@@ -697,21 +697,54 @@ pub fn check(config: &Path) -> (i32, String, String) {
 #[derive(Debug)]
 pub struct ProxyProcess {
     child: Child,
-    /// Bound address of each listener, read from its `listening on` lines.
+    /// Bound address of each listener, read from its `listening on` lines
+    /// (then the admin API's, if configured).
     pub addrs: Vec<SocketAddr>,
     _config: ConfigFile,
+    log: Option<PathBuf>,
+}
+
+/// How to start a [`ProxyProcess`] beyond its config.
+#[derive(Debug, Default)]
+pub struct Launch<'a> {
+    /// A command and arguments to run wasmlb under (`["prlimit", "--nofile=256"]`).
+    pub wrapper: &'a [&'a str],
+    /// `--log-level` (default `warn`).
+    pub log_level: Option<&'a str>,
+    /// Write stderr to a file (read with [`ProxyProcess::log_lines`])
+    /// instead of inheriting it.
+    pub capture_log: bool,
 }
 
 impl ProxyProcess {
     /// Start `wasmlb --config <toml>` and wait for `listeners` "listening on" lines.
     pub fn spawn(toml: &str, listeners: usize) -> Self {
+        Self::launch(toml, listeners, &Launch::default())
+    }
+
+    /// As [`ProxyProcess::spawn`], as `launch` says.
+    pub fn launch(toml: &str, listeners: usize, launch: &Launch<'_>) -> Self {
         let config = ConfigFile::new(toml);
-        let mut child = Command::new(wasmlb_bin())
+        let (program, wrapper_args) = match launch.wrapper.split_first() {
+            Some((p, rest)) => (PathBuf::from(p), rest.to_vec()),
+            None => (wasmlb_bin(), Vec::new()),
+        };
+        let mut command = Command::new(program);
+        command.args(wrapper_args);
+        if !launch.wrapper.is_empty() {
+            command.arg(wasmlb_bin());
+        }
+        let log = launch.capture_log.then(|| config.dir().join("wasmlb.log"));
+        let stderr = match &log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+            None => Stdio::inherit(),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&config.path)
-            .args(["--log-level", "warn"])
+            .args(["--log-level", launch.log_level.unwrap_or("warn")])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn wasmlb");
         let rx = announced_addrs(child.stdout.take().expect("stdout"));
@@ -729,7 +762,25 @@ impl ProxyProcess {
             child,
             addrs,
             _config: config,
+            log,
         }
+    }
+
+    /// The lines written to stderr so far (with [`Launch::capture_log`]).
+    pub fn log_lines(&self) -> Vec<String> {
+        let path = self.log.as_ref().expect("started with capture_log");
+        std::fs::read_to_string(path)
+            .expect("read log")
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Open file descriptors of the process now.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("proc fd")
+            .count()
     }
 
     /// Overwrite the config file (then send SIGHUP with [`ProxyProcess::signal`]).
