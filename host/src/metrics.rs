@@ -265,30 +265,34 @@ impl Metrics {
             calls_skipped.clone(),
         );
         let resources = ResourceMetrics::default();
-        registry.register(
-            "connections_open",
-            "Downstream connections open",
-            resources.connections_open.clone(),
-        );
-        registry.register(
-            "connections_max",
-            "The global cap on downstream connections (max_connections)",
-            resources.connections_max.clone(),
-        );
+        for (name, help, gauge) in [
+            (
+                "connections_open",
+                "Downstream connections open",
+                &resources.connections_open,
+            ),
+            (
+                "connections_max",
+                "The global cap on downstream connections (max_connections)",
+                &resources.connections_max,
+            ),
+            (
+                "plugin_cache_entries",
+                "Compiled plugin components kept for reuse",
+                &resources.plugin_cache_entries,
+            ),
+            (
+                "plugin_cache_bytes",
+                "Compiled code of the kept plugin components, in bytes",
+                &resources.plugin_cache_bytes,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
         registry.register(
             "connections_cap_reached",
             "Times a listener stopped accepting at its connection cap",
             resources.cap_reached.clone(),
-        );
-        registry.register(
-            "plugin_cache_entries",
-            "Compiled plugin components kept for reuse",
-            resources.plugin_cache_entries.clone(),
-        );
-        registry.register(
-            "plugin_cache_bytes",
-            "Compiled code of the kept plugin components, in bytes",
-            resources.plugin_cache_bytes.clone(),
         );
         let local_errors: Family<OpLabels, Counter> = Family::default();
         registry.register(

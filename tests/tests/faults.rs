@@ -30,6 +30,28 @@ async fn run_load(url: &str, clients: usize, secs: u64) -> (usize, usize, Option
     (seen.len() - failed.len(), failed.len(), example)
 }
 
+/// The proxy with an admin API (the last address) and its log captured at info.
+fn launch_logged(toml: &str) -> ProxyProcess {
+    ProxyProcess::launch(
+        toml,
+        2,
+        &Launch {
+            capture_log: true,
+            log_level: Some("info"),
+            ..Launch::default()
+        },
+    )
+}
+
+/// Fewer than [`MAX_LOG_LINES_PER_S`] log lines per second since `started`;
+/// returns the lines.
+fn assert_quiet(proxy: &ProxyProcess, started: std::time::Instant) -> Vec<String> {
+    let lines = proxy.log_lines();
+    let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
+    assert!(rate < MAX_LOG_LINES_PER_S, "{rate:.1} lines/s: {lines:#?}");
+    lines
+}
+
 fn admin_url(p: &ProxyProcess, path: &str) -> String {
     format!("http://{}{path}", p.addrs[p.addrs.len() - 1])
 }
@@ -100,9 +122,7 @@ async fn a_small_fd_limit_queues_clients_instead_of_failing_them() {
     assert_eq!(metric(&proxy, "wasmlb_outlier_ejections_total").await, 0.0);
     assert!(metric(&proxy, "wasmlb_connections_cap_reached_total").await >= 1.0);
     drop(idle);
-    let lines = proxy.log_lines();
-    let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-    assert!(rate < MAX_LOG_LINES_PER_S, "{rate:.1} lines/s: {lines:#?}");
+    let lines = assert_quiet(&proxy, started);
     for l in &lines {
         assert!(
             !l.contains("ejected") && !l.contains("unreachable") && !l.contains("now unhealthy"),
@@ -122,15 +142,7 @@ async fn an_always_trapping_plugin_is_called_a_few_times_not_per_request() {
         "[admin]\naddress = \"127.0.0.1:0\"\n{}",
         app_config(plugins::TRAP, &backend_list(&refs), "")
     );
-    let proxy = ProxyProcess::launch(
-        &toml,
-        2,
-        &Launch {
-            capture_log: true,
-            log_level: Some("info"),
-            ..Launch::default()
-        },
-    );
+    let proxy = launch_logged(&toml);
     let started = std::time::Instant::now();
     let (ok, failed, example) = run_load(&proxy.url("/"), 8, 4).await;
     assert_eq!(failed, 0, "e.g. {example:?}");
@@ -144,9 +156,7 @@ async fn an_always_trapping_plugin_is_called_a_few_times_not_per_request() {
     assert!(trips <= 10, "{trips} trips: {plugin}");
     assert!(skipped as usize >= ok - 10, "{skipped} skipped of {ok}");
     assert_eq!(plugin["fallbacks"].as_u64().unwrap() as usize, ok);
-    let lines = proxy.log_lines();
-    let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-    assert!(rate < MAX_LOG_LINES_PER_S, "{rate:.1} lines/s: {lines:#?}");
+    assert_quiet(&proxy, started);
 }
 
 /// A backend that sends its response head and part of the body, then
@@ -228,15 +238,7 @@ async fn two_dead_backends_both_leave_rotation_quietly() {
         "[admin]\naddress = \"127.0.0.1:0\"\n{}[upstream.app.outlier_detection]\n",
         app_config("round-robin", &list, "")
     );
-    let proxy = ProxyProcess::launch(
-        &toml,
-        2,
-        &Launch {
-            capture_log: true,
-            log_level: Some("info"),
-            ..Launch::default()
-        },
-    );
+    let proxy = launch_logged(&toml);
     let started = std::time::Instant::now();
     let (ok, failed, example) = run_load(&proxy.url("/"), 8, 3).await;
     assert_eq!(
@@ -253,9 +255,7 @@ async fn two_dead_backends_both_leave_rotation_quietly() {
             assert_eq!(b["state"], "unreachable", "{b}");
         }
     }
-    let lines = proxy.log_lines();
-    let rate = lines.len() as f64 / started.elapsed().as_secs_f64();
-    assert!(rate < MAX_LOG_LINES_PER_S, "{rate:.1} lines/s: {lines:#?}");
+    assert_quiet(&proxy, started);
 }
 
 /// A component with `tag` appended as a custom section: a distinct digest,
