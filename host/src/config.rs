@@ -1470,6 +1470,63 @@ key = "x-user"
     }
 
     #[test]
+    fn fault_containment_keys_are_bounded_and_named_with_their_line() {
+        let e = error_of(&format!("{GOOD}\n[server]\nmax_connections = 0\n"));
+        assert!(
+            e.contains("test.toml:") && e.contains("server.max_connections: must be from 1 to"),
+            "{e}"
+        );
+        let e = error_of(&format!("{GOOD}\n[server]\nplugin_cache_entries = 0\n"));
+        assert!(
+            e.contains("server.plugin_cache_entries: must be from 1"),
+            "{e}"
+        );
+        let e = error_of(&format!("{GOOD}\n[server]\nplugin_cache_mib = 0\n"));
+        assert!(e.contains("server.plugin_cache_mib: must be from 1"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[server]\nmax_connections = \"lots\"\n"));
+        // A type error names the file and line (the TOML parser's message).
+        let line = GOOD.lines().count() + 3;
+        assert!(
+            e.contains(&format!("test.toml:{line}:")) && e.contains("expected u64"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replacen(
+            "upstream = \"app\"\n",
+            "upstream = \"app\"\nmax_connections = 0\n",
+            1,
+        ));
+        assert!(
+            e.contains("test.toml:5: listener[0].max_connections: must be from 1"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "response_body_timeout_ms = 0\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("upstream.app.response_body_timeout_ms: must be at least 1"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{GOOD}\n[server]\nmax_connections = 500\nplugin_cache_entries = 4\nplugin_cache_mib = 64\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.max_connections, Some(500));
+        assert_eq!(
+            (c.server.plugin_cache_entries, c.server.plugin_cache_mib),
+            (4, 64)
+        );
+        assert_eq!(
+            c.upstreams["app"].response_body_timeout_ms,
+            DEFAULT_RESPONSE_BODY_TIMEOUT_MS
+        );
+        // (256 - 32 reserved - 2 backends - 4 cached components) / 2; never 0.
+        assert_eq!(derived_max_connections(256, &c), 109);
+        assert_eq!(derived_max_connections(10, &c), 1);
+        assert_eq!(parse(GOOD).unwrap().server.max_connections, None);
+    }
+
+    #[test]
     fn bad_failure_handling_values_are_named() {
         let e = error_of(&GOOD.replace("weight = 3,", "weight = 3, state = \"sleeping\","));
         assert!(e.contains("unknown variant `sleeping`"), "{e}");
