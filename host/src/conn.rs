@@ -288,13 +288,6 @@ pub struct ConnPermit {
     limit: Option<Arc<ConnLimit>>,
 }
 
-impl ConnPermit {
-    /// A permit under no limit.
-    pub fn unlimited() -> Self {
-        Self { limit: None }
-    }
-}
-
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         if let Some(limit) = self.limit.take() {

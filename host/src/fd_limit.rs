@@ -52,10 +52,19 @@ pub fn is_local_resource_error(e: &io::Error) -> bool {
 /// The first local resource error (see [`is_local_resource_error`]) in `e`'s
 /// source chain, `e` included.
 pub fn local_resource_error<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a io::Error> {
+    io_error_in(e, is_local_resource_error)
+}
+
+/// The first I/O error in `e`'s source chain (`e` included) for which
+/// `matches` holds.
+pub fn io_error_in<'a>(
+    e: &'a (dyn Error + 'static),
+    matches: impl Fn(&io::Error) -> bool,
+) -> Option<&'a io::Error> {
     let mut next: Option<&(dyn Error + 'static)> = Some(e);
     while let Some(err) = next {
         if let Some(io) = err.downcast_ref::<io::Error>()
-            && is_local_resource_error(io)
+            && matches(io)
         {
             return Some(io);
         }

@@ -153,6 +153,8 @@ pub struct Runtime {
 #[derive(Default)]
 struct ComponentCache {
     entries: Vec<CacheEntry>,
+    /// Sum of the entries' `bytes`.
+    bytes: usize,
     clock: u64,
     max_entries: usize,
     max_bytes: usize,
@@ -179,7 +181,10 @@ impl ComponentCache {
         self.clock += 1;
         let range = component.image_range();
         let bytes = (range.end as usize).saturating_sub(range.start as usize);
-        self.entries.retain(|e| e.digest != digest);
+        if let Some(i) = self.entries.iter().position(|e| e.digest == digest) {
+            self.bytes -= self.entries.swap_remove(i).bytes;
+        }
+        self.bytes += bytes;
         self.entries.push(CacheEntry {
             digest,
             component,
@@ -189,15 +194,11 @@ impl ComponentCache {
         self.evict();
     }
 
-    fn total_bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.bytes).sum()
-    }
-
     /// Drop least recently used entries until within both bounds (the
     /// newest entry always stays).
     fn evict(&mut self) {
         while self.entries.len() > 1
-            && (self.entries.len() > self.max_entries || self.total_bytes() > self.max_bytes)
+            && (self.entries.len() > self.max_entries || self.bytes > self.max_bytes)
         {
             let Some(oldest) = self
                 .entries
@@ -208,13 +209,13 @@ impl ComponentCache {
             else {
                 break;
             };
-            self.entries.swap_remove(oldest);
+            self.bytes -= self.entries.swap_remove(oldest).bytes;
         }
         if let Some(m) = &self.metrics {
             m.plugin_cache_entries
                 .set(i64::try_from(self.entries.len()).unwrap_or(i64::MAX));
             m.plugin_cache_bytes
-                .set(i64::try_from(self.total_bytes()).unwrap_or(i64::MAX));
+                .set(i64::try_from(self.bytes).unwrap_or(i64::MAX));
         }
     }
 }
@@ -281,7 +282,7 @@ impl Runtime {
     /// Compiled components in the cache, and their compiled code in bytes.
     pub fn cache_size(&self) -> (usize, usize) {
         let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        (cache.entries.len(), cache.total_bytes())
+        (cache.entries.len(), cache.bytes)
     }
 
     /// Load and compile a plugin, check its imports and link it.

@@ -626,16 +626,7 @@ fn http_client(upstream: &Upstream) -> HttpClient {
 
 /// True if a connect or I/O timeout is anywhere in the error's source chain.
 fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::TimedOut
-        {
-            return true;
-        }
-        source = s.source();
-    }
-    false
+    crate::fd_limit::io_error_in(e, |io| io.kind() == std::io::ErrorKind::TimedOut).is_some()
 }
 
 /// The request's authority: the `Host` header, else the URI's authority

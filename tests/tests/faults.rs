@@ -57,14 +57,7 @@ fn admin_url(p: &ProxyProcess, path: &str) -> String {
 }
 
 async fn metric(p: &ProxyProcess, name: &str) -> f64 {
-    let text = client()
-        .get(admin_url(p, "/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
+    let text = wasmlb_tests::text(&client(), &admin_url(p, "/metrics")).await;
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
