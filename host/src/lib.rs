@@ -6,6 +6,7 @@
 //!   validation.
 //! - [`plugin`]: the wasmtime runtime that loads strategy components, checks
 //!   their imports, and calls them under a deadline and a memory cap.
+//! - [`call_deadline`]: a plugin call's deadline, in CPU time of its thread.
 //! - [`upstream`]: a named group of backends, its plugin instance, the
 //!   native round-robin fallback, outlier ejection, panic mode and slow start.
 //! - [`backend`]: one backend's live counters and state (health, ejection,
@@ -32,6 +33,7 @@
 pub mod admin;
 pub mod backend;
 pub mod builtin;
+pub mod call_deadline;
 pub mod config;
 pub mod conn;
 pub mod fd_limit;

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use http::header::{HeaderName, HeaderValue};
 use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 
 use crate::builtin;
+use crate::call_deadline::{CallDeadline, Verdict};
 use crate::config::PluginRef;
 use crate::upstream::BackendState;
 
@@ -468,13 +469,20 @@ impl Plugin {
             backends,
             request: None,
             response_headers: Vec::new(),
+            deadline: CallDeadline::default(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        let deadline_ticks = settings.deadline_ms.max(1) + 1;
-        let init_ticks = settings.init_deadline_ms.max(1) + 1;
-        store.set_epoch_deadline(init_ticks);
+        store.epoch_deadline_callback(|mut ctx| {
+            let now = Instant::now();
+            let cpu = crate::call_deadline::thread_cpu_time();
+            Ok(match ctx.data_mut().deadline.check(now, cpu) {
+                Verdict::Continue(ticks) => UpdateDeadline::Continue(ticks),
+                Verdict::Expire => UpdateDeadline::Interrupt,
+            })
+        });
+        let (deadline_ms, init_deadline_ms) = (settings.deadline_ms, settings.init_deadline_ms);
+        arm(&mut store, init_deadline_ms);
         let instance = self
             .pre
             .instance_pre()
@@ -484,7 +492,7 @@ impl Plugin {
             .map_err(|e| init_err("instantiate", e))?;
         let state = state_funcs(&mut store, &instance);
         let strategy = bindings.wasmlb_plugin_strategy();
-        store.set_epoch_deadline(init_ticks);
+        arm(&mut store, init_deadline_ms);
         strategy
             .call_init(&mut store, &settings.config_json)
             .map_err(|e| init_err("init", e))?
@@ -494,7 +502,7 @@ impl Plugin {
                 message,
             })?;
         let list = backend_list(&store.data().backends);
-        store.set_epoch_deadline(init_ticks);
+        arm(&mut store, init_deadline_ms);
         strategy
             .call_set_backends(&mut store, &list)
             .map_err(|e| init_err("set-backends", e))?;
@@ -502,8 +510,8 @@ impl Plugin {
             store,
             bindings,
             state,
-            deadline_ticks,
-            init_ticks,
+            deadline_ms,
+            init_deadline_ms,
         })
     }
 }
@@ -582,8 +590,10 @@ pub struct Instance {
     store: Store<HostState>,
     bindings: bindings::Balancer,
     state: Option<StateFuncs>,
-    deadline_ticks: u64,
-    init_ticks: u64,
+    /// Budget of `select` and the state calls, in ms of CPU time.
+    deadline_ms: u64,
+    /// Budget of `init` and `set-backends`, in ms of CPU time.
+    init_deadline_ms: u64,
 }
 
 impl std::fmt::Debug for Instance {
@@ -599,7 +609,7 @@ impl Instance {
     /// interface; `Some(Err)` with the trap if it failed.
     pub fn export_state(&mut self) -> Option<Result<Vec<u8>, String>> {
         let export = self.state.as_ref()?.export;
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        arm(&mut self.store, self.deadline_ms);
         Some(
             export
                 .call(&mut self.store, ())
@@ -612,7 +622,7 @@ impl Instance {
     /// no state interface; `Some(Err)` with the plugin's message or the trap.
     pub fn import_state(&mut self, bytes: Vec<u8>) -> Option<Result<(), String>> {
         let import = self.state.as_ref()?.import;
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        arm(&mut self.store, self.deadline_ms);
         Some(match import.call(&mut self.store, (bytes,)) {
             Ok((result,)) => result,
             Err(e) => Err(describe_error(&e)),
@@ -626,7 +636,7 @@ impl Instance {
     pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
         let list = backend_list(&backends);
         self.store.data_mut().backends = backends;
-        self.store.set_epoch_deadline(self.init_ticks);
+        arm(&mut self.store, self.init_deadline_ms);
         self.bindings
             .wasmlb_plugin_strategy()
             .call_set_backends(&mut self.store, &list)
@@ -646,7 +656,7 @@ impl Instance {
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
         self.store.data_mut().response_headers.clear();
         self.store.data_mut().request = Some(request);
-        self.store.set_epoch_deadline(self.deadline_ticks);
+        arm(&mut self.store, self.deadline_ms);
         let result = self
             .bindings
             .wasmlb_plugin_strategy()
@@ -716,6 +726,15 @@ pub struct HostState {
     request: Option<RequestView>,
     /// Headers added with `response.add-header` during the current `select`.
     response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The CPU-time deadline of the call in progress.
+    deadline: CallDeadline,
+}
+
+/// Start a call on `store` with a budget of `budget_ms` ms of CPU time
+/// ([`crate::call_deadline`]).
+fn arm(store: &mut Store<HostState>, budget_ms: u64) {
+    let ticks = store.data_mut().deadline.arm(budget_ms);
+    store.set_epoch_deadline(ticks);
 }
 
 fn process_start() -> Instant {
@@ -956,6 +975,7 @@ mod tests {
                 client: SocketAddr::from(([192, 0, 2, 1], 1)),
             }),
             response_headers: Vec::new(),
+            deadline: CallDeadline::default(),
         }
     }
 

@@ -211,8 +211,10 @@ async fn maglev_and_ring_hash_on_a_header_keep_each_user_on_one_backend() {
                 let backend = r.headers()["x-backend"].to_str().unwrap().to_string();
                 let first = user_backend.entry(user).or_insert_with(|| backend.clone());
                 assert_eq!(
-                    *first, backend,
-                    "{plugin}: user-{user} moved in round {round}"
+                    *first,
+                    backend,
+                    "{plugin}: user-{user} moved in round {round}; upstream: {:?}",
+                    proxy.upstream("app").snapshot()
                 );
             }
         }
