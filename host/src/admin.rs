@@ -40,7 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{AdminConfig, AdminState, PluginRef};
 use crate::conn::TimedIo;
-use crate::server::{Control, PluginSource, SwapError, error_chain};
+use crate::control::{Control, PluginSource, SwapError, error_chain};
 
 /// A running admin listener.
 #[derive(Debug)]

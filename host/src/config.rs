@@ -32,7 +32,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::builtin;
-pub use crate::upstream::OnPluginError;
 
 /// Default plugin call deadline, in ms.
 pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
@@ -551,6 +550,18 @@ pub struct BackendConfig {
     pub labels: BTreeMap<String, String>,
     /// Administrative state (`state`, default `ready`).
     pub state: AdminState,
+}
+
+/// What to do when the plugin fails (trap, deadline, bad answer):
+/// `on_plugin_error` in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPluginError {
+    /// Serve the request with the host's round-robin (the default).
+    #[default]
+    Fallback,
+    /// Answer 503.
+    Fail,
 }
 
 /// A backend's administrative state, as HAProxy `set server ... state`.

@@ -6,7 +6,7 @@
 //!   validation.
 //! - [`plugin`]: the wasmtime runtime that loads strategy components, checks
 //!   their imports, and calls them under a deadline and a memory cap.
-//! - [`call_deadline`]: a plugin call's deadline, in CPU time of its thread.
+//! - [`plugin_call`]: how a plugin call fails, and its deadline in CPU time.
 //! - [`upstream`]: a named group of backends, its plugin instance, the
 //!   native round-robin fallback, outlier ejection, panic mode and slow start.
 //! - [`backend`]: one backend's live counters and state (health, ejection,
@@ -14,7 +14,9 @@
 //! - [`request_rules`]: what a downstream request must satisfy before it is
 //!   routed (limits, `Host`, `CONNECT`, HTTP/2 to HTTP/1.1 translation).
 //! - [`proxy`]: per-request routing, header handling and forwarding.
-//! - [`server`]: listeners, connection handling, reloads and graceful shutdown.
+//! - [`listener`]: accept loops, connection caps, HTTP/1.1 and HTTP/2 serving.
+//! - [`control`]: the control plane: reloads, plugin swaps, state for the admin API.
+//! - [`server`]: start a config's server (and admin API); graceful shutdown.
 //! - [`conn`]: downstream connection timeouts (request head read, idle
 //!   keep-alive) and the connection cap.
 //! - [`log_limit`]: rate limits for log lines on per-request paths.
@@ -33,14 +35,17 @@
 pub mod admin;
 pub mod backend;
 pub mod builtin;
-pub mod call_deadline;
 pub mod config;
 pub mod conn;
+pub mod control;
 pub mod fd_limit;
+pub mod headers;
 pub mod health;
+pub mod listener;
 pub mod log_limit;
 pub mod metrics;
 pub mod plugin;
+pub mod plugin_call;
 pub mod proxy;
 pub mod request_rules;
 pub mod retry;

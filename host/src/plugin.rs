@@ -20,10 +20,11 @@ use http::header::{HeaderName, HeaderValue};
 use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 
+use crate::backend::BackendState;
 use crate::builtin;
-use crate::call_deadline::{CallDeadline, Verdict};
 use crate::config::PluginRef;
-use crate::upstream::BackendState;
+pub use crate::plugin_call::FailureKind;
+use crate::plugin_call::{CallDeadline, Verdict};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -112,28 +113,6 @@ pub enum PluginError {
     /// The engine could not be created.
     #[error("plugin runtime: {0}")]
     Engine(String),
-}
-
-/// Why a `select` call did not produce a usable answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureKind {
-    /// The guest trapped (panic, unreachable, out of memory, stack overflow).
-    Trap,
-    /// The call overran its deadline and was interrupted.
-    Deadline,
-    /// The answer named a backend id outside the set, or an empty candidate list.
-    BadAnswer,
-}
-
-impl FailureKind {
-    /// `trap`, `deadline` or `bad_answer`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::Trap => "trap",
-            FailureKind::Deadline => "deadline",
-            FailureKind::BadAnswer => "bad_answer",
-        }
-    }
 }
 
 /// The process's plugin runtime: the engine, the linker holding the host
@@ -475,7 +454,7 @@ impl Plugin {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|mut ctx| {
             let now = Instant::now();
-            let cpu = crate::call_deadline::thread_cpu_time();
+            let cpu = crate::plugin_call::thread_cpu_time();
             Ok(match ctx.data_mut().deadline.check(now, cpu) {
                 Verdict::Continue(ticks) => UpdateDeadline::Continue(ticks),
                 Verdict::Expire => UpdateDeadline::Interrupt,
@@ -731,7 +710,7 @@ pub struct HostState {
 }
 
 /// Start a call on `store` with a budget of `budget_ms` ms of CPU time
-/// ([`crate::call_deadline`]).
+/// ([`crate::plugin_call`]).
 fn arm(store: &mut Store<HostState>, budget_ms: u64) {
     let ticks = store.data_mut().deadline.arm(budget_ms);
     store.set_epoch_deadline(ticks);
@@ -862,7 +841,7 @@ impl bindings::wasmlb::plugin::response::Host for HostState {
             http::header::TRANSFER_ENCODING,
             http::header::CONTENT_ENCODING,
         ];
-        if crate::proxy::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
+        if crate::headers::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
             return refuse("hop-by-hop and framing headers are the host's");
         }
         self.response_headers.push((n, v));
@@ -879,7 +858,7 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
     fn authority(&mut self) -> String {
         self.request
             .as_ref()
-            .map(|r| crate::proxy::authority(&r.parts).to_string())
+            .map(|r| crate::headers::authority(&r.parts).to_string())
             .unwrap_or_default()
     }
     fn path(&mut self) -> String {

@@ -1,13 +1,8 @@
 //! Per-request work: route to an upstream, ask its plugin for a backend,
 //! rewrite headers, forward, and stream the response back.
 //!
-//! Header handling follows RFC 9110 §7.6.1: `Connection`, every header it
-//! names, and the fixed hop-by-hop set ([`HOP_BY_HOP`]) are removed in both
-//! directions. `X-Forwarded-For` gets the downstream peer's IP appended (after
-//! the removal, so `Connection: x-forwarded-for` cannot hide the peer);
-//! `X-Forwarded-Proto` and `X-Forwarded-Host` are set. The `Host` header is
-//! kept (as HAProxy and Envoy do); for HTTP/2 clients it is filled from
-//! `:authority`.
+//! Header handling (hop-by-hop removal, `X-Forwarded-*`, `Host`) is in
+//! [`crate::headers`].
 //!
 //! Status codes the proxy itself produces, each with a one-line plain-text
 //! reason: 502 when the backend cannot be connected to or breaks the response,
@@ -28,8 +23,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -38,40 +33,12 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, RequestLimits, RouteConfig};
 use crate::conn::RequestGuard;
+use crate::headers::{authority, host_without_port, prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
 use crate::plugin::{RequestView, Runtime};
 use crate::retry::{AttemptBody, ReplayBody};
 use crate::upstream::{Chosen, InFlight, Selection, Upstream};
-
-/// Headers that apply to one connection only and are never forwarded
-/// (RFC 9110 §7.6.1, plus the de-facto `Proxy-Connection` and `Keep-Alive`).
-pub const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-static HOP_BY_HOP_NAMES: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Errors building the proxy from a config.
 #[derive(Debug, thiserror::Error)]
@@ -629,106 +596,6 @@ fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
     crate::fd_limit::io_error_in(e, |io| io.kind() == std::io::ErrorKind::TimedOut).is_some()
 }
 
-/// The request's authority: the `Host` header, else the URI's authority
-/// (HTTP/2 `:authority`), else empty.
-pub fn authority(parts: &http::request::Parts) -> &str {
-    parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or("")
-}
-
-/// `host` of `host[:port]`, keeping IPv6 brackets (`[::1]:80` gives `[::1]`).
-fn host_without_port(authority: &str) -> &str {
-    match authority.rfind(':') {
-        Some(i) if !authority[i..].contains(']') => &authority[..i],
-        _ => authority,
-    }
-}
-
-/// Remove `Connection`, the headers it names, and [`HOP_BY_HOP`].
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names first: most messages carry none of these, and
-    // comparing a few names is cheaper than nine hashed removals.
-    if !headers.keys().any(|k| HOP_BY_HOP_NAMES.contains(k)) {
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
-
-/// Turn a downstream request's head into the backend request's head.
-fn prepare_request(
-    parts: &mut http::request::Parts,
-    client: SocketAddr,
-    backend: &http::uri::Authority,
-) -> Result<(), &'static str> {
-    // The Host header, else (HTTP/2) `:authority`; shared, not copied.
-    let host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => match parts.uri.authority() {
-            Some(a) => Some(HeaderValue::from_str(a.as_str()).map_err(|_| "invalid authority")?),
-            None => None,
-        },
-    };
-    strip_hop_by_hop(&mut parts.headers);
-    let headers = &mut parts.headers;
-    if let Some(host) = &host
-        && !headers.contains_key(header::HOST)
-    {
-        headers.insert(header::HOST, host.clone());
-    }
-    let ip = client.ip().to_string();
-    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
-        let mut chain = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-            .join(", ");
-        chain.push_str(", ");
-        chain.push_str(&ip);
-        chain
-    } else {
-        ip
-    };
-    headers.insert(
-        &X_FORWARDED_FOR,
-        HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?,
-    );
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(host) = host
-        && !host.is_empty()
-    {
-        headers.insert(&X_FORWARDED_HOST, host);
-    }
-    // Reuse the parsed path and query (a cheap `Bytes` clone, no re-parse).
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(backend.clone());
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-    }
-    parts.uri = Uri::from_parts(uri).map_err(|_| "invalid request target")?;
-    parts.version = Version::HTTP_11;
-    Ok(())
-}
-
 /// A proxy-made error response: `status` with a one-line plain-text reason.
 fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let text = format!("{status}: {reason}\n");
@@ -878,102 +745,5 @@ impl Body for ProxyBody {
             BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             BodyKind::Full(None) => SizeHint::with_exact(0),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parts(headers: &[(&str, &str)]) -> http::request::Parts {
-        let mut b = Request::builder().uri("/a/b?c=1");
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        b.body(()).unwrap().into_parts().0
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut p = parts(&[
-            ("host", "example.com"),
-            ("connection", "keep-alive, x-secret"),
-            ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
-            ("upgrade", "h2c"),
-            ("x-kept", "yes"),
-        ]);
-        prepare_request(
-            &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
-            &http::uri::Authority::from_static("127.0.0.1:9001"),
-        )
-        .unwrap();
-        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
-            assert!(!p.headers.contains_key(gone), "{gone} should be removed");
-        }
-        assert_eq!(p.headers["x-kept"], "yes");
-        assert_eq!(p.headers["host"], "example.com");
-        assert_eq!(p.uri, "http://127.0.0.1:9001/a/b?c=1");
-    }
-
-    #[test]
-    fn forwarded_headers_are_appended_and_set() {
-        let mut p = parts(&[
-            ("host", "example.com:8080"),
-            ("x-forwarded-for", "203.0.113.9"),
-            ("x-forwarded-proto", "https"),
-        ]);
-        prepare_request(
-            &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
-            &http::uri::Authority::from_static("127.0.0.1:9001"),
-        )
-        .unwrap();
-        assert_eq!(p.headers["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
-        assert_eq!(p.headers["x-forwarded-proto"], "http");
-        assert_eq!(p.headers["x-forwarded-host"], "example.com:8080");
-    }
-
-    #[test]
-    fn connection_cannot_strip_the_peer_from_x_forwarded_for() {
-        let mut p = parts(&[
-            ("connection", "x-forwarded-for"),
-            ("x-forwarded-for", "10.9.9.9"),
-        ]);
-        prepare_request(
-            &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
-            &http::uri::Authority::from_static("127.0.0.1:9001"),
-        )
-        .unwrap();
-        assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
-    }
-
-    #[test]
-    fn http2_authority_becomes_host() {
-        let mut p = Request::builder()
-            .uri("http://example.com/x")
-            .body(())
-            .unwrap()
-            .into_parts()
-            .0;
-        prepare_request(
-            &mut p,
-            "[::1]:5000".parse().unwrap(),
-            &http::uri::Authority::from_static("127.0.0.1:9001"),
-        )
-        .unwrap();
-        assert_eq!(p.headers["host"], "example.com");
-        assert_eq!(p.headers["x-forwarded-for"], "::1");
-    }
-
-    #[test]
-    fn host_port_is_ignored_for_routing() {
-        assert_eq!(host_without_port("example.com:8080"), "example.com");
-        assert_eq!(host_without_port("example.com"), "example.com");
-        assert_eq!(host_without_port("[::1]:80"), "[::1]");
-        assert_eq!(host_without_port("[::1]"), "[::1]");
     }
 }

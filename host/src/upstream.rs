@@ -31,7 +31,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::backend::ramp_percent;
 pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
-use crate::config::{AdminState, OutlierConfig, UpstreamConfig};
+use crate::config::{AdminState, OnPluginError, OutlierConfig, UpstreamConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::plugin::{
@@ -186,18 +186,6 @@ pub fn evaluate_backends(
         })
         .collect();
     (new, true, panic)
-}
-
-/// What to do when the plugin fails (trap, deadline, bad answer):
-/// `on_plugin_error` in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnPluginError {
-    /// Serve the request with the host's round-robin (the default).
-    #[default]
-    Fallback,
-    /// Answer 503.
-    Fail,
 }
 
 /// Consecutive failed calls after which a plugin is reported as failing.

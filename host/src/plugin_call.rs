@@ -1,7 +1,9 @@
-//! The deadline of one plugin call, counted in CPU time of the calling thread.
+//! One plugin call: how it can fail ([`FailureKind`]) and its deadline,
+//! counted in CPU time of the calling thread ([`CallDeadline`]). A leaf
+//! module: the runtime, the upstream and the metrics all use it.
 //!
 //! wasmtime's epoch interruption is wall-clock: the epoch advances every
-//! [`crate::plugin::EPOCH_TICK`] whether or not the worker thread runs. On a
+//! tick (1 ms) whether or not the worker thread runs. On a
 //! loaded host a worker preempted for a few ms in the middle of a call would
 //! pass a 5 ms deadline without the plugin having run for 5 ms; the call
 //! would trap, open the plugin's circuit breaker and send the next requests to
@@ -19,6 +21,28 @@
 //! within their budget: the CPU clock is read only after the deadline.
 
 use std::time::{Duration, Instant};
+
+/// Why a `select` call did not produce a usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The guest trapped (panic, unreachable, out of memory, stack overflow).
+    Trap,
+    /// The call overran its deadline and was interrupted.
+    Deadline,
+    /// The answer named a backend id outside the set, or an empty candidate list.
+    BadAnswer,
+}
+
+impl FailureKind {
+    /// `trap`, `deadline` or `bad_answer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Trap => "trap",
+            FailureKind::Deadline => "deadline",
+            FailureKind::BadAnswer => "bad_answer",
+        }
+    }
+}
 
 /// Least wall time a call is allowed past its deadline while preempted.
 const MIN_WALL_CAP: Duration = Duration::from_millis(50);
