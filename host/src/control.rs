@@ -220,7 +220,8 @@ impl Control {
             }
         }
         // Commit.
-        crate::health::start(&proxy, &config);
+        crate::upstream::start_upkeep(proxy.upstreams());
+        crate::health::start(proxy.upstreams(), proxy.metrics(), &config);
         self.shared.serving.proxy.store(Arc::new(proxy));
         let max_connections = global_max_connections(&config);
         self.shared.serving.conn_limit.set_max(max_connections);

@@ -15,9 +15,6 @@
 //! buffers, memory or ports ([`crate::fd_limit`]) counts neither way: a full
 //! descriptor table never marks a healthy backend down.
 //!
-//! Every upstream also gets an upkeep loop calling [`Upstream::tick`] every
-//! [`crate::upstream::TICK`] (ejection ends, slow-start steps, drain reports).
-//!
 //! Each loop holds only a weak reference to its upstream and ends when a
 //! reload or shutdown drops it.
 
@@ -34,15 +31,12 @@ use tokio::net::TcpStream;
 use crate::config::{AdminState, Config, HealthCheckConfig, HealthCheckKind};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
-use crate::proxy::Proxy;
 use crate::upstream::Upstream;
 
-/// Start the upkeep loop of every upstream of `proxy`, and the probe loops
-/// of those whose config has a `health_check`. Must run inside a tokio
-/// runtime.
-pub fn start(proxy: &Proxy, config: &Config) {
-    for upstream in proxy.upstreams() {
-        tokio::spawn(upkeep_loop(Arc::downgrade(upstream)));
+/// Start the probe loops of the `upstreams` whose config has a
+/// `health_check`. Must run inside a tokio runtime.
+pub fn start(upstreams: &[Arc<Upstream>], metrics: &Arc<Metrics>, config: &Config) {
+    for upstream in upstreams {
         let Some(hc) = config
             .upstreams
             .get(upstream.name())
@@ -55,19 +49,9 @@ pub fn start(proxy: &Proxy, config: &Config) {
                 Arc::downgrade(upstream),
                 backend.address,
                 hc.clone(),
-                proxy.metrics().clone(),
+                metrics.clone(),
             ));
         }
-    }
-}
-
-async fn upkeep_loop(upstream: Weak<Upstream>) {
-    let mut ticker = tokio::time::interval(crate::upstream::TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let Some(up) = upstream.upgrade() else { return };
-        up.tick();
     }
 }
 

@@ -77,7 +77,8 @@ impl Server {
             .connections_max
             .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let proxy = Proxy::build(config, &runtime, metrics.clone(), None)?;
-        crate::health::start(&proxy, config);
+        crate::upstream::start_upkeep(proxy.upstreams());
+        crate::health::start(proxy.upstreams(), proxy.metrics(), config);
         let mut bound = Vec::new();
         for (index, (key, l)) in ListenerKey::all(config)
             .into_iter()

@@ -21,219 +21,36 @@
 //! plugin that fails on every call thus costs a few calls per 30 s, not one
 //! per request.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::backend::ramp_percent;
 pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
 use crate::config::{AdminState, OnPluginError, OutlierConfig, UpstreamConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, UpstreamMetrics};
-use crate::plugin::{
-    Decision, FailureKind, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime,
+mod breaker;
+mod eligibility;
+mod outlier;
+mod snapshot;
+mod upkeep;
+
+use breaker::Breaker;
+pub use breaker::{
+    BREAKER_INITIAL_BACKOFF, BREAKER_MAX_BACKOFF, BREAKER_QUIET_PERIOD, FAILING_AFTER, PluginStats,
 };
+pub use eligibility::evaluate_backends;
+use snapshot::backend_snapshot;
+pub use snapshot::{BackendSnapshot, PluginSnapshot, UpstreamSnapshot};
+pub use upkeep::{TICK, start as start_upkeep};
 
-/// How long the plugin's circuit breaker stays open after the first failure.
-pub const BREAKER_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// The longest the breaker stays open (the backoff doubles up to this).
-pub const BREAKER_MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A failure after this long without one starts the backoff over.
-pub const BREAKER_QUIET_PERIOD: Duration = Duration::from_secs(60);
-
-/// The plugin's circuit breaker (see the module docs).
-#[derive(Debug)]
-struct Breaker {
-    /// While set and in the future, the plugin is not called.
-    open_until: Option<Instant>,
-    /// How long the next trip keeps it open.
-    next_backoff: Duration,
-    last_failure: Option<Instant>,
-}
-
-impl Default for Breaker {
-    fn default() -> Self {
-        Self {
-            open_until: None,
-            next_backoff: BREAKER_INITIAL_BACKOFF,
-            last_failure: None,
-        }
-    }
-}
-
-impl Breaker {
-    /// Open after a failure at `now`; returns how long it stays open.
-    fn trip(&mut self, now: Instant) -> Duration {
-        if self
-            .last_failure
-            .is_some_and(|t| now.duration_since(t) >= BREAKER_QUIET_PERIOD)
-        {
-            self.next_backoff = BREAKER_INITIAL_BACKOFF;
-        }
-        let wait = self.next_backoff;
-        self.open_until = Some(now + wait);
-        self.next_backoff = (wait * 2).min(BREAKER_MAX_BACKOFF);
-        self.last_failure = Some(now);
-        wait
-    }
-
-    fn is_open(&self, now: Instant) -> bool {
-        self.open_until.is_some_and(|t| now < t)
-    }
-}
-
-/// Period of [`Upstream::tick`]: the resolution of ejection ends, slow-start
-/// steps and drain reports.
-pub const TICK: Duration = Duration::from_millis(100);
-
-/// Which backends the plugin may choose, and with which weights, at `now`.
-///
-/// A backend is available when its admin state is `ready`, its health checks
-/// pass, it is not ejected and connect failures have not made it
-/// unreachable. When fewer than `panic_threshold_percent` of the ready
-/// backends are available, every ready backend that is not unreachable is
-/// offered (Envoy's panic threshold: better to spread load over possibly bad
-/// backends than to overload the few left or fail); a backend that refuses
-/// connections is pointless to offer, unless every ready backend does. A backend that becomes available again
-/// (not in panic mode) starts a slow-start ramp of `slow_start`; while any
-/// backend ramps, every weight is the configured weight times its ramp
-/// percentage (100 when not ramping), so integer weights can express 10 %.
-///
-/// Stores each backend's `healthy` flag. Returns the backend set with the
-/// new weights (the same `Arc` if no weight changed), whether any flag or
-/// weight changed, and whether the upstream is in panic mode.
-pub fn evaluate_backends(
-    backends: &Arc<[BackendState]>,
-    now: Instant,
-    panic_threshold_percent: u32,
-    slow_start: Duration,
-) -> (Arc<[BackendState]>, bool, bool) {
-    let ready: Vec<bool> = backends
-        .iter()
-        .map(|b| b.counters.admin_state() == AdminState::Ready)
-        .collect();
-    let reachable: Vec<bool> = backends
-        .iter()
-        .zip(&ready)
-        .map(|(b, &r)| r && !b.counters.unreachable(now))
-        .collect();
-    let up: Vec<bool> = backends
-        .iter()
-        .zip(&reachable)
-        .map(|(b, &r)| {
-            r && b.counters.check_passing.load(Ordering::Relaxed) && !b.counters.ejected(now)
-        })
-        .collect();
-    let n_ready = ready.iter().filter(|&&r| r).count();
-    let n_up = up.iter().filter(|&&u| u).count();
-    let panic = panic_threshold_percent > 0
-        && n_ready > 0
-        && n_up * 100 < panic_threshold_percent as usize * n_ready;
-    // In panic mode: the ready backends that accept connections, or every
-    // ready backend if none does.
-    let offered = if reachable.contains(&true) {
-        &reachable
-    } else {
-        &ready
-    };
-    let mut changed = false;
-    let mut percents = Vec::with_capacity(backends.len());
-    for (i, b) in backends.iter().enumerate() {
-        let selectable = if panic { offered[i] } else { up[i] };
-        let was = b.counters.healthy.swap(selectable, Ordering::Relaxed);
-        changed |= was != selectable;
-        let pct = b.counters.update_status(|s| {
-            if !selectable {
-                s.ramp_from = None;
-            } else if !was && !panic && !slow_start.is_zero() {
-                s.ramp_from = Some(now);
-            }
-            let pct = s
-                .ramp_from
-                .map_or(100, |t| ramp_percent(now.duration_since(t), slow_start));
-            if pct >= 100 {
-                s.ramp_from = None;
-            }
-            pct
-        });
-        percents.push(pct);
-    }
-    let ramping = percents.iter().any(|&p| p < 100);
-    let weight = |b: &BackendState, pct: u32| {
-        if ramping {
-            b.configured_weight.saturating_mul(pct).max(1)
-        } else {
-            b.configured_weight
-        }
-    };
-    let reweighted = backends
-        .iter()
-        .zip(&percents)
-        .any(|(b, &p)| weight(b, p) != b.weight);
-    if !reweighted {
-        return (backends.clone(), changed, panic);
-    }
-    let new: Arc<[BackendState]> = backends
-        .iter()
-        .zip(&percents)
-        .map(|(b, &p)| BackendState {
-            weight: weight(b, p),
-            ..b.clone()
-        })
-        .collect();
-    (new, true, panic)
-}
-
-/// Consecutive failed calls after which a plugin is reported as failing.
-pub const FAILING_AFTER: u64 = 5;
-
-/// Counters of plugin failures and fallbacks for one upstream.
-#[derive(Debug, Default)]
-pub struct PluginStats {
-    /// `select` calls that trapped.
-    pub traps: AtomicU64,
-    /// `select` calls cut at their deadline.
-    pub deadlines: AtomicU64,
-    /// Answers naming an unknown backend (or an empty candidate list).
-    pub bad_answers: AtomicU64,
-    /// Requests decided by the native round-robin fallback.
-    pub fallbacks: AtomicU64,
-    /// Instances replaced after a failure (each replacement is a half-open
-    /// probe of the circuit breaker).
-    pub replacements: AtomicU64,
-    /// Requests decided without calling the plugin: its circuit breaker was
-    /// open.
-    pub skipped: AtomicU64,
-    /// Times the circuit breaker opened.
-    pub breaker_trips: AtomicU64,
-    /// Failed calls since the last successful one; at [`FAILING_AFTER`] the
-    /// plugin is reported as failing.
-    pub consecutive_failures: AtomicU64,
-}
-
-impl PluginStats {
-    /// The counter for `kind`.
-    pub fn failures(&self, kind: FailureKind) -> u64 {
-        self.counter(kind).load(Ordering::Relaxed)
-    }
-
-    /// True when the last [`FAILING_AFTER`] calls all failed.
-    pub fn failing(&self) -> bool {
-        self.consecutive_failures.load(Ordering::Relaxed) >= FAILING_AFTER
-    }
-
-    fn counter(&self, kind: FailureKind) -> &AtomicU64 {
-        match kind {
-            FailureKind::Trap => &self.traps,
-            FailureKind::Deadline => &self.deadlines,
-            FailureKind::BadAnswer => &self.bad_answers,
-        }
-    }
-}
+use crate::plugin::{
+    Decision, Instance, InstanceSettings, Plugin, PluginError, RequestView, Runtime,
+};
 
 /// The plugin side of an upstream, swapped as a whole under the mutex.
 struct Slot {
@@ -306,89 +123,6 @@ pub struct Selection {
     pub decided_by: Option<Arc<Plugin>>,
     /// Headers the plugin asked to add to the response (`response.add-header`).
     pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
-}
-
-/// A point-in-time view of an upstream for the admin API.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UpstreamSnapshot {
-    /// Upstream name.
-    pub name: String,
-    /// True while too few backends are available and all ready ones are
-    /// offered to the plugin (Envoy panic mode).
-    pub panic: bool,
-    /// The plugin.
-    pub plugin: PluginSnapshot,
-    /// Backends in id order.
-    pub backends: Vec<BackendSnapshot>,
-}
-
-/// The plugin part of [`UpstreamSnapshot`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PluginSnapshot {
-    /// Built-in name or file path (`admin upload` for uploaded bytes).
-    pub name: String,
-    /// `sha256:<hex>` of the component bytes.
-    pub digest: String,
-    /// When this plugin was swapped in, in seconds since the Unix epoch.
-    pub loaded_at_unix_s: u64,
-    /// `ok`; `failing` (the circuit breaker is open, or the last
-    /// [`FAILING_AFTER`] calls all failed); or `no_instance` (the breaker
-    /// is closed and the next request builds and probes a fresh instance).
-    pub status: &'static str,
-    /// The circuit breaker: `closed`, `open` (the plugin is not called) or
-    /// `half_open` (the next request probes a fresh instance).
-    pub breaker: &'static str,
-    /// While the breaker is open: time until the next probe, in ms.
-    pub retry_in_ms: Option<u64>,
-    /// Times the breaker opened.
-    pub breaker_trips: u64,
-    /// Requests decided without calling the plugin (breaker open).
-    pub skipped: u64,
-    /// `fallback` or `fail`.
-    pub on_plugin_error: OnPluginError,
-    /// Failure counters by kind, since the upstream was (re)built.
-    pub failures: BTreeMap<&'static str, u64>,
-    /// Requests decided by the fallback.
-    pub fallbacks: u64,
-    /// Instances replaced after failures.
-    pub replacements: u64,
-}
-
-/// One backend in [`UpstreamSnapshot`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BackendSnapshot {
-    /// Backend id (index).
-    pub id: usize,
-    /// Address.
-    pub address: SocketAddr,
-    /// Configured weight.
-    pub weight: u32,
-    /// Weight the plugin sees (differs during slow start).
-    pub effective_weight: u32,
-    /// Summary, first that applies: `maint`, `drained` (drain with nothing
-    /// in flight), `drain`, `unreachable` (out of rotation after connect
-    /// failures), `ejected`, `unhealthy` (failing health checks), `healthy`.
-    pub state: &'static str,
-    /// `ready`, `drain` or `maint`.
-    pub admin_state: AdminState,
-    /// Whether the active health checks pass.
-    pub check_passing: bool,
-    /// Milliseconds left of an outlier ejection, if ejected.
-    pub ejected_for_ms: Option<u64>,
-    /// Milliseconds left out of rotation after connect failures
-    /// (`max_fails` / `fail_timeout_ms`), if so.
-    pub unreachable_for_ms: Option<u64>,
-    /// Times ejected by outlier detection.
-    pub ejections: u32,
-    /// Whether the plugin may choose it (`healthy` as the plugin sees it).
-    pub selectable: bool,
-    /// Requests in flight.
-    pub in_flight: u32,
-    /// Requests forwarded since the backend joined the upstream.
-    pub requests: u64,
-    /// The response-time estimate (peak EWMA, what plugins read as
-    /// `rtt-estimate`), in ms; 0 before the first response.
-    pub rtt_ms: f64,
 }
 
 impl Upstream {
@@ -684,185 +418,6 @@ impl Upstream {
         Some(backend_snapshot(id, &slot.backends[id], now))
     }
 
-    /// Record the outcome of an attempt on `chosen` for outlier detection
-    /// (`ok` false: a 5xx response, a connect failure or a timeout). After
-    /// `consecutive_5xx` failures in a row the backend is ejected, unless
-    /// `max_ejection_percent` of the backends already are (one may always
-    /// be). Without `outlier_detection` this does nothing. Lock-free unless
-    /// the threshold is reached.
-    pub fn report(&self, chosen: &Chosen, ok: bool) {
-        let Some(od) = &self.outlier else { return };
-        if chosen.counters.record(ok) < od.consecutive_5xx {
-            return;
-        }
-        let mut slot = self.lock();
-        let now = Instant::now();
-        let Some(backend) = slot
-            .backends
-            .iter()
-            .find(|b| Arc::ptr_eq(&b.counters, &chosen.counters))
-        else {
-            return;
-        };
-        let counters = backend.counters.clone();
-        counters.consecutive_failures.store(0, Ordering::Relaxed);
-        if counters.ejected(now) {
-            return;
-        }
-        let ejected = slot
-            .backends
-            .iter()
-            .filter(|b| b.counters.ejected(now))
-            .count();
-        let cap = (slot.backends.len() * od.max_ejection_percent as usize / 100).max(1);
-        if ejected >= cap {
-            // Once per cap reached, then at debug: a second dead backend
-            // fails every request sent to it, and this must not flood.
-            self.metrics.ejections_skipped.inc();
-            if let Some(suppressed) = self.logs.not_ejected.admit() {
-                tracing::debug!(
-                    upstream = &*self.name,
-                    backend = %chosen.address,
-                    suppressed,
-                    "outlier not ejected: {ejected} of {} backends already are (max_ejection_percent = {})",
-                    slot.backends.len(),
-                    od.max_ejection_percent
-                );
-            }
-            return;
-        }
-        let max = Duration::from_millis(od.max_ejection_time_ms);
-        let time = counters.update_status(|s| {
-            if s.returned_at.is_some_and(|t| now.duration_since(t) > max) {
-                s.ejections = 0;
-            }
-            s.ejections = s.ejections.saturating_add(1);
-            let time = Duration::from_millis(od.base_ejection_time_ms)
-                .saturating_mul(s.ejections)
-                .min(max);
-            s.ejected_until = Some(now + time);
-            time
-        });
-        self.metrics.ejections.inc();
-        tracing::warn!(
-            upstream = &*self.name,
-            backend = %chosen.address,
-            "outlier ejected for {} ms after {} failures in a row",
-            time.as_millis(),
-            od.consecutive_5xx
-        );
-        self.refresh(&mut slot, now);
-    }
-
-    /// Record a failed connect to `chosen` (refused, or not connected within
-    /// `connect_timeout_ms`): nothing was sent. After `max_fails` in a row the
-    /// backend leaves rotation for `fail_timeout_ms`, whatever share of the
-    /// backends already has (NGINX `max_fails` / `fail_timeout`, on by
-    /// default; `max_fails = 0` turns it off). It also counts for outlier
-    /// detection, if configured. Lock-free below the threshold.
-    pub fn report_connect_failure(&self, chosen: &Chosen) {
-        self.report(chosen, false);
-        if self.max_fails == 0 || chosen.counters.record_connect(false) < self.max_fails {
-            return;
-        }
-        let mut slot = self.lock();
-        let now = Instant::now();
-        let until = now + self.fail_timeout;
-        let newly = chosen.counters.update_status(|s| {
-            let newly = s.unreachable_until.is_none_or(|t| t <= now);
-            s.unreachable_until = Some(until);
-            newly
-        });
-        chosen.counters.connect_failures.store(0, Ordering::Relaxed);
-        if newly {
-            tracing::warn!(
-                upstream = &*self.name,
-                backend = %chosen.address,
-                "backend unreachable: out of rotation for {} ms after {} connect failures in a row",
-                self.fail_timeout.as_millis(),
-                self.max_fails
-            );
-        }
-        self.refresh(&mut slot, now);
-    }
-
-    /// Record that `chosen` answered (any response): its connect-failure
-    /// streak restarts. One relaxed load when there is none.
-    pub fn report_connected(&self, chosen: &Chosen) {
-        chosen.counters.record_connect(true);
-    }
-
-    /// Periodic upkeep (every [`TICK`]): end expired ejections and
-    /// unreachable periods, advance slow starts, and report drained backends.
-    pub fn tick(&self) {
-        let mut slot = self.lock();
-        let now = Instant::now();
-        for b in slot.backends.iter() {
-            let drained = b.counters.admin_state() == AdminState::Drain
-                && b.counters.in_flight.load(Ordering::Relaxed) == 0;
-            let (readmitted, retrying, report_drained) = b.counters.update_status(|s| {
-                let readmitted = s.ejected_until.is_some_and(|t| t <= now);
-                if readmitted {
-                    s.ejected_until = None;
-                    s.returned_at = Some(now);
-                }
-                let retrying = s.unreachable_until.is_some_and(|t| t <= now);
-                if retrying {
-                    s.unreachable_until = None;
-                }
-                let report = drained && !s.drained_reported;
-                s.drained_reported |= report;
-                (readmitted, retrying, report)
-            });
-            if retrying {
-                tracing::info!(upstream = &*self.name, backend = %b.address, "fail_timeout_ms passed: the unreachable backend is tried again");
-            }
-            if readmitted {
-                b.counters.consecutive_failures.store(0, Ordering::Relaxed);
-                tracing::info!(upstream = &*self.name, backend = %b.address, "ejection ended, backend readmitted");
-            }
-            if report_drained {
-                tracing::info!(upstream = &*self.name, backend = %b.address, "backend drained: no request in flight");
-            }
-        }
-        self.refresh(&mut slot, now);
-    }
-
-    /// Re-evaluate which backends the plugin may choose and their effective
-    /// weights (see [`evaluate_backends`]); when anything changed, hand the
-    /// plugin the new set through `set-backends` (under the lock, so no
-    /// decision sees a half-applied change). A plugin that traps on it is
-    /// replaced.
-    fn refresh(&self, slot: &mut Slot, now: Instant) {
-        let (backends, changed, panic) = evaluate_backends(
-            &slot.backends,
-            now,
-            self.panic_threshold_percent,
-            self.slow_start,
-        );
-        if panic != slot.panic {
-            slot.panic = panic;
-            if panic {
-                tracing::warn!(
-                    upstream = &*self.name,
-                    "panic mode: fewer than {} % of the backends are available; offering all ready backends",
-                    self.panic_threshold_percent
-                );
-            } else {
-                tracing::info!(upstream = &*self.name, "panic mode ended");
-            }
-        }
-        if !changed {
-            return;
-        }
-        slot.backends = backends.clone();
-        if let Some(instance) = slot.instance.as_mut()
-            && let Err(e) = instance.set_backends(backends)
-        {
-            self.trip(slot, "set-backends", &e);
-        }
-    }
-
     /// Take one retry from the retry budget (tower's `TpsBudget`, after
     /// linkerd: `retry_budget_percent` of the requests over the last 10 s,
     /// plus `retry_min_per_second`). False when the budget is spent.
@@ -1027,65 +582,6 @@ impl Upstream {
             response_headers: Vec::new(),
         }
     }
-
-    /// A point-in-time view for the admin API.
-    pub fn snapshot(&self) -> UpstreamSnapshot {
-        let slot = self.lock();
-        let now = Instant::now();
-        let open = slot.breaker.is_open(now);
-        let status = if open || self.stats.failing() {
-            "failing"
-        } else if slot.instance.is_none() {
-            "no_instance"
-        } else {
-            "ok"
-        };
-        let breaker = match (open, slot.instance.is_some()) {
-            (true, _) => "open",
-            (false, false) => "half_open",
-            (false, true) => "closed",
-        };
-        let retry_in_ms = slot
-            .breaker
-            .open_until
-            .filter(|_| open)
-            .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX));
-        let failures = [
-            FailureKind::Trap,
-            FailureKind::Deadline,
-            FailureKind::BadAnswer,
-        ]
-        .into_iter()
-        .map(|k| (k.as_str(), self.stats.failures(k)))
-        .collect();
-        UpstreamSnapshot {
-            name: self.name.to_string(),
-            panic: slot.panic,
-            plugin: PluginSnapshot {
-                name: slot.plugin.name().to_string(),
-                digest: slot.plugin.digest().to_string(),
-                loaded_at_unix_s: slot
-                    .loaded_at
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                status,
-                breaker,
-                retry_in_ms,
-                breaker_trips: self.stats.breaker_trips.load(Ordering::Relaxed),
-                skipped: self.stats.skipped.load(Ordering::Relaxed),
-                on_plugin_error: self.on_error,
-                failures,
-                fallbacks: self.stats.fallbacks.load(Ordering::Relaxed),
-                replacements: self.stats.replacements.load(Ordering::Relaxed),
-            },
-            backends: slot
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(id, b)| backend_snapshot(id, b, now))
-                .collect(),
-        }
-    }
 }
 
 /// The first backend at or after `start` (in rotation) that is selectable
@@ -1096,46 +592,6 @@ fn next_untried(backends: &[BackendState], start: usize, tried: &[usize]) -> Opt
         .map(|i| start.wrapping_add(i) % n)
         .find(|&i| backends[i].counters.healthy.load(Ordering::Relaxed) && !tried.contains(&i))
         .map(|i| backends[i].chosen(i))
-}
-
-fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapshot {
-    let c = &b.counters;
-    let status = c.status();
-    let admin_state = c.admin_state();
-    let in_flight = c.in_flight.load(Ordering::Relaxed);
-    let check_passing = c.check_passing.load(Ordering::Relaxed);
-    let left_ms = |until: Option<Instant>| {
-        until
-            .filter(|&t| t > now)
-            .map(|t| u64::try_from(t.duration_since(now).as_millis()).unwrap_or(u64::MAX))
-    };
-    let ejected_for_ms = left_ms(status.ejected_until);
-    let unreachable_for_ms = left_ms(status.unreachable_until);
-    let state = match admin_state {
-        AdminState::Maint => "maint",
-        AdminState::Drain if in_flight == 0 => "drained",
-        AdminState::Drain => "drain",
-        AdminState::Ready if unreachable_for_ms.is_some() => "unreachable",
-        AdminState::Ready if ejected_for_ms.is_some() => "ejected",
-        AdminState::Ready if !check_passing => "unhealthy",
-        AdminState::Ready => "healthy",
-    };
-    BackendSnapshot {
-        id,
-        address: b.address,
-        weight: b.configured_weight,
-        effective_weight: b.weight,
-        state,
-        admin_state,
-        check_passing,
-        ejected_for_ms,
-        unreachable_for_ms,
-        ejections: status.ejections,
-        selectable: c.healthy.load(Ordering::Relaxed),
-        in_flight,
-        requests: c.requests.load(Ordering::Relaxed),
-        rtt_ms: c.rtt.get_ns() as f64 / 1e6,
-    }
 }
 
 #[cfg(test)]
