@@ -1,5 +1,7 @@
-//! What retries need: which requests may be sent twice, and a request body
-//! that can be sent again.
+//! Retries in one place: which requests may be sent twice, how many times
+//! ([`RetryPolicy`]: an upstream's `retries`, its retry budget and its replay
+//! buffer), and a request body that can be sent again ([`ReplayBody`]). The
+//! request path asks the policy after each failed attempt.
 //!
 //! The rules (RFC 9110 §9.2.2, as Envoy and HAProxy `retry-on` apply them):
 //! - an attempt that failed before the request left the proxy (connect
@@ -25,10 +27,101 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderMap, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::config::UpstreamConfig;
+
+/// Connect failures of one request retried on other backends at most
+/// (NGINX `proxy_next_upstream error timeout` tries every server; this
+/// bounds the wait when many connects time out).
+pub const MAX_CONNECT_RETRIES: u32 = 8;
+
+/// An upstream's retry policy: `retries` (0 disables retrying), the retry
+/// budget and `retry_buffer_bytes`. Models tower's `retry::Policy` beside
+/// `retry::budget`.
+#[derive(Debug)]
+pub struct RetryPolicy {
+    /// Retries of a failed attempt on another backend (`retries`).
+    pub retries: u32,
+    /// Request bodies up to this many bytes are kept for replay
+    /// (`retry_buffer_bytes`).
+    pub buffer_bytes: u64,
+    /// tower's `TpsBudget`, after linkerd: `retry_budget_percent` of the
+    /// requests over the last 10 s, plus `retry_min_per_second`.
+    budget: TpsBudget,
+}
+
+/// What one request has used of its upstream's [`RetryPolicy`].
+#[derive(Debug, Clone, Copy)]
+pub struct RetryState {
+    idempotent: bool,
+    retries: u32,
+    connect_retries: u32,
+}
+
+impl RetryPolicy {
+    /// The policy of an upstream configured as `config`.
+    pub fn new(config: &UpstreamConfig) -> Self {
+        Self {
+            retries: config.retries,
+            buffer_bytes: config.retry_buffer_bytes,
+            budget: TpsBudget::new(
+                Duration::from_secs(10),
+                config.retry_min_per_second,
+                config.retry_budget_percent as f32 / 100.0,
+            ),
+        }
+    }
+
+    /// Whether failed attempts may be retried at all (`retries > 0`).
+    pub fn enabled(&self) -> bool {
+        self.retries > 0
+    }
+
+    /// Start a request with `method`; credits the budget with it when
+    /// retries are enabled (the budget only matters to upstreams that retry).
+    pub fn begin(&self, method: &Method) -> RetryState {
+        if self.enabled() {
+            self.budget.deposit();
+        }
+        RetryState {
+            idempotent: idempotent(method),
+            retries: 0,
+            connect_retries: 0,
+        }
+    }
+
+    /// Whether the request in `state` may be tried again after a failed
+    /// attempt, and if so count the retry. `nothing_sent`: the attempt
+    /// failed before the request left the proxy (a connect failure), which
+    /// is always safe to retry, at most [`MAX_CONNECT_RETRIES`] times and
+    /// without drawing on the budget. Otherwise the method must be
+    /// idempotent, `retries` not yet used up, and the budget must allow it.
+    /// Either way the body must be replayable (`replayable`).
+    pub fn allow(&self, state: &mut RetryState, nothing_sent: bool, replayable: bool) -> bool {
+        if !self.enabled() || !replayable {
+            return false;
+        }
+        if nothing_sent {
+            if state.connect_retries < MAX_CONNECT_RETRIES {
+                state.connect_retries += 1;
+                return true;
+            }
+            return false;
+        }
+        if state.retries < self.retries && state.idempotent && self.budget.withdraw() {
+            state.retries += 1;
+            return true;
+        }
+        false
+    }
+}
 
 /// Whether `method` is idempotent (RFC 9110 §9.2.2: the safe methods GET,
 /// HEAD, OPTIONS, TRACE, plus PUT and DELETE).

@@ -27,12 +27,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tower::retry::budget::{Budget, TpsBudget};
-
 pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
 use crate::config::{AdminState, OnPluginError, OutlierConfig, UpstreamConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, UpstreamMetrics};
+use crate::retry::RetryPolicy;
 mod breaker;
 mod eligibility;
 mod outlier;
@@ -90,11 +89,8 @@ pub struct Upstream {
     pub response_body_timeout: Duration,
     /// Bound on a whole request, if any.
     pub request_timeout: Option<Duration>,
-    /// Retries of a failed attempt on another backend.
-    pub retries: u32,
-    /// Request bodies up to this many bytes are kept for replay.
-    pub retry_buffer_bytes: u64,
-    retry_budget: TpsBudget,
+    /// When and how often a failed attempt is retried.
+    pub retry: RetryPolicy,
     outlier: Option<OutlierConfig>,
     max_fails: u32,
     fail_timeout: Duration,
@@ -209,13 +205,7 @@ impl Upstream {
             response_timeout: Duration::from_millis(config.response_timeout_ms),
             response_body_timeout: Duration::from_millis(config.response_body_timeout_ms),
             request_timeout: config.request_timeout_ms.map(Duration::from_millis),
-            retries: config.retries,
-            retry_buffer_bytes: config.retry_buffer_bytes,
-            retry_budget: TpsBudget::new(
-                Duration::from_secs(10),
-                config.retry_min_per_second,
-                config.retry_budget_percent as f32 / 100.0,
-            ),
+            retry: RetryPolicy::new(config),
             outlier: config.outlier_detection.clone(),
             max_fails: config.max_fails,
             fail_timeout: Duration::from_millis(config.fail_timeout_ms),
@@ -416,18 +406,6 @@ impl Upstream {
         let now = Instant::now();
         self.refresh(&mut slot, now);
         Some(backend_snapshot(id, &slot.backends[id], now))
-    }
-
-    /// Take one retry from the retry budget (tower's `TpsBudget`, after
-    /// linkerd: `retry_budget_percent` of the requests over the last 10 s,
-    /// plus `retry_min_per_second`). False when the budget is spent.
-    pub fn withdraw_retry(&self) -> bool {
-        self.retry_budget.withdraw()
-    }
-
-    /// Credit the retry budget with one request.
-    pub fn deposit_request(&self) {
-        self.retry_budget.deposit();
     }
 
     /// Choose a backend for `request`, never one of `tried` (the backends

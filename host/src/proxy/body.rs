@@ -1,0 +1,153 @@
+//! The body of a response sent downstream, with the request's deadline and
+//! the backend body's inactivity timer.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::conn::RequestGuard;
+use crate::upstream::InFlight;
+
+/// The body of a response sent downstream: a backend's streamed body (holding
+/// its in-flight count until finished or dropped), or a small fixed body.
+/// With `request_timeout_ms`, the body fails (the response is cut) at the
+/// request's deadline. A backend body also fails when the backend sends
+/// nothing for `response_body_timeout_ms` while the proxy waits on it (a slow
+/// client reading is not the backend's inactivity: no read is pending then).
+#[derive(Debug)]
+pub struct ProxyBody {
+    kind: BodyKind,
+    pub(super) deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    _request: Option<RequestGuard>,
+}
+
+/// The request's deadline passed while the response body was streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request_timeout_ms reached while sending the response body")]
+pub struct BodyTimeout;
+
+/// The backend sent no part of the response body for
+/// `response_body_timeout_ms` (NGINX `proxy_read_timeout`).
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for response_body_timeout_ms")]
+pub struct BodyIdleTimeout;
+
+#[derive(Debug)]
+enum BodyKind {
+    Upstream {
+        body: Incoming,
+        _in_flight: InFlight,
+        idle: IdleTimer,
+    },
+    Full(Option<Bytes>),
+}
+
+/// The inactivity timer of a backend body: armed only when a read would
+/// block (most bodies finish without one, and pay no timer), re-armed after
+/// each frame.
+#[derive(Debug)]
+struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    progressed: bool,
+}
+
+impl IdleTimer {
+    /// Poll the timer after a read returned `Pending`; ready when it expired.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = tokio::time::Instant::now() + self.limit;
+        match &mut self.sleep {
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+            Some(sleep) if self.progressed => sleep.as_mut().reset(at),
+            Some(_) => {}
+        }
+        self.progressed = false;
+        self.sleep
+            .as_mut()
+            .is_some_and(|s| s.as_mut().poll(cx).is_ready())
+    }
+}
+
+impl ProxyBody {
+    pub(super) fn upstream(body: Incoming, in_flight: InFlight, idle_limit: Duration) -> Self {
+        Self {
+            kind: BodyKind::Upstream {
+                body,
+                _in_flight: in_flight,
+                idle: IdleTimer {
+                    limit: idle_limit,
+                    sleep: None,
+                    progressed: false,
+                },
+            },
+            deadline: None,
+            _request: None,
+        }
+    }
+
+    pub(super) fn full(bytes: Bytes) -> Self {
+        Self {
+            kind: BodyKind::Full(Some(bytes)),
+            deadline: None,
+            _request: None,
+        }
+    }
+
+    /// Keep the downstream connection's request guard until the body is
+    /// finished (see [`crate::conn`]).
+    pub fn with_request_guard(mut self, guard: RequestGuard) -> Self {
+        self._request = Some(guard);
+        self
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.kind {
+            BodyKind::Upstream { body, idle, .. } => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(f) => {
+                    idle.progressed = true;
+                    Poll::Ready(f.map(|r| r.map_err(Into::into)))
+                }
+                Poll::Pending if idle.poll_expired(cx) => {
+                    return Poll::Ready(Some(Err(Box::new(BodyIdleTimeout))));
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if frame.is_pending()
+            && let Some(deadline) = this.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            BodyKind::Upstream { body, .. } => body.is_end_stream(),
+            BodyKind::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            BodyKind::Upstream { body, .. } => body.size_hint(),
+            BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            BodyKind::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The request path of one routed request, in phases: select a backend
+//! (the plugin), [`Proxy::attempt`] it (prepare the head, send, classify the
+//! outcome), and on a failure ask the upstream's
+//! [`crate::retry::RetryPolicy`] whether to go again on another backend.
+//! Every attempt's outcome feeds outlier detection.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use super::{HttpClient, Proxy, error_chain, error_response};
+use crate::headers::{prepare_request, strip_hop_by_hop};
+use crate::log_limit::LogLimiter;
+use crate::metrics::LocalOp;
+use crate::plugin::RequestView;
+use crate::retry::ReplayBody;
+use crate::upstream::{Chosen, InFlight, Selection, Upstream};
+
+impl Proxy {
+    /// Ask the plugin, attempt, and retry a failed attempt on another backend
+    /// while the upstream's [`crate::retry::RetryPolicy`] allows. A client
+    /// fault is never retried; a failure the proxy caused itself (out of
+    /// local resources) neither.
+    pub(super) async fn forward(
+        &self,
+        upstream: &Upstream,
+        http: &HttpClient,
+        client: SocketAddr,
+        parts: http::request::Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let policy = &upstream.retry;
+        let mut retry = policy.begin(&parts.method);
+        let body = ReplayBody::new(body, policy.buffer_bytes);
+        let mut view = RequestView { parts, client };
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_failure = None;
+        loop {
+            let (mut selection, v) = upstream.select(view, &tried);
+            view = v;
+            let Some(chosen) = selection.backend.take() else {
+                if let Some(failure) = last_failure {
+                    // Every backend was tried: answer with the last failure.
+                    return failure;
+                }
+                let reason = if selection.failed {
+                    "the plugin failed (on_plugin_error = \"fail\")"
+                } else {
+                    "no backend available"
+                };
+                self.metrics.unrouted(upstream.name(), 503);
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+            };
+            // A retry needs the head again; without retries, move it.
+            let head = if policy.enabled() {
+                copy_head(&view.parts)
+            } else {
+                std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
+            };
+            let failure = match self
+                .attempt(upstream, http, client, head, &body, &chosen)
+                .await
+            {
+                Ok(mut response) => {
+                    let headers = response.headers_mut();
+                    for (name, value) in std::mem::take(&mut selection.response_headers) {
+                        headers.append(name, value);
+                    }
+                    if upstream.debug_headers() {
+                        debug_headers(&mut response, &selection, &chosen);
+                    }
+                    return response;
+                }
+                Err(failure) => failure,
+            };
+            let address = chosen.address;
+            tracing::debug!(upstream = upstream.name(), %address, "attempt failed: {failure}");
+            let status = failure.status();
+            match &failure {
+                Failure::Invalid { reason } => {
+                    self.metrics.unrouted(upstream.name(), 400);
+                    return error_response(status, reason);
+                }
+                Failure::Client => {
+                    self.metrics.unrouted(upstream.name(), 400);
+                    let mut response = error_response(status, failure.reason());
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return response;
+                }
+                Failure::Local { detail } => {
+                    // The proxy's own shortage: not the backend's fault, and
+                    // another backend would fare no better.
+                    static LOCAL: LogLimiter = LogLimiter::new();
+                    self.metrics.resources().local_error(LocalOp::Connect);
+                    self.metrics.unrouted(upstream.name(), 503);
+                    if let Some(suppressed) = LOCAL.admit() {
+                        tracing::warn!(
+                            upstream = upstream.name(),
+                            suppressed,
+                            "cannot open a backend connection, out of local resources \
+                             (raise RLIMIT_NOFILE or lower max_connections): {detail}"
+                        );
+                    }
+                    return error_response(status, failure.reason());
+                }
+                _ => {}
+            }
+            if failure.nothing_sent() {
+                upstream.report_connect_failure(&chosen);
+            } else {
+                upstream.report(&chosen, false);
+            }
+            chosen.counters.metrics.response(status.as_u16());
+            tried.push(chosen.id);
+            let mut response = error_response(status, failure.reason());
+            if upstream.debug_headers() {
+                debug_headers(&mut response, &selection, &chosen);
+                if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {
+                    response
+                        .headers_mut()
+                        .insert(HeaderName::from_static("x-wasmlb-error"), v);
+                }
+            }
+            if !policy.allow(&mut retry, failure.nothing_sent(), body.replayable()) {
+                return response;
+            }
+            last_failure = Some(response);
+            upstream.metrics().retries.inc();
+            tracing::debug!(
+                upstream = upstream.name(),
+                %address,
+                attempt = tried.len() + 1,
+                "retrying on another backend"
+            );
+        }
+    }
+
+    /// One attempt on `chosen`: rewrite `head` for the backend, send it with
+    /// an attempt of `body`, and wait up to `response_timeout_ms` for the
+    /// response head. On a response, the backend's RTT, connect success and
+    /// status are recorded (a 5xx counts for outlier detection) and the
+    /// response is returned with its hop-by-hop headers removed and its body
+    /// streaming. Otherwise the [`Failure`], classified by the side at fault;
+    /// recording a failure against the backend is left to the caller.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        http: &HttpClient,
+        client: SocketAddr,
+        mut head: http::request::Parts,
+        body: &ReplayBody,
+        chosen: &Chosen,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        prepare_request(&mut head, client, &chosen.authority)
+            .map_err(|reason| Failure::Invalid { reason })?;
+        let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
+        let request = Request::from_parts(head, body.attempt());
+        let sent_ns = crate::plugin::monotonic_ns();
+        let result = tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
+        let failure = match result {
+            Ok(Ok(response)) => {
+                let now_ns = crate::plugin::monotonic_ns();
+                chosen
+                    .counters
+                    .rtt
+                    .observe(now_ns.saturating_sub(sent_ns), now_ns);
+                let (mut parts, incoming) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                upstream.report_connected(chosen);
+                upstream.report(chosen, !parts.status.is_server_error());
+                chosen.counters.metrics.response(parts.status.as_u16());
+                return Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::upstream(incoming, guard, upstream.response_body_timeout),
+                ));
+            }
+            // The client's body failed: whatever the backend did, it is
+            // not its fault, and nothing may be retried.
+            _ if body.client_failed() => Failure::Client,
+            Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => Failure::Local {
+                detail: error_chain(&e),
+            },
+            Ok(Err(e)) if e.is_connect() => Failure::Connect {
+                timed_out: is_timeout(&e),
+                detail: e.to_string(),
+            },
+            Ok(Err(e)) => Failure::Broken {
+                detail: error_chain(&e),
+            },
+            Err(_) => Failure::ResponseTimeout,
+        };
+        drop(guard);
+        Err(failure)
+    }
+}
+
+/// Why an attempt failed, classified by the side at fault.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The request head cannot be turned into a backend request (an invalid
+    /// authority or `X-Forwarded-For`): 400, nothing sent.
+    #[error("invalid request: {reason}")]
+    Invalid { reason: &'static str },
+    /// The client's request body failed (it aborted, or its framing broke):
+    /// 400, never blamed on the backend, never retried.
+    #[error("the client's request body failed")]
+    Client,
+    /// Connecting failed (refused, unreachable, or `connect_timeout_ms`):
+    /// nothing was sent. 502, or 504 if it timed out.
+    #[error("connect failed: {detail}")]
+    Connect { timed_out: bool, detail: String },
+    /// The request was (perhaps) sent, then the connection broke before a
+    /// response head: 502.
+    #[error("the backend broke the connection: {detail}")]
+    Broken { detail: String },
+    /// No response head within `response_timeout_ms`: 504.
+    #[error("no response head within response_timeout_ms")]
+    ResponseTimeout,
+    /// The proxy itself is out of descriptors, buffers, memory or ports
+    /// ([`crate::fd_limit`]): 503, not blamed on the backend, not retried.
+    #[error("out of local resources: {detail}")]
+    Local { detail: String },
+}
+
+impl Failure {
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Client | Failure::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Failure::Connect {
+                timed_out: true, ..
+            }
+            | Failure::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Connect { .. } | Failure::Broken { .. } => StatusCode::BAD_GATEWAY,
+            Failure::Local { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the client is told: generic, no backend address (the detail is
+    /// logged, and shown in `x-wasmlb-error` with `debug_headers`).
+    fn reason(&self) -> &'static str {
+        match self {
+            Failure::Client => "the request body was incomplete or malformed",
+            Failure::Invalid { reason } => reason,
+            Failure::Connect {
+                timed_out: true, ..
+            } => "connecting to the backend timed out",
+            Failure::Connect { .. } => "the backend could not be reached",
+            Failure::Broken { .. } => "the backend closed the connection without a response",
+            Failure::ResponseTimeout => "the backend did not answer in time",
+            Failure::Local { .. } => "the proxy is out of resources, try again",
+        }
+    }
+
+    fn nothing_sent(&self) -> bool {
+        matches!(self, Failure::Connect { .. })
+    }
+}
+
+/// `x-wasmlb-plugin` and `x-wasmlb-backend` (see `debug_headers`).
+fn debug_headers(response: &mut Response<ProxyBody>, selection: &Selection, chosen: &Chosen) {
+    let plugin = selection
+        .decided_by
+        .as_ref()
+        .map_or("(fallback)", |p| p.name());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(plugin) {
+        headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(chosen.authority.as_str()) {
+        headers.insert(HeaderName::from_static("x-wasmlb-backend"), v);
+    }
+}
+
+/// A copy of a request head (method, URI, version, headers) for one attempt.
+fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// True if a connect or I/O timeout is anywhere in the error's source chain.
+fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
+    crate::fd_limit::io_error_in(e, |io| io.kind() == std::io::ErrorKind::TimedOut).is_some()
+}

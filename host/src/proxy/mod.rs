@@ -1,0 +1,350 @@
+//! Per-request work: route to an upstream, ask its plugin for a backend,
+//! rewrite headers, forward, and stream the response back.
+//!
+//! Header handling (hop-by-hop removal, `X-Forwarded-*`, `Host`) is in
+//! [`crate::headers`].
+//!
+//! Status codes the proxy itself produces, each with a one-line plain-text
+//! reason: 502 when the backend cannot be connected to or breaks the response,
+//! 503 when no backend is available, 504 when connecting or waiting for the
+//! response headers times out, or the request outlives `request_timeout_ms`.
+//!
+//! A failed attempt is retried on another backend (the plugin is asked
+//! again; backends already tried are skipped) up to the upstream's `retries`,
+//! within its retry budget, and only where [`crate::retry`] says it is safe.
+//! Every attempt's outcome feeds outlier detection.
+
+mod body;
+mod forward;
+
+pub use body::{BodyIdleTimeout, BodyTimeout, ProxyBody};
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, RequestLimits, RouteConfig};
+use crate::headers::{authority, host_without_port};
+use crate::metrics::Metrics;
+use crate::plugin::Runtime;
+use crate::retry::AttemptBody;
+
+use crate::upstream::Upstream;
+
+/// Errors building the proxy from a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// An upstream's plugin failed to load or initialize (the plugin error
+    /// is the [`std::error::Error::source`]).
+    #[error("upstream {upstream}")]
+    Plugin {
+        /// The upstream.
+        upstream: String,
+        /// What failed.
+        source: crate::plugin::PluginError,
+    },
+    /// The plugin runtime could not start.
+    #[error(transparent)]
+    Runtime(crate::plugin::PluginError),
+}
+
+/// Identifies a listener across reloads: its configured address, and its
+/// position among listeners configured with that same address (they can only
+/// repeat with port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The configured address.
+    pub address: SocketAddr,
+    /// 0 for the first listener with this address, 1 for the second, ...
+    pub nth: usize,
+}
+
+impl ListenerKey {
+    /// The keys of a config's listeners, in config order.
+    pub fn all(config: &Config) -> Vec<ListenerKey> {
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        config
+            .listeners
+            .iter()
+            .map(|l| {
+                let nth = seen.entry(l.address).or_default();
+                let key = ListenerKey {
+                    address: l.address,
+                    nth: *nth,
+                };
+                *nth += 1;
+                key
+            })
+            .collect()
+    }
+}
+
+struct Route {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    upstream: usize,
+}
+
+type HttpClient = Client<HttpConnector, AttemptBody>;
+
+/// The routing table, the upstreams and their connection pools: everything a
+/// request needs, built from one config. Immutable; a reload builds a new one
+/// and swaps it in whole.
+pub struct Proxy {
+    upstreams: Vec<Arc<Upstream>>,
+    clients: Vec<HttpClient>,
+    routes: Vec<Route>,
+    listener_defaults: HashMap<ListenerKey, usize>,
+    metrics: Arc<Metrics>,
+    downstream_timeouts: (Duration, Duration),
+    limits: RequestLimits,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstreams", &self.upstreams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// Load every upstream's plugin and build the routing table.
+    ///
+    /// With `previous` (the proxy this one replaces), each backend that keeps
+    /// its address in an upstream of the same name keeps its counters
+    /// (in-flight, requests), and connection pools of unchanged upstreams
+    /// are reused. Compiled plugins come from the runtime's digest cache.
+    ///
+    /// # Errors
+    /// [`ProxyError`] naming the upstream whose plugin failed.
+    pub fn build(
+        config: &Config,
+        runtime: &Runtime,
+        metrics: Arc<Metrics>,
+        previous: Option<&Proxy>,
+    ) -> Result<Self, ProxyError> {
+        let mut upstreams = Vec::new();
+        let mut clients = Vec::new();
+        for (name, cfg) in &config.upstreams {
+            let old = previous.and_then(|p| {
+                p.upstreams
+                    .iter()
+                    .position(|u| u.name() == name)
+                    .map(|i| (p, i))
+            });
+            let counters = old
+                .map(|(p, i)| p.upstreams[i].counters())
+                .unwrap_or_default();
+            let plugin = runtime
+                .load(&cfg.plugin)
+                .map_err(|source| ProxyError::Plugin {
+                    upstream: name.clone(),
+                    source,
+                })?;
+            let upstream =
+                Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(|source| {
+                    ProxyError::Plugin {
+                        upstream: name.clone(),
+                        source,
+                    }
+                })?;
+            let client = match old {
+                Some((p, i)) if p.upstreams[i].connect_timeout == upstream.connect_timeout => {
+                    p.clients[i].clone()
+                }
+                _ => http_client(&upstream),
+            };
+            clients.push(client);
+            upstreams.push(Arc::new(upstream));
+        }
+        let index = |name: &str| upstreams.iter().position(|u| u.name() == name).unwrap_or(0);
+        let routes = config
+            .routes
+            .iter()
+            .map(
+                |RouteConfig {
+                     host,
+                     path_prefix,
+                     upstream,
+                 }| Route {
+                    host: host.clone(),
+                    path_prefix: path_prefix.clone(),
+                    upstream: index(upstream),
+                },
+            )
+            .collect();
+        let listener_defaults = ListenerKey::all(config)
+            .into_iter()
+            .zip(&config.listeners)
+            .map(|(key, l)| (key, index(&l.upstream)))
+            .collect();
+        Ok(Self {
+            upstreams,
+            clients,
+            routes,
+            listener_defaults,
+            metrics,
+            downstream_timeouts: (
+                Duration::from_millis(config.server.header_read_timeout_ms),
+                Duration::from_millis(config.server.idle_timeout_ms),
+            ),
+            limits: config.server.limits,
+        })
+    }
+
+    /// As [`Proxy::build`] with fresh metrics and no predecessor.
+    ///
+    /// # Errors
+    /// As [`Proxy::build`].
+    pub fn new(config: &Config, runtime: &Runtime) -> Result<Self, ProxyError> {
+        Self::build(config, runtime, Arc::new(Metrics::new()), None)
+    }
+
+    /// The upstream named `name`.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == name)
+    }
+
+    /// Every upstream, ordered by name.
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// Index of the upstream serving a request on `listener`: the first route
+    /// whose host and path prefix both match, else the listener's default.
+    fn route(&self, listener: &ListenerKey, parts: &http::request::Parts) -> Option<usize> {
+        let host = host_without_port(authority(parts));
+        let path = parts.uri.path();
+        self.routes
+            .iter()
+            .find(|r| {
+                r.host
+                    .as_deref()
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                    && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .map(|r| r.upstream)
+            .or_else(|| self.listener_defaults.get(listener).copied())
+    }
+
+    /// The metrics registry requests are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The downstream request limits (see [`crate::request_rules`]).
+    pub fn limits(&self) -> RequestLimits {
+        self.limits
+    }
+
+    /// The downstream head-read and idle keep-alive timeouts (see [`crate::conn`]).
+    pub fn downstream_timeouts(&self) -> (Duration, Duration) {
+        self.downstream_timeouts
+    }
+
+    /// Serve one downstream request that arrived on `listener` from `client`.
+    /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
+    /// other errors become 400/502/503/504 responses (see [`Failure`]).
+    pub async fn handle(
+        self: Arc<Self>,
+        listener: ListenerKey,
+        client: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let (mut parts, body) = request.into_parts();
+        if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
+            tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
+            let mut response = error_response(rejection.status, rejection.reason);
+            // The rest of the connection cannot be trusted to be framed as
+            // the client meant: answer, then close.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
+        let index = self.route(&listener, &parts);
+        let (Some(upstream), Some(http)) = (
+            index.and_then(|i| self.upstreams.get(i)),
+            index.and_then(|i| self.clients.get(i)),
+        ) else {
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream for this listener",
+            ));
+        };
+        let deadline = upstream
+            .request_timeout
+            .map(|t| tokio::time::Instant::now() + t);
+        let forward = self.forward(upstream, http, client, parts, body);
+        let mut response = match deadline {
+            None => forward.await,
+            Some(at) => match tokio::time::timeout_at(at, forward).await {
+                Ok(response) => response,
+                Err(_) => {
+                    self.metrics.unrouted(upstream.name(), 504);
+                    error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "no response within request_timeout_ms = {}",
+                            upstream.request_timeout.map_or(0, |t| t.as_millis())
+                        ),
+                    )
+                }
+            },
+        };
+        if let Some(at) = deadline {
+            response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+        }
+        upstream
+            .metrics()
+            .request_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(response)
+    }
+}
+
+/// `e` and its sources, joined by `: ` (hyper-util's errors say little on
+/// their own).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn http_client(upstream: &Upstream) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(upstream.connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .build(connector)
+}
+
+/// A proxy-made error response: `status` with a one-line plain-text reason.
+fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    let text = format!("{status}: {reason}\n");
+    let mut response = Response::new(ProxyBody::full(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
