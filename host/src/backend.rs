@@ -10,7 +10,7 @@
 //!
 //! The per-request path only touches atomics ([`InFlight`],
 //! [`BackendCounters::record`]); everything else changes under the
-//! upstream's lock (see [`crate::upstream::Upstream::refresh`]).
+//! upstream's lock (see `Upstream::refresh` in `upstream/upkeep.rs`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

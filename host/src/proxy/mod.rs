@@ -255,7 +255,7 @@ impl Proxy {
 
     /// Serve one downstream request that arrived on `listener` from `client`.
     /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
-    /// other errors become 400/502/503/504 responses (see [`Failure`]).
+    /// other errors become 400/502/503/504 responses (see `forward::Failure`).
     pub async fn handle(
         self: Arc<Self>,
         listener: ListenerKey,

@@ -364,7 +364,7 @@ impl Upstream {
     }
 
     /// Record the active health checks' verdict for the backend at
-    /// `address`. On a change the plugin is told (see [`Upstream::refresh`]).
+    /// `address`. On a change the plugin is told (`set-backends`, through the upkeep's refresh).
     pub fn set_check_passing(&self, address: SocketAddr, passing: bool) {
         let mut slot = self.lock();
         let Some(backend) = slot.backends.iter().find(|b| b.address == address) else {

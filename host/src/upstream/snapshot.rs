@@ -34,7 +34,7 @@ pub struct PluginSnapshot {
     /// When this plugin was swapped in, in seconds since the Unix epoch.
     pub loaded_at_unix_s: u64,
     /// `ok`; `failing` (the circuit breaker is open, or the last
-    /// [`FAILING_AFTER`] calls all failed); or `no_instance` (the breaker
+    /// [`super::FAILING_AFTER`] calls all failed); or `no_instance` (the breaker
     /// is closed and the next request builds and probes a fresh instance).
     pub status: &'static str,
     /// The circuit breaker: `closed`, `open` (the plugin is not called) or

@@ -11,22 +11,31 @@
 //! lowered only on change, and request fields are read through host calls on
 //! demand rather than copied in.
 
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderName, HeaderValue};
-use wasmtime::component::{Component, HasSelf, Linker, TypedFunc};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Store, StoreLimitsBuilder, UpdateDeadline};
 
 use crate::backend::BackendState;
 use crate::builtin;
 use crate::config::PluginRef;
 pub use crate::plugin_call::FailureKind;
-use crate::plugin_call::{CallDeadline, Verdict};
 
-mod bindings {
+mod cache;
+mod host;
+mod instance;
+
+use crate::plugin_call::{CallDeadline, Verdict};
+use cache::ComponentCache;
+use host::arm;
+pub use host::{HostState, monotonic_ns};
+#[cfg(test)]
+use instance::validate;
+pub use instance::{Instance, RequestView};
+use instance::{backend_list, describe_error, state_funcs};
+
+pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "balancer",
@@ -34,7 +43,6 @@ mod bindings {
 }
 
 pub use bindings::wasmlb::plugin::types::Decision;
-use bindings::wasmlb::plugin::types::{self as wit_types, IpAddress, Level, SocketAddress};
 
 /// How often the epoch advances; deadlines are whole ticks (ms).
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -125,79 +133,6 @@ pub struct Runtime {
     /// (a swap back, a reload) skips compilation. In memory, because
     /// `Component::deserialize` is `unsafe` and the host forbids unsafe code.
     cache: Arc<Mutex<ComponentCache>>,
-}
-
-/// The compiled-component cache: least recently used entries beyond
-/// `max_entries` or `max_bytes` of compiled code are released (with their
-/// memory images and memfds, once no upstream still runs them).
-#[derive(Default)]
-struct ComponentCache {
-    entries: Vec<CacheEntry>,
-    /// Sum of the entries' `bytes`.
-    bytes: usize,
-    clock: u64,
-    max_entries: usize,
-    max_bytes: usize,
-    metrics: Option<crate::metrics::ResourceMetrics>,
-}
-
-struct CacheEntry {
-    digest: String,
-    component: Component,
-    bytes: usize,
-    used: u64,
-}
-
-impl ComponentCache {
-    fn get(&mut self, digest: &str) -> Option<Component> {
-        self.clock += 1;
-        let clock = self.clock;
-        let entry = self.entries.iter_mut().find(|e| e.digest == digest)?;
-        entry.used = clock;
-        Some(entry.component.clone())
-    }
-
-    fn insert(&mut self, digest: String, component: Component) {
-        self.clock += 1;
-        let range = component.image_range();
-        let bytes = (range.end as usize).saturating_sub(range.start as usize);
-        if let Some(i) = self.entries.iter().position(|e| e.digest == digest) {
-            self.bytes -= self.entries.swap_remove(i).bytes;
-        }
-        self.bytes += bytes;
-        self.entries.push(CacheEntry {
-            digest,
-            component,
-            bytes,
-            used: self.clock,
-        });
-        self.evict();
-    }
-
-    /// Drop least recently used entries until within both bounds (the
-    /// newest entry always stays).
-    fn evict(&mut self) {
-        while self.entries.len() > 1
-            && (self.entries.len() > self.max_entries || self.bytes > self.max_bytes)
-        {
-            let Some(oldest) = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(i, _)| i)
-            else {
-                break;
-            };
-            self.bytes -= self.entries.swap_remove(oldest).bytes;
-        }
-        if let Some(m) = &self.metrics {
-            m.plugin_cache_entries
-                .set(i64::try_from(self.entries.len()).unwrap_or(i64::MAX));
-            m.plugin_cache_bytes
-                .set(i64::try_from(self.bytes).unwrap_or(i64::MAX));
-        }
-    }
 }
 
 impl std::fmt::Debug for Runtime {
@@ -495,419 +430,10 @@ impl Plugin {
     }
 }
 
-/// The optional `wasmlb:plugin/state` export.
-struct StateFuncs {
-    export: TypedFunc<(), (Vec<u8>,)>,
-    import: TypedFunc<(Vec<u8>,), (Result<(), String>,)>,
-}
-
-/// Name of the optional state interface export.
-const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.0";
-
-/// The state functions, if the component exports the `state` interface with
-/// the expected signatures.
-fn state_funcs(
-    store: &mut Store<HostState>,
-    instance: &wasmtime::component::Instance,
-) -> Option<StateFuncs> {
-    let iface = instance.get_export_index(&mut *store, None, STATE_INTERFACE)?;
-    let export = instance.get_export_index(&mut *store, Some(&iface), "export-state")?;
-    let import = instance.get_export_index(&mut *store, Some(&iface), "import-state")?;
-    let typed = (
-        instance.get_typed_func::<(), (Vec<u8>,)>(&mut *store, &export),
-        instance.get_typed_func::<(Vec<u8>,), (Result<(), String>,)>(&mut *store, &import),
-    );
-    match typed {
-        (Ok(export), Ok(import)) => Some(StateFuncs { export, import }),
-        _ => {
-            tracing::warn!(
-                upstream = &*store.data().upstream,
-                "{STATE_INTERFACE} has unexpected signatures; ignored"
-            );
-            None
-        }
-    }
-}
-
-/// The backend list as lowered to the plugin.
-fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend> {
-    backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| wit_types::Backend {
-            id: i as u32,
-            address: b.address.to_string(),
-            weight: b.weight,
-            healthy: b.counters.healthy.load(Ordering::Relaxed),
-            labels: b
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        })
-        .collect()
-}
-
-/// A trap's description: wasmtime's message with the guest backtrace.
-fn describe_error(e: &wasmtime::Error) -> String {
-    format!("{e:#}")
-}
-
-/// The request handed to a `select` call. Moved into the store for the call
-/// and handed back, so nothing is copied.
-#[derive(Debug)]
-pub struct RequestView {
-    /// Method, URI, version and headers of the downstream request.
-    pub parts: http::request::Parts,
-    /// The downstream TCP peer.
-    pub client: SocketAddr,
-}
-
-/// One live plugin instance: its store and exports. Not `Sync`; an upstream
-/// keeps it behind a mutex.
-pub struct Instance {
-    store: Store<HostState>,
-    bindings: bindings::Balancer,
-    state: Option<StateFuncs>,
-    /// Budget of `select` and the state calls, in ms of CPU time.
-    deadline_ms: u64,
-    /// Budget of `init` and `set-backends`, in ms of CPU time.
-    init_deadline_ms: u64,
-}
-
-impl std::fmt::Debug for Instance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Instance")
-            .field("upstream", &self.store.data().upstream)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Instance {
-    /// Call the optional `export-state`. `None` if the plugin has no state
-    /// interface; `Some(Err)` with the trap if it failed.
-    pub fn export_state(&mut self) -> Option<Result<Vec<u8>, String>> {
-        let export = self.state.as_ref()?.export;
-        arm(&mut self.store, self.deadline_ms);
-        Some(
-            export
-                .call(&mut self.store, ())
-                .map(|(bytes,)| bytes)
-                .map_err(|e| describe_error(&e)),
-        )
-    }
-
-    /// Call the optional `import-state` with `bytes`. `None` if the plugin has
-    /// no state interface; `Some(Err)` with the plugin's message or the trap.
-    pub fn import_state(&mut self, bytes: Vec<u8>) -> Option<Result<(), String>> {
-        let import = self.state.as_ref()?.import;
-        arm(&mut self.store, self.deadline_ms);
-        Some(match import.call(&mut self.store, (bytes,)) {
-            Ok((result,)) => result,
-            Err(e) => Err(describe_error(&e)),
-        })
-    }
-
-    /// Replace the instance's backend set and call its `set-backends`.
-    ///
-    /// # Errors
-    /// The trap's description; the instance must then be replaced.
-    pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
-        let list = backend_list(&backends);
-        self.store.data_mut().backends = backends;
-        arm(&mut self.store, self.init_deadline_ms);
-        self.bindings
-            .wasmlb_plugin_strategy()
-            .call_set_backends(&mut self.store, &list)
-            .map_err(|e| describe_error(&e))
-    }
-
-    /// Call `select` for `request` and validate the answer against the
-    /// current backend set. Returns the request back in every case.
-    ///
-    /// On `Ok`, a [`Decision`] whose ids are all in range (`Candidates` is
-    /// non-empty). On `Err`, why the answer is unusable; after
-    /// [`FailureKind::Trap`] or [`FailureKind::Deadline`] the instance must be
-    /// replaced.
-    pub fn select(
-        &mut self,
-        request: RequestView,
-    ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
-        self.store.data_mut().response_headers.clear();
-        self.store.data_mut().request = Some(request);
-        arm(&mut self.store, self.deadline_ms);
-        let result = self
-            .bindings
-            .wasmlb_plugin_strategy()
-            .call_select(&mut self.store);
-        // Only this function fills and empties the slot, so it is always full
-        // here; an empty one is reported as a trap rather than a panic.
-        let Some(request) = self.store.data_mut().request.take() else {
-            let (parts, ()) = http::Request::new(()).into_parts();
-            let empty = RequestView {
-                parts,
-                client: SocketAddr::from(([0, 0, 0, 0], 0)),
-            };
-            return (
-                Err((
-                    FailureKind::Trap,
-                    "request slot lost during the call".into(),
-                )),
-                empty,
-            );
-        };
-        let n = self.store.data().backends.len() as u32;
-        let result = match result {
-            Ok(decision) => validate(decision, n),
-            Err(e) => {
-                let kind = match e.downcast_ref::<wasmtime::Trap>() {
-                    Some(wasmtime::Trap::Interrupt) => FailureKind::Deadline,
-                    _ => FailureKind::Trap,
-                };
-                Err((kind, describe_error(&e)))
-            }
-        };
-        (result, request)
-    }
-
-    /// The headers the plugin added with `response.add-header` during the
-    /// last [`Instance::select`] (taken: a second call returns none).
-    pub fn take_response_headers(&mut self) -> Vec<(HeaderName, HeaderValue)> {
-        std::mem::take(&mut self.store.data_mut().response_headers)
-    }
-}
-
-fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureKind, String)> {
-    let bad = |msg: String| Err((FailureKind::BadAnswer, msg));
-    match &decision {
-        Decision::Backend(id) if *id >= n => {
-            bad(format!("answered backend {id}, but the set has {n}"))
-        }
-        Decision::Candidates(ids) if ids.is_empty() => {
-            bad("answered an empty candidate list".into())
-        }
-        Decision::Candidates(ids) => match ids.iter().find(|&&id| id >= n) {
-            Some(id) => bad(format!("answered candidate {id}, but the set has {n}")),
-            None => Ok(decision),
-        },
-        _ => Ok(decision),
-    }
-}
-
-/// What a plugin's store holds: its limits, the live backend state and, during
-/// `select`, the request.
-#[derive(Debug)]
-pub struct HostState {
-    limits: StoreLimits,
-    upstream: Arc<str>,
-    log_limit: Arc<crate::log_limit::LogLimiter>,
-    backends: Arc<[BackendState]>,
-    request: Option<RequestView>,
-    /// Headers added with `response.add-header` during the current `select`.
-    response_headers: Vec<(HeaderName, HeaderValue)>,
-    /// The CPU-time deadline of the call in progress.
-    deadline: CallDeadline,
-}
-
-/// Start a call on `store` with a budget of `budget_ms` ms of CPU time
-/// ([`crate::plugin_call`]).
-fn arm(store: &mut Store<HostState>, budget_ms: u64) {
-    let ticks = store.data_mut().deadline.arm(budget_ms);
-    store.set_epoch_deadline(ticks);
-}
-
-fn process_start() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-/// Nanoseconds on the host's monotonic clock (what plugins read as
-/// `monotonic-now`).
-pub fn monotonic_ns() -> u64 {
-    u64::try_from(process_start().elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-impl wit_types::Host for HostState {}
-
-impl bindings::wasmlb::plugin::log::Host for HostState {
-    fn log(&mut self, level: Level, message: String) {
-        // info and above are rate-limited per upstream; trace and debug are
-        // off by default and not limited.
-        let suppressed = match level {
-            Level::Trace | Level::Debug => 0,
-            _ => match self.log_limit.admit() {
-                Some(n) => n,
-                None => return,
-            },
-        };
-        let mut message = message;
-        if message.len() > MAX_LOG_BYTES {
-            let mut cut = MAX_LOG_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
-        let upstream = &*self.upstream;
-        match level {
-            Level::Trace => tracing::trace!(target: "wasmlb::plugin", upstream, "{message}"),
-            Level::Debug => tracing::debug!(target: "wasmlb::plugin", upstream, "{message}"),
-            Level::Info => {
-                tracing::info!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
-            }
-            Level::Warn => {
-                tracing::warn!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
-            }
-            Level::Error => {
-                tracing::error!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
-            }
-        }
-    }
-}
-
-impl bindings::wasmlb::plugin::clock::Host for HostState {
-    fn monotonic_now(&mut self) -> u64 {
-        monotonic_ns()
-    }
-}
-
-impl bindings::wasmlb::plugin::backend_state::Host for HostState {
-    fn backend_count(&mut self) -> u32 {
-        self.backends.len() as u32
-    }
-    fn in_flight(&mut self, id: u32) -> u32 {
-        self.backends
-            .get(id as usize)
-            .map_or(0, |b| b.counters.in_flight.load(Ordering::Relaxed))
-    }
-    fn in_flight_all(&mut self) -> Vec<u32> {
-        self.backends
-            .iter()
-            .map(|b| b.counters.in_flight.load(Ordering::Relaxed))
-            .collect()
-    }
-    fn healthy(&mut self, id: u32) -> bool {
-        self.backends
-            .get(id as usize)
-            .is_some_and(|b| b.counters.healthy.load(Ordering::Relaxed))
-    }
-    fn rtt_estimate(&mut self, id: u32) -> u64 {
-        self.backends
-            .get(id as usize)
-            .map_or(0, |b| b.counters.rtt.get_ns())
-    }
-    fn draining(&mut self, id: u32) -> bool {
-        self.backends.get(id as usize).is_some_and(|b| {
-            b.counters.admin_state() == crate::config::AdminState::Drain
-                && b.counters.check_passing.load(Ordering::Relaxed)
-        })
-    }
-}
-
-impl bindings::wasmlb::plugin::response::Host for HostState {
-    fn add_header(&mut self, name: String, value: String) {
-        if self.request.is_none() {
-            return; // only during select
-        }
-        let used: usize = self
-            .response_headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        let refuse = |why: &str| {
-            if let Some(suppressed) = self.log_limit.admit() {
-                tracing::warn!(
-                    target: "wasmlb::plugin",
-                    upstream = &*self.upstream,
-                    header = %name,
-                    suppressed,
-                    "response.add-header ignored: {why}"
-                );
-            }
-        };
-        if self.response_headers.len() >= MAX_RESPONSE_HEADERS
-            || used + name.len() + value.len() > MAX_RESPONSE_HEADER_BYTES
-        {
-            return refuse("more than 16 headers or 8 KiB for this response");
-        }
-        let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) else {
-            return refuse("not a valid HTTP header name or value");
-        };
-        let framing = [
-            http::header::CONTENT_LENGTH,
-            http::header::TRANSFER_ENCODING,
-            http::header::CONTENT_ENCODING,
-        ];
-        if crate::headers::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
-            return refuse("hop-by-hop and framing headers are the host's");
-        }
-        self.response_headers.push((n, v));
-    }
-}
-
-impl bindings::wasmlb::plugin::request::Host for HostState {
-    fn method(&mut self) -> String {
-        self.request
-            .as_ref()
-            .map(|r| r.parts.method.as_str().to_string())
-            .unwrap_or_default()
-    }
-    fn authority(&mut self) -> String {
-        self.request
-            .as_ref()
-            .map(|r| crate::headers::authority(&r.parts).to_string())
-            .unwrap_or_default()
-    }
-    fn path(&mut self) -> String {
-        self.request
-            .as_ref()
-            .and_then(|r| r.parts.uri.path_and_query())
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default()
-    }
-    fn header(&mut self, name: String) -> Option<String> {
-        let value = self.request.as_ref()?.parts.headers.get(name.as_str())?;
-        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
-    }
-    fn header_all(&mut self, name: String) -> Vec<String> {
-        let Some(r) = self.request.as_ref() else {
-            return Vec::new();
-        };
-        r.parts
-            .headers
-            .get_all(name.as_str())
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect()
-    }
-    fn client_address(&mut self) -> SocketAddress {
-        let addr = self
-            .request
-            .as_ref()
-            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.client);
-        let ip = match addr.ip() {
-            std::net::IpAddr::V4(v4) => {
-                let [a, b, c, d] = v4.octets();
-                IpAddress::Ipv4((a, b, c, d))
-            }
-            std::net::IpAddr::V6(v6) => {
-                let [a, b, c, d, e, f, g, h] = v6.segments();
-                IpAddress::Ipv6((a, b, c, d, e, f, g, h))
-            }
-        };
-        SocketAddress {
-            ip,
-            port: addr.port(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     #[test]
     fn only_wasmlb_plugin_imports_are_allowed() {

@@ -1,0 +1,230 @@
+//! The host side of the WIT contract: what a plugin's store holds, and the
+//! host functions plugins import (`log`, `clock`, `backend-state`,
+//! `request`, `response`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use http::header::{HeaderName, HeaderValue};
+use wasmtime::{Store, StoreLimits};
+
+use super::bindings::{
+    self,
+    wasmlb::plugin::types::{self as wit_types, IpAddress, Level, SocketAddress},
+};
+use super::*;
+use crate::backend::BackendState;
+use crate::plugin_call::CallDeadline;
+
+/// What a plugin's store holds: its limits, the live backend state and, during
+/// `select`, the request.
+#[derive(Debug)]
+pub struct HostState {
+    pub(super) limits: StoreLimits,
+    pub(super) upstream: Arc<str>,
+    pub(super) log_limit: Arc<crate::log_limit::LogLimiter>,
+    pub(super) backends: Arc<[BackendState]>,
+    pub(super) request: Option<RequestView>,
+    /// Headers added with `response.add-header` during the current `select`.
+    pub(super) response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The CPU-time deadline of the call in progress.
+    pub(super) deadline: CallDeadline,
+}
+
+/// Start a call on `store` with a budget of `budget_ms` ms of CPU time
+/// ([`crate::plugin_call`]).
+pub(super) fn arm(store: &mut Store<HostState>, budget_ms: u64) {
+    let ticks = store.data_mut().deadline.arm(budget_ms);
+    store.set_epoch_deadline(ticks);
+}
+
+pub(super) fn process_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Nanoseconds on the host's monotonic clock (what plugins read as
+/// `monotonic-now`).
+pub fn monotonic_ns() -> u64 {
+    u64::try_from(process_start().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl wit_types::Host for HostState {}
+
+impl bindings::wasmlb::plugin::log::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        // info and above are rate-limited per upstream; trace and debug are
+        // off by default and not limited.
+        let suppressed = match level {
+            Level::Trace | Level::Debug => 0,
+            _ => match self.log_limit.admit() {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        let mut message = message;
+        if message.len() > MAX_LOG_BYTES {
+            let mut cut = MAX_LOG_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let upstream = &*self.upstream;
+        match level {
+            Level::Trace => tracing::trace!(target: "wasmlb::plugin", upstream, "{message}"),
+            Level::Debug => tracing::debug!(target: "wasmlb::plugin", upstream, "{message}"),
+            Level::Info => {
+                tracing::info!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(target: "wasmlb::plugin", upstream, suppressed, "{message}")
+            }
+        }
+    }
+}
+
+impl bindings::wasmlb::plugin::clock::Host for HostState {
+    fn monotonic_now(&mut self) -> u64 {
+        monotonic_ns()
+    }
+}
+
+impl bindings::wasmlb::plugin::backend_state::Host for HostState {
+    fn backend_count(&mut self) -> u32 {
+        self.backends.len() as u32
+    }
+    fn in_flight(&mut self, id: u32) -> u32 {
+        self.backends
+            .get(id as usize)
+            .map_or(0, |b| b.counters.in_flight.load(Ordering::Relaxed))
+    }
+    fn in_flight_all(&mut self) -> Vec<u32> {
+        self.backends
+            .iter()
+            .map(|b| b.counters.in_flight.load(Ordering::Relaxed))
+            .collect()
+    }
+    fn healthy(&mut self, id: u32) -> bool {
+        self.backends
+            .get(id as usize)
+            .is_some_and(|b| b.counters.healthy.load(Ordering::Relaxed))
+    }
+    fn rtt_estimate(&mut self, id: u32) -> u64 {
+        self.backends
+            .get(id as usize)
+            .map_or(0, |b| b.counters.rtt.get_ns())
+    }
+    fn draining(&mut self, id: u32) -> bool {
+        self.backends.get(id as usize).is_some_and(|b| {
+            b.counters.admin_state() == crate::config::AdminState::Drain
+                && b.counters.check_passing.load(Ordering::Relaxed)
+        })
+    }
+}
+
+impl bindings::wasmlb::plugin::response::Host for HostState {
+    fn add_header(&mut self, name: String, value: String) {
+        if self.request.is_none() {
+            return; // only during select
+        }
+        let used: usize = self
+            .response_headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len())
+            .sum();
+        let refuse = |why: &str| {
+            if let Some(suppressed) = self.log_limit.admit() {
+                tracing::warn!(
+                    target: "wasmlb::plugin",
+                    upstream = &*self.upstream,
+                    header = %name,
+                    suppressed,
+                    "response.add-header ignored: {why}"
+                );
+            }
+        };
+        if self.response_headers.len() >= MAX_RESPONSE_HEADERS
+            || used + name.len() + value.len() > MAX_RESPONSE_HEADER_BYTES
+        {
+            return refuse("more than 16 headers or 8 KiB for this response");
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) else {
+            return refuse("not a valid HTTP header name or value");
+        };
+        let framing = [
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+            http::header::CONTENT_ENCODING,
+        ];
+        if crate::headers::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
+            return refuse("hop-by-hop and framing headers are the host's");
+        }
+        self.response_headers.push((n, v));
+    }
+}
+
+impl bindings::wasmlb::plugin::request::Host for HostState {
+    fn method(&mut self) -> String {
+        self.request
+            .as_ref()
+            .map(|r| r.parts.method.as_str().to_string())
+            .unwrap_or_default()
+    }
+    fn authority(&mut self) -> String {
+        self.request
+            .as_ref()
+            .map(|r| crate::headers::authority(&r.parts).to_string())
+            .unwrap_or_default()
+    }
+    fn path(&mut self) -> String {
+        self.request
+            .as_ref()
+            .and_then(|r| r.parts.uri.path_and_query())
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default()
+    }
+    fn header(&mut self, name: String) -> Option<String> {
+        let value = self.request.as_ref()?.parts.headers.get(name.as_str())?;
+        Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+    }
+    fn header_all(&mut self, name: String) -> Vec<String> {
+        let Some(r) = self.request.as_ref() else {
+            return Vec::new();
+        };
+        r.parts
+            .headers
+            .get_all(name.as_str())
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+    fn client_address(&mut self) -> SocketAddress {
+        let addr = self
+            .request
+            .as_ref()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.client);
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                IpAddress::Ipv4((a, b, c, d))
+            }
+            std::net::IpAddr::V6(v6) => {
+                let [a, b, c, d, e, f, g, h] = v6.segments();
+                IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+            }
+        };
+        SocketAddress {
+            ip,
+            port: addr.port(),
+        }
+    }
+}

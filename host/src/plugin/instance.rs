@@ -1,0 +1,218 @@
+//! A live plugin instance: its store, its exports, and the calls into it
+//! (`select`, `set-backends`, the optional state hand-off), each under its
+//! deadline, with every answer validated.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::header::{HeaderName, HeaderValue};
+use wasmtime::Store;
+use wasmtime::component::TypedFunc;
+
+use super::bindings::{
+    self,
+    wasmlb::plugin::types::{self as wit_types},
+};
+use super::*;
+use crate::backend::BackendState;
+use crate::plugin_call::FailureKind;
+
+/// The optional `wasmlb:plugin/state` export.
+pub(super) struct StateFuncs {
+    pub(super) export: TypedFunc<(), (Vec<u8>,)>,
+    pub(super) import: TypedFunc<(Vec<u8>,), (Result<(), String>,)>,
+}
+
+/// Name of the optional state interface export.
+pub(super) const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.0";
+
+/// The state functions, if the component exports the `state` interface with
+/// the expected signatures.
+pub(super) fn state_funcs(
+    store: &mut Store<HostState>,
+    instance: &wasmtime::component::Instance,
+) -> Option<StateFuncs> {
+    let iface = instance.get_export_index(&mut *store, None, STATE_INTERFACE)?;
+    let export = instance.get_export_index(&mut *store, Some(&iface), "export-state")?;
+    let import = instance.get_export_index(&mut *store, Some(&iface), "import-state")?;
+    let typed = (
+        instance.get_typed_func::<(), (Vec<u8>,)>(&mut *store, &export),
+        instance.get_typed_func::<(Vec<u8>,), (Result<(), String>,)>(&mut *store, &import),
+    );
+    match typed {
+        (Ok(export), Ok(import)) => Some(StateFuncs { export, import }),
+        _ => {
+            tracing::warn!(
+                upstream = &*store.data().upstream,
+                "{STATE_INTERFACE} has unexpected signatures; ignored"
+            );
+            None
+        }
+    }
+}
+
+/// The backend list as lowered to the plugin.
+pub(super) fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend> {
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wit_types::Backend {
+            id: i as u32,
+            address: b.address.to_string(),
+            weight: b.weight,
+            healthy: b.counters.healthy.load(Ordering::Relaxed),
+            labels: b
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+        .collect()
+}
+
+/// A trap's description: wasmtime's message with the guest backtrace.
+pub(super) fn describe_error(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+}
+
+/// The request handed to a `select` call. Moved into the store for the call
+/// and handed back, so nothing is copied.
+#[derive(Debug)]
+pub struct RequestView {
+    /// Method, URI, version and headers of the downstream request.
+    pub parts: http::request::Parts,
+    /// The downstream TCP peer.
+    pub client: SocketAddr,
+}
+
+/// One live plugin instance: its store and exports. Not `Sync`; an upstream
+/// keeps it behind a mutex.
+pub struct Instance {
+    pub(super) store: Store<HostState>,
+    pub(super) bindings: bindings::Balancer,
+    pub(super) state: Option<StateFuncs>,
+    /// Budget of `select` and the state calls, in ms of CPU time.
+    pub(super) deadline_ms: u64,
+    /// Budget of `init` and `set-backends`, in ms of CPU time.
+    pub(super) init_deadline_ms: u64,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("upstream", &self.store.data().upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// Call the optional `export-state`. `None` if the plugin has no state
+    /// interface; `Some(Err)` with the trap if it failed.
+    pub fn export_state(&mut self) -> Option<Result<Vec<u8>, String>> {
+        let export = self.state.as_ref()?.export;
+        arm(&mut self.store, self.deadline_ms);
+        Some(
+            export
+                .call(&mut self.store, ())
+                .map(|(bytes,)| bytes)
+                .map_err(|e| describe_error(&e)),
+        )
+    }
+
+    /// Call the optional `import-state` with `bytes`. `None` if the plugin has
+    /// no state interface; `Some(Err)` with the plugin's message or the trap.
+    pub fn import_state(&mut self, bytes: Vec<u8>) -> Option<Result<(), String>> {
+        let import = self.state.as_ref()?.import;
+        arm(&mut self.store, self.deadline_ms);
+        Some(match import.call(&mut self.store, (bytes,)) {
+            Ok((result,)) => result,
+            Err(e) => Err(describe_error(&e)),
+        })
+    }
+
+    /// Replace the instance's backend set and call its `set-backends`.
+    ///
+    /// # Errors
+    /// The trap's description; the instance must then be replaced.
+    pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
+        let list = backend_list(&backends);
+        self.store.data_mut().backends = backends;
+        arm(&mut self.store, self.init_deadline_ms);
+        self.bindings
+            .wasmlb_plugin_strategy()
+            .call_set_backends(&mut self.store, &list)
+            .map_err(|e| describe_error(&e))
+    }
+
+    /// Call `select` for `request` and validate the answer against the
+    /// current backend set. Returns the request back in every case.
+    ///
+    /// On `Ok`, a [`Decision`] whose ids are all in range (`Candidates` is
+    /// non-empty). On `Err`, why the answer is unusable; after
+    /// [`FailureKind::Trap`] or [`FailureKind::Deadline`] the instance must be
+    /// replaced.
+    pub fn select(
+        &mut self,
+        request: RequestView,
+    ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
+        self.store.data_mut().response_headers.clear();
+        self.store.data_mut().request = Some(request);
+        arm(&mut self.store, self.deadline_ms);
+        let result = self
+            .bindings
+            .wasmlb_plugin_strategy()
+            .call_select(&mut self.store);
+        // Only this function fills and empties the slot, so it is always full
+        // here; an empty one is reported as a trap rather than a panic.
+        let Some(request) = self.store.data_mut().request.take() else {
+            let (parts, ()) = http::Request::new(()).into_parts();
+            let empty = RequestView {
+                parts,
+                client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            };
+            return (
+                Err((
+                    FailureKind::Trap,
+                    "request slot lost during the call".into(),
+                )),
+                empty,
+            );
+        };
+        let n = self.store.data().backends.len() as u32;
+        let result = match result {
+            Ok(decision) => validate(decision, n),
+            Err(e) => {
+                let kind = match e.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => FailureKind::Deadline,
+                    _ => FailureKind::Trap,
+                };
+                Err((kind, describe_error(&e)))
+            }
+        };
+        (result, request)
+    }
+
+    /// The headers the plugin added with `response.add-header` during the
+    /// last [`Instance::select`] (taken: a second call returns none).
+    pub fn take_response_headers(&mut self) -> Vec<(HeaderName, HeaderValue)> {
+        std::mem::take(&mut self.store.data_mut().response_headers)
+    }
+}
+
+pub(super) fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureKind, String)> {
+    let bad = |msg: String| Err((FailureKind::BadAnswer, msg));
+    match &decision {
+        Decision::Backend(id) if *id >= n => {
+            bad(format!("answered backend {id}, but the set has {n}"))
+        }
+        Decision::Candidates(ids) if ids.is_empty() => {
+            bad("answered an empty candidate list".into())
+        }
+        Decision::Candidates(ids) => match ids.iter().find(|&&id| id >= n) {
+            Some(id) => bad(format!("answered candidate {id}, but the set has {n}")),
+            None => Ok(decision),
+        },
+        _ => Ok(decision),
+    }
+}
