@@ -1,0 +1,68 @@
+//! Every default of the config file, in one place: `DEFAULT_*` for a key
+//! whose value is omitted (the README's config reference restates them).
+
+/// Default plugin call deadline, in ms.
+pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
+/// Default deadline of a plugin's setup calls (instantiate, init, set-backends), in ms.
+pub const DEFAULT_PLUGIN_INIT_DEADLINE_MS: u64 = 1_000;
+/// Default cap on a plugin instance's linear memory, in MiB.
+pub const DEFAULT_PLUGIN_MEMORY_LIMIT_MIB: u64 = 16;
+/// Default inactivity limit between two reads of a backend's response body,
+/// in ms (NGINX `proxy_read_timeout` 60 s, HAProxy `timeout server`).
+pub const DEFAULT_RESPONSE_BODY_TIMEOUT_MS: u64 = 60_000;
+/// Default number of compiled plugin components kept for reuse (swaps back,
+/// reloads); the least recently used beyond it are released.
+pub const DEFAULT_PLUGIN_CACHE_ENTRIES: usize = 16;
+/// Default bound on the compiled components kept for reuse, in MiB of
+/// compiled code.
+pub const DEFAULT_PLUGIN_CACHE_MIB: usize = 256;
+/// File descriptors kept back from downstream connections when
+/// `max_connections` is derived from `RLIMIT_NOFILE`: standard streams,
+/// listeners, the epoll instance, the epoch ticker, logs and plugin images
+/// (admin connections and health checks are reserved on top).
+pub const RESERVED_FDS: u64 = 32;
+/// Default TCP connect timeout to a backend, in ms.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Default wait for a backend's response headers, in ms.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 30_000;
+/// Default bound on graceful shutdown, in ms.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on receiving a downstream request head, in ms (HAProxy
+/// `timeout http-request`): slowloris protection.
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Default idle time after which a downstream keep-alive connection with no
+/// request in progress is closed, in ms (HAProxy `timeout http-keep-alive`,
+/// NGINX `keepalive_timeout` 75 s).
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default number of retries of a failed request on another backend.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default retry budget: retries may add at most this share of requests, in percent
+/// (Envoy `retry_budget.budget_percent`, linkerd `retryRatio` 0.2).
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Default floor of the retry budget, in retries per second (linkerd `minRetriesPerSecond`).
+pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
+/// Default cap on the request body kept for replaying a retry, in bytes.
+pub const DEFAULT_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
+/// Default panic threshold, in percent of non-drained backends (Envoy `healthy_panic_threshold`).
+pub const DEFAULT_PANIC_THRESHOLD_PERCENT: u32 = 50;
+/// Default connect failures in a row that take a backend out of rotation
+/// (NGINX `max_fails=1`).
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+/// Default time a backend stays out of rotation after `max_fails` connect
+/// failures, in ms (NGINX `fail_timeout=10s`).
+pub const DEFAULT_FAIL_TIMEOUT_MS: u64 = 10_000;
+/// Default limit on a request line's target (the URI), in bytes; longer is
+/// 414 (NGINX `large_client_header_buffers` 8k).
+pub const DEFAULT_MAX_REQUEST_LINE_BYTES: usize = 8 * 1024;
+/// Default limit on a request's header fields (names, values and 4 bytes of
+/// framing each), in bytes; more is 431 (HAProxy `tune.bufsize` 16k).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Default limit on the number of request header fields; more is 431
+/// (hyper's default, HAProxy `tune.http.maxhdr` 101).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default cap on concurrent admin API connections; at the cap the admin
+/// listener stops accepting until one closes.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Default cap on an admin request body, in bytes (16 MiB: room for a plugin).
+pub const DEFAULT_ADMIN_MAX_BODY_BYTES: u64 = 16 << 20;

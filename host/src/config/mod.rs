@@ -1,0 +1,740 @@
+//! The config file: listeners, routes and upstreams, in TOML.
+//!
+//! ```toml
+//! [[listener]]
+//! address = "127.0.0.1:8080"
+//! upstream = "app"              # default upstream for this listener
+//!
+//! [[route]]                     # optional; first match wins
+//! host = "api.example.com"      # optional
+//! path_prefix = "/v1"           # optional
+//! upstream = "api"
+//!
+//! [upstream.app]
+//! plugin = "round-robin"        # a built-in name, or a path to a .wasm component
+//! backends = [
+//!   { address = "127.0.0.1:9001" },
+//!   { address = "127.0.0.1:9002", weight = 3 },
+//! ]
+//! [upstream.app.plugin_config]  # optional, handed to the plugin as JSON
+//! ```
+//!
+//! [`Config::load`] parses and validates; every error names the file, the line
+//! and the key at fault (for example
+//! `wasmlb.toml:12: route[0].upstream: no upstream named "apii"`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+mod defaults;
+mod plugin_ref;
+mod raw;
+mod validate;
+
+pub use defaults::*;
+pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
+use raw::RawConfig;
+use validate::Validator;
+
+/// A config error: the file, the 1-based line if known, the key path
+/// (`upstream.app.backends[1].address`) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {key}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line of the offending value, when known.
+    pub line: Option<usize>,
+    /// Dotted key path of the offending value; `(file)` for the file as a whole.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (plugin paths are relative to its directory).
+    pub path: PathBuf,
+    /// Listeners, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Routes, in file order (first match wins).
+    pub routes: Vec<RouteConfig>,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Process-wide settings (`[server]`).
+    pub server: ServerConfig,
+    /// The admin API (`[admin]`), if configured.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: the admin API listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Address to bind. Anything but loopback requires `token`.
+    pub address: SocketAddr,
+    /// Bearer token every request must carry (read from `token_file`).
+    pub token: Option<String>,
+    /// Requests with a larger body are refused with 413, in bytes.
+    pub max_body_bytes: u64,
+    /// Directories a plugin path in an admin request must lie in
+    /// (`plugin_dirs`, relative to the config file; default: the config
+    /// file's directory), as given and resolved.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Concurrent admin connections at most (`max_connections`, default 64).
+    pub max_connections: usize,
+}
+
+/// One `[[listener]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address to bind; port 0 picks a free port.
+    pub address: SocketAddr,
+    /// Upstream for requests no route matches.
+    pub upstream: String,
+    /// Open connections at most on this listener (`max_connections`,
+    /// default: only the global cap applies); at the cap it stops accepting
+    /// and the kernel's backlog holds new clients (HAProxy `bind ... maxconn`).
+    pub max_connections: Option<usize>,
+}
+
+/// One `[[route]]`: matches when every given condition holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    /// Exact host (case-insensitive, port ignored), if set.
+    pub host: Option<String>,
+    /// Path prefix (byte-wise, like Envoy `prefix` / HAProxy `path_beg`), if set.
+    pub path_prefix: Option<String>,
+    /// The upstream that serves matching requests.
+    pub upstream: String,
+}
+
+/// One `[upstream.NAME]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    /// The strategy plugin.
+    pub plugin: PluginRef,
+    /// `plugin_config`, as the JSON object handed to the plugin's `init`.
+    pub plugin_config: serde_json::Value,
+    /// The backends, in file order (their index is the plugin's backend id).
+    pub backends: Vec<BackendConfig>,
+    /// Deadline of each plugin call, in ms (`plugin_deadline_ms`, default 5).
+    pub plugin_deadline_ms: u64,
+    /// Deadline of the plugin's setup calls (instantiation, `init`,
+    /// `set-backends`), in ms (`plugin_init_deadline_ms`, default 1000).
+    pub plugin_init_deadline_ms: u64,
+    /// Cap on the plugin's linear memory, in MiB (`plugin_memory_limit_mib`, default 16).
+    pub plugin_memory_limit_mib: u64,
+    /// TCP connect timeout, in ms (`connect_timeout_ms`, default 5000); on expiry 504.
+    pub connect_timeout_ms: u64,
+    /// Wait for response headers, in ms (`response_timeout_ms`, default 30000); on expiry 504.
+    pub response_timeout_ms: u64,
+    /// Most time between two reads of the response body, in ms
+    /// (`response_body_timeout_ms`, default 60000, NGINX `proxy_read_timeout`);
+    /// on expiry both connections are cut (the status is already sent).
+    pub response_body_timeout_ms: u64,
+    /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
+    pub on_plugin_error: OnPluginError,
+    /// Add `x-wasmlb-plugin` (the plugin that decided, or `(fallback)`) and
+    /// `x-wasmlb-backend` (the backend's address) to responses
+    /// (`debug_headers`, default false).
+    pub debug_headers: bool,
+    /// Active health checking (`[upstream.NAME.health_check]`), if configured.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive outlier ejection (`[upstream.NAME.outlier_detection]`), if configured.
+    pub outlier_detection: Option<OutlierConfig>,
+    /// Bound on a whole request (all attempts and the response body), in ms
+    /// (`request_timeout_ms`, default none). On expiry before the response
+    /// headers: 504; after: the response is cut.
+    pub request_timeout_ms: Option<u64>,
+    /// Retries of a failed attempt on another backend (`retries`, default 2; 0 disables).
+    pub retries: u32,
+    /// Retries may add at most this share of the upstream's requests, in percent
+    /// (`retry_budget_percent`, default 20).
+    pub retry_budget_percent: u32,
+    /// Retries always allowed per second regardless of the share (`retry_min_per_second`, default 10).
+    pub retry_min_per_second: u32,
+    /// Request bodies up to this size are kept so an attempt that already sent
+    /// them can be replayed, in bytes (`retry_buffer_bytes`, default 65536).
+    pub retry_buffer_bytes: u64,
+    /// When fewer than this share of the non-drained backends are healthy and
+    /// not ejected, all of them are offered to the plugin, in percent
+    /// (`panic_threshold_percent`, default 50; 0 disables).
+    pub panic_threshold_percent: u32,
+    /// Connect failures in a row (refused, or `connect_timeout_ms` passed)
+    /// that take a backend out of rotation for `fail_timeout_ms`
+    /// (`max_fails`, default 1, as NGINX; 0 disables).
+    pub max_fails: u32,
+    /// How long a backend stays out of rotation after `max_fails` connect
+    /// failures, in ms (`fail_timeout_ms`, default 10000, as NGINX).
+    pub fail_timeout_ms: u64,
+    /// A backend that joins or recovers ramps its effective weight from 10 %
+    /// to 100 % over this window, in ms (`slow_start_ms`, default 0: off).
+    pub slow_start_ms: u64,
+}
+
+/// `[upstream.NAME.outlier_detection]`: passive outlier ejection, following
+/// Envoy's outlier detection (`consecutive_5xx`, `base_ejection_time`,
+/// `max_ejection_time`, `max_ejection_percent`).
+///
+/// A backend whose last `consecutive_5xx` responses were all 5xx, connect
+/// failures or timeouts is ejected for `base_ejection_time_ms` times the
+/// number of times it has been ejected, capped at `max_ejection_time_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive failures that eject (default 5).
+    #[serde(default = "default_consecutive_5xx")]
+    pub consecutive_5xx: u32,
+    /// Ejection time of a first ejection, in ms (default 30000).
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_time_ms: u64,
+    /// Cap on the ejection time, in ms (default 300000).
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_time_ms: u64,
+    /// At most this share of the backends is ejected at once, in percent;
+    /// one backend may always be ejected (default 10, as Envoy).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+fn default_base_ejection() -> u64 {
+    30_000
+}
+fn default_max_ejection() -> u64 {
+    300_000
+}
+fn default_max_ejection_percent() -> u32 {
+    10
+}
+
+/// What an active health check probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// `GET path` over a new HTTP/1.1 connection; 2xx and 3xx pass (as HAProxy `option httpchk`).
+    Http,
+    /// A TCP connect succeeds.
+    Tcp,
+}
+
+/// `[upstream.NAME.health_check]`: active health checks, following HAProxy
+/// `check inter/rise/fall` and Envoy `health_checks`
+/// (interval, timeout, healthy/unhealthy thresholds).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// `http` (default) or `tcp`.
+    #[serde(default = "default_hc_kind")]
+    pub kind: HealthCheckKind,
+    /// Path probed by `http` checks (default `/`).
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    /// Time between probes of one backend, in ms (default 2000).
+    #[serde(default = "default_hc_interval")]
+    pub interval_ms: u64,
+    /// A probe not finished in this time fails, in ms (default 1000).
+    #[serde(default = "default_hc_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive passing probes that mark a down backend healthy (default 2, HAProxy `rise`).
+    #[serde(default = "default_hc_rise")]
+    pub healthy_threshold: u32,
+    /// Consecutive failing probes that mark a backend unhealthy (default 3, HAProxy `fall`).
+    #[serde(default = "default_hc_fall")]
+    pub unhealthy_threshold: u32,
+}
+
+fn default_hc_kind() -> HealthCheckKind {
+    HealthCheckKind::Http
+}
+fn default_hc_path() -> String {
+    "/".into()
+}
+fn default_hc_interval() -> u64 {
+    2_000
+}
+fn default_hc_timeout() -> u64 {
+    1_000
+}
+fn default_hc_rise() -> u32 {
+    2
+}
+fn default_hc_fall() -> u32 {
+    3
+}
+
+impl UpstreamConfig {
+    /// An upstream of `plugin` over `backends` with an empty `plugin_config`
+    /// and every other setting at its default (as if omitted from the file).
+    pub fn new(plugin: PluginRef, backends: Vec<BackendConfig>) -> Self {
+        Self {
+            plugin,
+            plugin_config: serde_json::Value::Object(serde_json::Map::new()),
+            backends,
+            plugin_deadline_ms: DEFAULT_PLUGIN_DEADLINE_MS,
+            plugin_init_deadline_ms: DEFAULT_PLUGIN_INIT_DEADLINE_MS,
+            plugin_memory_limit_mib: DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
+            response_body_timeout_ms: DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
+            on_plugin_error: OnPluginError::default(),
+            debug_headers: false,
+            health_check: None,
+            outlier_detection: None,
+            request_timeout_ms: None,
+            retries: DEFAULT_RETRIES,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            retry_min_per_second: DEFAULT_RETRY_MIN_PER_SECOND,
+            retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+            panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout_ms: DEFAULT_FAIL_TIMEOUT_MS,
+            slow_start_ms: 0,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// A backend at `address` with weight 1 and no labels.
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            labels: BTreeMap::new(),
+            state: AdminState::Ready,
+        }
+    }
+}
+
+/// One backend of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// `ip:port`.
+    pub address: SocketAddr,
+    /// Relative weight, at least 1 (default 1).
+    pub weight: u32,
+    /// Free-form labels, handed to the plugin.
+    pub labels: BTreeMap<String, String>,
+    /// Administrative state (`state`, default `ready`).
+    pub state: AdminState,
+}
+
+/// What to do when the plugin fails (trap, deadline, bad answer):
+/// `on_plugin_error` in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPluginError {
+    /// Serve the request with the host's round-robin (the default).
+    #[default]
+    Fallback,
+    /// Answer 503.
+    Fail,
+}
+
+/// A backend's administrative state, as HAProxy `set server ... state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes requests (subject to health and outlier ejection).
+    #[default]
+    Ready,
+    /// Takes no new requests; requests in flight finish. Health checks go on.
+    Drain,
+    /// Maintenance: takes no new requests and is not health checked;
+    /// requests in flight finish.
+    Maint,
+}
+
+impl AdminState {
+    /// `ready`, `drain` or `maint`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Drain => "drain",
+            Self::Maint => "maint",
+        }
+    }
+
+    /// Parse `ready`, `drain` or `maint` (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// A message naming the bad value and the accepted ones.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "ready" => Ok(Self::Ready),
+            "drain" => Ok(Self::Drain),
+            "maint" => Ok(Self::Maint),
+            other => Err(format!(
+                "unknown backend state {other:?} (expected ready, drain or maint)"
+            )),
+        }
+    }
+}
+
+/// `[server]`: process-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Bound on the graceful-shutdown wait for in-flight requests, in ms
+    /// (`shutdown_timeout_ms`, default 10000).
+    pub shutdown_timeout_ms: u64,
+    /// A downstream request head must arrive within this time of its first
+    /// byte, in ms (`header_read_timeout_ms`, default 10000).
+    pub header_read_timeout_ms: u64,
+    /// A downstream connection with no request in progress and no bytes
+    /// received for this long is closed, in ms (`idle_timeout_ms`, default 60000).
+    pub idle_timeout_ms: u64,
+    /// Request limits (`max_request_line_bytes`, `max_header_bytes`,
+    /// `max_headers`).
+    pub limits: RequestLimits,
+    /// Open downstream connections at most, over all listeners
+    /// (`max_connections`; unset: derived from `RLIMIT_NOFILE` by
+    /// [`derived_max_connections`], as HAProxy derives `maxconn`). At the cap
+    /// listeners stop accepting; the kernel's backlog holds new clients.
+    pub max_connections: Option<usize>,
+    /// Compiled plugin components kept for reuse (`plugin_cache_entries`,
+    /// default 16); the least recently used beyond it are released.
+    pub plugin_cache_entries: usize,
+    /// Bound on the kept compiled components, in MiB (`plugin_cache_mib`,
+    /// default 256).
+    pub plugin_cache_mib: usize,
+}
+
+/// The global connection cap when `max_connections` is unset, for a process
+/// allowed `nofile` descriptors: each proxied connection may hold two (the
+/// client's and a backend's), so `(nofile - reserved) / 2`, where
+/// `reserved` is [`RESERVED_FDS`] plus one descriptor per admin connection,
+/// per backend (its health check) and per cached plugin component. At least 1.
+/// HAProxy derives `maxconn` from `ulimit -n` the same way.
+pub fn derived_max_connections(nofile: u64, config: &Config) -> usize {
+    let admin = config
+        .admin
+        .as_ref()
+        .map_or(0, |a| a.max_connections as u64);
+    let backends: u64 = config
+        .upstreams
+        .values()
+        .map(|u| u.backends.len() as u64)
+        .sum();
+    let reserved = RESERVED_FDS + admin + backends + config.server.plugin_cache_entries as u64;
+    usize::try_from(nofile.saturating_sub(reserved) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1)
+}
+
+/// Limits on a downstream request's head (`[server]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// The request target (URI) at most, in bytes; longer is 414
+    /// (`max_request_line_bytes`, default 8192).
+    pub max_request_line_bytes: usize,
+    /// The header fields at most (each counted as name + value + 4 bytes),
+    /// in bytes; more is 431 (`max_header_bytes`, default 16384).
+    pub max_header_bytes: usize,
+    /// Header fields at most; more is 431 (`max_headers`, default 100).
+    pub max_headers: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_request_line_bytes: DEFAULT_MAX_REQUEST_LINE_BYTES,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            limits: RequestLimits::default(),
+            max_connections: None,
+            plugin_cache_entries: DEFAULT_PLUGIN_CACHE_ENTRIES,
+            plugin_cache_mib: DEFAULT_PLUGIN_CACHE_MIB,
+        }
+    }
+}
+
+impl Config {
+    /// Read and validate the config file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, line and key: unreadable file, TOML
+    /// syntax, unknown keys, wrong types, no listener, duplicate listener or
+    /// backend addresses, unparsable addresses, references to missing
+    /// upstreams, zero weights or timeouts, unknown built-in plugins and
+    /// missing plugin files.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validate config `text` as if read from `path` (used for messages and
+    /// to resolve plugin paths).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let v = Validator { text, path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/wasmlb/test.toml"))
+    }
+
+    const GOOD: &str = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+upstream = "app"
+
+[[route]]
+host = "API.example.com"
+path_prefix = "/v1"
+upstream = "api"
+
+[upstream.app]
+plugin = "round-robin"
+backends = [
+  { address = "127.0.0.1:9001" },
+  { address = "127.0.0.1:9002", weight = 3, labels = { zone = "a" } },
+]
+
+[upstream.api]
+plugin = "least-connections"
+plugin_deadline_ms = 2
+[upstream.api.plugin_config]
+key = "x-user"
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+        let app = &c.upstreams["app"];
+        assert_eq!(app.plugin, PluginRef::Builtin("round-robin".into()));
+        assert_eq!(app.backends[1].weight, 3);
+        assert_eq!(app.backends[1].labels["zone"], "a");
+        assert_eq!(app.plugin_config, serde_json::json!({}));
+        assert_eq!(app.plugin_deadline_ms, DEFAULT_PLUGIN_DEADLINE_MS);
+        let api = &c.upstreams["api"];
+        assert_eq!(api.plugin_deadline_ms, 2);
+        assert_eq!(api.plugin_config, serde_json::json!({"key": "x-user"}));
+        assert!(api.backends.is_empty());
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn route_to_missing_upstream_names_line_and_key() {
+        let bad = GOOD.replace("upstream = \"api\"", "upstream = \"apii\"");
+        let e = error_of(&bad);
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:9: route[0].upstream: no upstream named \"apii\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let bad = GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline = 2");
+        let e = error_of(&bad);
+        assert!(e.contains("test.toml:20"), "{e}");
+        assert!(e.contains("unknown field `plugin_deadline`"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicates_are_rejected() {
+        let e = error_of(&GOOD.replace("127.0.0.1:9002", "localhost:9002"));
+        assert!(e.contains("upstream.app.backends[1].address"), "{e}");
+        assert!(e.contains("not an IP:port"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"));
+        assert!(e.contains("duplicate backend 127.0.0.1:9001"), "{e}");
+        let twice =
+            format!("{GOOD}\n[[listener]]\naddress = \"127.0.0.1:8080\"\nupstream = \"app\"\n");
+        assert!(error_of(&twice).contains("duplicate listener address"));
+        let dup_upstream = format!("{GOOD}\n[upstream.app]\nplugin = \"round-robin\"\n");
+        assert!(
+            error_of(&dup_upstream).contains("duplicate key"),
+            "{}",
+            error_of(&dup_upstream)
+        );
+    }
+
+    #[test]
+    fn plugins_must_exist() {
+        let e = error_of(&GOOD.replace("\"least-connections\"", "\"least-conn\""));
+        assert!(
+            e.contains("upstream.api.plugin: no built-in plugin named \"least-conn\""),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("\"least-connections\"", "\"plugins/missing.wasm\""));
+        assert!(
+            e.contains("plugin file /etc/wasmlb/plugins/missing.wasm not found"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn zero_weight_and_zero_timeouts_are_rejected() {
+        assert!(
+            error_of(&GOOD.replace("weight = 3", "weight = 0"))
+                .contains("backends[1].weight: must be at least 1")
+        );
+        assert!(
+            error_of(&GOOD.replace("plugin_deadline_ms = 2", "plugin_deadline_ms = 0"))
+                .contains("plugin_deadline_ms")
+        );
+    }
+
+    #[test]
+    fn a_listener_is_required() {
+        assert!(
+            error_of("[upstream.a]\nplugin = \"round-robin\"\n")
+                .contains("at least one [[listener]]")
+        );
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_line() {
+        let e = error_of("[[listener]]\naddress = \n");
+        assert!(e.starts_with("/etc/wasmlb/test.toml:2: (syntax)"), "{e}");
+    }
+
+    #[test]
+    fn failure_handling_keys_parse_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(app.retries, DEFAULT_RETRIES);
+        assert_eq!(app.panic_threshold_percent, 50);
+        assert_eq!(app.request_timeout_ms, None);
+        assert!(app.outlier_detection.is_none());
+        assert_eq!(app.backends[0].state, AdminState::Ready);
+        assert_eq!(
+            c.server.header_read_timeout_ms,
+            DEFAULT_HEADER_READ_TIMEOUT_MS
+        );
+        let text = GOOD
+            .replace(
+                "[upstream.api]",
+                "retries = 1\nrequest_timeout_ms = 900\nslow_start_ms = 5000\n\
+             [upstream.app.outlier_detection]\nconsecutive_5xx = 3\n\n[upstream.api]",
+            )
+            .replace("weight = 3,", "weight = 3, state = \"drain\",")
+            + "\n[server]\nidle_timeout_ms = 5000\n";
+        let c = parse(&text).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(
+            (app.retries, app.request_timeout_ms, app.slow_start_ms),
+            (1, Some(900), 5000)
+        );
+        let od = app.outlier_detection.as_ref().unwrap();
+        assert_eq!((od.consecutive_5xx, od.base_ejection_time_ms), (3, 30_000));
+        assert_eq!(app.backends[1].state, AdminState::Drain);
+        assert_eq!(c.server.idle_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn fault_containment_keys_are_bounded_and_named_with_their_line() {
+        let e = error_of(&format!("{GOOD}\n[server]\nmax_connections = 0\n"));
+        assert!(
+            e.contains("test.toml:") && e.contains("server.max_connections: must be from 1 to"),
+            "{e}"
+        );
+        let e = error_of(&format!("{GOOD}\n[server]\nplugin_cache_entries = 0\n"));
+        assert!(
+            e.contains("server.plugin_cache_entries: must be from 1"),
+            "{e}"
+        );
+        let e = error_of(&format!("{GOOD}\n[server]\nplugin_cache_mib = 0\n"));
+        assert!(e.contains("server.plugin_cache_mib: must be from 1"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[server]\nmax_connections = \"lots\"\n"));
+        // A type error names the file and line (the TOML parser's message).
+        let line = GOOD.lines().count() + 3;
+        assert!(
+            e.contains(&format!("test.toml:{line}:")) && e.contains("expected u64"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replacen(
+            "upstream = \"app\"\n",
+            "upstream = \"app\"\nmax_connections = 0\n",
+            1,
+        ));
+        assert!(
+            e.contains("test.toml:5: listener[0].max_connections: must be from 1"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "response_body_timeout_ms = 0\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("upstream.app.response_body_timeout_ms: must be at least 1"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "{GOOD}\n[server]\nmax_connections = 500\nplugin_cache_entries = 4\nplugin_cache_mib = 64\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.max_connections, Some(500));
+        assert_eq!(
+            (c.server.plugin_cache_entries, c.server.plugin_cache_mib),
+            (4, 64)
+        );
+        assert_eq!(
+            c.upstreams["app"].response_body_timeout_ms,
+            DEFAULT_RESPONSE_BODY_TIMEOUT_MS
+        );
+        // (256 - 32 reserved - 2 backends - 4 cached components) / 2; never 0.
+        assert_eq!(derived_max_connections(256, &c), 109);
+        assert_eq!(derived_max_connections(10, &c), 1);
+        assert_eq!(parse(GOOD).unwrap().server.max_connections, None);
+    }
+
+    #[test]
+    fn bad_failure_handling_values_are_named() {
+        let e = error_of(&GOOD.replace("weight = 3,", "weight = 3, state = \"sleeping\","));
+        assert!(e.contains("unknown variant `sleeping`"), "{e}");
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "panic_threshold_percent = 150\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("upstream.app.panic_threshold_percent: a percentage is at most 100"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "[upstream.app.outlier_detection]\nbase_ejection_time_ms = 0\n[upstream.api]",
+        ));
+        assert!(e.contains("upstream.app.outlier_detection"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[server]\nheader_read_timeout_ms = 0\n"));
+        assert!(
+            e.contains("server.header_read_timeout_ms: must be at least 1"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! Validation of the raw config: ranges, references, addresses, plugin
+//! files; every error names the file, the line and the key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use toml::Spanned;
+
+use super::raw::*;
+use super::*;
+
+/// Validates a [`raw::RawConfig`] into a [`Config`], naming the file, line
+/// and key of the first error.
+pub(super) struct Validator<'a> {
+    pub(super) text: &'a str,
+    pub(super) path: &'a Path,
+}
+
+impl Validator<'_> {
+    pub(super) fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.path.to_path_buf(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    pub(super) fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        // toml's message already quotes the line; keep its first line only
+        // and put the line number where every other error has it.
+        let message = e.message().trim().to_string();
+        self.err(e.span(), "(syntax)", message)
+    }
+
+    pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        if raw.listener.is_empty() {
+            return Err(self.err(None, "listener", "at least one [[listener]] is required"));
+        }
+        let upstream_names: HashSet<&str> = raw.upstream.keys().map(String::as_str).collect();
+        let check_ref = |key: String, name: &Spanned<String>| {
+            if upstream_names.contains(name.get_ref().as_str()) {
+                Ok(())
+            } else {
+                let mut known: Vec<&str> = upstream_names.iter().copied().collect();
+                known.sort_unstable();
+                Err(self.err(
+                    Some(name.span()),
+                    key,
+                    format!(
+                        "no upstream named {:?} (defined: {known:?})",
+                        name.get_ref()
+                    ),
+                ))
+            }
+        };
+
+        let mut listeners = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in raw.listener.iter().enumerate() {
+            let key = format!("listener[{i}].address");
+            let address = self.socket_addr(&key, &l.address)?;
+            if address.port() != 0 && !seen.insert(address) {
+                return Err(self.err(
+                    Some(l.address.span()),
+                    key,
+                    format!("duplicate listener address {address}"),
+                ));
+            }
+            check_ref(format!("listener[{i}].upstream"), &l.upstream)?;
+            let max_connections = l
+                .max_connections
+                .as_ref()
+                .map(|m| {
+                    self.bounded(
+                        &format!("listener[{i}].max_connections"),
+                        Some(m),
+                        0,
+                        1..=10_000_000,
+                    )
+                })
+                .transpose()?;
+            listeners.push(ListenerConfig {
+                address,
+                upstream: l.upstream.get_ref().clone(),
+                max_connections,
+            });
+        }
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.route.iter().enumerate() {
+            check_ref(format!("route[{i}].upstream"), &r.upstream)?;
+            if let Some(p) = &r.path_prefix
+                && !p.get_ref().starts_with('/')
+            {
+                return Err(self.err(
+                    Some(p.span()),
+                    format!("route[{i}].path_prefix"),
+                    "must start with '/'",
+                ));
+            }
+            routes.push(RouteConfig {
+                host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                upstream: r.upstream.get_ref().clone(),
+            });
+        }
+
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in raw.upstream {
+            let up = self.upstream(&name, u)?;
+            upstreams.insert(name, up);
+        }
+
+        let admin = raw.admin.as_ref().map(|a| self.admin(a)).transpose()?;
+
+        Ok(Config {
+            admin,
+            path: self.path.to_path_buf(),
+            listeners,
+            routes,
+            upstreams,
+            server: self.server(&raw.server)?,
+        })
+    }
+
+    pub(super) fn server(&self, s: &RawServer) -> Result<ServerConfig, ConfigError> {
+        let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+            Some(v) if *v.get_ref() == 0 => Err(self.err(
+                Some(v.span()),
+                format!("server.{key}"),
+                "must be at least 1",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        Ok(ServerConfig {
+            shutdown_timeout_ms: s.shutdown_timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+            header_read_timeout_ms: positive(
+                "header_read_timeout_ms",
+                &s.header_read_timeout_ms,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+            )?,
+            idle_timeout_ms: positive(
+                "idle_timeout_ms",
+                &s.idle_timeout_ms,
+                DEFAULT_IDLE_TIMEOUT_MS,
+            )?,
+            limits: RequestLimits {
+                max_request_line_bytes: self.bounded(
+                    "server.max_request_line_bytes",
+                    s.max_request_line_bytes.as_ref(),
+                    DEFAULT_MAX_REQUEST_LINE_BYTES,
+                    64..=65_534,
+                )?,
+                max_header_bytes: self.bounded(
+                    "server.max_header_bytes",
+                    s.max_header_bytes.as_ref(),
+                    DEFAULT_MAX_HEADER_BYTES,
+                    1024..=1 << 20,
+                )?,
+                max_headers: self.bounded(
+                    "server.max_headers",
+                    s.max_headers.as_ref(),
+                    DEFAULT_MAX_HEADERS,
+                    1..=10_000,
+                )?,
+            },
+            max_connections: s
+                .max_connections
+                .as_ref()
+                .map(|m| self.bounded("server.max_connections", Some(m), 0, 1..=10_000_000))
+                .transpose()?,
+            plugin_cache_entries: self.bounded(
+                "server.plugin_cache_entries",
+                s.plugin_cache_entries.as_ref(),
+                DEFAULT_PLUGIN_CACHE_ENTRIES,
+                1..=10_000,
+            )?,
+            plugin_cache_mib: self.bounded(
+                "server.plugin_cache_mib",
+                s.plugin_cache_mib.as_ref(),
+                DEFAULT_PLUGIN_CACHE_MIB,
+                1..=1 << 20,
+            )?,
+        })
+    }
+
+    /// `v` if within `range`, else an error naming `key`; `default` if unset.
+    pub(super) fn bounded(
+        &self,
+        key: &str,
+        v: Option<&Spanned<u64>>,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        match usize::try_from(*v.get_ref()) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(self.err(
+                Some(v.span()),
+                key,
+                format!("must be from {} to {}", range.start(), range.end()),
+            )),
+        }
+    }
+
+    pub(super) fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {
+        let address = self.socket_addr("admin.address", &a.address)?;
+        let token = match &a.token_file {
+            Some(f) => {
+                let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+                let path = base.join(f.get_ref());
+                let token = std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        self.err(
+                            Some(f.span()),
+                            "admin.token_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_string();
+                if token.is_empty() {
+                    return Err(self.err(
+                        Some(f.span()),
+                        "admin.token_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        if !address.ip().is_loopback() && token.is_none() {
+            return Err(self.err(
+                Some(a.address.span()),
+                "admin.address",
+                format!("{address} is not a loopback address: set admin.token_file so requests must carry a bearer token"),
+            ));
+        }
+        let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+        let plugin_dirs = match &a.plugin_dirs {
+            None => vec![base.to_path_buf()],
+            Some(dirs) => {
+                if dirs.get_ref().is_empty() {
+                    return Err(self.err(
+                        Some(dirs.span()),
+                        "admin.plugin_dirs",
+                        "name at least one directory",
+                    ));
+                }
+                let mut out = Vec::new();
+                for d in dirs.get_ref() {
+                    let dir = base.join(d);
+                    if !dir.is_dir() {
+                        return Err(self.err(
+                            Some(dirs.span()),
+                            "admin.plugin_dirs",
+                            format!("{d:?} is not a directory"),
+                        ));
+                    }
+                    out.push(dir);
+                }
+                out
+            }
+        };
+        let max_connections = match &a.max_connections {
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(self.err(
+                    Some(n.span()),
+                    "admin.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => *n.get_ref(),
+            None => DEFAULT_ADMIN_MAX_CONNECTIONS,
+        };
+        Ok(AdminConfig {
+            address,
+            token,
+            max_body_bytes: a.max_body_bytes.unwrap_or(DEFAULT_ADMIN_MAX_BODY_BYTES),
+            plugin_dirs,
+            max_connections,
+        })
+    }
+
+    pub(super) fn upstream(
+        &self,
+        name: &str,
+        u: RawUpstream,
+    ) -> Result<UpstreamConfig, ConfigError> {
+        let prefix = format!("upstream.{name}");
+        if name.is_empty() {
+            return Err(self.err(
+                Some(u.plugin.span()),
+                "upstream",
+                "upstream names must not be empty",
+            ));
+        }
+        let plugin = self.plugin_ref(&format!("{prefix}.plugin"), &u.plugin)?;
+        let mut backends = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, b) in u.backends.iter().enumerate() {
+            let key = format!("{prefix}.backends[{i}].address");
+            let address = self.socket_addr(&key, &b.address)?;
+            if !seen.insert(address) {
+                return Err(self.err(
+                    Some(b.address.span()),
+                    key,
+                    format!("duplicate backend {address}"),
+                ));
+            }
+            let weight = match &b.weight {
+                Some(w) if *w.get_ref() == 0 => {
+                    return Err(self.err(
+                        Some(w.span()),
+                        format!("{prefix}.backends[{i}].weight"),
+                        "must be at least 1",
+                    ));
+                }
+                Some(w) => *w.get_ref(),
+                None => 1,
+            };
+            backends.push(BackendConfig {
+                address,
+                weight,
+                labels: b.labels.clone(),
+                state: b.state,
+            });
+        }
+        let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+            Some(s) if *s.get_ref() == 0 => Err(self.err(
+                Some(s.span()),
+                format!("{prefix}.{key}"),
+                "must be at least 1",
+            )),
+            Some(s) => Ok(*s.get_ref()),
+            None => Ok(default),
+        };
+        let plugin_config = match u.plugin_config {
+            Some(table) => serde_json::to_value(table).map_err(|e| {
+                self.err(
+                    None,
+                    format!("{prefix}.plugin_config"),
+                    format!("cannot convert to JSON: {e}"),
+                )
+            })?,
+            None => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        Ok(UpstreamConfig {
+            plugin,
+            plugin_config,
+            backends,
+            plugin_deadline_ms: positive(
+                "plugin_deadline_ms",
+                &u.plugin_deadline_ms,
+                DEFAULT_PLUGIN_DEADLINE_MS,
+            )?,
+            plugin_init_deadline_ms: positive(
+                "plugin_init_deadline_ms",
+                &u.plugin_init_deadline_ms,
+                DEFAULT_PLUGIN_INIT_DEADLINE_MS,
+            )?,
+            plugin_memory_limit_mib: positive(
+                "plugin_memory_limit_mib",
+                &u.plugin_memory_limit_mib,
+                DEFAULT_PLUGIN_MEMORY_LIMIT_MIB,
+            )?,
+            connect_timeout_ms: positive(
+                "connect_timeout_ms",
+                &u.connect_timeout_ms,
+                DEFAULT_CONNECT_TIMEOUT_MS,
+            )?,
+            response_timeout_ms: positive(
+                "response_timeout_ms",
+                &u.response_timeout_ms,
+                DEFAULT_RESPONSE_TIMEOUT_MS,
+            )?,
+            response_body_timeout_ms: positive(
+                "response_body_timeout_ms",
+                &u.response_body_timeout_ms,
+                DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
+            )?,
+            on_plugin_error: u.on_plugin_error,
+            debug_headers: u.debug_headers,
+            health_check: match u.health_check {
+                Some(hc) => {
+                    let span = hc.span();
+                    let hc = hc.into_inner();
+                    let key = format!("{prefix}.health_check");
+                    if hc.interval_ms == 0 || hc.timeout_ms == 0 {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "interval_ms and timeout_ms must be at least 1",
+                        ));
+                    }
+                    if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+                        return Err(self.err(Some(span), key, "thresholds must be at least 1"));
+                    }
+                    if !hc.path.starts_with('/') {
+                        return Err(self.err(Some(span), key, "path must start with '/'"));
+                    }
+                    Some(hc)
+                }
+                None => None,
+            },
+            outlier_detection: match u.outlier_detection {
+                Some(od) => {
+                    let span = od.span();
+                    let od = od.into_inner();
+                    let key = format!("{prefix}.outlier_detection");
+                    if od.consecutive_5xx == 0 || od.base_ejection_time_ms == 0 {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "consecutive_5xx and base_ejection_time_ms must be at least 1",
+                        ));
+                    }
+                    if od.max_ejection_time_ms < od.base_ejection_time_ms {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "max_ejection_time_ms must be at least base_ejection_time_ms",
+                        ));
+                    }
+                    if od.max_ejection_percent > 100 {
+                        return Err(self.err(
+                            Some(span),
+                            key,
+                            "max_ejection_percent is at most 100",
+                        ));
+                    }
+                    Some(od)
+                }
+                None => None,
+            },
+            request_timeout_ms: match u.request_timeout_ms {
+                Some(t) => Some(positive("request_timeout_ms", &Some(t), 0)?),
+                None => None,
+            },
+            retries: u.retries.unwrap_or(DEFAULT_RETRIES),
+            retry_budget_percent: self.percent(
+                &format!("{prefix}.retry_budget_percent"),
+                u.retry_budget_percent.as_ref(),
+                DEFAULT_RETRY_BUDGET_PERCENT,
+            )?,
+            retry_min_per_second: u
+                .retry_min_per_second
+                .unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
+            retry_buffer_bytes: u.retry_buffer_bytes.unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
+            panic_threshold_percent: self.percent(
+                &format!("{prefix}.panic_threshold_percent"),
+                u.panic_threshold_percent.as_ref(),
+                DEFAULT_PANIC_THRESHOLD_PERCENT,
+            )?,
+            slow_start_ms: u.slow_start_ms.unwrap_or(0),
+            max_fails: u.max_fails.unwrap_or(DEFAULT_MAX_FAILS),
+            fail_timeout_ms: positive(
+                "fail_timeout_ms",
+                &u.fail_timeout_ms,
+                DEFAULT_FAIL_TIMEOUT_MS,
+            )?,
+        })
+    }
+
+    pub(super) fn percent(
+        &self,
+        key: &str,
+        v: Option<&Spanned<u32>>,
+        default: u32,
+    ) -> Result<u32, ConfigError> {
+        match v {
+            Some(p) if *p.get_ref() > 100 => {
+                Err(self.err(Some(p.span()), key, "a percentage is at most 100"))
+            }
+            Some(p) => Ok(*p.get_ref()),
+            None => Ok(default),
+        }
+    }
+
+    pub(super) fn socket_addr(
+        &self,
+        key: &str,
+        s: &Spanned<String>,
+    ) -> Result<SocketAddr, ConfigError> {
+        s.get_ref().parse().map_err(|_| {
+            self.err(
+                Some(s.span()),
+                key,
+                format!(
+                    "{:?} is not an IP:port address (e.g. \"127.0.0.1:9001\")",
+                    s.get_ref()
+                ),
+            )
+        })
+    }
+
+    pub(super) fn plugin_ref(
+        &self,
+        key: &str,
+        s: &Spanned<String>,
+    ) -> Result<PluginRef, ConfigError> {
+        let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+        PluginRef::resolve(s.get_ref(), base)
+            .map_err(|message| self.err(Some(s.span()), key, message))
+    }
+}
+
+/// 1-based line number of byte `offset` in `text`.
+pub(super) fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
