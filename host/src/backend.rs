@@ -3,13 +3,13 @@
 //! ejection, administrative state) and with which effective weight (slow
 //! start).
 //!
-//! [`BackendCounters`] outlive config reloads: a reload keeps the counters of
+//! [`BackendLive`] outlive config reloads: a reload keeps the counters of
 //! every backend whose address stays in the upstream, so requests in flight
 //! across a reload are still counted (least-connections stays right; see
 //! pingora #144), and health, ejections and drain survive.
 //!
 //! The per-request path only touches atomics ([`InFlight`],
-//! [`BackendCounters::record`]); everything else changes under the
+//! [`BackendLive::record`]); everything else changes under the
 //! upstream's lock (see `Upstream::refresh` in `upstream/upkeep.rs`).
 
 use std::collections::BTreeMap;
@@ -38,15 +38,18 @@ pub struct Status {
     pub ramp_from: Option<Instant>,
     /// Out of rotation after `max_fails` connect failures in a row, until
     /// then (NGINX `max_fails` / `fail_timeout`; see
-    /// [`BackendCounters::record_connect`]).
+    /// [`BackendLive::record_connect`]).
     pub unreachable_until: Option<Instant>,
     /// A drain with nothing in flight has been reported.
     pub drained_reported: bool,
 }
 
-/// Counters and state of one backend, shared across reloads.
+/// The live state of one backend, shared across reloads (the entries of a
+/// new backend set that keep their address keep it): health (checks,
+/// ejection, connect failures), admin state, slow start, in-flight and
+/// request counts, and the RTT estimate.
 #[derive(Debug)]
-pub struct BackendCounters {
+pub struct BackendLive {
     /// Requests forwarded whose response body is not yet fully sent.
     pub in_flight: AtomicU32,
     /// Whether the plugin may choose the backend: what the plugin sees as
@@ -126,7 +129,7 @@ fn state_of(code: u8) -> AdminState {
     }
 }
 
-impl BackendCounters {
+impl BackendLive {
     /// Fresh counters (healthy, ready, nothing in flight) reporting into `metrics`.
     pub fn new(metrics: BackendMetrics) -> Self {
         Self {
@@ -230,10 +233,11 @@ pub fn ramp_percent(elapsed: Duration, window: Duration) -> u32 {
     (pct / 5 * 5).clamp(10, 100)
 }
 
-/// One backend as the plugin sees it: its config and live counters. Indexed
-/// by the plugin's backend id.
+/// One member of an upstream's backend set: its config (address, weights,
+/// labels) and a handle on its [`BackendLive`] state. Indexed by the
+/// plugin's backend id.
 #[derive(Debug, Clone)]
-pub struct BackendState {
+pub struct Backend {
     /// The backend's address.
     pub address: SocketAddr,
     /// Effective weight handed to the plugin (at least 1): the configured
@@ -244,37 +248,37 @@ pub struct BackendState {
     pub configured_weight: u32,
     /// Labels from the config.
     pub labels: BTreeMap<String, String>,
-    /// Live counters, shared across reloads.
-    pub counters: Arc<BackendCounters>,
+    /// Live state, shared across reloads.
+    pub live: Arc<BackendLive>,
     /// `address` as a URI authority, computed once (not per request).
     pub authority: http::uri::Authority,
 }
 
-impl BackendState {
+impl Backend {
     /// A backend at `address` with `weight` (as configured and effective).
     pub fn new(
         address: SocketAddr,
         weight: u32,
         labels: BTreeMap<String, String>,
-        counters: Arc<BackendCounters>,
+        live: Arc<BackendLive>,
     ) -> Self {
         Self {
             address,
             weight,
             configured_weight: weight,
             labels,
-            counters,
+            live,
             authority: authority_of(address),
         }
     }
 
     /// The request-path handle for this backend, as backend `id`.
-    pub fn chosen(&self, id: usize) -> Chosen {
-        Chosen {
+    pub fn target(&self, id: usize) -> Target {
+        Target {
             id,
             address: self.address,
             authority: self.authority.clone(),
-            counters: self.counters.clone(),
+            live: self.live.clone(),
         }
     }
 }
@@ -286,37 +290,38 @@ fn authority_of(address: SocketAddr) -> http::uri::Authority {
         .expect("a socket address is a valid URI authority")
 }
 
-/// The backend a request goes to: taken from the same backend snapshot the
-/// plugin decided on, so a concurrent reload or swap cannot shift it.
+/// The target of one attempt: the backend chosen for it, taken from the same
+/// backend set the plugin decided on, so a concurrent reload or swap cannot
+/// shift it.
 #[derive(Debug, Clone)]
-pub struct Chosen {
+pub struct Target {
     /// The backend's id in that snapshot.
     pub id: usize,
     /// Its address.
     pub address: SocketAddr,
     /// Its address as a URI authority.
     pub authority: http::uri::Authority,
-    /// Its live counters.
-    pub counters: Arc<BackendCounters>,
+    /// Its live state.
+    pub live: Arc<BackendLive>,
 }
 
 /// Counts one request in flight to a backend; decrements on drop (when the
 /// response body has been sent, or the request failed).
 #[derive(Debug)]
 pub struct InFlight {
-    counters: Arc<BackendCounters>,
+    live: Arc<BackendLive>,
     gauge: Gauge,
 }
 
 impl InFlight {
     /// Count a request to `chosen` as in flight (in its counters and in the
     /// upstream's `gauge`) until the guard drops.
-    pub fn begin(chosen: &Chosen, gauge: Gauge) -> Self {
-        chosen.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        chosen.counters.requests.fetch_add(1, Ordering::Relaxed);
+    pub fn begin(chosen: &Target, gauge: Gauge) -> Self {
+        chosen.live.in_flight.fetch_add(1, Ordering::Relaxed);
+        chosen.live.requests.fetch_add(1, Ordering::Relaxed);
         gauge.inc();
         Self {
-            counters: chosen.counters.clone(),
+            live: chosen.live.clone(),
             gauge,
         }
     }
@@ -324,10 +329,20 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.live.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.gauge.dec();
     }
 }
+
+/// Former name of [`BackendLive`].
+#[deprecated(note = "renamed to BackendLive")]
+pub type BackendCounters = BackendLive;
+/// Former name of [`Backend`].
+#[deprecated(note = "renamed to Backend")]
+pub type BackendState = Backend;
+/// Former name of [`Target`].
+#[deprecated(note = "renamed to Target")]
+pub type Chosen = Target;
 
 #[cfg(test)]
 mod tests {
@@ -374,7 +389,7 @@ mod tests {
 
     #[test]
     fn record_counts_failures_in_a_row() {
-        let c = BackendCounters::new(crate::metrics::Metrics::new().backend("a", "b"));
+        let c = BackendLive::new(crate::metrics::Metrics::new().backend("a", "b"));
         assert_eq!(c.record(false), 1);
         assert_eq!(c.record(false), 2);
         assert_eq!(c.record(true), 0);
@@ -383,7 +398,7 @@ mod tests {
 
     #[test]
     fn configured_state_applies_only_when_new_or_changed() {
-        let c = BackendCounters::new(crate::metrics::Metrics::new().backend("a", "b"));
+        let c = BackendLive::new(crate::metrics::Metrics::new().backend("a", "b"));
         c.apply_configured_state(AdminState::Ready, true);
         c.set_admin_state(AdminState::Drain); // admin API
         c.apply_configured_state(AdminState::Ready, false); // reload, same config

@@ -150,11 +150,7 @@ impl Control {
 
     /// Snapshots of every upstream, ordered by name.
     pub fn snapshots(&self) -> Vec<UpstreamSnapshot> {
-        self.proxy()
-            .upstreams()
-            .iter()
-            .map(|u| u.snapshot())
-            .collect()
+        self.proxy().upstreams().map(|u| u.snapshot()).collect()
     }
 
     /// The config file path (plugin paths in admin requests resolve against its directory).

@@ -35,7 +35,11 @@ use crate::upstream::Upstream;
 
 /// Start the probe loops of the `upstreams` whose config has a
 /// `health_check`. Must run inside a tokio runtime.
-pub fn start(upstreams: &[Arc<Upstream>], metrics: &Arc<Metrics>, config: &Config) {
+pub fn start<'a>(
+    upstreams: impl IntoIterator<Item = &'a Arc<Upstream>>,
+    metrics: &Arc<Metrics>,
+    config: &Config,
+) {
     for upstream in upstreams {
         let Some(hc) = config
             .upstreams
@@ -72,7 +76,7 @@ async fn probe_loop(
             up.backends()
                 .iter()
                 .find(|b| b.address == address)
-                .is_some_and(|b| b.counters.admin_state() == AdminState::Maint)
+                .is_some_and(|b| b.live.admin_state() == AdminState::Maint)
         };
         if maint {
             continue;
@@ -99,7 +103,7 @@ async fn probe_loop(
             .backends()
             .iter()
             .find(|b| b.address == address)
-            .map(|b| b.counters.check_passing.load(Ordering::Relaxed));
+            .map(|b| b.live.check_passing.load(Ordering::Relaxed));
         match passing {
             None => return,
             Some(true) if fails >= hc.unhealthy_threshold => up.set_check_passing(address, false),

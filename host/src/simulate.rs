@@ -23,7 +23,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{BackendCounters, InFlight};
+use crate::backend::{BackendLive, InFlight};
 use crate::config::{BackendConfig, PluginRef, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginError, RequestView, Runtime};
@@ -344,7 +344,7 @@ pub fn run(
     // Completions on the virtual clock: (done at µs, slot of the guard).
     let mut pending: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
     // Per slot: the in-flight guard, the backend's counters and the latency.
-    let mut guards: Vec<Option<(InFlight, Arc<BackendCounters>, u64)>> = Vec::new();
+    let mut guards: Vec<Option<(InFlight, Arc<BackendLive>, u64)>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut latencies: Vec<f64> = Vec::with_capacity(requests.len());
     let (mut unavailable, mut fallbacks) = (0u64, 0u64);
@@ -365,8 +365,8 @@ pub fn run(
             client: request.client,
         };
         let (selection, _) = upstream.select(view, &[]);
-        fallbacks += u64::from(selection.fallback);
-        let Some(chosen) = selection.backend else {
+        fallbacks += u64::from(selection.is_fallback());
+        let Some(chosen) = selection.target().cloned() else {
             unavailable += 1;
             continue;
         };
@@ -381,11 +381,11 @@ pub fn run(
         report.requests += 1;
         report.failures += u64::from(failed);
         let in_flight = chosen
-            .counters
+            .live
             .in_flight
             .load(std::sync::atomic::Ordering::Relaxed);
         report.peak_in_flight = report.peak_in_flight.max(in_flight);
-        let entry = Some((guard, chosen.counters.clone(), (latency_ms * 1e6) as u64));
+        let entry = Some((guard, chosen.live.clone(), (latency_ms * 1e6) as u64));
         let slot = match free.pop() {
             Some(s) => {
                 guards[s] = entry;

@@ -47,6 +47,32 @@
 //! [`Context::monotonic_now`] on the first pick; [`weighted::WeightedTable`]
 //! turns it into a weighted choice in O(log n).
 //!
+//! # Rotating over backends
+//!
+//! [`weighted::Rotation`] is round-robin over the healthy backends: an O(1)
+//! cursor when their weights are equal, NGINX's smooth weighted round-robin
+//! otherwise. The built-in `round-robin`, `sticky` and `canary` rotate with it.
+//!
+//! # Config structs and `#[serde(crate = "wasmlb_sdk::serde")]`
+//!
+//! A strategy's [`Strategy::Config`] derives `serde::Deserialize`. serde's
+//! derive writes paths that start at `::serde`, so it needs a crate named
+//! `serde` in the plugin's dependencies. A plugin depends only on this SDK,
+//! which re-exports [`serde`]; the attribute tells the derive to use that
+//! re-export instead:
+//!
+//! ```
+//! use wasmlb_sdk::serde::Deserialize;
+//! #[derive(Deserialize, Default)]
+//! #[serde(crate = "wasmlb_sdk::serde", deny_unknown_fields, default)]
+//! pub struct Config { pub header: String }
+//! ```
+//!
+//! A plugin that adds `serde` (with `derive`, without `std`) to its own
+//! dependencies can leave the attribute out. The SDK keeps serde out of the
+//! plugin's manifest so that the plugin and the SDK always agree on one serde
+//! version, the one whose `Deserialize` [`Strategy::Config`] requires.
+//!
 //! # Testing natively
 //!
 //! [`testing::MockContext`] stands in for the host: backends, in-flight counts,

@@ -174,6 +174,19 @@ impl Smooth {
         }
     }
 
+    /// The current weights, one per item (for exporting state).
+    pub fn current(&self) -> &[i64] {
+        &self.current
+    }
+
+    /// Restore current weights exported with [`Smooth::current`]; ignored
+    /// unless there is one per item.
+    pub fn restore(&mut self, current: &[i64]) {
+        if current.len() == self.current.len() {
+            self.current.copy_from_slice(current);
+        }
+    }
+
     /// Pick among `eligible` `(index, weight)` pairs (indexes below `n`;
     /// weight 0 counts as 1). `None` when nothing is eligible.
     pub fn pick(&mut self, eligible: impl Iterator<Item = (usize, u32)> + Clone) -> Option<usize> {
@@ -192,10 +205,112 @@ impl Smooth {
     }
 }
 
+/// Round-robin over a fixed list of `(id, weight)` members: an O(1) cursor
+/// when every weight is equal, otherwise NGINX's smooth weighted round-robin
+/// ([`Smooth`]). What `round-robin`, `sticky` (for new sessions) and
+/// `canary` (within a group) rotate with; build it in
+/// [`crate::Strategy::set_backends`].
+///
+/// ```
+/// use wasmlb_sdk::testing::backends;
+/// use wasmlb_sdk::weighted::Rotation;
+/// let mut r = Rotation::healthy(&backends(&[5, 1, 1]));
+/// let picks: Vec<u32> = (0..7).map(|_| r.next().unwrap()).collect();
+/// assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+/// let mut r = Rotation::healthy(&backends(&[2, 2]));
+/// assert_eq!([r.next(), r.next(), r.next()], [Some(0), Some(1), Some(0)]);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rotation {
+    members: Vec<(u32, u32)>,
+    equal: bool,
+    /// Index into `members` of the last equal-weight pick.
+    cursor: usize,
+    smooth: Smooth,
+}
+
+impl Rotation {
+    /// Rotate over `members`, `(id, weight)` in order (weight 0 counts as 1).
+    /// The first pick is the first member.
+    pub fn new(members: Vec<(u32, u32)>) -> Self {
+        let members: Vec<(u32, u32)> = members.into_iter().map(|(id, w)| (id, w.max(1))).collect();
+        Self {
+            equal: members.windows(2).all(|w| w[0].1 == w[1].1),
+            cursor: members.len().saturating_sub(1),
+            smooth: Smooth::new(members.len()),
+            members,
+        }
+    }
+
+    /// Rotate over the healthy backends of a set, in id order.
+    pub fn healthy(backends: &[Backend]) -> Self {
+        Self::new(
+            backends
+                .iter()
+                .filter(|b| b.healthy)
+                .map(|b| (b.id, b.weight))
+                .collect(),
+        )
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// True when there is no member to pick.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The next member's id; `None` when there is none.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<u32> {
+        if self.members.is_empty() {
+            return None;
+        }
+        if self.equal {
+            self.cursor = (self.cursor + 1) % self.members.len();
+            return Some(self.members[self.cursor].0);
+        }
+        let eligible = self.members.iter().enumerate().map(|(i, &(_, w))| (i, w));
+        self.smooth.pick(eligible).map(|i| self.members[i].0)
+    }
+
+    /// The rotation's position, for exporting state: the cursor (equal
+    /// weights) and the smooth current weights (one per member).
+    pub fn position(&self) -> (usize, &[i64]) {
+        (self.cursor, self.smooth.current())
+    }
+
+    /// Restore a position exported with [`Rotation::position`]; a cursor out
+    /// of range, or weights for another number of members, are ignored.
+    pub fn restore(&mut self, cursor: usize, current: &[i64]) {
+        if cursor < self.members.len() {
+            self.cursor = cursor;
+        }
+        self.smooth.restore(current);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::backends;
+
+    #[test]
+    fn rotation_skips_unhealthy_and_restores_its_position() {
+        let mut set = backends(&[1, 1, 1]);
+        set[1].healthy = false;
+        let mut r = Rotation::healthy(&set);
+        assert_eq!([r.next(), r.next(), r.next()], [Some(0), Some(2), Some(0)]);
+        let (cursor, current) = r.position();
+        let current = current.to_vec();
+        let mut again = Rotation::healthy(&set);
+        again.restore(cursor, &current);
+        assert_eq!(again.next(), Some(2));
+        assert_eq!(Rotation::new(Vec::new()).next(), None);
+    }
 
     #[test]
     fn unhealthy_backends_own_nothing() {

@@ -98,11 +98,7 @@ async fn least_connections_avoids_the_backend_holding_slow_requests() {
     let in_flight: Vec<u32> = upstream
         .backends()
         .iter()
-        .map(|b| {
-            b.counters
-                .in_flight
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
+        .map(|b| b.live.in_flight.load(std::sync::atomic::Ordering::Relaxed))
         .collect();
     assert_eq!(in_flight, vec![1, 1, 1]);
     // Two more slow requests land on b0 and b1, leaving b2 the least loaded.

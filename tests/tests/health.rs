@@ -112,7 +112,7 @@ async fn drain_through_the_admin_api_lets_in_flight_requests_finish() {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while proxy.upstream("app").backends()[1]
-        .counters
+        .live
         .in_flight
         .load(Ordering::Relaxed)
         == 0

@@ -318,7 +318,7 @@ async fn shutdown_stops_waiting_at_its_deadline() {
     let up = proxy.upstream("app");
     let deadline = std::time::Instant::now() + wasmlb_tests::WAIT;
     while up.backends()[0]
-        .counters
+        .live
         .in_flight
         .load(std::sync::atomic::Ordering::Relaxed)
         == 0

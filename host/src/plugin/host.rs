@@ -15,7 +15,7 @@ use super::bindings::{
     wasmlb::plugin::types::{self as wit_types, IpAddress, Level, SocketAddress},
 };
 use super::*;
-use crate::backend::BackendState;
+use crate::backend::Backend;
 use crate::plugin_call::CallDeadline;
 
 /// What a plugin's store holds: its limits, the live backend state and, during
@@ -25,7 +25,7 @@ pub struct HostState {
     pub(super) limits: StoreLimits,
     pub(super) upstream: Arc<str>,
     pub(super) log_limit: Arc<crate::log_limit::LogLimiter>,
-    pub(super) backends: Arc<[BackendState]>,
+    pub(super) backends: Arc<[Backend]>,
     pub(super) request: Option<RequestView>,
     /// Headers added with `response.add-header` during the current `select`.
     pub(super) response_headers: Vec<(HeaderName, HeaderValue)>,
@@ -102,28 +102,28 @@ impl bindings::wasmlb::plugin::backend_state::Host for HostState {
     fn in_flight(&mut self, id: u32) -> u32 {
         self.backends
             .get(id as usize)
-            .map_or(0, |b| b.counters.in_flight.load(Ordering::Relaxed))
+            .map_or(0, |b| b.live.in_flight.load(Ordering::Relaxed))
     }
     fn in_flight_all(&mut self) -> Vec<u32> {
         self.backends
             .iter()
-            .map(|b| b.counters.in_flight.load(Ordering::Relaxed))
+            .map(|b| b.live.in_flight.load(Ordering::Relaxed))
             .collect()
     }
     fn healthy(&mut self, id: u32) -> bool {
         self.backends
             .get(id as usize)
-            .is_some_and(|b| b.counters.healthy.load(Ordering::Relaxed))
+            .is_some_and(|b| b.live.healthy.load(Ordering::Relaxed))
     }
     fn rtt_estimate(&mut self, id: u32) -> u64 {
         self.backends
             .get(id as usize)
-            .map_or(0, |b| b.counters.rtt.get_ns())
+            .map_or(0, |b| b.live.rtt.get_ns())
     }
     fn draining(&mut self, id: u32) -> bool {
         self.backends.get(id as usize).is_some_and(|b| {
-            b.counters.admin_state() == crate::config::AdminState::Drain
-                && b.counters.check_passing.load(Ordering::Relaxed)
+            b.live.admin_state() == crate::config::AdminState::Drain
+                && b.live.check_passing.load(Ordering::Relaxed)
         })
     }
 }

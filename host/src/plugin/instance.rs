@@ -15,7 +15,7 @@ use super::bindings::{
     wasmlb::plugin::types::{self as wit_types},
 };
 use super::*;
-use crate::backend::BackendState;
+use crate::backend::Backend;
 use crate::plugin_call::FailureKind;
 
 /// The optional `wasmlb:plugin/state` export.
@@ -53,7 +53,7 @@ pub(super) fn state_funcs(
 }
 
 /// The backend list as lowered to the plugin.
-pub(super) fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend> {
+pub(super) fn backend_list(backends: &[Backend]) -> Vec<wit_types::Backend> {
     backends
         .iter()
         .enumerate()
@@ -61,7 +61,7 @@ pub(super) fn backend_list(backends: &[BackendState]) -> Vec<wit_types::Backend>
             id: i as u32,
             address: b.address.to_string(),
             weight: b.weight,
-            healthy: b.counters.healthy.load(Ordering::Relaxed),
+            healthy: b.live.healthy.load(Ordering::Relaxed),
             labels: b
                 .labels
                 .iter()
@@ -135,7 +135,7 @@ impl Instance {
     ///
     /// # Errors
     /// The trap's description; the instance must then be replaced.
-    pub fn set_backends(&mut self, backends: Arc<[BackendState]>) -> Result<(), String> {
+    pub fn set_backends(&mut self, backends: Arc<[Backend]>) -> Result<(), String> {
         let list = backend_list(&backends);
         self.store.data_mut().backends = backends;
         arm(&mut self.store, self.init_deadline_ms);

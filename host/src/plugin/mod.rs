@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Engine, Store, StoreLimitsBuilder, UpdateDeadline};
 
-use crate::backend::BackendState;
+use crate::backend::Backend;
 use crate::builtin;
 use crate::config::PluginRef;
 pub use crate::plugin_call::FailureKind;
@@ -366,7 +366,7 @@ impl Plugin {
     pub fn instantiate(
         &self,
         settings: &InstanceSettings,
-        backends: Arc<[BackendState]>,
+        backends: Arc<[Backend]>,
     ) -> Result<Instance, PluginError> {
         let init_err = |stage, e: wasmtime::Error| PluginError::Init {
             plugin: self.name.clone(),

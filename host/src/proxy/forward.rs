@@ -15,9 +15,9 @@ use super::{HttpClient, Proxy, error_chain, error_response};
 use crate::headers::{prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::LocalOp;
-use crate::plugin::RequestView;
+use crate::plugin::{Plugin, RequestView};
 use crate::retry::ReplayBody;
-use crate::upstream::{Chosen, InFlight, Selection, Upstream};
+use crate::upstream::{InFlight, Selection, Target, Upstream};
 
 impl Proxy {
     /// Ask the plugin, attempt, and retry a failed attempt on another backend
@@ -39,20 +39,28 @@ impl Proxy {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_failure = None;
         loop {
-            let (mut selection, v) = upstream.select(view, &tried);
+            let (selection, v) = upstream.select(view, &tried);
             view = v;
-            let Some(chosen) = selection.backend.take() else {
-                if let Some(failure) = last_failure {
-                    // Every backend was tried: answer with the last failure.
-                    return failure;
+            let (chosen, plugin, response_headers) = match selection {
+                Selection::Plugin {
+                    chosen,
+                    plugin,
+                    response_headers,
+                } => (chosen, plugin, response_headers),
+                Selection::Fallback { chosen } => (chosen, None, Vec::new()),
+                Selection::Unavailable { .. } | Selection::Refused => {
+                    if let Some(failure) = last_failure {
+                        // Every backend was tried: answer with the last failure.
+                        return failure;
+                    }
+                    let reason = if matches!(selection, Selection::Refused) {
+                        "the plugin failed (on_plugin_error = \"fail\")"
+                    } else {
+                        "no backend available"
+                    };
+                    self.metrics.unrouted(upstream.name(), 503);
+                    return error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
                 }
-                let reason = if selection.failed {
-                    "the plugin failed (on_plugin_error = \"fail\")"
-                } else {
-                    "no backend available"
-                };
-                self.metrics.unrouted(upstream.name(), 503);
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
             };
             // A retry needs the head again; without retries, move it.
             let head = if policy.enabled() {
@@ -66,11 +74,11 @@ impl Proxy {
             {
                 Ok(mut response) => {
                     let headers = response.headers_mut();
-                    for (name, value) in std::mem::take(&mut selection.response_headers) {
+                    for (name, value) in response_headers {
                         headers.append(name, value);
                     }
                     if upstream.debug_headers() {
-                        debug_headers(&mut response, &selection, &chosen);
+                        debug_headers(&mut response, plugin.as_deref(), &chosen);
                     }
                     return response;
                 }
@@ -115,11 +123,11 @@ impl Proxy {
             } else {
                 upstream.report(&chosen, false);
             }
-            chosen.counters.metrics.response(status.as_u16());
+            chosen.live.metrics.response(status.as_u16());
             tried.push(chosen.id);
             let mut response = error_response(status, failure.reason());
             if upstream.debug_headers() {
-                debug_headers(&mut response, &selection, &chosen);
+                debug_headers(&mut response, plugin.as_deref(), &chosen);
                 if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {
                     response
                         .headers_mut()
@@ -154,7 +162,7 @@ impl Proxy {
         client: SocketAddr,
         mut head: http::request::Parts,
         body: &ReplayBody,
-        chosen: &Chosen,
+        chosen: &Target,
     ) -> Result<Response<ProxyBody>, Failure> {
         prepare_request(&mut head, client, &chosen.authority)
             .map_err(|reason| Failure::Invalid { reason })?;
@@ -166,14 +174,14 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let now_ns = crate::plugin::monotonic_ns();
                 chosen
-                    .counters
+                    .live
                     .rtt
                     .observe(now_ns.saturating_sub(sent_ns), now_ns);
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 upstream.report_connected(chosen);
                 upstream.report(chosen, !parts.status.is_server_error());
-                chosen.counters.metrics.response(parts.status.as_u16());
+                chosen.live.metrics.response(parts.status.as_u16());
                 return Ok(Response::from_parts(
                     parts,
                     ProxyBody::upstream(incoming, guard, upstream.response_body_timeout),
@@ -262,11 +270,8 @@ impl Failure {
 }
 
 /// `x-wasmlb-plugin` and `x-wasmlb-backend` (see `debug_headers`).
-fn debug_headers(response: &mut Response<ProxyBody>, selection: &Selection, chosen: &Chosen) {
-    let plugin = selection
-        .decided_by
-        .as_ref()
-        .map_or("(fallback)", |p| p.name());
+fn debug_headers(response: &mut Response<ProxyBody>, plugin: Option<&Plugin>, chosen: &Target) {
+    let plugin = plugin.map_or("(fallback)", |p| p.name());
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(plugin) {
         headers.insert(HeaderName::from_static("x-wasmlb-plugin"), v);

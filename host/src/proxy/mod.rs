@@ -101,8 +101,8 @@ type HttpClient = Client<HttpConnector, AttemptBody>;
 /// request needs, built from one config. Immutable; a reload builds a new one
 /// and swaps it in whole.
 pub struct Proxy {
-    upstreams: Vec<Arc<Upstream>>,
-    clients: Vec<HttpClient>,
+    /// Ordered by name; routes index into it.
+    upstreams: Vec<UpstreamPool>,
     routes: Vec<Route>,
     listener_defaults: HashMap<ListenerKey, usize>,
     metrics: Arc<Metrics>,
@@ -110,10 +110,16 @@ pub struct Proxy {
     limits: RequestLimits,
 }
 
+/// An upstream and the connection pool its requests go through.
+struct UpstreamPool {
+    upstream: Arc<Upstream>,
+    client: HttpClient,
+}
+
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstreams", &self.upstreams)
+            .field("upstreams", &self.upstreams().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -134,18 +140,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
         previous: Option<&Proxy>,
     ) -> Result<Self, ProxyError> {
-        let mut upstreams = Vec::new();
-        let mut clients = Vec::new();
+        let mut upstreams: Vec<UpstreamPool> = Vec::new();
         for (name, cfg) in &config.upstreams {
-            let old = previous.and_then(|p| {
-                p.upstreams
-                    .iter()
-                    .position(|u| u.name() == name)
-                    .map(|i| (p, i))
-            });
-            let counters = old
-                .map(|(p, i)| p.upstreams[i].counters())
-                .unwrap_or_default();
+            let old = previous.and_then(|p| p.upstreams.iter().find(|u| u.upstream.name() == name));
+            let counters = old.map(|o| o.upstream.counters()).unwrap_or_default();
             let plugin = runtime
                 .load(&cfg.plugin)
                 .map_err(|source| ProxyError::Plugin {
@@ -160,15 +158,22 @@ impl Proxy {
                     }
                 })?;
             let client = match old {
-                Some((p, i)) if p.upstreams[i].connect_timeout == upstream.connect_timeout => {
-                    p.clients[i].clone()
+                Some(o) if o.upstream.connect_timeout == upstream.connect_timeout => {
+                    o.client.clone()
                 }
                 _ => http_client(&upstream),
             };
-            clients.push(client);
-            upstreams.push(Arc::new(upstream));
+            upstreams.push(UpstreamPool {
+                upstream: Arc::new(upstream),
+                client,
+            });
         }
-        let index = |name: &str| upstreams.iter().position(|u| u.name() == name).unwrap_or(0);
+        let index = |name: &str| {
+            upstreams
+                .iter()
+                .position(|u| u.upstream.name() == name)
+                .unwrap_or(0)
+        };
         let routes = config
             .routes
             .iter()
@@ -191,7 +196,6 @@ impl Proxy {
             .collect();
         Ok(Self {
             upstreams,
-            clients,
             routes,
             listener_defaults,
             metrics,
@@ -213,12 +217,12 @@ impl Proxy {
 
     /// The upstream named `name`.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
-        self.upstreams.iter().find(|u| u.name() == name)
+        self.upstreams().find(|u| u.name() == name)
     }
 
     /// Every upstream, ordered by name.
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
+    pub fn upstreams(&self) -> impl ExactSizeIterator<Item = &Arc<Upstream>> + '_ {
+        self.upstreams.iter().map(|u| &u.upstream)
     }
 
     /// Index of the upstream serving a request on `listener`: the first route
@@ -274,11 +278,13 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Ok(response);
         }
-        let index = self.route(&listener, &parts);
-        let (Some(upstream), Some(http)) = (
-            index.and_then(|i| self.upstreams.get(i)),
-            index.and_then(|i| self.clients.get(i)),
-        ) else {
+        let Some(UpstreamPool {
+            upstream,
+            client: http,
+        }) = self
+            .route(&listener, &parts)
+            .and_then(|i| self.upstreams.get(i))
+        else {
             return Ok(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this listener",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendState, ramp_percent};
+use crate::backend::{Backend, ramp_percent};
 use crate::config::AdminState;
 
 /// Which backends the plugin may choose, and with which weights, at `now`.
@@ -25,26 +25,24 @@ use crate::config::AdminState;
 /// new weights (the same `Arc` if no weight changed), whether any flag or
 /// weight changed, and whether the upstream is in panic mode.
 pub fn evaluate_backends(
-    backends: &Arc<[BackendState]>,
+    backends: &Arc<[Backend]>,
     now: Instant,
     panic_threshold_percent: u32,
     slow_start: Duration,
-) -> (Arc<[BackendState]>, bool, bool) {
+) -> (Arc<[Backend]>, bool, bool) {
     let ready: Vec<bool> = backends
         .iter()
-        .map(|b| b.counters.admin_state() == AdminState::Ready)
+        .map(|b| b.live.admin_state() == AdminState::Ready)
         .collect();
     let reachable: Vec<bool> = backends
         .iter()
         .zip(&ready)
-        .map(|(b, &r)| r && !b.counters.unreachable(now))
+        .map(|(b, &r)| r && !b.live.unreachable(now))
         .collect();
     let up: Vec<bool> = backends
         .iter()
         .zip(&reachable)
-        .map(|(b, &r)| {
-            r && b.counters.check_passing.load(Ordering::Relaxed) && !b.counters.ejected(now)
-        })
+        .map(|(b, &r)| r && b.live.check_passing.load(Ordering::Relaxed) && !b.live.ejected(now))
         .collect();
     let n_ready = ready.iter().filter(|&&r| r).count();
     let n_up = up.iter().filter(|&&u| u).count();
@@ -62,9 +60,9 @@ pub fn evaluate_backends(
     let mut percents = Vec::with_capacity(backends.len());
     for (i, b) in backends.iter().enumerate() {
         let selectable = if panic { offered[i] } else { up[i] };
-        let was = b.counters.healthy.swap(selectable, Ordering::Relaxed);
+        let was = b.live.healthy.swap(selectable, Ordering::Relaxed);
         changed |= was != selectable;
-        let pct = b.counters.update_status(|s| {
+        let pct = b.live.update_status(|s| {
             if !selectable {
                 s.ramp_from = None;
             } else if !was && !panic && !slow_start.is_zero() {
@@ -81,7 +79,7 @@ pub fn evaluate_backends(
         percents.push(pct);
     }
     let ramping = percents.iter().any(|&p| p < 100);
-    let weight = |b: &BackendState, pct: u32| {
+    let weight = |b: &Backend, pct: u32| {
         if ramping {
             b.configured_weight.saturating_mul(pct).max(1)
         } else {
@@ -95,10 +93,10 @@ pub fn evaluate_backends(
     if !reweighted {
         return (backends.clone(), changed, panic);
     }
-    let new: Arc<[BackendState]> = backends
+    let new: Arc<[Backend]> = backends
         .iter()
         .zip(&percents)
-        .map(|(b, &p)| BackendState {
+        .map(|(b, &p)| Backend {
             weight: weight(b, p),
             ..b.clone()
         })

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use crate::backend::{BackendCounters, BackendState, Chosen, InFlight};
+pub use crate::backend::{Backend, BackendLive, InFlight, Target};
 use crate::config::{AdminState, OnPluginError, OutlierConfig, UpstreamConfig};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{Metrics, UpstreamMetrics};
@@ -56,7 +56,7 @@ struct Slot {
     plugin: Arc<Plugin>,
     settings: InstanceSettings,
     instance: Option<Instance>,
-    backends: Arc<[BackendState]>,
+    backends: Arc<[Backend]>,
     breaker: Breaker,
     loaded_at: SystemTime,
     /// Too few backends are available: all ready ones are offered.
@@ -106,19 +106,53 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// The outcome of a selection.
+/// The outcome of a selection: a backend and who chose it, or why there is
+/// none.
 #[derive(Debug, Clone)]
-pub struct Selection {
-    /// The backend, or `None` when no backend is available (503).
-    pub backend: Option<Chosen>,
-    /// The plugin failed and the native round-robin chose.
-    pub fallback: bool,
-    /// The plugin failed and `on_plugin_error = "fail"` refused the request.
-    pub failed: bool,
-    /// The plugin that decided (only with `debug_headers`; `None` for the fallback).
-    pub decided_by: Option<Arc<Plugin>>,
-    /// Headers the plugin asked to add to the response (`response.add-header`).
-    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+pub enum Selection {
+    /// The plugin chose `chosen`.
+    Plugin {
+        /// The backend to try.
+        chosen: Target,
+        /// The plugin that decided (only with `debug_headers`).
+        plugin: Option<Arc<Plugin>>,
+        /// Headers the plugin asked to add to the response
+        /// (`response.add-header`).
+        response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
+    /// The plugin failed, or its circuit breaker is open, and the native
+    /// round-robin fallback chose `chosen`.
+    Fallback {
+        /// The backend to try.
+        chosen: Target,
+    },
+    /// No backend is available (503): the plugin answered none, or, with
+    /// `fallback`, the fallback found none untried and selectable.
+    Unavailable {
+        /// The fallback decided.
+        fallback: bool,
+    },
+    /// The plugin failed and `on_plugin_error = "fail"` refused the request
+    /// (503).
+    Refused,
+}
+
+impl Selection {
+    /// The backend to try, if any.
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            Selection::Plugin { chosen, .. } | Selection::Fallback { chosen } => Some(chosen),
+            Selection::Unavailable { .. } | Selection::Refused => None,
+        }
+    }
+
+    /// Whether the native fallback decided (with or without a backend).
+    pub fn is_fallback(&self) -> bool {
+        matches!(
+            self,
+            Selection::Fallback { .. } | Selection::Unavailable { fallback: true }
+        )
+    }
 }
 
 impl Upstream {
@@ -147,19 +181,19 @@ impl Upstream {
         name: &str,
         config: &UpstreamConfig,
         plugin: Arc<Plugin>,
-        previous: &HashMap<SocketAddr, Arc<BackendCounters>>,
+        previous: &HashMap<SocketAddr, Arc<BackendLive>>,
         metrics: &Metrics,
     ) -> Result<Self, PluginError> {
         let slow_start = Duration::from_millis(config.slow_start_ms);
         let now = Instant::now();
-        let backends: Arc<[BackendState]> = config
+        let backends: Arc<[Backend]> = config
             .backends
             .iter()
             .map(|b| {
                 let kept = previous.get(&b.address).cloned();
                 let is_new = kept.is_none();
                 let counters = kept.unwrap_or_else(|| {
-                    Arc::new(BackendCounters::new(
+                    Arc::new(BackendLive::new(
                         metrics.backend(name, &b.address.to_string()),
                     ))
                 });
@@ -168,7 +202,7 @@ impl Upstream {
                     // Joined through a reload: ramp up (not at startup).
                     counters.update_status(|s| s.ramp_from = Some(now));
                 }
-                BackendState::new(b.address, b.weight, b.labels.clone(), counters)
+                Backend::new(b.address, b.weight, b.labels.clone(), counters)
             })
             .collect();
         let upstream_metrics = metrics.upstream(name);
@@ -240,16 +274,16 @@ impl Upstream {
     }
 
     /// The current backend set, indexed by backend id.
-    pub fn backends(&self) -> Arc<[BackendState]> {
+    pub fn backends(&self) -> Arc<[Backend]> {
         self.lock().backends.clone()
     }
 
     /// Counters of every backend by address, to carry over into a rebuilt upstream.
-    pub fn counters(&self) -> HashMap<SocketAddr, Arc<BackendCounters>> {
+    pub fn counters(&self) -> HashMap<SocketAddr, Arc<BackendLive>> {
         self.lock()
             .backends
             .iter()
-            .map(|b| (b.address, b.counters.clone()))
+            .map(|b| (b.address, b.live.clone()))
             .collect()
     }
 
@@ -370,12 +404,7 @@ impl Upstream {
         let Some(backend) = slot.backends.iter().find(|b| b.address == address) else {
             return;
         };
-        if backend
-            .counters
-            .check_passing
-            .swap(passing, Ordering::Relaxed)
-            == passing
-        {
+        if backend.live.check_passing.swap(passing, Ordering::Relaxed) == passing {
             return;
         }
         let state = if passing { "healthy" } else { "unhealthy" };
@@ -393,7 +422,7 @@ impl Upstream {
     ) -> Option<BackendSnapshot> {
         let mut slot = self.lock();
         let id = slot.backends.iter().position(|b| b.address == address)?;
-        let old = slot.backends[id].counters.set_admin_state(state);
+        let old = slot.backends[id].live.set_admin_state(state);
         if old != state {
             tracing::info!(
                 upstream = &*self.name,
@@ -422,6 +451,7 @@ impl Upstream {
             return (selection, request);
         }
         let Some(instance) = slot.instance.as_mut() else {
+            // try_replace filled the slot; an empty one is the fallback's.
             let selection = self.on_failure(&slot.backends, tried);
             return (selection, request);
         };
@@ -437,15 +467,7 @@ impl Upstream {
             if tried.contains(&id) {
                 return next_untried(&slot.backends, id + 1, tried);
             }
-            Some(b.chosen(id))
-        };
-        let decided_by = self.debug_headers.then(|| slot.plugin.clone());
-        let ok = |backend| Selection {
-            backend,
-            fallback: false,
-            failed: false,
-            decided_by,
-            response_headers,
+            Some(b.target(id))
         };
         match result {
             Ok(decision) => {
@@ -462,7 +484,15 @@ impl Upstream {
                         .and_then(|&id| chosen(&slot, id)),
                     Decision::Unavailable => None,
                 };
-                (ok(backend), request)
+                let selection = match backend {
+                    Some(chosen) => Selection::Plugin {
+                        chosen,
+                        plugin: self.debug_headers.then(|| slot.plugin.clone()),
+                        response_headers,
+                    },
+                    None => Selection::Unavailable { fallback: false },
+                };
+                (selection, request)
             }
             Err((kind, message)) => {
                 self.stats.counter(kind).fetch_add(1, Ordering::Relaxed);
@@ -480,16 +510,10 @@ impl Upstream {
         }
     }
 
-    fn on_failure(&self, backends: &[BackendState], tried: &[usize]) -> Selection {
+    fn on_failure(&self, backends: &[Backend], tried: &[usize]) -> Selection {
         match self.on_error {
             OnPluginError::Fallback => self.fallback(backends, tried),
-            OnPluginError::Fail => Selection {
-                backend: None,
-                fallback: false,
-                failed: true,
-                decided_by: None,
-                response_headers: Vec::new(),
-            },
+            OnPluginError::Fail => Selection::Refused,
         }
     }
 
@@ -548,28 +572,24 @@ impl Upstream {
 
     /// The native fallback: plain rotation over selectable backends not in
     /// `tried`, ignoring weights. `None` when there is none.
-    fn fallback(&self, backends: &[BackendState], tried: &[usize]) -> Selection {
+    fn fallback(&self, backends: &[Backend], tried: &[usize]) -> Selection {
         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
         let start = self.fallback_cursor.fetch_add(1, Ordering::Relaxed);
-        let backend = next_untried(backends, start, tried);
-        Selection {
-            backend,
-            fallback: true,
-            failed: false,
-            decided_by: None,
-            response_headers: Vec::new(),
+        match next_untried(backends, start, tried) {
+            Some(chosen) => Selection::Fallback { chosen },
+            None => Selection::Unavailable { fallback: true },
         }
     }
 }
 
 /// The first backend at or after `start` (in rotation) that is selectable
 /// and not in `tried`.
-fn next_untried(backends: &[BackendState], start: usize, tried: &[usize]) -> Option<Chosen> {
+fn next_untried(backends: &[Backend], start: usize, tried: &[usize]) -> Option<Target> {
     let n = backends.len();
     (0..n)
         .map(|i| start.wrapping_add(i) % n)
-        .find(|&i| backends[i].counters.healthy.load(Ordering::Relaxed) && !tried.contains(&i))
-        .map(|i| backends[i].chosen(i))
+        .find(|&i| backends[i].live.healthy.load(Ordering::Relaxed) && !tried.contains(&i))
+        .map(|i| backends[i].target(i))
 }
 
 #[cfg(test)]
@@ -598,7 +618,7 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
         let picks: Vec<_> = (0..6)
-            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
+            .map(|_| up.select(request(), &[]).0.target().unwrap().id)
             .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(up.stats().fallbacks.load(Ordering::Relaxed), 0);
@@ -609,17 +629,14 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up =
             Upstream::new("app", &config("least-connections", 3), &rt, &Metrics::new()).unwrap();
-        let chosen = |id: usize| up.backends()[id].chosen(id);
+        let chosen = |id: usize| up.backends()[id].target(id);
         let a = InFlight::begin(&chosen(0), Gauge::default());
         let _b = InFlight::begin(&chosen(2), Gauge::default());
         for _ in 0..3 {
-            assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+            assert_eq!(up.select(request(), &[]).0.target().unwrap().id, 1);
         }
         drop(a);
-        assert_eq!(
-            up.backends()[0].counters.in_flight.load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(up.backends()[0].live.in_flight.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -627,14 +644,14 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("none", &config("round-robin", 0), &rt, &Metrics::new()).unwrap();
         let (s, _) = up.select(request(), &[]);
-        assert!(s.backend.is_none() && !s.fallback && !s.failed);
+        assert!(matches!(s, Selection::Unavailable { fallback: false }));
     }
 
     #[test]
     fn swap_replaces_the_decider_and_keeps_backends() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
-        let b1 = up.backends()[1].chosen(1);
+        let b1 = up.backends()[1].target(1);
         let _busy = InFlight::begin(&b1, Gauge::default());
         let lc = rt
             .load(&PluginRef::Builtin("least-connections".into()))
@@ -642,7 +659,7 @@ mod tests {
         up.swap_plugin(lc, None).unwrap();
         assert_eq!(up.plugin().name(), "least-connections");
         let picks: Vec<_> = (0..4)
-            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
+            .map(|_| up.select(request(), &[]).0.target().unwrap().id)
             .collect();
         assert_eq!(
             picks,
@@ -669,7 +686,7 @@ mod tests {
             .to_string();
         assert!(e.contains("unknown field `nope`"), "{e}");
         assert_eq!(up.plugin().name(), "round-robin");
-        assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 0);
+        assert_eq!(up.select(request(), &[]).0.target().unwrap().id, 0);
     }
 
     #[test]
@@ -703,7 +720,7 @@ mod tests {
     fn consecutive_failures_eject_within_the_cap() {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &with_outlier(3, 2, 10), &rt, &Metrics::new()).unwrap();
-        let b = |id: usize| up.backends()[id].chosen(id);
+        let b = |id: usize| up.backends()[id].target(id);
         up.report(&b(1), false);
         up.report(&b(1), true); // a success resets the streak
         up.report(&b(1), false);
@@ -714,7 +731,7 @@ mod tests {
         assert!(snap.backends[1].ejected_for_ms.unwrap() > 50_000);
         assert_eq!(snap.backends[1].ejections, 1);
         for _ in 0..6 {
-            assert_ne!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+            assert_ne!(up.select(request(), &[]).0.target().unwrap().id, 1);
         }
         // 10 % of 3 is 0, but one may always be ejected; a second may not.
         up.report(&b(2), false);
@@ -731,19 +748,19 @@ mod tests {
         up.set_check_passing(a, false);
         // 1 of 2 available is 50 %: not below the default threshold.
         assert!(!up.snapshot().panic);
-        assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+        assert_eq!(up.select(request(), &[]).0.target().unwrap().id, 1);
         up.set_check_passing(b, false);
         let snap = up.snapshot();
         assert!(snap.panic);
         assert!(snap.backends.iter().all(|b| b.selectable));
         let picks: Vec<_> = (0..4)
-            .map(|_| up.select(request(), &[]).0.backend.unwrap().id)
+            .map(|_| up.select(request(), &[]).0.target().unwrap().id)
             .collect();
         assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
         // A drained backend is not offered even in panic mode.
         up.set_admin_state(a, AdminState::Drain);
         for _ in 0..4 {
-            assert_eq!(up.select(request(), &[]).0.backend.unwrap().id, 1);
+            assert_eq!(up.select(request(), &[]).0.target().unwrap().id, 1);
         }
     }
 
@@ -752,10 +769,10 @@ mod tests {
         let rt = Runtime::new().unwrap();
         let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
         for _ in 0..6 {
-            let id = up.select(request(), &[0, 2]).0.backend.unwrap().id;
+            let id = up.select(request(), &[0, 2]).0.target().unwrap().id;
             assert_eq!(id, 1);
         }
-        assert!(up.select(request(), &[0, 1, 2]).0.backend.is_none());
+        assert!(up.select(request(), &[0, 1, 2]).0.target().is_none());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Upstream;
-use crate::backend::Chosen;
+use crate::backend::Target;
 
 impl Upstream {
     /// Record the outcome of an attempt on `chosen` for outlier detection
@@ -16,9 +16,9 @@ impl Upstream {
     /// `max_ejection_percent` of the backends already are (one may always
     /// be). Without `outlier_detection` this does nothing. Lock-free unless
     /// the threshold is reached.
-    pub fn report(&self, chosen: &Chosen, ok: bool) {
+    pub fn report(&self, chosen: &Target, ok: bool) {
         let Some(od) = &self.outlier else { return };
-        if chosen.counters.record(ok) < od.consecutive_5xx {
+        if chosen.live.record(ok) < od.consecutive_5xx {
             return;
         }
         let mut slot = self.lock();
@@ -26,20 +26,16 @@ impl Upstream {
         let Some(backend) = slot
             .backends
             .iter()
-            .find(|b| Arc::ptr_eq(&b.counters, &chosen.counters))
+            .find(|b| Arc::ptr_eq(&b.live, &chosen.live))
         else {
             return;
         };
-        let counters = backend.counters.clone();
+        let counters = backend.live.clone();
         counters.consecutive_failures.store(0, Ordering::Relaxed);
         if counters.ejected(now) {
             return;
         }
-        let ejected = slot
-            .backends
-            .iter()
-            .filter(|b| b.counters.ejected(now))
-            .count();
+        let ejected = slot.backends.iter().filter(|b| b.live.ejected(now)).count();
         let cap = (slot.backends.len() * od.max_ejection_percent as usize / 100).max(1);
         if ejected >= cap {
             // Once per cap reached, then at debug: a second dead backend
@@ -86,20 +82,20 @@ impl Upstream {
     /// backends already has (NGINX `max_fails` / `fail_timeout`, on by
     /// default; `max_fails = 0` turns it off). It also counts for outlier
     /// detection, if configured. Lock-free below the threshold.
-    pub fn report_connect_failure(&self, chosen: &Chosen) {
+    pub fn report_connect_failure(&self, chosen: &Target) {
         self.report(chosen, false);
-        if self.max_fails == 0 || chosen.counters.record_connect(false) < self.max_fails {
+        if self.max_fails == 0 || chosen.live.record_connect(false) < self.max_fails {
             return;
         }
         let mut slot = self.lock();
         let now = Instant::now();
         let until = now + self.fail_timeout;
-        let newly = chosen.counters.update_status(|s| {
+        let newly = chosen.live.update_status(|s| {
             let newly = s.unreachable_until.is_none_or(|t| t <= now);
             s.unreachable_until = Some(until);
             newly
         });
-        chosen.counters.connect_failures.store(0, Ordering::Relaxed);
+        chosen.live.connect_failures.store(0, Ordering::Relaxed);
         if newly {
             tracing::warn!(
                 upstream = &*self.name,
@@ -114,7 +110,7 @@ impl Upstream {
 
     /// Record that `chosen` answered (any response): its connect-failure
     /// streak restarts. One relaxed load when there is none.
-    pub fn report_connected(&self, chosen: &Chosen) {
-        chosen.counters.record_connect(true);
+    pub fn report_connected(&self, chosen: &Target) {
+        chosen.live.record_connect(true);
     }
 }

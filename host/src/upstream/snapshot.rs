@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Instant, UNIX_EPOCH};
 
 use super::Upstream;
-use crate::backend::BackendState;
+use crate::backend::Backend;
 use crate::config::{AdminState, OnPluginError};
 use crate::plugin_call::FailureKind;
 
@@ -155,8 +155,8 @@ impl Upstream {
 }
 
 /// The admin view of backend `id` at `now`.
-pub(super) fn backend_snapshot(id: usize, b: &BackendState, now: Instant) -> BackendSnapshot {
-    let c = &b.counters;
+pub(super) fn backend_snapshot(id: usize, b: &Backend, now: Instant) -> BackendSnapshot {
+    let c = &b.live;
     let status = c.status();
     let admin_state = c.admin_state();
     let in_flight = c.in_flight.load(Ordering::Relaxed);

@@ -22,9 +22,9 @@ impl Upstream {
         let mut slot = self.lock();
         let now = Instant::now();
         for b in slot.backends.iter() {
-            let drained = b.counters.admin_state() == AdminState::Drain
-                && b.counters.in_flight.load(Ordering::Relaxed) == 0;
-            let (readmitted, retrying, report_drained) = b.counters.update_status(|s| {
+            let drained = b.live.admin_state() == AdminState::Drain
+                && b.live.in_flight.load(Ordering::Relaxed) == 0;
+            let (readmitted, retrying, report_drained) = b.live.update_status(|s| {
                 let readmitted = s.ejected_until.is_some_and(|t| t <= now);
                 if readmitted {
                     s.ejected_until = None;
@@ -42,7 +42,7 @@ impl Upstream {
                 tracing::info!(upstream = &*self.name, backend = %b.address, "fail_timeout_ms passed: the unreachable backend is tried again");
             }
             if readmitted {
-                b.counters.consecutive_failures.store(0, Ordering::Relaxed);
+                b.live.consecutive_failures.store(0, Ordering::Relaxed);
                 tracing::info!(upstream = &*self.name, backend = %b.address, "ejection ended, backend readmitted");
             }
             if report_drained {
@@ -90,7 +90,7 @@ impl Upstream {
 
 /// Start the upkeep loop of each of `upstreams` (calls [`Upstream::tick`]
 /// every [`TICK`]). Must run inside a tokio runtime.
-pub fn start(upstreams: &[Arc<Upstream>]) {
+pub fn start<'a>(upstreams: impl IntoIterator<Item = &'a Arc<Upstream>>) {
     for upstream in upstreams {
         tokio::spawn(upkeep_loop(Arc::downgrade(upstream)));
     }

@@ -36,7 +36,7 @@
 
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
-use wasmlb_sdk::weighted::Smooth;
+use wasmlb_sdk::weighted::{Rotation, Smooth};
 
 /// `plugin_config` of `canary`.
 #[derive(Debug, Deserialize)]
@@ -70,15 +70,9 @@ struct Group {
     weight: u32,
     /// Backend ids in the group.
     members: Vec<u32>,
-    /// `(id, weight)` of the healthy members (health arrives with
+    /// Rotation over the healthy members (health arrives with
     /// `set-backends`, so this is rebuilt there).
-    healthy: Vec<(u32, u32)>,
-    /// True when the healthy members' weights are all equal: rotate in O(1).
-    equal: bool,
-    /// Rotation cursor (equal weights).
-    cursor: usize,
-    /// Smooth weighting over the healthy members (unequal weights).
-    current: Smooth,
+    healthy: Rotation,
 }
 
 /// What the override header asks for.
@@ -99,16 +93,7 @@ pub struct Canary {
 
 impl Canary {
     fn pick_in(&mut self, g: usize) -> Option<u32> {
-        let group = &mut self.groups[g];
-        if group.healthy.is_empty() {
-            return None;
-        }
-        if group.equal {
-            group.cursor = (group.cursor + 1) % group.healthy.len();
-            return Some(group.healthy[group.cursor].0);
-        }
-        let eligible = group.healthy.iter().enumerate().map(|(i, &(_, w))| (i, w));
-        group.current.pick(eligible).map(|i| group.healthy[i].0)
+        self.groups[g].healthy.next()
     }
 
     fn has_healthy(&self, g: usize) -> bool {
@@ -185,16 +170,14 @@ impl Strategy for Canary {
             self.groups[g].members.push(b.id);
         }
         for g in &mut self.groups {
-            g.healthy = g
-                .members
-                .iter()
-                .map(|&id| &backends[id as usize])
-                .filter(|b| b.healthy)
-                .map(|b| (b.id, b.weight.max(1)))
-                .collect();
-            g.equal = g.healthy.windows(2).all(|w| w[0].1 == w[1].1);
-            g.current = Smooth::new(g.healthy.len());
-            g.cursor = g.healthy.len().saturating_sub(1);
+            g.healthy = Rotation::new(
+                g.members
+                    .iter()
+                    .map(|&id| &backends[id as usize])
+                    .filter(|b| b.healthy)
+                    .map(|b| (b.id, b.weight))
+                    .collect(),
+            );
         }
         self.current = Smooth::new(self.groups.len());
     }

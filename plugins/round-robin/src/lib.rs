@@ -20,17 +20,12 @@
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 use wasmlb_sdk::prelude::*;
+use wasmlb_sdk::weighted::Rotation;
 
 /// Smooth weighted round-robin state.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    backends: Vec<Backend>,
-    /// NGINX `current_weight` per backend id.
-    current: Vec<i64>,
-    /// True when every healthy backend has the same weight: rotate in O(1).
-    uniform: bool,
-    /// Last id chosen by the uniform path.
-    cursor: usize,
+    rotation: Rotation,
 }
 
 impl Strategy for RoundRobin {
@@ -41,47 +36,12 @@ impl Strategy for RoundRobin {
     }
 
     fn set_backends(&mut self, backends: Vec<Backend>) {
-        let mut weights = backends.iter().filter(|b| b.healthy).map(|b| b.weight);
-        let first = weights.next();
-        self.uniform = weights.all(|w| Some(w) == first);
-        self.current = vec![0; backends.len()];
-        self.cursor = usize::MAX; // the first uniform pick is id 0
-        self.backends = backends;
+        self.rotation = Rotation::healthy(&backends);
     }
 
     fn select(&mut self, _cx: &dyn Context) -> Decision {
-        let n = self.backends.len();
-        if n == 0 {
-            return Decision::Unavailable;
-        }
-        if self.uniform {
-            for step in 1..=n {
-                let id = self.cursor.wrapping_add(step) % n;
-                if self.backends[id].healthy {
-                    self.cursor = id;
-                    return Decision::Backend(id as u32);
-                }
-            }
-            return Decision::Unavailable;
-        }
-        let mut total: i64 = 0;
-        let mut best: Option<usize> = None;
-        for (i, b) in self.backends.iter().enumerate() {
-            if !b.healthy {
-                continue;
-            }
-            let w = i64::from(b.weight.max(1));
-            self.current[i] += w;
-            total += w;
-            if best.is_none_or(|j| self.current[i] > self.current[j]) {
-                best = Some(i);
-            }
-        }
-        match best {
-            Some(i) => {
-                self.current[i] -= total;
-                Decision::Backend(i as u32)
-            }
+        match self.rotation.next() {
+            Some(id) => Decision::Backend(id),
             None => Decision::Unavailable,
         }
     }
@@ -95,7 +55,6 @@ impl Strategy for RoundRobin {
     }
 }
 
-/// Format tag of the exported state.
 const STATE_TAG: &[u8; 4] = b"rr1\0";
 
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
@@ -104,33 +63,37 @@ fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
 }
 
 impl RoundRobin {
-    /// `rr1\0`, cursor (u64 LE), n (u64 LE), n current weights (i64 LE).
+    /// `rr1\0`, the cursor, the number of weights, then each smooth weight
+    /// (all little-endian u64/i64).
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + 16 + 8 * self.current.len());
+        let (cursor, current) = self.rotation.position();
+        let mut out = Vec::with_capacity(4 + 16 + 8 * current.len());
         out.extend_from_slice(STATE_TAG);
-        out.extend_from_slice(&(self.cursor as u64).to_le_bytes());
-        out.extend_from_slice(&(self.current.len() as u64).to_le_bytes());
-        for w in &self.current {
+        out.extend_from_slice(&(cursor as u64).to_le_bytes());
+        out.extend_from_slice(&(current.len() as u64).to_le_bytes());
+        for w in current {
             out.extend_from_slice(&w.to_le_bytes());
         }
         out
     }
 
-    /// Restore from [`RoundRobin::encode`]; current weights only if the
-    /// backend count matches.
     fn decode(&mut self, bytes: &[u8]) -> Result<(), String> {
         if bytes.get(..4) != Some(STATE_TAG.as_slice()) {
             return Err("not round-robin state (no rr1 tag)".into());
         }
         let bad = || String::from("truncated round-robin state");
         let cursor = read_u64(bytes, 4).ok_or_else(bad)?;
-        let n = read_u64(bytes, 12).ok_or_else(bad)? as usize;
-        self.cursor = usize::try_from(cursor).unwrap_or(usize::MAX);
-        if n == self.current.len() {
-            for (i, w) in self.current.iter_mut().enumerate() {
-                *w = read_u64(bytes, 20 + 8 * i).ok_or_else(bad)? as i64;
-            }
+        let n = read_u64(bytes, 12).ok_or_else(bad)?;
+        let n = usize::try_from(n).map_err(|_| bad())?;
+        if n > bytes.len() / 8 {
+            return Err(bad());
         }
+        let mut current = Vec::with_capacity(n);
+        for i in 0..n {
+            current.push(read_u64(bytes, 20 + 8 * i).ok_or_else(bad)? as i64);
+        }
+        self.rotation
+            .restore(usize::try_from(cursor).unwrap_or(usize::MAX), &current);
         Ok(())
     }
 }

@@ -28,7 +28,7 @@
 use wasmlb_sdk::hashing::{cookie, hash64};
 use wasmlb_sdk::prelude::*;
 use wasmlb_sdk::serde::Deserialize;
-use wasmlb_sdk::weighted::Smooth;
+use wasmlb_sdk::weighted::Rotation;
 
 /// `plugin_config` of `sticky`.
 #[derive(Debug, Deserialize)]
@@ -69,12 +69,8 @@ pub struct Sticky {
     by_token: BTreeMap<u64, u32>,
     /// `Set-Cookie` value per backend id (built once per backend set).
     set_cookie: Vec<String>,
-    /// Healthy backend ids, and whether their weights are all equal (then
-    /// new sessions rotate over them in O(1)).
-    healthy: Vec<u32>,
-    equal: bool,
-    cursor: usize,
-    rotation: Smooth,
+    /// New sessions rotate over the healthy backends.
+    rotation: Rotation,
 }
 
 impl Sticky {
@@ -111,10 +107,7 @@ impl Strategy for Sticky {
             backends: Vec::new(),
             by_token: BTreeMap::new(),
             set_cookie: Vec::new(),
-            healthy: Vec::new(),
-            equal: true,
-            cursor: 0,
-            rotation: Smooth::default(),
+            rotation: Rotation::default(),
         })
     }
 
@@ -134,11 +127,7 @@ impl Strategy for Sticky {
                 value
             })
             .collect();
-        let healthy: Vec<&Backend> = backends.iter().filter(|b| b.healthy).collect();
-        self.equal = healthy.windows(2).all(|w| w[0].weight == w[1].weight);
-        self.healthy = healthy.iter().map(|b| b.id).collect();
-        self.cursor = self.healthy.len().saturating_sub(1);
-        self.rotation = Smooth::new(backends.len());
+        self.rotation = Rotation::healthy(&backends);
         self.backends = backends;
     }
 
@@ -146,23 +135,10 @@ impl Strategy for Sticky {
         if let Some(id) = self.session(cx) {
             return Decision::Backend(id);
         }
-        if self.healthy.is_empty() {
+        let Some(id) = self.rotation.next() else {
             return Decision::Unavailable;
-        }
-        let id = if self.equal {
-            self.cursor = (self.cursor + 1) % self.healthy.len();
-            self.healthy[self.cursor] as usize
-        } else {
-            let eligible = self
-                .backends
-                .iter()
-                .filter(|b| b.healthy)
-                .map(|b| (b.id as usize, b.weight));
-            match self.rotation.pick(eligible) {
-                Some(id) => id,
-                None => return Decision::Unavailable,
-            }
         };
+        let id = id as usize;
         cx.add_response_header("set-cookie", &self.set_cookie[id]);
         Decision::Backend(id as u32)
     }
