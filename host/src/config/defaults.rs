@@ -1,5 +1,9 @@
-//! Every default of the config file, in one place: `DEFAULT_*` for a key
-//! whose value is omitted (the README's config reference restates them).
+//! Every default of the config file, in one place, in one style: a
+//! `DEFAULT_*` const per key whose value may be omitted (the README's config
+//! reference restates them). Tables deserialized by serde directly
+//! (`outlier_detection`, `health_check`) name them through the
+//! `default_*` functions at the end, since serde's `default = "..."` takes
+//! a function.
 
 /// Default plugin call deadline, in ms.
 pub const DEFAULT_PLUGIN_DEADLINE_MS: u64 = 5;
@@ -66,3 +70,72 @@ pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Default cap on an admin request body, in bytes (16 MiB: room for a plugin).
 pub const DEFAULT_ADMIN_MAX_BODY_BYTES: u64 = 16 << 20;
+
+/// Consecutive 5xx (or connect failures) that eject a backend (`outlier_detection.consecutive_5xx`).
+pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+
+/// First ejection time, in ms (`outlier_detection.base_ejection_time_ms`).
+pub const DEFAULT_BASE_EJECTION_TIME_MS: u64 = 30_000;
+
+/// Longest ejection time, in ms (`outlier_detection.max_ejection_time_ms`).
+pub const DEFAULT_MAX_EJECTION_TIME_MS: u64 = 300_000;
+
+/// Most backends ejected at once, in percent (`outlier_detection.max_ejection_percent`).
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+
+/// Time between health probes, in ms (`health_check.interval_ms`).
+pub const DEFAULT_HEALTH_CHECK_INTERVAL_MS: u64 = 2_000;
+
+/// Health probe timeout, in ms (`health_check.timeout_ms`).
+pub const DEFAULT_HEALTH_CHECK_TIMEOUT_MS: u64 = 1_000;
+
+/// Passing probes in a row that mark a backend healthy (`health_check.healthy_threshold`).
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+
+/// Failing probes in a row that mark a backend unhealthy (`health_check.unhealthy_threshold`).
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+
+/// Path of HTTP health probes (`health_check.path`).
+pub const DEFAULT_HEALTH_CHECK_PATH: &str = "/";
+
+// serde `default = "..."` functions for the tables deserialized directly.
+
+pub(super) fn default_consecutive_5xx() -> u32 {
+    DEFAULT_CONSECUTIVE_5XX
+}
+
+pub(super) fn default_base_ejection() -> u64 {
+    DEFAULT_BASE_EJECTION_TIME_MS
+}
+
+pub(super) fn default_max_ejection() -> u64 {
+    DEFAULT_MAX_EJECTION_TIME_MS
+}
+
+pub(super) fn default_max_ejection_percent() -> u32 {
+    DEFAULT_MAX_EJECTION_PERCENT
+}
+
+pub(super) fn default_hc_interval() -> u64 {
+    DEFAULT_HEALTH_CHECK_INTERVAL_MS
+}
+
+pub(super) fn default_hc_timeout() -> u64 {
+    DEFAULT_HEALTH_CHECK_TIMEOUT_MS
+}
+
+pub(super) fn default_hc_rise() -> u32 {
+    DEFAULT_HEALTHY_THRESHOLD
+}
+
+pub(super) fn default_hc_fall() -> u32 {
+    DEFAULT_UNHEALTHY_THRESHOLD
+}
+
+pub(super) fn default_hc_kind() -> super::HealthCheckKind {
+    super::HealthCheckKind::Http
+}
+
+pub(super) fn default_hc_path() -> String {
+    DEFAULT_HEALTH_CHECK_PATH.into()
+}

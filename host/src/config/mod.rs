@@ -35,6 +35,11 @@ mod raw;
 mod validate;
 
 pub use defaults::*;
+use defaults::{
+    default_base_ejection, default_consecutive_5xx, default_hc_fall, default_hc_interval,
+    default_hc_kind, default_hc_path, default_hc_rise, default_hc_timeout, default_max_ejection,
+    default_max_ejection_percent,
+};
 pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
 use raw::RawConfig;
 use validate::Validator;
@@ -201,19 +206,6 @@ pub struct OutlierConfig {
     pub max_ejection_percent: u32,
 }
 
-fn default_consecutive_5xx() -> u32 {
-    5
-}
-fn default_base_ejection() -> u64 {
-    30_000
-}
-fn default_max_ejection() -> u64 {
-    300_000
-}
-fn default_max_ejection_percent() -> u32 {
-    10
-}
-
 /// What an active health check probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -248,25 +240,6 @@ pub struct HealthCheckConfig {
     /// Consecutive failing probes that mark a backend unhealthy (default 3, HAProxy `fall`).
     #[serde(default = "default_hc_fall")]
     pub unhealthy_threshold: u32,
-}
-
-fn default_hc_kind() -> HealthCheckKind {
-    HealthCheckKind::Http
-}
-fn default_hc_path() -> String {
-    "/".into()
-}
-fn default_hc_interval() -> u64 {
-    2_000
-}
-fn default_hc_timeout() -> u64 {
-    1_000
-}
-fn default_hc_rise() -> u32 {
-    2
-}
-fn default_hc_fall() -> u32 {
-    3
 }
 
 impl UpstreamConfig {
