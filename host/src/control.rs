@@ -216,8 +216,7 @@ impl Control {
             }
         }
         // Commit.
-        crate::upstream::start_upkeep(proxy.upstreams());
-        crate::health::start(proxy.upstreams(), proxy.metrics(), &config);
+        start_background(&proxy, &config);
         self.shared.serving.proxy.store(Arc::new(proxy));
         let max_connections = global_max_connections(&config);
         self.shared.serving.conn_limit.set_max(max_connections);
@@ -333,4 +332,12 @@ fn swap_blocking(
         plugin.from_cache(),
         state_bytes,
     ))
+}
+
+/// Start the background loops of a freshly built `proxy`: each upstream's
+/// upkeep (ejection ends, slow start) and, where configured, its health
+/// checks. The loops end when the proxy's upstreams are dropped.
+pub(crate) fn start_background(proxy: &Proxy, config: &Config) {
+    crate::upstream::start_upkeep(proxy.upstreams());
+    crate::health::start(proxy.upstreams(), proxy.metrics(), config);
 }

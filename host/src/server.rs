@@ -77,8 +77,7 @@ impl Server {
             .connections_max
             .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let proxy = Proxy::build(config, &runtime, metrics.clone(), None)?;
-        crate::upstream::start_upkeep(proxy.upstreams());
-        crate::health::start(proxy.upstreams(), proxy.metrics(), config);
+        crate::control::start_background(&proxy, config);
         let mut bound = Vec::new();
         for (index, (key, l)) in ListenerKey::all(config)
             .into_iter()

@@ -263,20 +263,6 @@ impl Rotation {
         self.members.is_empty()
     }
 
-    /// The next member's id; `None` when there is none.
-    #[allow(clippy::should_implement_trait)]
-    pub fn next(&mut self) -> Option<u32> {
-        if self.members.is_empty() {
-            return None;
-        }
-        if self.equal {
-            self.cursor = (self.cursor + 1) % self.members.len();
-            return Some(self.members[self.cursor].0);
-        }
-        let eligible = self.members.iter().enumerate().map(|(i, &(_, w))| (i, w));
-        self.smooth.pick(eligible).map(|i| self.members[i].0)
-    }
-
     /// The rotation's position, for exporting state: the cursor (equal
     /// weights) and the smooth current weights (one per member).
     pub fn position(&self) -> (usize, &[i64]) {
@@ -290,6 +276,24 @@ impl Rotation {
             self.cursor = cursor;
         }
         self.smooth.restore(current);
+    }
+}
+
+impl Iterator for Rotation {
+    type Item = u32;
+
+    /// The next member's id; `None` only when there is no member (the
+    /// rotation never ends otherwise).
+    fn next(&mut self) -> Option<u32> {
+        if self.members.is_empty() {
+            return None;
+        }
+        if self.equal {
+            self.cursor = (self.cursor + 1) % self.members.len();
+            return Some(self.members[self.cursor].0);
+        }
+        let eligible = self.members.iter().enumerate().map(|(i, &(_, w))| (i, w));
+        self.smooth.pick(eligible).map(|i| self.members[i].0)
     }
 }
 

@@ -444,14 +444,13 @@ impl Upstream {
     /// handed back unchanged.
     pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
         let mut slot = self.lock();
-        if slot.instance.is_none() && !self.try_replace(&mut slot) {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.calls_skipped.inc();
-            let selection = self.on_failure(&slot.backends, tried);
-            return (selection, request);
+        if slot.instance.is_none() {
+            self.try_replace(&mut slot);
         }
         let Some(instance) = slot.instance.as_mut() else {
-            // try_replace filled the slot; an empty one is the fallback's.
+            // The breaker is open, or a fresh instance failed to start.
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.calls_skipped.inc();
             let selection = self.on_failure(&slot.backends, tried);
             return (selection, request);
         };
@@ -541,11 +540,11 @@ impl Upstream {
     }
 
     /// Build a fresh instance into `slot` if the circuit breaker is closed
-    /// (the caller's request then probes it). False if it is open, or
-    /// instantiating failed (which reopens it).
-    fn try_replace(&self, slot: &mut Slot) -> bool {
+    /// (the caller's request then probes it). Leaves the slot empty if it is
+    /// open, or if instantiating failed (which reopens it).
+    fn try_replace(&self, slot: &mut Slot) {
         if slot.breaker.is_open(Instant::now()) {
-            return false;
+            return;
         }
         match slot
             .plugin
@@ -554,7 +553,6 @@ impl Upstream {
             Ok(instance) => {
                 slot.instance = Some(instance);
                 self.stats.replacements.fetch_add(1, Ordering::Relaxed);
-                true
             }
             Err(e) => {
                 if let Some(suppressed) = self.logs.replace_failed.admit() {
@@ -565,7 +563,6 @@ impl Upstream {
                     );
                 }
                 self.trip(slot, "instantiate", &e.to_string());
-                false
             }
         }
     }
