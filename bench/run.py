@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""Load benchmark: wasmlb beside NGINX and HAProxy on the same backends, in one run.
+"""Load benchmark: wasmlb beside NGINX, HAProxy and the hyper floor on the same backends, in one run.
 
 Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST]
+                    [--sections LIST] [--baseline OLD_WASMLB]
                     [--idle-connections N] [--out BENCHMARKS.md]
 
 Installs what it needs (nginx haproxy wrk nghttp2-client, with apt-get), builds
-the release binaries, starts 4 demo-backend servers (one process, pinned to
+the release binaries (wasmlb, demo-backend, and bench/hyper-floor: the smallest
+proxy hyper allows), starts 4 demo-backend servers (one process, pinned to
 CPU 1), then for each target (direct to one backend, NGINX 1 worker, HAProxy
-1 thread, wasmlb 1 worker thread with round-robin and with least-connections)
-pinned to CPU 0 runs `wrk -t1` pinned to CPU 1 at 64 and 256 connections, in
-interleaved repetitions (target order rotates each rep). Per target and
-connection count it reports the median over the repetitions of:
+1 thread, the hyper floor, wasmlb 1 worker thread with round-robin and with
+least-connections, and with --baseline an earlier wasmlb binary as
+wasmlb-before) pinned to CPU 0 runs `wrk -t1` pinned to CPU 1 at 64 and 256
+connections, in interleaved repetitions (target order rotates each rep). Per
+target and connection count it reports the median over the repetitions of:
 requests/s, ratio to direct, p50/p99 latency (wrk), CPU microseconds per
 request (from /proc/PID/task/*/schedstat, summed over the target's
-processes and threads), and the target's peak RSS (VmHWM). Then latency at a
-fixed 20k requests/s (h2load --rps, per-request log), the same with 2 wasmlb
-worker threads (unpinned), the resident memory each proxy holds for 10,000
-idle keep-alive client connections (each made one request; fewer if the
-open-file limit is lower), and writes the tables to BENCHMARKS.md with the
-machine it ran on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare
-only inside one run).
+processes and threads) and its ratio to NGINX's and the hyper floor's, and
+the target's peak RSS (VmHWM). Then the cost ladder (the hyper floor, then
+wasmlb adding one layer per rung), latency at a fixed 20k requests/s (h2load
+--rps, per-request log), NGINX and wasmlb with 1 and 2 workers, the resident
+memory each proxy holds for 10,000 idle keep-alive client connections (each
+made one request; fewer if the open-file limit is lower), the issue-14 goals
+met or missed, and writes the tables to BENCHMARKS.md with the machine it ran
+on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare only inside one
+run).
 """
 
 import argparse
@@ -62,9 +67,14 @@ def tool(name):
 
 def build():
     log("building release binaries")
-    subprocess.run(["cargo", "build", "--release", "-p", "wasmlb", "-p", "demo-backend"],
-                   cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "wasmlb", "-p", "demo-backend",
+                    "-p", "hyper-floor"], cwd=ROOT, check=True)
     return ROOT / "target/release/wasmlb", ROOT / "target/release/demo-backend"
+
+
+HYPER_FLOOR = ROOT / "target/release/hyper-floor"
+# --baseline: an earlier wasmlb binary, run as the target "wasmlb-before".
+BASELINE = {"binary": None}
 
 
 def free_port():
@@ -166,9 +176,9 @@ def start_backends(demo):
     return proc, addrs
 
 
-def nginx_conf(workdir, port, addrs):
+def nginx_conf(workdir, port, addrs, workers=1):
     servers = "\n".join(f"        server {a};" for a in addrs)
-    return f"""worker_processes 1;
+    return f"""worker_processes {workers};
 daemon off;
 master_process on;
 pid {workdir}/nginx.pid;
@@ -231,7 +241,7 @@ backend be
 """
 
 
-def wasmlb_conf(port, addrs, plugin):
+def wasmlb_conf(port, addrs, plugin, extra=""):
     backends = ", ".join(f'{{ address = "{a}" }}' for a in addrs)
     return f"""[[listener]]
 address = "127.0.0.1:{port}"
@@ -240,7 +250,24 @@ upstream = "app"
 [upstream.app]
 plugin = "{plugin}"
 backends = [ {backends} ]
+{extra}
 """
+
+
+# The cost ladder: wasmlb round-robin with one layer added per rung (TOML for
+# [upstream.app]). The plugin call and the metrics cannot be turned off; the
+# first rung includes them (see BENCHMARKS.md for their criterion figures).
+LADDER = [
+    ("no retries, no passive failure counting", "retries = 0\nmax_fails = 0\n"),
+    ("+ retries = 2 (default)", "max_fails = 0\n"),
+    ("+ max_fails = 1 (default: the defaults)", ""),
+    ("+ request_timeout_ms", "request_timeout_ms = 30000\n"),
+    ("+ outlier_detection", "request_timeout_ms = 30000\n"
+     "[upstream.app.outlier_detection]\nconsecutive_5xx = 5\n"),
+    ("+ health_check", "request_timeout_ms = 30000\n"
+     "[upstream.app.outlier_detection]\nconsecutive_5xx = 5\n"
+     "[upstream.app.health_check]\ninterval_ms = 2000\n"),
+]
 
 
 def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
@@ -250,18 +277,25 @@ def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
     port = free_port()
     if name == "nginx":
         conf = workdir / "nginx.conf"
-        conf.write_text(nginx_conf(workdir, port, addrs))
+        conf.write_text(nginx_conf(workdir, port, addrs, threads))
         proc = Proc([tool("nginx"), "-c", conf, "-e", workdir / "nginx-error.log"], cpus=cpus)
     elif name == "haproxy":
         conf = workdir / "haproxy.cfg"
         conf.write_text(haproxy_conf(port, addrs))
         proc = Proc([tool("haproxy"), "-f", conf], cpus=cpus)
+    elif name == "hyper-floor":
+        proc = Proc([HYPER_FLOOR, f"127.0.0.1:{port}"] + addrs, cpus=cpus)
     else:
-        plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[
-            name.split("@")[0]]
+        binary, extra = wasmlb, ""
+        if name.startswith("ladder-"):
+            plugin, extra = "round-robin", LADDER[int(name.split("-")[1])][1]
+        elif name == "wasmlb-before":
+            plugin, binary = "round-robin", BASELINE["binary"]
+        else:
+            plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[name]
         conf = workdir / f"{name}.toml"
-        conf.write_text(wasmlb_conf(port, addrs, plugin))
-        proc = Proc([wasmlb, "--config", conf, "--threads", threads, "--log-level", "warn"],
+        conf.write_text(wasmlb_conf(port, addrs, plugin, extra))
+        proc = Proc([binary, "--config", conf, "--threads", threads, "--log-level", "warn"],
                     cpus=cpus)
     wait_port(port)
     return proc, port
@@ -443,18 +477,31 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     ap.add_argument("--idle-connections", type=int, default=10_000,
                     help="idle keep-alive connections for the memory figure (default 10000)")
-    ap.add_argument("--targets", default="direct,nginx,haproxy,wasmlb-rr,wasmlb-lc",
+    ap.add_argument("--targets", default="direct,nginx,haproxy,hyper-floor,wasmlb-rr,wasmlb-lc",
                     help="comma-separated subset of the targets (direct is always run)")
+    ap.add_argument("--sections", default="load,ladder,fixed,idle,scaling",
+                    help="comma-separated subset of the sections to run (default all): load "
+                         "(wrk at 64 and 256 connections), ladder (the cost of each layer), "
+                         "fixed (20k requests/s), idle (idle connection memory), scaling "
+                         "(1 and 2 worker threads)")
+    ap.add_argument("--baseline", help="an earlier wasmlb binary to run beside this one, "
+                                       "as the target wasmlb-before (a before/after table)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     if args.quick:
         args.duration, args.reps = 2, 1
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs at least 2 CPUs (target on CPU 0, load and backends on CPU 1)")
     install()
     wasmlb, demo = build()
+    if args.baseline:
+        BASELINE["binary"] = Path(args.baseline).resolve()
     count = idle_connection_count(args.idle_connections)
-    known = ["direct", "nginx", "haproxy", "wasmlb-rr", "wasmlb-lc"]
+    known = ["direct", "nginx", "haproxy", "hyper-floor", "wasmlb-before", "wasmlb-rr",
+             "wasmlb-lc"]
     wanted = set(args.targets.split(",")) | {"direct"}
+    if args.baseline:
+        wanted.add("wasmlb-before")
     unknown = wanted - set(known)
     if unknown:
         sys.exit(f"unknown targets {sorted(unknown)} (known: {known})")
@@ -467,7 +514,7 @@ def main():
             (workdir / d).mkdir()
         backend_proc, addrs = start_backends(demo)
         try:
-            for rep in range(args.reps):
+            for rep in range(args.reps if "load" in sections else 0):
                 order = targets[rep % len(targets):] + targets[:rep % len(targets)]
                 for conns in conn_levels:
                     for name in order:
@@ -476,7 +523,7 @@ def main():
                                     backend_proc)
                         results.setdefault((name, conns), []).append(r)
             fixed = {}
-            for name in targets:
+            for name in targets if "fixed" in sections else []:
                 log(f"fixed 20k rps: {name}")
                 proc, port = start_target(name, workdir, addrs, wasmlb)
                 try:
@@ -485,16 +532,28 @@ def main():
                     if proc:
                         proc.stop()
             idle = {}
-            for name in targets:
+            for name in targets if "idle" in sections else []:
                 if name == "direct":
                     continue
                 log(f"{count} idle keep-alive connections: {name}")
                 idle[name] = idle_memory(name, workdir, addrs, wasmlb, count)
             scaling = {}
-            for conns in conn_levels:
-                log(f"wasmlb-rr with 2 worker threads, {conns} connections")
-                scaling[conns] = measure("wasmlb-rr", workdir, addrs, wasmlb, conns,
-                                         args.duration, backend_proc, threads=2, cpus="0,1")
+            for conns in conn_levels if "scaling" in sections else []:
+                for name in ("nginx", "wasmlb-rr"):
+                    for threads, cpus in ((1, "0"), (2, "0,1")):
+                        log(f"{name} with {threads} worker(s), {conns} connections")
+                        scaling[(name, threads, conns)] = measure(
+                            name, workdir, addrs, wasmlb, conns, args.duration, backend_proc,
+                            threads=threads, cpus=cpus)
+            ladder = {}
+            rungs = ["hyper-floor"] + [f"ladder-{i}" for i in range(len(LADDER))]
+            for rep in range(args.reps if "ladder" in sections else 0):
+                for conns in conn_levels:
+                    for name in rungs[rep % len(rungs):] + rungs[:rep % len(rungs)]:
+                        log(f"ladder rep {rep + 1}: {name}, {conns} connections")
+                        ladder.setdefault((name, conns), []).append(
+                            measure(name, workdir, addrs, wasmlb, conns, args.duration,
+                                    backend_proc))
         finally:
             backend_proc.stop()
 
@@ -508,36 +567,100 @@ def main():
         f"Each target alone on CPU 0; `wrk -t1` and the 4 `demo-backend` servers on CPU 1; "
         f"{args.duration} s per run, median of {args.reps} interleaved repetition(s). "
         "CPU us/request counts every thread of the target (for direct: the backend process). "
-        "Compare only inside one run.",
-        "",
-        "| conns | target | requests/s | ratio to direct | p50 / p99 ms | CPU us per request | peak RSS MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "hyper-floor is `bench/hyper-floor`, the smallest proxy hyper allows (the floor "
+        "for any proxy built on hyper). Compare only inside one run.",
     ]
-    for conns in conn_levels:
-        direct = med(results[("direct", conns)], "rps")
+    goals = []
+    if results:
+        lines += [
+            "",
+            "| conns | target | requests/s | ratio to direct | p50 / p99 ms | CPU us per request "
+            "| CPU x NGINX | CPU x hyper floor | peak RSS MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for conns in conn_levels:
+            direct = med(results[("direct", conns)], "rps")
+            cpu = {n: med(results[(n, conns)], "cpu_us") for n in targets}
+            for name in targets:
+                rs = results[(name, conns)]
+                vs = lambda ref: (f"{cpu[name] / cpu[ref]:.2f}" if ref in cpu
+                                  and name != "direct" else "")
+                lines.append(
+                    f"| {conns} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'rps') / direct:.2f} "
+                    f"| {med(rs, 'p50'):.2f} / {med(rs, 'p99'):.2f} | {cpu[name]:.1f} | "
+                    f"{vs('nginx')} | {vs('hyper-floor')} | {med(rs, 'rss_mib'):.1f} |")
+            if "wasmlb-rr" in cpu and "nginx" in cpu:
+                r = cpu["wasmlb-rr"] / cpu["nginx"]
+                goals.append((f"CPU per request at {conns} connections <= 1.10x NGINX",
+                              f"{r:.2f}x", r <= 1.10))
+                ratio = (med(results[("wasmlb-rr", conns)], "rps")
+                         / med(results[("nginx", conns)], "rps"))
+                goals.append((f"requests/s ratio to direct at {conns} connections >= 0.9x "
+                               "NGINX's", f"{ratio:.2f}x", ratio >= 0.9))
+                rss = med(results[("wasmlb-rr", conns)], "rss_mib")
+                limit = med(results[("nginx", conns)], "rss_mib") + 10
+                if conns == 256:
+                    goals.append(("peak RSS at 256 connections <= NGINX's + 10 MiB",
+                                  f"{rss:.1f} MiB (limit {limit:.1f})", rss <= limit))
+            if "wasmlb-rr" in cpu and "hyper-floor" in cpu:
+                r = cpu["wasmlb-rr"] / cpu["hyper-floor"]
+                goals.append((f"CPU per request at {conns} connections <= 1.15x the hyper floor",
+                              f"{r:.2f}x", r <= 1.15))
+    if ladder:
+        lines += ["", "The cost ladder: wasmlb round-robin adding one layer per rung (same "
+                  "pinning; each rung's CPU us per request, and what the rung added over the one "
+                  "before). The first wasmlb rung already has the plugin call and the metrics, "
+                  "which cannot be turned off.", "",
+                  "| rung | " + " | ".join(f"{c} conns: CPU us/request (added)" for c in
+                                            conn_levels) + " |",
+                  "| --- | " + " | ".join("---" for _ in conn_levels) + " |"]
+        labels = ["hyper floor"] + [f"wasmlb: {label}" for label, _ in LADDER]
+        prev = {}
+        for name, label in zip(rungs, labels):
+            cells = []
+            for conns in conn_levels:
+                c = med(ladder[(name, conns)], "cpu_us")
+                cells.append(f"{c:.2f} ({c - prev[conns]:+.2f})" if conns in prev
+                             else f"{c:.2f}")
+                prev[conns] = c
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if fixed:
+        lines += ["", "Fixed rate (h2load --h1, 64 connections, target 20,000 requests/s):", "",
+                  "| target | achieved requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
         for name in targets:
-            rs = results[(name, conns)]
-            lines.append(
-                f"| {conns} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'rps') / direct:.2f} | "
-                f"{med(rs, 'p50'):.2f} / {med(rs, 'p99'):.2f} | {med(rs, 'cpu_us'):.1f} | "
-                f"{med(rs, 'rss_mib'):.1f} |")
-    lines += ["", "Fixed rate (h2load --h1, 64 connections, target 20,000 requests/s):", "",
-              "| target | achieved requests/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
-    for name in targets:
-        p50, p99, achieved = fixed[name]
-        lines.append(f"| {name} | {achieved:,.0f} | {p50:.2f} | {p99:.2f} |")
-    lines += ["", "wasmlb round-robin with 2 worker threads (unpinned, sharing CPU 1 with the load "
-              "generator):", "", "| conns | requests/s | p50 / p99 ms | CPU us per request |",
-              "| --- | --- | --- | --- |"]
-    for conns in conn_levels:
-        r = scaling[conns]
-        lines.append(f"| {conns} | {r['rps']:,.0f} | {r['p50']:.2f} / {r['p99']:.2f} | "
-                     f"{r['cpu_us']:.1f} |")
-    lines += ["", f"Memory held by {count:,} idle keep-alive client connections (each made one "
-              "request; growth of the target's resident set, VmRSS summed over its processes):",
-              "", "| target | MiB in total | KiB per connection |", "| --- | --- | --- |"]
-    for name, (mib, kib) in idle.items():
-        lines.append(f"| {name} | {mib:.1f} | {kib:.1f} |")
+            p50, p99, achieved = fixed[name]
+            lines.append(f"| {name} | {achieved:,.0f} | {p50:.2f} | {p99:.2f} |")
+        if "wasmlb-rr" in fixed and "nginx" in fixed:
+            r = fixed["wasmlb-rr"][1] / fixed["nginx"][1]
+            goals.append(("p99 at a fixed 20k requests/s <= 1.1x NGINX's", f"{r:.2f}x",
+                          r <= 1.1))
+    if scaling:
+        lines += ["", "Scaling: 1 worker pinned to CPU 0, and 2 workers unpinned on CPUs 0 and 1, "
+                  "which they share with wrk and the backends (this machine has 2 cores, so the "
+                  "2-worker figures measure contention as much as scaling):", "",
+                  "| conns | target | workers | requests/s | p50 / p99 ms | CPU us per request |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for (name, threads, conns), r in sorted(scaling.items(), key=lambda kv: (kv[0][2],
+                                                                                 kv[0][0],
+                                                                                 kv[0][1])):
+            lines.append(f"| {conns} | {name} | {threads} | {r['rps']:,.0f} | "
+                         f"{r['p50']:.2f} / {r['p99']:.2f} | {r['cpu_us']:.1f} |")
+    if idle:
+        lines += ["", f"Memory held by {count:,} idle keep-alive client connections (each made "
+                  "one request; growth of the target's resident set, VmRSS summed over its "
+                  "processes):", "", "| target | MiB in total | KiB per connection |",
+                  "| --- | --- | --- |"]
+        for name, (mib, kib) in idle.items():
+            lines.append(f"| {name} | {mib:.1f} | {kib:.1f} |")
+        if "wasmlb-rr" in idle:
+            kib = idle["wasmlb-rr"][1]
+            goals.append(("memory per idle keep-alive connection <= 4 KiB", f"{kib:.1f} KiB",
+                          kib <= 4))
+    if goals:
+        lines += ["", "Goals (issue 14), wasmlb-rr in this run:", "", "| goal | measured | |",
+                  "| --- | --- | --- |"]
+        for goal, measured, met in goals:
+            lines.append(f"| {goal} | {measured} | {'met' if met else 'missed'} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
