@@ -87,7 +87,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Turn a downstream request's head into the backend request's head.
+/// Turn a downstream request's head into the backend request's head:
+/// hop-by-hop headers removed, `X-Forwarded-For`/`-Proto`/`-Host` set, `Host`
+/// kept (taken from an HTTP/2 `:authority`, or the backend's `backend`
+/// authority if the client sent none), the URI in origin-form and the version
+/// HTTP/1.1.
+///
+/// # Errors
+/// A static reason (answered 400) if the authority, `X-Forwarded-For` or the
+/// backend authority cannot be a header value.
 pub fn prepare_request(
     parts: &mut http::request::Parts,
     client: SocketAddr,
@@ -132,14 +140,21 @@ pub fn prepare_request(
     {
         headers.insert(&X_FORWARDED_HOST, host);
     }
-    // Reuse the parsed path and query (a cheap `Bytes` clone, no re-parse).
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(backend.clone());
-    if uri.path_and_query.is_none() {
-        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    if !headers.contains_key(header::HOST) {
+        // An HTTP/1.0 request without `Host`: name the backend (RFC 9112
+        // §3.2 requires `Host` in HTTP/1.1).
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(backend.as_str()).map_err(|_| "invalid backend authority")?,
+        );
     }
-    parts.uri = Uri::from_parts(uri).map_err(|_| "invalid request target")?;
+    // Origin-form (RFC 9112 §3.2.1), reusing the parsed path and query (a
+    // cheap `Bytes` clone, no re-parse).
+    let path = std::mem::take(&mut parts.uri)
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    parts.uri = Uri::from(path);
     parts.version = Version::HTTP_11;
     Ok(())
 }
@@ -179,7 +194,7 @@ mod tests {
         }
         assert_eq!(p.headers["x-kept"], "yes");
         assert_eq!(p.headers["host"], "example.com");
-        assert_eq!(p.uri, "http://127.0.0.1:9001/a/b?c=1");
+        assert_eq!(p.uri, "/a/b?c=1");
     }
 
     #[test]

@@ -229,13 +229,7 @@ impl<B: Body> ReplayBody<B> {
     /// The body for a new attempt; earlier attempts' bodies stop working.
     pub fn attempt(&self) -> AttemptBody<B> {
         let Some(shared) = &self.shared else {
-            return AttemptBody {
-                shared: None,
-                generation: 0,
-                position: 0,
-                trailers_sent: false,
-                hint: SizeHint::with_exact(0),
-            };
+            return AttemptBody::empty();
         };
         let generation = {
             let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
@@ -260,6 +254,19 @@ pub struct AttemptBody<B = Incoming> {
     position: usize,
     trailers_sent: bool,
     hint: SizeHint,
+}
+
+impl<B> AttemptBody<B> {
+    /// An empty body (no allocation).
+    pub fn empty() -> Self {
+        AttemptBody {
+            shared: None,
+            generation: 0,
+            position: 0,
+            trailers_sent: false,
+            hint: SizeHint::with_exact(0),
+        }
+    }
 }
 
 impl<B> Body for AttemptBody<B>

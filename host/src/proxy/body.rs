@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::pool::Lease;
 use crate::conn::RequestGuard;
 use crate::upstream::InFlight;
 
@@ -41,6 +42,9 @@ enum BodyKind {
     Upstream {
         body: Incoming,
         _in_flight: InFlight,
+        /// Back to the pool once the body is read to its end.
+        lease: Lease,
+        ended: bool,
         idle: IdleTimer,
     },
     Full(Option<Bytes>),
@@ -73,11 +77,18 @@ impl IdleTimer {
 }
 
 impl ProxyBody {
-    pub(super) fn upstream(body: Incoming, in_flight: InFlight, idle_limit: Duration) -> Self {
+    pub(super) fn upstream(
+        body: Incoming,
+        in_flight: InFlight,
+        lease: Lease,
+        idle_limit: Duration,
+    ) -> Self {
         Self {
             kind: BodyKind::Upstream {
                 body,
                 _in_flight: in_flight,
+                lease,
+                ended: false,
                 idle: IdleTimer {
                     limit: idle_limit,
                     sleep: None,
@@ -105,6 +116,21 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    /// A backend body read to its end gives its connection back to the pool
+    /// (hyper stops polling a body with a known length once it has every
+    /// byte, so `is_end_stream` counts as the end too).
+    fn drop(&mut self) {
+        if let BodyKind::Upstream {
+            body, lease, ended, ..
+        } = &mut self.kind
+            && (*ended || body.is_end_stream())
+        {
+            lease.finished();
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -115,9 +141,12 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let frame = match &mut this.kind {
-            BodyKind::Upstream { body, idle, .. } => match Pin::new(body).poll_frame(cx) {
+            BodyKind::Upstream {
+                body, idle, ended, ..
+            } => match Pin::new(body).poll_frame(cx) {
                 Poll::Ready(f) => {
                     idle.progressed = true;
+                    *ended = f.is_none();
                     Poll::Ready(f.map(|r| r.map_err(Into::into)))
                 }
                 Poll::Pending if idle.poll_expired(cx) => {

@@ -5,13 +5,15 @@
 //! Every attempt's outcome feeds outlier detection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
-use super::{HttpClient, Proxy, error_chain, error_response};
+use super::pool::{ConnPool, SendError};
+use super::{Proxy, error_chain, error_response};
 use crate::headers::{prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::LocalOp;
@@ -27,7 +29,7 @@ impl Proxy {
     pub(super) async fn forward(
         &self,
         upstream: &Upstream,
-        http: &HttpClient,
+        pool: &Arc<ConnPool>,
         client: SocketAddr,
         parts: http::request::Parts,
         body: Incoming,
@@ -69,7 +71,7 @@ impl Proxy {
                 std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
             };
             let failure = match self
-                .attempt(upstream, http, client, head, &body, &chosen)
+                .attempt(upstream, pool, client, head, &body, &chosen)
                 .await
             {
                 Ok(mut response) => {
@@ -158,7 +160,7 @@ impl Proxy {
     async fn attempt(
         &self,
         upstream: &Upstream,
-        http: &HttpClient,
+        pool: &Arc<ConnPool>,
         client: SocketAddr,
         mut head: http::request::Parts,
         body: &ReplayBody,
@@ -169,9 +171,13 @@ impl Proxy {
         let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
         let request = Request::from_parts(head, body.attempt());
         let sent_ns = crate::plugin::monotonic_ns();
-        let result = tokio::time::timeout(upstream.response_timeout, http.request(request)).await;
+        let result = tokio::time::timeout(
+            upstream.response_timeout,
+            pool.send(chosen.address, request),
+        )
+        .await;
         let failure = match result {
-            Ok(Ok(response)) => {
+            Ok(Ok((response, lease))) => {
                 let now_ns = crate::plugin::monotonic_ns();
                 chosen
                     .live
@@ -184,7 +190,7 @@ impl Proxy {
                 chosen.live.metrics.response(parts.status.as_u16());
                 return Ok(Response::from_parts(
                     parts,
-                    ProxyBody::upstream(incoming, guard, upstream.response_body_timeout),
+                    ProxyBody::upstream(incoming, guard, lease, upstream.response_body_timeout),
                 ));
             }
             // The client's body failed: whatever the backend did, it is
@@ -193,8 +199,8 @@ impl Proxy {
             Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => Failure::Local {
                 detail: error_chain(&e),
             },
-            Ok(Err(e)) if e.is_connect() => Failure::Connect {
-                timed_out: is_timeout(&e),
+            Ok(Err(SendError::Connect(e))) => Failure::Connect {
+                timed_out: e.kind() == std::io::ErrorKind::TimedOut,
                 detail: e.to_string(),
             },
             Ok(Err(e)) => Failure::Broken {
@@ -289,9 +295,4 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     request.into_parts().0
-}
-
-/// True if a connect or I/O timeout is anywhere in the error's source chain.
-fn is_timeout(e: &hyper_util::client::legacy::Error) -> bool {
-    crate::fd_limit::io_error_in(e, |io| io.kind() == std::io::ErrorKind::TimedOut).is_some()
 }

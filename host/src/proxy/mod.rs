@@ -16,6 +16,7 @@
 
 mod body;
 mod forward;
+mod pool;
 
 pub use body::{BodyIdleTimeout, BodyTimeout, ProxyBody};
 
@@ -29,15 +30,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::config::{Config, RequestLimits, RouteConfig};
 use crate::headers::{authority, host_without_port};
 use crate::metrics::Metrics;
 use crate::plugin::Runtime;
-use crate::retry::AttemptBody;
 
 use crate::upstream::Upstream;
 
@@ -95,8 +92,6 @@ struct Route {
     upstream: usize,
 }
 
-type HttpClient = Client<HttpConnector, AttemptBody>;
-
 /// The routing table, the upstreams and their connection pools: everything a
 /// request needs, built from one config. Immutable; a reload builds a new one
 /// and swaps it in whole.
@@ -113,7 +108,7 @@ pub struct Proxy {
 /// An upstream and the connection pool its requests go through.
 struct UpstreamPool {
     upstream: Arc<Upstream>,
-    client: HttpClient,
+    pool: Arc<pool::ConnPool>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -157,15 +152,13 @@ impl Proxy {
                         source,
                     }
                 })?;
-            let client = match old {
-                Some(o) if o.upstream.connect_timeout == upstream.connect_timeout => {
-                    o.client.clone()
-                }
-                _ => http_client(&upstream),
+            let pool = match old {
+                Some(o) if o.pool.connect_timeout() == upstream.connect_timeout => o.pool.clone(),
+                _ => pool::ConnPool::new(upstream.connect_timeout),
             };
             upstreams.push(UpstreamPool {
                 upstream: Arc::new(upstream),
-                client,
+                pool,
             });
         }
         let index = |name: &str| {
@@ -278,10 +271,7 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Ok(response);
         }
-        let Some(UpstreamPool {
-            upstream,
-            client: http,
-        }) = self
+        let Some(UpstreamPool { upstream, pool }) = self
             .route(&listener, &parts)
             .and_then(|i| self.upstreams.get(i))
         else {
@@ -293,7 +283,7 @@ impl Proxy {
         let deadline = upstream
             .request_timeout
             .map(|t| tokio::time::Instant::now() + t);
-        let forward = self.forward(upstream, http, client, parts, body);
+        let forward = self.forward(upstream, pool, client, parts, body);
         let mut response = match deadline {
             None => forward.await,
             Some(at) => match tokio::time::timeout_at(at, forward).await {
@@ -321,8 +311,8 @@ impl Proxy {
     }
 }
 
-/// `e` and its sources, joined by `: ` (hyper-util's errors say little on
-/// their own).
+/// `e` and its sources, joined by `: ` (hyper's errors say little on their
+/// own).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -332,15 +322,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
-}
-
-fn http_client(upstream: &Upstream) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(upstream.connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .build(connector)
 }
 
 /// A proxy-made error response: `status` with a one-line plain-text reason.
