@@ -41,6 +41,8 @@ use std::sync::{Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -298,6 +300,15 @@ impl Drop for ConnPermit {
 }
 
 /// A downstream socket with the head-read and idle timeouts on its reads.
+///
+/// With parking enabled ([`TimedIo::enable_parking`], HTTP/1 only), a read
+/// that would block while the connection is idle (no request in progress, no
+/// head arriving, every written byte flushed) returns end-of-file instead,
+/// and [`TimedIo::take_parked`] tells it apart from a real one: the HTTP/1
+/// connection serving it ends cleanly and frees its read and write buffers,
+/// and the socket waits in [`TimedIo::wait_readable`] for the next request
+/// holding only this struct (as NGINX frees a keep-alive connection's
+/// buffers while it waits).
 #[derive(Debug)]
 pub struct TimedIo<S> {
     inner: S,
@@ -306,6 +317,26 @@ pub struct TimedIo<S> {
     idle: Duration,
     sleep: Pin<Box<Sleep>>,
     armed_ms: Option<u64>,
+    /// Bytes read before the current reader took over, served first.
+    prefix: Bytes,
+    park: bool,
+    parked: bool,
+    unflushed: bool,
+}
+
+/// A socket that can wait until it is readable without reading.
+pub trait ReadReady {
+    /// Ready when a read would not block (data, end-of-file or an error).
+    ///
+    /// # Errors
+    /// The socket's error.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
 }
 
 impl<S> TimedIo<S> {
@@ -320,8 +351,92 @@ impl<S> TimedIo<S> {
             idle,
             sleep: Box::pin(tokio::time::sleep(idle)),
             armed_ms: None,
+            prefix: Bytes::new(),
+            park: false,
+            parked: false,
+            unflushed: false,
         };
         (io, activity)
+    }
+
+    /// Let reads park the connection while it is idle (see [`TimedIo`]).
+    pub fn enable_parking(&mut self) {
+        self.park = true;
+    }
+
+    /// True (once) if the last end-of-file was a park, not the peer's.
+    pub fn take_parked(&mut self) -> bool {
+        std::mem::take(&mut self.parked)
+    }
+
+    /// Serve `bytes` (read earlier, not consumed) before reading the socket.
+    pub fn unread(&mut self, bytes: Bytes) {
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+        } else if !bytes.is_empty() {
+            let mut joined = bytes::BytesMut::from(&bytes[..]);
+            joined.extend_from_slice(&self.prefix);
+            self.prefix = joined.freeze();
+        }
+    }
+
+    /// The timeouts' verdict while a read would block: an error once the
+    /// deadline that applies passed or the connection was reclaimed, else
+    /// `Pending` with the timer armed.
+    fn poll_timeouts(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        self.activity.waker.register(cx.waker());
+        if self.activity.reclaimed.swap(false, Ordering::Relaxed)
+            && self.activity.idle_since().is_some()
+        {
+            return Poll::Ready(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed while idle to make room: max_connections reached",
+            ));
+        }
+        let Some(deadline) = self.activity.deadline_ms(self.header_read, self.idle) else {
+            self.armed_ms = None;
+            return Poll::Pending;
+        };
+        if self.armed_ms != Some(deadline) {
+            let at = epoch() + Duration::from_millis(deadline);
+            self.sleep
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(at));
+            self.armed_ms = Some(deadline);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                let what = if self.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
+                    "idle keep-alive timeout"
+                } else {
+                    "request head not received in time"
+                };
+                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: ReadReady> TimedIo<S> {
+    /// Wait, holding no buffer, until the socket is readable (or bytes were
+    /// [`TimedIo::unread`]), under the same idle and head-read timeouts as a
+    /// read.
+    ///
+    /// # Errors
+    /// `TimedOut` at the idle or head-read deadline, `ConnectionAborted` if
+    /// reclaimed under the connection cap, or the socket's error.
+    pub async fn wait_readable(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            if !self.prefix.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
+                return Poll::Ready(r);
+            }
+            self.poll_timeouts(cx).map(Err)
+        })
+        .await
     }
 }
 
@@ -332,6 +447,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            this.activity.received();
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -342,37 +463,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                this.activity.waker.register(cx.waker());
-                if this.activity.reclaimed.swap(false, Ordering::Relaxed)
-                    && this.activity.idle_since().is_some()
-                {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        "closed while idle to make room: max_connections reached",
-                    )));
+                if this.park && !this.unflushed && this.activity.idle_since().is_some() {
+                    this.parked = true;
+                    return Poll::Ready(Ok(()));
                 }
-                let Some(deadline) = this.activity.deadline_ms(this.header_read, this.idle) else {
-                    this.armed_ms = None;
-                    return Poll::Pending;
-                };
-                if this.armed_ms != Some(deadline) {
-                    let at = epoch() + Duration::from_millis(deadline);
-                    this.sleep
-                        .as_mut()
-                        .reset(tokio::time::Instant::from_std(at));
-                    this.armed_ms = Some(deadline);
-                }
-                match this.sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        let what = if this.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
-                            "idle keep-alive timeout"
-                        } else {
-                            "request head not received in time"
-                        };
-                        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
+                this.poll_timeouts(cx).map(Err)
             }
         }
     }
@@ -384,7 +479,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.unflushed = true;
+        }
+        written
     }
 
     fn poll_write_vectored(
@@ -392,7 +491,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            self.unflushed = true;
+        }
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -400,7 +503,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TimedIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            self.unflushed = false;
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

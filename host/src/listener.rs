@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{HttpService, service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -85,19 +86,122 @@ pub(crate) fn spawn_listener(
     }
 }
 
-/// hyper's connection settings for `limits`: heads that cannot fit are
-/// answered 431 (or 414) by hyper itself, with bounded memory (see
-/// [`crate::request_rules`]).
-fn connection_builder(limits: &crate::config::RequestLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(crate::request_rules::h1_max_buf_size(limits))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
-        .max_header_list_size(crate::request_rules::h2_max_header_list_size(limits));
-    builder
+/// hyper's HTTP/1 and HTTP/2 connection settings for a listener.
+#[derive(Clone, Debug)]
+struct Protocols {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    /// The settings for `limits`: heads that cannot fit are answered 431 (or
+    /// 414) by hyper itself, with bounded memory (see [`crate::request_rules`]).
+    fn new(limits: &crate::config::RequestLimits) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.max_buf_size(crate::request_rules::h1_max_buf_size(limits))
+            .max_headers(limits.max_headers);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.max_header_list_size(crate::request_rules::h2_max_header_list_size(limits));
+        Self { h1, h2 }
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4): a connection that opens
+/// with it speaks h2c with prior knowledge.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// True if the connection opens with the HTTP/2 preface. Reads at most its
+/// 24 bytes, under the head-read timeout, and leaves them unread.
+async fn sniff_h2(io: &mut TimedIo<TcpStream>) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            break;
+        }
+    }
+    io.unread(bytes::Bytes::copy_from_slice(&buf[..n]));
+    Ok(buf[..n] == H2_PREFACE[..])
+}
+
+/// Serve one downstream connection until it closes, or until `closing`
+/// turns true (then in-flight requests finish and it closes).
+///
+/// HTTP/2 (prior knowledge) is served by one hyper connection for its whole
+/// life. HTTP/1 is served one busy period at a time: when the connection
+/// goes idle its hyper connection ends and frees its buffers, and the socket
+/// waits for the next request holding only its [`TimedIo`] (see there), so
+/// an idle keep-alive connection costs a few hundred bytes, not hyper's 16 KiB
+/// of buffers.
+async fn serve_connection<S>(
+    mut io: TimedIo<TcpStream>,
+    protocols: Protocols,
+    service: S,
+    mut closing: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: HttpService<Incoming, ResBody = crate::proxy::ProxyBody> + Clone + Unpin + Send + 'static,
+    S::Future: Unpin + Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let closed = |c: &bool| *c;
+    let h2 = tokio::select! {
+        h2 = sniff_h2(&mut io) => h2?,
+        _ = closing.wait_for(closed) => return Ok(()),
+    };
+    if h2 {
+        let conn = protocols.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut shutting = false;
+        loop {
+            tokio::select! {
+                done = conn.as_mut() => return done.map_err(Into::into),
+                _ = closing.wait_for(closed), if !shutting => {
+                    conn.as_mut().graceful_shutdown();
+                    shutting = true;
+                }
+            }
+        }
+    }
+    io.enable_parking();
+    loop {
+        // Boxed: allocated only while the connection is busy.
+        let mut conn = Box::new(
+            protocols
+                .h1
+                .serve_connection(TokioIo::new(io), service.clone()),
+        );
+        let mut shutting = false;
+        loop {
+            tokio::select! {
+                done = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
+                    done?;
+                    break;
+                }
+                _ = closing.wait_for(closed), if !shutting => {
+                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                    shutting = true;
+                }
+            }
+        }
+        let parts = conn.into_parts();
+        io = parts.io.into_inner();
+        if shutting || !io.take_parked() {
+            // The client closed, or hyper ended the connection: close ours.
+            let _ = io.shutdown().await;
+            return Ok(());
+        }
+        io.unread(parts.read_buf);
+        tokio::select! {
+            ready = io.wait_readable() => ready?,
+            _ = closing.wait_for(closed) => return Ok(()),
+        }
+    }
 }
 
 /// Permits from the listener's cap and the global one, waiting (not
@@ -151,9 +255,10 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> bool {
     static ACCEPT_FAILED: LogLimiter = LogLimiter::new();
-    let graceful = GracefulShutdown::new();
+    // Connections hold a receiver: `closed()` is their end.
+    let (closing, closing_rx) = watch::channel(false);
     let mut limits = None;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut protocols = Protocols::new(&crate::config::RequestLimits::default());
     let open = shared.metrics.resources().connections_open.clone();
     loop {
         let permits = tokio::select! {
@@ -183,7 +288,7 @@ async fn accept_loop(
                 if limits != Some(proxy.limits()) {
                     // First connection, or a reload changed the limits.
                     limits = Some(proxy.limits());
-                    builder = connection_builder(&proxy.limits());
+                    protocols = Protocols::new(&proxy.limits());
                 }
                 drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
@@ -201,8 +306,7 @@ async fn accept_loop(
                         response.map(|r| r.map(|body| body.with_request_guard(guard)))
                     })
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let conn = serve_connection(stream, protocols.clone(), service, closing_rx.clone());
                 open.inc();
                 let open = open.clone();
                 tokio::spawn(async move {
@@ -217,6 +321,8 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(closing_rx);
+    let _ = closing.send(true);
+    closing.closed().await;
     true
 }

@@ -335,3 +335,105 @@ async fn shutdown_stops_waiting_at_its_deadline() {
     );
     slow.abort();
 }
+
+/// Read from `stream` until `marker` (the end of a response body) arrived
+/// `n` times (bounded by [`wasmlb_tests::WAIT`]); what was read.
+async fn read_responses(stream: &mut tokio::net::TcpStream, marker: &str, n: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(wasmlb_tests::WAIT, async {
+        let mut buf = [0u8; 4096];
+        while String::from_utf8_lossy(&out).matches(marker).count() < n {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&out).into_owned();
+    assert!(read.is_ok(), "no {n} responses in time: {got:?}");
+    got
+}
+
+/// An idle HTTP/1.1 keep-alive connection gives up hyper's buffers while it
+/// waits (see `wasmlb::conn::TimedIo`): whatever arrives next on it, however
+/// split, is served as before, and the timeouts still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keep_alive_connections_serve_what_comes_next() {
+    use tokio::io::AsyncWriteExt;
+    const HELLO: &str = "hello from b0";
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(80));
+    let b = TestBackend::start("b0").await;
+    let config = format!(
+        "{}\n[server]\nheader_read_timeout_ms = 400\nidle_timeout_ms = 60000\n",
+        app_config("round-robin", &backend_list(&[&b]), "")
+    );
+    let proxy = InProcessProxy::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addrs[0])
+        .await
+        .expect("connect");
+    // Requests after pauses, one head split across a pause, a pipelined pair.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let got = read_responses(&mut s, HELLO, 1).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    pause().await;
+    s.write_all(b"GET / HTTP/1.1\r\nHo").await.expect("write");
+    pause().await;
+    s.write_all(b"st: x\r\n\r\n").await.expect("write");
+    let got = read_responses(&mut s, HELLO, 1).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    pause().await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let got = read_responses(&mut s, HELLO, 2).await;
+    assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got:?}");
+    // A POST whose body follows its head after a pause.
+    pause().await;
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .expect("write");
+    pause().await;
+    s.write_all(b"abcde").await.expect("write");
+    // sha256("abcde")
+    let got = read_responses(
+        &mut s,
+        "36bbe50ed96841d10443bcb670d6554f0a34b761be67ec9c4a8ad2c0c44ca42c",
+        1,
+    )
+    .await;
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.contains("\r\n\r\n5 "),
+        "{got:?}"
+    );
+    // Half a head after a served request: closed at the head-read timeout
+    // (400 ms); the idle one (60 s) is longer than read_until_closed waits.
+    pause().await;
+    s.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+    let got = read_until_closed(&mut s).await;
+    assert!(!got.contains("hello"), "{got:?}");
+
+    // An HTTP/2 preface split across reads still selects HTTP/2.
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addrs[0])
+        .await
+        .expect("connect");
+    h2.write_all(b"PRI * HTTP/2.0\r\n").await.expect("write");
+    pause().await;
+    h2.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("write");
+    let mut head = [0u8; 9];
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(wasmlb_tests::WAIT, h2.read_exact(&mut head))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    assert_eq!(
+        head[3], 0x4,
+        "the server's first frame is SETTINGS: {head:?}"
+    );
+    assert!(proxy.stop().await);
+}
