@@ -161,10 +161,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         (n, None) => tracing::debug!(nofile = n, "RLIMIT_NOFILE raised to the hard limit"),
         (n, Some(e)) => tracing::warn!(nofile = n, "cannot raise RLIMIT_NOFILE: {e}"),
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.threads {
-        builder.worker_threads(n.max(1));
-    }
+    // One worker: tokio's single-threaded scheduler, which skips the
+    // work-stealing machinery (as NGINX's single worker, and hyper's floor in
+    // bench/run.py); more: the work-stealing one.
+    let mut builder = match cli.threads.map(|n| n.max(1)) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let rt = builder
         .enable_all()
         .build()
