@@ -371,9 +371,11 @@ impl<S> TimedIo<S> {
 
     /// Serve `bytes` (read earlier, not consumed) before reading the socket.
     pub fn unread(&mut self, bytes: Bytes) {
-        if self.prefix.is_empty() {
+        if bytes.is_empty() {
+            // An empty view may still hold a whole buffer (hyper's, frozen).
+        } else if self.prefix.is_empty() {
             self.prefix = bytes;
-        } else if !bytes.is_empty() {
+        } else {
             let mut joined = bytes::BytesMut::from(&bytes[..]);
             joined.extend_from_slice(&self.prefix);
             self.prefix = joined.freeze();

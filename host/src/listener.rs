@@ -129,6 +129,33 @@ async fn sniff_h2(io: &mut TimedIo<TcpStream>) -> std::io::Result<bool> {
     Ok(buf[..n] == H2_PREFACE[..])
 }
 
+/// Serve an HTTP/2 connection until it closes, or until `closing` turns
+/// true (then open streams finish, and it closes).
+async fn serve_h2<S>(
+    io: TimedIo<TcpStream>,
+    h2: &http2::Builder<TokioExecutor>,
+    service: S,
+    mut closing: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: HttpService<Incoming, ResBody = crate::proxy::ProxyBody> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = h2.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut shutting = false;
+    loop {
+        tokio::select! {
+            done = conn.as_mut() => return done.map_err(Into::into),
+            _ = closing.wait_for(|c| *c), if !shutting => {
+                conn.as_mut().graceful_shutdown();
+                shutting = true;
+            }
+        }
+    }
+}
+
 /// Serve one downstream connection until it closes, or until `closing`
 /// turns true (then in-flight requests finish and it closes).
 ///
@@ -140,7 +167,7 @@ async fn sniff_h2(io: &mut TimedIo<TcpStream>) -> std::io::Result<bool> {
 /// of buffers.
 async fn serve_connection<S>(
     mut io: TimedIo<TcpStream>,
-    protocols: Protocols,
+    protocols: Arc<Protocols>,
     service: S,
     mut closing: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -155,18 +182,9 @@ where
         _ = closing.wait_for(closed) => return Ok(()),
     };
     if h2 {
-        let conn = protocols.h2.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
-        let mut shutting = false;
-        loop {
-            tokio::select! {
-                done = conn.as_mut() => return done.map_err(Into::into),
-                _ = closing.wait_for(closed), if !shutting => {
-                    conn.as_mut().graceful_shutdown();
-                    shutting = true;
-                }
-            }
-        }
+        // Boxed: the HTTP/2 state is large, and every connection's task
+        // would otherwise hold room for it.
+        return Box::pin(serve_h2(io, &protocols.h2, service, closing)).await;
     }
     io.enable_parking();
     loop {
@@ -258,7 +276,7 @@ async fn accept_loop(
     // Connections hold a receiver: `closed()` is their end.
     let (closing, closing_rx) = watch::channel(false);
     let mut limits = None;
-    let mut protocols = Protocols::new(&crate::config::RequestLimits::default());
+    let mut protocols = Arc::new(Protocols::new(&crate::config::RequestLimits::default()));
     let open = shared.metrics.resources().connections_open.clone();
     loop {
         let permits = tokio::select! {
@@ -288,7 +306,7 @@ async fn accept_loop(
                 if limits != Some(proxy.limits()) {
                     // First connection, or a reload changed the limits.
                     limits = Some(proxy.limits());
-                    protocols = Protocols::new(&proxy.limits());
+                    protocols = Arc::new(Protocols::new(&proxy.limits()));
                 }
                 drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
