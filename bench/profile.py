@@ -2,13 +2,15 @@
 """Profile wasmlb's hot path: a flamegraph of one worker thread under wrk load.
 
 Usage: bench/profile.py [--plugin round-robin] [--conns 64] [--seconds 5] [--out bench/flamegraph.svg]
+                        [--folded FILE]
 
 Installs what it needs (`linux-perf` and `wrk` with apt-get, `inferno` with
 cargo install), builds the release binaries, starts the 4 demo-backend servers
 and wrk on CPU 1 and wasmlb (1 worker thread) on CPU 0 as bench/run.py does,
 samples wasmlb with `perf record --call-graph dwarf` while wrk runs, and
 writes an SVG flamegraph (inferno) plus a text summary: the share of samples
-spent in the kernel, in hyper, in the pooled client, in the plugin call, and
+spent in the kernel, in hyper (downstream and upstream), the connection pool,
+the plugin call, headers, metrics, the allocator, the tokio scheduler, and
 the top functions by self time. Figures are shares of wasmlb's own CPU time.
 """
 
@@ -30,11 +32,16 @@ import run  # noqa: E402
 # frames matches.
 GROUPS = {
     "kernel (system calls, TCP)": r"entry_SYSCALL_64",
-    "hyper server connection (downstream)": r"^hyper::proto::h1::dispatch::Dispatcher.*poll_catch",
-    "hyper-util pooled client (upstream)": r"^hyper_util::client::legacy",
+    "hyper server connection (downstream)": r"Dispatcher<hyper::proto::h1::dispatch::Server",
+    "hyper client connection (upstream)": r"Dispatcher<hyper::proto::h1::dispatch::Client",
+    "upstream connection pool (wasmlb::proxy::pool)": r"^wasmlb::proxy::pool",
     "plugin selection (Upstream::select)": r"^wasmlb::upstream::Upstream::select",
     "  of which inside wasmtime": r"^wasmtime",
-    "malloc / free": r"^(__GI___libc_malloc|_int_malloc|__GI___libc_free|_int_free)",
+    "header rewriting (wasmlb::headers)": r"^wasmlb::headers",
+    "request checks (wasmlb::request_rules)": r"^wasmlb::request_rules",
+    "metrics (prometheus-client)": r"^prometheus_client",
+    "malloc / free": r"^(__GI___libc_malloc|_int_malloc|__GI___libc_free|_int_free|_?mi_|mi_)",
+    "tokio scheduler": r"^tokio::runtime::(scheduler|task)",
     "tokio timers": r"^tokio::runtime::time",
     "clock_gettime": r"clock_gettime",
     "retry bookkeeping (wasmlb::retry, TpsBudget)": r"^wasmlb::retry|TpsBudget",
@@ -82,6 +89,7 @@ def main():
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--out", default=str(run.ROOT / "bench/flamegraph.svg"))
+    ap.add_argument("--folded", help="also write the folded stacks (inferno-collapse-perf) here")
     args = ap.parse_args()
     install()
     wasmlb, demo = run.build()
@@ -121,6 +129,8 @@ def main():
         svg = subprocess.run(["inferno-flamegraph", "--title", title, "--width", "1600"],
                              input=folded, capture_output=True, check=True).stdout
         Path(args.out).write_bytes(svg)
+        if args.folded:
+            Path(args.folded).write_bytes(folded)
         print(summarize(folded.decode()))
         run.log(f"wrote {args.out}")
 

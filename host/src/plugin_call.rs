@@ -3,7 +3,8 @@
 //! module: the runtime, the upstream and the metrics all use it.
 //!
 //! wasmtime's epoch interruption is wall-clock: the epoch advances every
-//! tick (1 ms) whether or not the worker thread runs. On a
+//! tick (1 ms while a call is in progress; 10 ms otherwise, see
+//! [`crate::plugin::EPOCH_IDLE_TICK`]) whether or not the worker thread runs. On a
 //! loaded host a worker preempted for a few ms in the middle of a call would
 //! pass a 5 ms deadline without the plugin having run for 5 ms; the call
 //! would trap, open the plugin's circuit breaker and send the next requests to
@@ -14,7 +15,8 @@
 //! [`grace`] of CPU time (half its budget, at least 1 ms) on the thread's CPU
 //! clock (`CLOCK_THREAD_CPUTIME_ID`), or once [`wall_cap`] (four times its
 //! budget, at least 50 ms) of wall time has passed since the deadline. A
-//! runaway plugin is therefore cut after about 1.5 times its budget; a
+//! runaway plugin is therefore cut after about 1.5 times its budget (plus up
+//! to 10 ms if it started while the ticker was idle); a
 //! preempted one is not cut for time it did not run. Plugins import no WASI
 //! and cannot block, so the CPU time of the thread during a call is the
 //! plugin's (and its host calls'). The check costs nothing on calls that end

@@ -34,10 +34,24 @@ pub struct HostState {
 }
 
 /// Start a call on `store` with a budget of `budget_ms` ms of CPU time
-/// ([`crate::plugin_call`]).
-pub(super) fn arm(store: &mut Store<HostState>, budget_ms: u64) {
+/// ([`crate::plugin_call`]); the call counts as in progress (for the epoch
+/// ticker, see [`super::EPOCH_IDLE_TICK`]) until the returned guard drops.
+#[must_use = "the call is in progress while the guard lives"]
+pub(super) fn arm(store: &mut Store<HostState>, budget_ms: u64) -> InCall {
     let ticks = store.data_mut().deadline.arm(budget_ms);
     store.set_epoch_deadline(ticks);
+    super::CALLS_IN_PROGRESS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    InCall(())
+}
+
+/// A plugin call in progress; see [`arm`].
+#[derive(Debug)]
+pub(super) struct InCall(());
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        super::CALLS_IN_PROGRESS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub(super) fn process_start() -> Instant {

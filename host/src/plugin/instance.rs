@@ -111,7 +111,7 @@ impl Instance {
     /// interface; `Some(Err)` with the trap if it failed.
     pub fn export_state(&mut self) -> Option<Result<Vec<u8>, String>> {
         let export = self.state.as_ref()?.export;
-        arm(&mut self.store, self.deadline_ms);
+        let _call = arm(&mut self.store, self.deadline_ms);
         Some(
             export
                 .call(&mut self.store, ())
@@ -124,7 +124,7 @@ impl Instance {
     /// no state interface; `Some(Err)` with the plugin's message or the trap.
     pub fn import_state(&mut self, bytes: Vec<u8>) -> Option<Result<(), String>> {
         let import = self.state.as_ref()?.import;
-        arm(&mut self.store, self.deadline_ms);
+        let _call = arm(&mut self.store, self.deadline_ms);
         Some(match import.call(&mut self.store, (bytes,)) {
             Ok((result,)) => result,
             Err(e) => Err(describe_error(&e)),
@@ -138,7 +138,7 @@ impl Instance {
     pub fn set_backends(&mut self, backends: Arc<[Backend]>) -> Result<(), String> {
         let list = backend_list(&backends);
         self.store.data_mut().backends = backends;
-        arm(&mut self.store, self.init_deadline_ms);
+        let _call = arm(&mut self.store, self.init_deadline_ms);
         self.bindings
             .wasmlb_plugin_strategy()
             .call_set_backends(&mut self.store, &list)
@@ -158,7 +158,7 @@ impl Instance {
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
         self.store.data_mut().response_headers.clear();
         self.store.data_mut().request = Some(request);
-        arm(&mut self.store, self.deadline_ms);
+        let _call = arm(&mut self.store, self.deadline_ms);
         let result = self
             .bindings
             .wasmlb_plugin_strategy()

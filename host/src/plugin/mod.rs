@@ -44,8 +44,21 @@ pub(crate) mod bindings {
 
 pub use bindings::wasmlb::plugin::types::Decision;
 
-/// How often the epoch advances; deadlines are whole ticks (ms).
+/// How often the epoch advances while a plugin call is in progress;
+/// deadlines are whole ticks (ms).
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// How often the epoch advances while no plugin call is in progress. Calls
+/// last about a microsecond, so under load the ticker almost always finds
+/// none in progress and wakes 100 times a second rather than 1,000 (each
+/// wake-up preempts a worker: about 1.5 µs of CPU per request at 20k
+/// requests/s on a 2-core VM, measured with /proc/PID/task/*/schedstat). The
+/// cost: a call that starts just after a tick runs up to this much longer
+/// before its deadline is first looked at.
+pub const EPOCH_IDLE_TICK: Duration = Duration::from_millis(10);
+
+/// Plugin calls in progress, over every instance (see [`EPOCH_IDLE_TICK`]).
+static CALLS_IN_PROGRESS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The WIT package plugins may import from, and the interfaces in it.
 const ALLOWED_PACKAGE: &str = "wasmlb:plugin";
@@ -163,7 +176,8 @@ impl Runtime {
                 while let Some(engine) = weak.upgrade() {
                     engine.increment_epoch();
                     drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
+                    let busy = CALLS_IN_PROGRESS.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                    std::thread::sleep(if busy { EPOCH_TICK } else { EPOCH_IDLE_TICK });
                 }
             })
             .map_err(|e| PluginError::Engine(format!("spawning the epoch ticker: {e}")))?;
@@ -396,7 +410,7 @@ impl Plugin {
             })
         });
         let (deadline_ms, init_deadline_ms) = (settings.deadline_ms, settings.init_deadline_ms);
-        arm(&mut store, init_deadline_ms);
+        let _call = arm(&mut store, init_deadline_ms);
         let instance = self
             .pre
             .instance_pre()
@@ -406,7 +420,7 @@ impl Plugin {
             .map_err(|e| init_err("instantiate", e))?;
         let state = state_funcs(&mut store, &instance);
         let strategy = bindings.wasmlb_plugin_strategy();
-        arm(&mut store, init_deadline_ms);
+        let _call = arm(&mut store, init_deadline_ms);
         strategy
             .call_init(&mut store, &settings.config_json)
             .map_err(|e| init_err("init", e))?
@@ -416,7 +430,7 @@ impl Plugin {
                 message,
             })?;
         let list = backend_list(&store.data().backends);
-        arm(&mut store, init_deadline_ms);
+        let _call = arm(&mut store, init_deadline_ms);
         strategy
             .call_set_backends(&mut store, &list)
             .map_err(|e| init_err("set-backends", e))?;
