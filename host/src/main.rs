@@ -2,12 +2,6 @@
 //! `wasmlb plugin new NAME` for plugin authors.
 #![forbid(unsafe_code)]
 
-/// mimalloc: size classes kept apart and freed pages returned to the OS, so
-/// the buffers a busy period frees do not stay resident behind the small,
-/// long-lived allocations of idle connections (glibc's malloc kept about
-/// 9 KiB per idle connection that way; see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
