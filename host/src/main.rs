@@ -2,7 +2,6 @@
 //! `wasmlb plugin new NAME` for plugin authors.
 #![forbid(unsafe_code)]
 
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -82,12 +82,15 @@ impl Lease {
         };
         if sender.is_ready() {
             self.pool.put(self.address, sender);
-        } else if !sender.is_closed() {
+        } else if !sender.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
             // Still sending the request body (the backend answered early),
             // or hyper has not yet seen the end: pool it once it is ready,
-            // so no request waits behind it.
+            // so no request waits behind it. (Outside a runtime, as at
+            // shutdown, it is closed instead.)
             let (pool, address) = (self.pool.clone(), self.address);
-            tokio::spawn(async move {
+            runtime.spawn(async move {
                 if sender.ready().await.is_ok() {
                     pool.put(address, sender);
                 }
