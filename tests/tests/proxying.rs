@@ -230,14 +230,18 @@ backends = [ {{ address = "{}" }} ]
     assert!(proxy.stop().await);
 }
 
-/// Read from `stream` until EOF or an error (bounded by [`wasmlb_tests::WAIT`]);
-/// what was read.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+/// Read from `stream` until `done` holds for what was read, or EOF or an
+/// error (bounded by [`wasmlb_tests::WAIT`]); what was read, and whether the
+/// read ended in time.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    done: impl Fn(&str) -> bool,
+) -> (String, bool) {
     use tokio::io::AsyncReadExt;
     let mut out = Vec::new();
     let read = tokio::time::timeout(wasmlb_tests::WAIT, async {
         let mut buf = [0u8; 4096];
-        loop {
+        while !done(&String::from_utf8_lossy(&out)) {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => out.extend_from_slice(&buf[..n]),
@@ -245,19 +249,33 @@ async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
         }
     })
     .await;
-    assert!(read.is_ok(), "the proxy never closed the connection");
-    String::from_utf8_lossy(&out).into_owned()
+    (String::from_utf8_lossy(&out).into_owned(), read.is_ok())
+}
+
+/// Read from `stream` until EOF or an error (bounded by [`wasmlb_tests::WAIT`]);
+/// what was read.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    let (got, in_time) = read_until(stream, |_| false).await;
+    assert!(in_time, "the proxy never closed the connection");
+    got
+}
+
+/// A proxy in front of one backend `b0` with the given `header_read_timeout_ms`
+/// and `idle_timeout_ms`.
+async fn proxy_with_timeouts(header_read_ms: u64, idle_ms: u64) -> (TestBackend, InProcessProxy) {
+    let b = TestBackend::start("b0").await;
+    let config = format!(
+        "{}\n[server]\nheader_read_timeout_ms = {header_read_ms}\nidle_timeout_ms = {idle_ms}\n",
+        app_config("round-robin", &backend_list(&[&b]), "")
+    );
+    let proxy = InProcessProxy::start(&config).await;
+    (b, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_heads_and_idle_keep_alive_connections_are_closed() {
     use tokio::io::AsyncWriteExt;
-    let b = TestBackend::start("b0").await;
-    let config = format!(
-        "{}\n[server]\nheader_read_timeout_ms = 300\nidle_timeout_ms = 600\n",
-        app_config("round-robin", &backend_list(&[&b]), "")
-    );
-    let proxy = InProcessProxy::start(&config).await;
+    let (_b, proxy) = proxy_with_timeouts(300, 600).await;
 
     // Slowloris: half a head, then nothing.
     let mut slow = tokio::net::TcpStream::connect(proxy.addrs[0])
@@ -339,20 +357,8 @@ async fn shutdown_stops_waiting_at_its_deadline() {
 /// Read from `stream` until `marker` (the end of a response body) arrived
 /// `n` times (bounded by [`wasmlb_tests::WAIT`]); what was read.
 async fn read_responses(stream: &mut tokio::net::TcpStream, marker: &str, n: usize) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let read = tokio::time::timeout(wasmlb_tests::WAIT, async {
-        let mut buf = [0u8; 4096];
-        while String::from_utf8_lossy(&out).matches(marker).count() < n {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let got = String::from_utf8_lossy(&out).into_owned();
-    assert!(read.is_ok(), "no {n} responses in time: {got:?}");
+    let (got, in_time) = read_until(stream, |out| out.matches(marker).count() >= n).await;
+    assert!(in_time, "no {n} responses in time: {got:?}");
     got
 }
 
@@ -364,12 +370,7 @@ async fn parked_keep_alive_connections_serve_what_comes_next() {
     use tokio::io::AsyncWriteExt;
     const HELLO: &str = "hello from b0";
     let pause = || tokio::time::sleep(std::time::Duration::from_millis(80));
-    let b = TestBackend::start("b0").await;
-    let config = format!(
-        "{}\n[server]\nheader_read_timeout_ms = 400\nidle_timeout_ms = 60000\n",
-        app_config("round-robin", &backend_list(&[&b]), "")
-    );
-    let proxy = InProcessProxy::start(&config).await;
+    let (_b, proxy) = proxy_with_timeouts(400, 60_000).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addrs[0])
         .await
         .expect("connect");
