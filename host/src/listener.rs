@@ -144,12 +144,31 @@ where
 {
     let conn = h2.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let (done, _) = drive(
+        &mut conn,
+        |c, cx| c.as_mut().poll(cx),
+        |c| c.as_mut().graceful_shutdown(),
+        &mut closing,
+    )
+    .await;
+    done.map_err(Into::into)
+}
+
+/// Poll `conn` to its end with `poll`; the first time `closing` turns true
+/// meanwhile, ask it to finish gracefully with `graceful`. Its result, and
+/// whether it was asked to finish.
+async fn drive<C, R>(
+    conn: &mut C,
+    poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<R>,
+    graceful: fn(&mut C),
+    closing: &mut watch::Receiver<bool>,
+) -> (R, bool) {
     let mut shutting = false;
     loop {
         tokio::select! {
-            done = conn.as_mut() => return done.map_err(Into::into),
+            done = std::future::poll_fn(|cx| poll(conn, cx)) => return (done, shutting),
             _ = closing.wait_for(|c| *c), if !shutting => {
-                conn.as_mut().graceful_shutdown();
+                graceful(conn);
                 shutting = true;
             }
         }
@@ -194,19 +213,14 @@ where
                 .h1
                 .serve_connection(TokioIo::new(io), service.clone()),
         );
-        let mut shutting = false;
-        loop {
-            tokio::select! {
-                done = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
-                    done?;
-                    break;
-                }
-                _ = closing.wait_for(closed), if !shutting => {
-                    std::pin::Pin::new(&mut *conn).graceful_shutdown();
-                    shutting = true;
-                }
-            }
-        }
+        let (done, shutting) = drive(
+            &mut conn,
+            |c, cx| c.poll_without_shutdown(cx),
+            |c| std::pin::Pin::new(&mut **c).graceful_shutdown(),
+            &mut closing,
+        )
+        .await;
+        done?;
         let parts = conn.into_parts();
         io = parts.io.into_inner();
         if shutting || !io.take_parked() {
@@ -275,8 +289,8 @@ async fn accept_loop(
     static ACCEPT_FAILED: LogLimiter = LogLimiter::new();
     // Connections hold a receiver: `closed()` is their end.
     let (closing, closing_rx) = watch::channel(false);
-    let mut limits = None;
-    let mut protocols = Arc::new(Protocols::new(&crate::config::RequestLimits::default()));
+    // The settings of the limits last seen (a reload may change them).
+    let mut current: Option<(crate::config::RequestLimits, Arc<Protocols>)> = None;
     let open = shared.metrics.resources().connections_open.clone();
     loop {
         let permits = tokio::select! {
@@ -303,11 +317,16 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let proxy = shared.proxy.load();
                 let (header_read, idle) = proxy.downstream_timeouts();
-                if limits != Some(proxy.limits()) {
+                let limits = proxy.limits();
+                let protocols = match &current {
+                    Some((seen, protocols)) if *seen == limits => protocols.clone(),
                     // First connection, or a reload changed the limits.
-                    limits = Some(proxy.limits());
-                    protocols = Arc::new(Protocols::new(&proxy.limits()));
-                }
+                    _ => {
+                        let protocols = Arc::new(Protocols::new(&limits));
+                        current = Some((limits, protocols.clone()));
+                        protocols
+                    }
+                };
                 drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
                 let registration = shared.conn_limit.register(&activity);
@@ -324,7 +343,7 @@ async fn accept_loop(
                         response.map(|r| r.map(|body| body.with_request_guard(guard)))
                     })
                 });
-                let conn = serve_connection(stream, protocols.clone(), service, closing_rx.clone());
+                let conn = serve_connection(stream, protocols, service, closing_rx.clone());
                 open.inc();
                 let open = open.clone();
                 tokio::spawn(async move {
