@@ -299,16 +299,30 @@ impl Drop for ConnPermit {
     }
 }
 
+/// How long an HTTP/1 connection stays idle before it is parked (its hyper
+/// connection and buffers freed; see [`TimedIo`]): 50 ms.
+pub const PARK_AFTER: Duration = Duration::from_millis(50);
+
+/// What a read that would block gets from the timers.
+enum Verdict {
+    /// A deadline passed or the connection was reclaimed: fail the read.
+    Fail(io::Error),
+    /// Idle for [`PARK_AFTER`] with parking enabled: park.
+    Park,
+}
+
 /// A downstream socket with the head-read and idle timeouts on its reads.
 ///
 /// With parking enabled ([`TimedIo::enable_parking`], HTTP/1 only), a read
-/// that would block while the connection is idle (no request in progress, no
-/// head arriving, every written byte flushed) returns end-of-file instead,
-/// and [`TimedIo::take_parked`] tells it apart from a real one: the HTTP/1
-/// connection serving it ends cleanly and frees its read and write buffers,
-/// and the socket waits in [`TimedIo::wait_readable`] for the next request
-/// holding only this struct (as NGINX frees a keep-alive connection's
-/// buffers while it waits).
+/// that would block once the connection has been idle (no request in
+/// progress, no head arriving, every written byte flushed) for
+/// [`PARK_AFTER`] returns end-of-file instead, and [`TimedIo::take_parked`]
+/// tells it apart from a real one: the HTTP/1 connection serving it ends
+/// cleanly and frees its read and write buffers, and the socket waits in
+/// [`TimedIo::wait_readable`] for the next request holding only this struct
+/// (as NGINX frees a keep-alive connection's buffers while it waits). A
+/// client whose next request comes sooner keeps its buffers: re-creating
+/// them for every request cost about 5 % of the CPU per request under load.
 #[derive(Debug)]
 pub struct TimedIo<S> {
     inner: S,
@@ -382,40 +396,53 @@ impl<S> TimedIo<S> {
         }
     }
 
-    /// The timeouts' verdict while a read would block: an error once the
-    /// deadline that applies passed or the connection was reclaimed, else
-    /// `Pending` with the timer armed.
-    fn poll_timeouts(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+    /// The timeouts' verdict while a read would block: fail once the
+    /// deadline that applies passed or the connection was reclaimed, park
+    /// (if `may_park`) once it has been idle for [`PARK_AFTER`], else
+    /// `Pending` with the timer armed for the earlier of the two.
+    fn poll_timeouts(&mut self, cx: &mut Context<'_>, may_park: bool) -> Poll<Verdict> {
         self.activity.waker.register(cx.waker());
-        if self.activity.reclaimed.swap(false, Ordering::Relaxed)
-            && self.activity.idle_since().is_some()
-        {
-            return Poll::Ready(io::Error::new(
+        let idle_since = self.activity.idle_since();
+        if self.activity.reclaimed.swap(false, Ordering::Relaxed) && idle_since.is_some() {
+            return Poll::Ready(Verdict::Fail(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "closed while idle to make room: max_connections reached",
-            ));
+            )));
         }
-        let Some(deadline) = self.activity.deadline_ms(self.header_read, self.idle) else {
+        let deadline = self.activity.deadline_ms(self.header_read, self.idle);
+        let park_at = idle_since
+            .filter(|_| may_park)
+            .map(|since| since.saturating_add(PARK_AFTER.as_millis() as u64));
+        let Some(at_ms) = deadline.into_iter().chain(park_at).min() else {
             self.armed_ms = None;
             return Poll::Pending;
         };
-        if self.armed_ms != Some(deadline) {
-            let at = epoch() + Duration::from_millis(deadline);
+        if self.armed_ms != Some(at_ms) {
+            let at = epoch() + Duration::from_millis(at_ms);
             self.sleep
                 .as_mut()
                 .reset(tokio::time::Instant::from_std(at));
-            self.armed_ms = Some(deadline);
+            self.armed_ms = Some(at_ms);
         }
         match self.sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) if park_at == Some(at_ms) => Poll::Ready(Verdict::Park),
             Poll::Ready(()) => {
                 let what = if self.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
                     "idle keep-alive timeout"
                 } else {
                     "request head not received in time"
                 };
-                Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, what))
+                Poll::Ready(Verdict::Fail(io::Error::new(io::ErrorKind::TimedOut, what)))
             }
-            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// [`TimedIo::poll_timeouts`] without parking: ready with the error.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self.poll_timeouts(cx, false) {
+            Poll::Ready(Verdict::Fail(e)) => Poll::Ready(e),
+            Poll::Ready(Verdict::Park) | Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -436,7 +463,7 @@ impl<S: ReadReady> TimedIo<S> {
             if let Poll::Ready(r) = self.inner.poll_read_ready(cx) {
                 return Poll::Ready(r);
             }
-            self.poll_timeouts(cx).map(Err)
+            self.poll_deadline(cx).map(Err)
         })
         .await
     }
@@ -464,13 +491,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for TimedIo<S> {
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => {
-                if this.park && !this.unflushed && this.activity.idle_since().is_some() {
+            Poll::Pending => match this.poll_timeouts(cx, this.park && !this.unflushed) {
+                Poll::Ready(Verdict::Park) => {
                     this.parked = true;
-                    return Poll::Ready(Ok(()));
+                    Poll::Ready(Ok(()))
                 }
-                this.poll_timeouts(cx).map(Err)
-            }
+                Poll::Ready(Verdict::Fail(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }
@@ -621,6 +649,33 @@ mod tests {
         assert_eq!(io.read(&mut buf).await.unwrap(), 8);
         let e = io.read(&mut buf).await.unwrap_err();
         assert!(e.to_string().contains("request head"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_parks_after_the_grace_not_at_once() {
+        let (mut io, mut peer, activity) = pair(60_000, 60_000).await;
+        io.enable_parking();
+        drop(activity.begin());
+        let mut buf = [0u8; 8];
+        // Within PARK_AFTER the read waits, and data that comes is read.
+        let early = tokio::time::timeout(PARK_AFTER / 5, io.read(&mut buf)).await;
+        assert!(early.is_err(), "no park before PARK_AFTER");
+        peer.write_all(b"GET").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 3);
+        assert!(!io.take_parked());
+        // The next request ends; idle past PARK_AFTER, the read parks.
+        drop(activity.begin());
+        let read = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf)).await;
+        assert_eq!(read.expect("parked, not timed out").unwrap(), 0);
+        assert!(io.take_parked(), "an end-of-file that is a park");
+        // A request in progress is never parked.
+        let _busy = activity.begin();
+        let read = tokio::time::timeout(PARK_AFTER * 3, io.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "still waiting while a request is in progress"
+        );
+        assert!(!io.take_parked());
     }
 
     #[tokio::test]

@@ -180,7 +180,8 @@ async fn drive<C, R>(
 ///
 /// HTTP/2 (prior knowledge) is served by one hyper connection for its whole
 /// life. HTTP/1 is served one busy period at a time: when the connection
-/// goes idle its hyper connection ends and frees its buffers, and the socket
+/// has been idle for [`crate::conn::PARK_AFTER`] its hyper connection ends
+/// and frees its buffers, and the socket
 /// waits for the next request holding only its [`TimedIo`] (see there), so
 /// an idle keep-alive connection costs a few hundred bytes, not hyper's 16 KiB
 /// of buffers.

@@ -369,7 +369,8 @@ async fn read_responses(stream: &mut tokio::net::TcpStream, marker: &str, n: usi
 async fn parked_keep_alive_connections_serve_what_comes_next() {
     use tokio::io::AsyncWriteExt;
     const HELLO: &str = "hello from b0";
-    let pause = || tokio::time::sleep(std::time::Duration::from_millis(80));
+    // Longer than the park grace (PARK_AFTER, 50 ms): each pause parks.
+    let pause = || tokio::time::sleep(std::time::Duration::from_millis(150));
     let (_b, proxy) = proxy_with_timeouts(400, 60_000).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addrs[0])
         .await
