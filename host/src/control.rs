@@ -258,6 +258,7 @@ impl Control {
             .store(Arc::new(ordered.iter().map(|l| l.local).collect()));
         control.listeners = ordered;
         let upstreams = config.upstreams.keys().cloned().collect();
+        let control_warnings = config.warnings.clone();
         control.config = config;
         drop(control);
         self.shared.serving.metrics.reload(true);
@@ -267,6 +268,9 @@ impl Control {
             listeners_removed,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         };
+        for warning in &control_warnings {
+            tracing::warn!("{warning}");
+        }
         tracing::info!(?report, "config reloaded");
         Ok(report)
     }

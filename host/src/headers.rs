@@ -88,7 +88,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Turn a downstream request's head into the backend request's head:
-/// hop-by-hop headers removed, `X-Forwarded-For`/`-Proto`/`-Host` set, `Host`
+/// hop-by-hop headers removed (but `te: trailers`, see
+/// [`crate::connector::adapt_head`]), `X-Forwarded-For`/`-Proto`/`-Host`
+/// set (`-Proto` is `https` if the client came over TLS), `Host`
 /// kept (taken from an HTTP/2 `:authority`, or the backend's `backend`
 /// authority if the client sent none), the URI in origin-form and the version
 /// HTTP/1.1.
@@ -100,6 +102,7 @@ pub fn prepare_request(
     parts: &mut http::request::Parts,
     client: SocketAddr,
     backend: &http::uri::Authority,
+    https: bool,
 ) -> Result<(), &'static str> {
     // The Host header, else (HTTP/2) `:authority`; shared, not copied.
     let host = match parts.headers.get(header::HOST) {
@@ -109,8 +112,19 @@ pub fn prepare_request(
             None => None,
         },
     };
+    // `te: trailers` is the one TE an HTTP/2 backend may get (gRPC needs
+    // it); the pool drops it again for HTTP/1.1 backends.
+    let te_trailers = parts.headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
     strip_hop_by_hop(&mut parts.headers);
     let headers = &mut parts.headers;
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(host) = &host
         && !headers.contains_key(header::HOST)
     {
@@ -134,7 +148,10 @@ pub fn prepare_request(
         &X_FORWARDED_FOR,
         HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?,
     );
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
     if let Some(host) = host
         && !host.is_empty()
     {
@@ -187,11 +204,14 @@ mod tests {
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
+            false,
         )
         .unwrap();
-        for gone in ["connection", "x-secret", "keep-alive", "te", "upgrade"] {
+        for gone in ["connection", "x-secret", "keep-alive", "upgrade"] {
             assert!(!p.headers.contains_key(gone), "{gone} should be removed");
         }
+        // Kept for an HTTP/2 backend only (the pool drops it for HTTP/1.1).
+        assert_eq!(p.headers["te"], "trailers");
         assert_eq!(p.headers["x-kept"], "yes");
         assert_eq!(p.headers["host"], "example.com");
         assert_eq!(p.uri, "/a/b?c=1");
@@ -208,11 +228,20 @@ mod tests {
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
+            false,
         )
         .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
         assert_eq!(p.headers["x-forwarded-proto"], "http");
         assert_eq!(p.headers["x-forwarded-host"], "example.com:8080");
+        let mut p = parts(&[("host", "example.com"), ("te", "gzip")]);
+        let backend = http::uri::Authority::from_static("127.0.0.1:9001");
+        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), &backend, true).unwrap();
+        assert_eq!(p.headers["x-forwarded-proto"], "https", "behind TLS");
+        assert!(
+            !p.headers.contains_key("te"),
+            "a TE other than trailers goes"
+        );
     }
 
     #[test]
@@ -225,6 +254,7 @@ mod tests {
             &mut p,
             "192.0.2.7:5000".parse().unwrap(),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
+            false,
         )
         .unwrap();
         assert_eq!(p.headers["x-forwarded-for"], "192.0.2.7");
@@ -242,6 +272,7 @@ mod tests {
             &mut p,
             "[::1]:5000".parse().unwrap(),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
+            false,
         )
         .unwrap();
         assert_eq!(p.headers["host"], "example.com");

@@ -1,7 +1,8 @@
 //! Active health checks, following HAProxy `check inter/rise/fall` and
-//! Envoy's `health_checks`: every `interval_ms` each backend is probed (a TCP
-//! connect, or `GET path` over a new HTTP/1.1 connection where 2xx and 3xx
-//! pass); `unhealthy_threshold` consecutive failures mark it unhealthy,
+//! Envoy's `health_checks`: every `interval_ms` each backend is probed over
+//! a new connection opened as requests open theirs (the upstream's TLS and
+//! protocol, [`crate::connector`]): a connect (`tcp`), `GET path` where 2xx
+//! and 3xx pass (`http`), or the standard gRPC health check (`grpc`); `unhealthy_threshold` consecutive failures mark it unhealthy,
 //! `healthy_threshold` consecutive passes mark it healthy again. Backends
 //! start healthy.
 //!
@@ -24,9 +25,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http_body_util::{BodyExt, Full};
+
+use crate::connector::{Connector, Sender, adapt_head};
 
 use crate::config::{AdminState, Config, HealthCheckConfig, HealthCheckKind};
 use crate::log_limit::LogLimiter;
@@ -81,7 +82,11 @@ async fn probe_loop(
         if maint {
             continue;
         }
-        match probe(&hc, address).await {
+        let connector = match upstream.upgrade() {
+            Some(up) => up.connector.clone(),
+            None => return,
+        };
+        match probe(&hc, address, &connector).await {
             Probe::Pass => {
                 passes = passes.saturating_add(1);
                 fails = 0;
@@ -113,6 +118,16 @@ async fn probe_loop(
     }
 }
 
+/// True if `body` (one gRPC frame of a `HealthCheckResponse`) says
+/// `SERVING`: field 1 (`status`, varint) is 1.
+fn grpc_serving(body: &[u8]) -> bool {
+    // 5-byte frame header: compressed flag, big-endian length.
+    let Some(message) = body.get(5..) else {
+        return false;
+    };
+    message == [0x08, 0x01]
+}
+
 /// The outcome of one probe.
 #[derive(Debug)]
 pub enum Probe {
@@ -125,35 +140,71 @@ pub enum Probe {
     Local(std::io::Error),
 }
 
-/// One probe within `timeout_ms`.
-pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr) -> Probe {
+/// The path of the standard gRPC health check.
+const GRPC_HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+/// One probe within `timeout_ms`, connecting with `connector`.
+pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr, connector: &Connector) -> Probe {
     let mut local = None;
     let check = async {
-        let stream = match TcpStream::connect(address).await {
-            Ok(s) => s,
-            Err(e) => {
-                if crate::fd_limit::is_local_resource_error(&e) {
-                    local = Some(e);
-                }
-                return None;
+        let blame = |e: std::io::Error, local: &mut Option<std::io::Error>| {
+            if crate::fd_limit::is_local_resource_error(&e) {
+                *local = Some(e);
             }
         };
         if hc.kind == HealthCheckKind::Tcp {
-            return Some(true);
+            return match connector.reach(address).await {
+                Ok(()) => Some(true),
+                Err(e) => {
+                    blame(e, &mut local);
+                    None
+                }
+            };
         }
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        let driver = tokio::spawn(conn);
-        let request = http::Request::get(hc.path.as_str())
-            .header(http::header::HOST, address.to_string())
-            .header(http::header::USER_AGENT, "wasmlb-health-check")
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let status = sender.send_request(request).await.ok()?.status();
-        driver.abort();
-        Some(status.is_success() || status.is_redirection())
+        let sender = match connector.connect::<Full<Bytes>>(address).await {
+            Ok(s) => s,
+            Err(e) => {
+                blame(e, &mut local);
+                return None;
+            }
+        };
+        let grpc = hc.kind == HealthCheckKind::Grpc;
+        let mut request = if grpc {
+            http::Request::post(GRPC_HEALTH_CHECK)
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                // A gRPC frame: not compressed, 0 bytes (an empty service name).
+                .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        } else {
+            http::Request::get(hc.path.as_str()).body(Full::new(Bytes::new()))
+        }
+        .ok()?;
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(&address.to_string()).ok()?,
+        );
+        headers.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("wasmlb-health-check"),
+        );
+        let h2 = matches!(sender, Sender::H2(_));
+        adapt_head(&mut request, h2, connector.is_tls(), address);
+        let response = match sender {
+            Sender::H1(mut s) => s.send_request(request).await.ok()?,
+            Sender::H2(mut s) => s.send_request(request).await.ok()?,
+        };
+        let status = response.status();
+        if !grpc {
+            return Some(status.is_success() || status.is_redirection());
+        }
+        let grpc_status_in =
+            |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.as_bytes() == b"0");
+        let head_status = grpc_status_in(response.headers());
+        let collected = response.into_body().collect().await.ok()?;
+        let trailer_status = collected.trailers().and_then(grpc_status_in);
+        let ok = status == http::StatusCode::OK && trailer_status.or(head_status) == Some(true);
+        Some(ok && grpc_serving(&collected.to_bytes()))
     };
     let passed = tokio::time::timeout(Duration::from_millis(hc.timeout_ms), check)
         .await

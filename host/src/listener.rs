@@ -1,6 +1,13 @@
 //! Listeners and connections: accept within the connection caps, serve
-//! HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port, and on
-//! stop let open connections finish their in-flight requests.
+//! HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port, or, on
+//! a listener with `[listener.tls]`, terminate TLS (rustls: certificate by
+//! SNI, HTTP/2 or HTTP/1.1 by ALPN), and on stop let open connections finish
+//! their in-flight requests.
+//!
+//! The TLS handshake runs under the head-read timeout (a client that never
+//! finishes it is closed then, like one that never sends its head); a failed
+//! handshake (plaintext on a TLS port, an unknown protocol, a bad hello)
+//! closes the connection and counts in `wasmlb_tls_handshake_failures_total`.
 //!
 //! Every request reads the current [`Proxy`] from an `ArcSwap` once, when it
 //! arrives, and finishes on it (see [`crate::control`] for how a reload swaps
@@ -13,18 +20,18 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::{HttpService, service_fn};
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::conn::{ConnLimit, ConnPermit, TimedIo};
+use crate::conn::{ConnActivity, ConnLimit, ConnPermit, TimedIo};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
-use crate::proxy::{ListenerKey, Proxy};
+use crate::proxy::{Downstream, DownstreamTls, ListenerKey, Proxy, ProxyBody};
 
 /// What every listener's accept loop reads: the proxy serving new requests,
 /// the metrics and the global connection cap.
@@ -131,13 +138,14 @@ async fn sniff_h2(io: &mut TimedIo<TcpStream>) -> std::io::Result<bool> {
 
 /// Serve an HTTP/2 connection until it closes, or until `closing` turns
 /// true (then open streams finish, and it closes).
-async fn serve_h2<S>(
-    io: TimedIo<TcpStream>,
+async fn serve_h2<I, S>(
+    io: I,
     h2: &http2::Builder<TokioExecutor>,
     service: S,
     mut closing: watch::Receiver<bool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = crate::proxy::ProxyBody> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -237,6 +245,88 @@ where
     }
 }
 
+/// The per-connection service: hands each request to the current proxy,
+/// with the connection's request guard held by the response body.
+#[derive(Clone)]
+struct ProxyService {
+    shared: Arc<Serving>,
+    key: ListenerKey,
+    downstream: Arc<Downstream>,
+    activity: Arc<ConnActivity>,
+}
+
+type ServiceFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<ProxyBody>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+impl hyper::service::Service<http::Request<Incoming>> for ProxyService {
+    type Response = http::Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = ServiceFuture;
+
+    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
+        let guard = self.activity.begin();
+        let proxy = self.shared.proxy.load_full();
+        let (key, downstream) = (self.key, self.downstream.clone());
+        // Boxed: hyper keeps room for the service's future in every
+        // connection for its whole life; the request path's state (about
+        // 2.8 KB) would otherwise be held by each idle keep-alive
+        // connection (bench/run.py measures it).
+        Box::pin(async move {
+            let response = proxy.handle(key, downstream, req).await;
+            response.map(|r| r.map(|body| body.with_request_guard(guard)))
+        })
+    }
+}
+
+/// Terminate TLS on `io` with `acceptor`, then serve HTTP/2 or HTTP/1.1 as
+/// ALPN chose (HTTP/1.1 if none), until the connection closes or `closing`
+/// turns true. A failed or timed-out handshake is counted and closes the
+/// connection. `service` makes the service once the session is known.
+async fn serve_tls(
+    io: TimedIo<TcpStream>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    protocols: Arc<Protocols>,
+    service: impl FnOnce(DownstreamTls) -> ProxyService,
+    mut closing: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = tokio::select! {
+        s = acceptor.accept(io) => match s {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.resources().tls_handshake_failures.inc();
+                return Err(format!("TLS handshake failed: {e}").into());
+            }
+        },
+        _ = closing.wait_for(|c| *c) => return Ok(()),
+    };
+    let session = stream.get_ref().1;
+    let tls = DownstreamTls {
+        sni: session.server_name().map(str::to_string),
+        alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+    };
+    let h2 = tls.alpn.as_deref() == Some(b"h2".as_slice());
+    let service = service(tls);
+    if h2 {
+        return Box::pin(serve_h2(stream, &protocols.h2, service, closing)).await;
+    }
+    let conn = protocols.h1.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let (done, _) = drive(
+        &mut conn,
+        |c, cx| c.as_mut().poll(cx),
+        |c| c.as_mut().graceful_shutdown(),
+        &mut closing,
+    )
+    .await;
+    done.map_err(Into::into)
+}
+
 /// Permits from the listener's cap and the global one, waiting (not
 /// accepting) while either is reached. While the global cap is reached,
 /// idle connections are reclaimed (see [`crate::conn`]) every
@@ -328,23 +418,30 @@ async fn accept_loop(
                         protocols
                     }
                 };
+                let tls = proxy.tls_acceptor(&key);
                 drop(proxy);
                 let (stream, activity) = TimedIo::new(stream, header_read, idle);
                 let registration = shared.conn_limit.register(&activity);
-                let shared = shared.clone();
-                let service = service_fn(move |req| {
-                    let guard = activity.begin();
-                    let proxy = shared.proxy.load_full();
-                    // Boxed: hyper keeps room for the service's future in every
-                    // connection for its whole life; the request path's state
-                    // (about 2.8 KB) would otherwise be held by each idle
-                    // keep-alive connection (bench/run.py measures it).
-                    Box::pin(async move {
-                        let response = proxy.handle(key, peer, req).await;
-                        response.map(|r| r.map(|body| body.with_request_guard(guard)))
-                    })
-                });
-                let conn = serve_connection(stream, protocols, service, closing_rx.clone());
+                let service = {
+                    let shared = shared.clone();
+                    move |tls| ProxyService {
+                        shared,
+                        key,
+                        downstream: Arc::new(Downstream { peer, tls }),
+                        activity,
+                    }
+                };
+                let closing = closing_rx.clone();
+                let metrics = shared.metrics.clone();
+                let conn = async move {
+                    match tls {
+                        None => serve_connection(stream, protocols, service(None), closing).await,
+                        Some(acceptor) => {
+                            let service = move |session| service(Some(session));
+                            serve_tls(stream, acceptor, protocols, service, closing, metrics).await
+                        }
+                    }
+                };
                 open.inc();
                 let open = open.clone();
                 tokio::spawn(async move {

@@ -152,6 +152,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if cli.check {
         let runtime = Runtime::new()?;
         Proxy::new(&config, &runtime)?;
+        for warning in &config.warnings {
+            println!("warning: {warning}");
+        }
         println!("ok");
         return Ok(());
     }

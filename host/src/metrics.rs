@@ -18,6 +18,7 @@
 //! | `wasmlb_connections_open` | gauge | (downstream connections open) |
 //! | `wasmlb_connections_max` | gauge | (the global `max_connections`) |
 //! | `wasmlb_connections_cap_reached_total` | counter | (times a listener stopped accepting at a cap) |
+//! | `wasmlb_tls_handshake_failures_total` | counter | (downstream TLS handshakes that failed or timed out) |
 //! | `wasmlb_local_resource_errors_total` | counter | op (`accept`, `connect`, `health_check`): the proxy ran out of descriptors, buffers, memory or ports |
 //! | `wasmlb_plugin_cache_entries` | gauge | (compiled components kept for reuse) |
 //! | `wasmlb_plugin_cache_bytes` | gauge | (their compiled code, in bytes) |
@@ -89,6 +90,8 @@ pub struct ResourceMetrics {
     pub connections_max: Gauge,
     /// Times a listener stopped accepting at a cap.
     pub cap_reached: Counter,
+    /// Downstream TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
     /// Compiled components kept for reuse.
     pub plugin_cache_entries: Gauge,
     /// Their compiled code, in bytes.
@@ -293,6 +296,11 @@ impl Metrics {
             "connections_cap_reached",
             "Times a listener stopped accepting at its connection cap",
             resources.cap_reached.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Downstream TLS handshakes that failed (bad client hello, plaintext, unknown protocol) or timed out",
+            resources.tls_handshake_failures.clone(),
         );
         let local_errors: Family<OpLabels, Counter> = Family::default();
         registry.register(

@@ -59,6 +59,9 @@ impl Server {
     /// # Errors
     /// [`ServerError`] naming the upstream or listener at fault.
     pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         let runtime = Runtime::new().map_err(ProxyError::Runtime)?;
         let metrics = Arc::new(Metrics::new());
         runtime.set_cache_limits(

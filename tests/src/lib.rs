@@ -14,6 +14,7 @@ pub mod corpus;
 pub mod load;
 pub mod proxy;
 pub mod raw;
+pub mod tls;
 
 pub use backend::*;
 pub use client::*;

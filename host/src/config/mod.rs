@@ -32,6 +32,7 @@ use serde::Deserialize;
 mod defaults;
 mod plugin_ref;
 mod raw;
+mod tls;
 mod validate;
 
 pub use defaults::*;
@@ -42,6 +43,7 @@ use defaults::{
 };
 pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
 use raw::RawConfig;
+pub use tls::{ListenerTlsConfig, UpstreamProtocol, UpstreamTlsConfig};
 use validate::Validator;
 
 /// A config error: the file, the 1-based line if known, the key path
@@ -74,6 +76,10 @@ pub struct Config {
     pub server: ServerConfig,
     /// The admin API (`[admin]`), if configured.
     pub admin: Option<AdminConfig>,
+    /// What is valid but worth an operator's attention (an expired
+    /// certificate, `insecure_skip_verify`), each naming its key: `--check`
+    /// prints them, a start or reload logs them.
+    pub warnings: Vec<String>,
 }
 
 /// `[admin]`: the admin API listener.
@@ -94,7 +100,7 @@ pub struct AdminConfig {
 }
 
 /// One `[[listener]]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
     /// Address to bind; port 0 picks a free port.
     pub address: SocketAddr,
@@ -104,6 +110,8 @@ pub struct ListenerConfig {
     /// default: only the global cap applies); at the cap it stops accepting
     /// and the kernel's backlog holds new clients (HAProxy `bind ... maxconn`).
     pub max_connections: Option<usize>,
+    /// TLS termination (`[listener.tls]`), if set.
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 /// One `[[route]]`: matches when every given condition holds.
@@ -179,6 +187,10 @@ pub struct UpstreamConfig {
     /// A backend that joins or recovers ramps its effective weight from 10 %
     /// to 100 % over this window, in ms (`slow_start_ms`, default 0: off).
     pub slow_start_ms: u64,
+    /// The protocol spoken to the backends (`protocol`, default `http1`).
+    pub protocol: UpstreamProtocol,
+    /// TLS to the backends (`[upstream.NAME.tls]`), if set.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 /// `[upstream.NAME.outlier_detection]`: passive outlier ejection, following
@@ -210,10 +222,15 @@ pub struct OutlierConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthCheckKind {
-    /// `GET path` over a new HTTP/1.1 connection; 2xx and 3xx pass (as HAProxy `option httpchk`).
+    /// `GET path` over a new connection (the upstream's protocol and TLS);
+    /// 2xx and 3xx pass (as HAProxy `option httpchk`).
     Http,
-    /// A TCP connect succeeds.
+    /// A TCP connect (and the TLS handshake, with `[upstream.NAME.tls]`) succeeds.
     Tcp,
+    /// The standard gRPC health check, `grpc.health.v1.Health/Check` with an
+    /// empty service name, over HTTP/2 (`protocol` `h2c`, `h2` or `auto`):
+    /// passes on `grpc-status` 0 and `SERVING`.
+    Grpc,
 }
 
 /// `[upstream.NAME.health_check]`: active health checks, following HAProxy
@@ -269,6 +286,8 @@ impl UpstreamConfig {
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout_ms: DEFAULT_FAIL_TIMEOUT_MS,
             slow_start_ms: 0,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
         }
     }
 }
@@ -462,7 +481,11 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let v = Validator { text, path };
+        let v = Validator {
+            text,
+            path,
+            warnings: std::cell::RefCell::default(),
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
         v.validate(raw)
     }

@@ -38,6 +38,33 @@ pub(super) struct RawListener {
     pub(super) address: Spanned<String>,
     pub(super) upstream: Spanned<String>,
     pub(super) max_connections: Option<Spanned<u64>>,
+    pub(super) tls: Option<Spanned<RawListenerTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListenerTls {
+    pub(super) certificates: Spanned<Vec<RawCertificate>>,
+    pub(super) alpn: Option<Spanned<Vec<String>>>,
+    pub(super) min_version: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCertificate {
+    pub(super) cert: String,
+    pub(super) key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) ca_file: Option<String>,
+    pub(super) client_cert: Option<String>,
+    pub(super) client_key: Option<String>,
+    #[serde(default)]
+    pub(super) insecure_skip_verify: bool,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +103,8 @@ pub(super) struct RawUpstream {
     pub(super) slow_start_ms: Option<u64>,
     pub(super) max_fails: Option<u32>,
     pub(super) fail_timeout_ms: Option<Spanned<u64>>,
+    pub(super) protocol: Option<Spanned<String>>,
+    pub(super) tls: Option<Spanned<RawUpstreamTls>>,
 }
 
 #[derive(Deserialize)]

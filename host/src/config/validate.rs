@@ -16,6 +16,8 @@ use super::*;
 pub(super) struct Validator<'a> {
     pub(super) text: &'a str,
     pub(super) path: &'a Path,
+    /// Warnings found so far (see [`Config::warnings`]).
+    pub(super) warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Validator<'_> {
@@ -87,10 +89,16 @@ impl Validator<'_> {
                     )
                 })
                 .transpose()?;
+            let tls = l
+                .tls
+                .as_ref()
+                .map(|t| self.listener_tls(&format!("listener[{i}].tls"), t))
+                .transpose()?;
             listeners.push(ListenerConfig {
                 address,
                 upstream: l.upstream.get_ref().clone(),
                 max_connections,
+                tls,
             });
         }
 
@@ -128,6 +136,7 @@ impl Validator<'_> {
             routes,
             upstreams,
             server: self.server(&raw.server)?,
+            warnings: self.warnings.take(),
         })
     }
 
@@ -298,6 +307,8 @@ impl Validator<'_> {
         u: RawUpstream,
     ) -> Result<UpstreamConfig, ConfigError> {
         let prefix = format!("upstream.{name}");
+        let (protocol, tls) =
+            self.upstream_protocol(&prefix, u.protocol.as_ref(), u.tls.as_ref())?;
         if name.is_empty() {
             return Err(self.err(
                 Some(u.plugin.span()),
@@ -469,6 +480,8 @@ impl Validator<'_> {
                 &u.fail_timeout_ms,
                 DEFAULT_FAIL_TIMEOUT_MS,
             )?,
+            protocol,
+            tls,
         })
     }
 

@@ -108,6 +108,22 @@ impl ProxyBody {
         }
     }
 
+    /// True for a response body the proxy made (an error's text), not a
+    /// backend's.
+    pub fn is_proxy_made(&self) -> bool {
+        matches!(self.kind, BodyKind::Full(_))
+    }
+
+    /// The text of a proxy-made body, taken out of it.
+    pub fn take_text(&mut self) -> Option<String> {
+        match &mut self.kind {
+            BodyKind::Full(bytes) => bytes
+                .take()
+                .map(|b| String::from_utf8_lossy(&b).into_owned()),
+            BodyKind::Upstream { .. } => None,
+        }
+    }
+
     /// Keep the downstream connection's request guard until the body is
     /// finished (see [`crate::conn`]).
     pub fn with_request_guard(mut self, guard: RequestGuard) -> Self {

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::pool::{ConnPool, SendError};
-use super::{Proxy, error_chain, error_response};
+use super::{Downstream, Proxy, error_chain, error_response};
 use crate::headers::{prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::LocalOp;
@@ -30,10 +30,12 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
-        client: SocketAddr,
+        downstream: &Downstream,
         parts: http::request::Parts,
         body: Incoming,
     ) -> Response<ProxyBody> {
+        let client = downstream.peer;
+        let https = downstream.tls.is_some();
         let policy = &upstream.retry;
         let mut retry = policy.begin(&parts.method);
         let body = ReplayBody::new(body, policy.buffer_bytes);
@@ -71,7 +73,7 @@ impl Proxy {
                 std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
             };
             let failure = match self
-                .attempt(upstream, pool, client, head, &body, &chosen)
+                .attempt(upstream, pool, (client, https), head, &body, &chosen)
                 .await
             {
                 Ok(mut response) => {
@@ -161,12 +163,12 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
-        client: SocketAddr,
+        (client, https): (SocketAddr, bool),
         mut head: http::request::Parts,
         body: &ReplayBody,
         chosen: &Target,
     ) -> Result<Response<ProxyBody>, Failure> {
-        prepare_request(&mut head, client, &chosen.authority)
+        prepare_request(&mut head, client, &chosen.authority, https)
             .map_err(|reason| Failure::Invalid { reason })?;
         let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
         let request = Request::from_parts(head, body.attempt());

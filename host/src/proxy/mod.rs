@@ -8,6 +8,9 @@
 //! reason: 502 when the backend cannot be connected to or breaks the response,
 //! 503 when no backend is available, 504 when connecting or waiting for the
 //! response headers times out, or the request outlives `request_timeout_ms`.
+//! For a gRPC request (`content-type: application/grpc*`) they are
+//! gRPC-shaped instead, as Envoy makes them: HTTP 200, trailers-only, with
+//! `grpc-status` ([`grpc_status`]) and `grpc-message`.
 //!
 //! A failed attempt is retried on another backend (the plugin is asked
 //! again; backends already tried are skipped) up to the upstream's `retries`,
@@ -55,6 +58,24 @@ pub enum ProxyError {
     Runtime(crate::plugin::PluginError),
 }
 
+/// What the proxy knows of a downstream connection.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The TLS session, if the listener terminates TLS.
+    pub tls: Option<DownstreamTls>,
+}
+
+/// A downstream TLS session.
+#[derive(Debug, Clone, Default)]
+pub struct DownstreamTls {
+    /// The server name the client asked for (SNI), if it sent one.
+    pub sni: Option<String>,
+    /// The protocol ALPN chose (`h2`, `http/1.1`), if any.
+    pub alpn: Option<Vec<u8>>,
+}
+
 /// Identifies a listener across reloads: its configured address, and its
 /// position among listeners configured with that same address (they can only
 /// repeat with port 0).
@@ -100,6 +121,7 @@ pub struct Proxy {
     upstreams: Vec<UpstreamPool>,
     routes: Vec<Route>,
     listener_defaults: HashMap<ListenerKey, usize>,
+    listener_tls: HashMap<ListenerKey, tokio_rustls::TlsAcceptor>,
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
     limits: RequestLimits,
@@ -153,8 +175,8 @@ impl Proxy {
                     }
                 })?;
             let pool = match old {
-                Some(o) if o.pool.connect_timeout() == upstream.connect_timeout => o.pool.clone(),
-                _ => pool::ConnPool::new(upstream.connect_timeout),
+                Some(o) if *o.pool.connector() == upstream.connector => o.pool.clone(),
+                _ => pool::ConnPool::new(upstream.connector.clone()),
             };
             upstreams.push(UpstreamPool {
                 upstream: Arc::new(upstream),
@@ -187,10 +209,22 @@ impl Proxy {
             .zip(&config.listeners)
             .map(|(key, l)| (key, index(&l.upstream)))
             .collect();
+        let listener_tls = ListenerKey::all(config)
+            .into_iter()
+            .zip(&config.listeners)
+            .filter_map(|(key, l)| {
+                let tls = l.tls.as_ref()?;
+                Some((
+                    key,
+                    tokio_rustls::TlsAcceptor::from(tls.server_config.clone()),
+                ))
+            })
+            .collect();
         Ok(Self {
             upstreams,
             routes,
             listener_defaults,
+            listener_tls,
             metrics,
             downstream_timeouts: (
                 Duration::from_millis(config.server.header_read_timeout_ms),
@@ -245,20 +279,43 @@ impl Proxy {
         self.limits
     }
 
+    /// The TLS acceptor of `listener` (certificates as of this config), if
+    /// it terminates TLS.
+    pub fn tls_acceptor(&self, listener: &ListenerKey) -> Option<tokio_rustls::TlsAcceptor> {
+        self.listener_tls.get(listener).cloned()
+    }
+
     /// The downstream head-read and idle keep-alive timeouts (see [`crate::conn`]).
     pub fn downstream_timeouts(&self) -> (Duration, Duration) {
         self.downstream_timeouts
     }
 
-    /// Serve one downstream request that arrived on `listener` from `client`.
+    /// Serve one downstream request that arrived on `listener` over the
+    /// `downstream` connection.
     /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
     /// other errors become 400/502/503/504 responses (see `forward::Failure`).
     pub async fn handle(
         self: Arc<Self>,
         listener: ListenerKey,
-        client: SocketAddr,
+        downstream: Arc<Downstream>,
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let grpc = is_grpc(request.headers());
+        let response = self.handle_http(listener, &downstream, request).await;
+        Ok(if grpc {
+            grpc_shaped(response)
+        } else {
+            response
+        })
+    }
+
+    async fn handle_http(
+        self: Arc<Self>,
+        listener: ListenerKey,
+        downstream: &Downstream,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let client = downstream.peer;
         let started = Instant::now();
         let (mut parts, body) = request.into_parts();
         if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
@@ -269,21 +326,21 @@ impl Proxy {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Ok(response);
+            return response;
         }
         let Some(UpstreamPool { upstream, pool }) = self
             .route(&listener, &parts)
             .and_then(|i| self.upstreams.get(i))
         else {
-            return Ok(error_response(
+            return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this listener",
-            ));
+            );
         };
         let deadline = upstream
             .request_timeout
             .map(|t| tokio::time::Instant::now() + t);
-        let forward = self.forward(upstream, pool, client, parts, body);
+        let forward = self.forward(upstream, pool, downstream, parts, body);
         let mut response = match deadline {
             None => forward.await,
             Some(at) => match tokio::time::timeout_at(at, forward).await {
@@ -307,8 +364,68 @@ impl Proxy {
             .metrics()
             .request_duration
             .observe(started.elapsed().as_secs_f64());
-        Ok(response)
+        response
     }
+}
+
+/// True for a gRPC request: `content-type: application/grpc` or
+/// `application/grpc+...` / `application/grpc;...` (gRPC over HTTP/2 spec).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.get(..16))
+        .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
+}
+
+/// The gRPC status code for an HTTP status the proxy produced: 14
+/// UNAVAILABLE for 502, 503 and 429; 4 DEADLINE_EXCEEDED for 504; 8
+/// RESOURCE_EXHAUSTED for 413 and 431; 13 INTERNAL otherwise (gRPC's "HTTP
+/// to gRPC status code mapping", with 504 as DEADLINE_EXCEEDED).
+pub fn grpc_status(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        502 | 503 | 429 => 14,
+        504 => 4,
+        413 | 431 => 8,
+        _ => 13,
+    }
+}
+
+/// A proxy-made error as a gRPC trailers-only response (HTTP 200,
+/// `grpc-status`, `grpc-message` percent-encoded); a backend's response is
+/// passed as it is.
+fn grpc_shaped(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    if !response.body().is_proxy_made() || response.status().is_success() {
+        return response;
+    }
+    let code = grpc_status(response.status());
+    let reason = response.body_mut().take_text().unwrap_or_default();
+    let message: String = reason
+        .trim_end()
+        .bytes()
+        .flat_map(|b| {
+            // Percent-encode outside printable ASCII and '%' (gRPC spec).
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                vec![b as char]
+            } else {
+                format!("%{b:02X}").chars().collect()
+            }
+        })
+        .collect();
+    let mut shaped = Response::new(ProxyBody::full(Bytes::new()));
+    let headers = shaped.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    if let Ok(v) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", v);
+    }
+    if let Some(close) = response.headers().get(header::CONNECTION) {
+        headers.insert(header::CONNECTION, close.clone());
+    }
+    shaped
 }
 
 /// `e` and its sources, joined by `: ` (hyper's errors say little on their

@@ -1,5 +1,7 @@
 //! The connection pool of one upstream: idle HTTP/1.1 connections to its
-//! backends, kept alive and reused, over hyper's `client::conn` API.
+//! backends, kept alive and reused, and one shared HTTP/2 connection per
+//! backend, over hyper's `client::conn` API; the upstream's
+//! [`Connector`] opens them (TCP, TLS, the protocol).
 //!
 //! A request takes an idle connection to its backend (the most recently used
 //! first, so a few hot connections carry the load and the rest age out), or
@@ -16,9 +18,13 @@
 //! longer than [`IDLE_TIMEOUT`] are closed when the pool is next used for
 //! that backend.
 //!
+//! An HTTP/2 connection carries every request to its backend at once, up to
+//! the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` (more wait in hyper for a
+//! stream to close); when it closes, the next request opens a new one.
+//!
 //! The pool is shared by every worker thread (one short lock per take and
 //! per return; the lock is never held across an await), and survives a reload
-//! that keeps the upstream's `connect_timeout_ms`.
+//! that keeps the upstream's `connect_timeout_ms`, `protocol` and `tls`.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -27,35 +33,39 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::client::conn::{http1, http2};
 
+use crate::connector::{Connector, Sender, adapt_head};
 use crate::retry::AttemptBody;
 
 /// How long a pooled connection may stay idle before it is closed (60 s, as
 /// hyper-util's legacy client and NGINX's `keepalive_timeout` default).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-type Sender = SendRequest<AttemptBody>;
+type H1 = http1::SendRequest<AttemptBody>;
+type H2 = http2::SendRequest<AttemptBody>;
 
-/// Idle connections per backend address.
+/// Idle HTTP/1.1 connections and shared HTTP/2 connections per backend
+/// address.
 #[derive(Debug)]
 pub(crate) struct ConnPool {
-    connect_timeout: Duration,
+    connector: Connector,
     idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    /// One multiplexed connection per backend; every request clones it.
+    shared: Mutex<HashMap<SocketAddr, H2>>,
 }
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    sender: H1,
     since: Instant,
 }
 
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
-    /// Connecting failed or timed out (`connect_timeout_ms`): nothing was sent.
+    /// Connecting, the TLS handshake or the HTTP/2 handshake failed or timed
+    /// out (`connect_timeout_ms`): nothing was sent.
     #[error("connect failed: {0}")]
     Connect(#[source] io::Error),
     /// The connection failed after (some of) the request may have been sent.
@@ -65,12 +75,13 @@ pub(crate) enum SendError {
 
 /// A pooled connection on loan to one response: returned to the pool when
 /// the response body is finished ([`Lease::finished`]), closed if dropped
-/// before.
+/// before. An HTTP/2 stream's lease holds nothing: its connection stays
+/// shared.
 #[derive(Debug)]
 pub(crate) struct Lease {
     pool: Arc<ConnPool>,
     address: SocketAddr,
-    sender: Option<Sender>,
+    sender: Option<H1>,
 }
 
 impl Lease {
@@ -100,21 +111,23 @@ impl Lease {
 }
 
 impl ConnPool {
-    /// An empty pool whose new connections must connect within `connect_timeout`.
-    pub(crate) fn new(connect_timeout: Duration) -> Arc<Self> {
+    /// An empty pool whose connections `connector` opens.
+    pub(crate) fn new(connector: Connector) -> Arc<Self> {
         Arc::new(Self {
-            connect_timeout,
+            connector,
             idle: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The connect timeout new connections get.
-    pub(crate) fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
+    /// How this pool connects (a reload that keeps it keeps the pool).
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// Send `request` (origin-form URI, `Host` set) to `address` on a pooled
     /// connection or a new one; the response and the lease of its connection.
+    /// For HTTP/2 the head is adapted first ([`adapt_head`]).
     ///
     /// # Errors
     /// [`SendError::Connect`] if no connection could be opened (nothing was
@@ -125,17 +138,47 @@ impl ConnPool {
         address: SocketAddr,
         mut request: http::Request<AttemptBody>,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
+        let tls = self.connector.is_tls();
+        let mut adapted = None;
         loop {
-            let (mut sender, reused) = match self.take(address) {
+            let (sender, reused) = match self.take(address) {
                 Some(sender) => (sender, true),
-                None => (self.connect(address).await?, false),
+                None => {
+                    let sender = self
+                        .connector
+                        .connect(address)
+                        .await
+                        .map_err(SendError::Connect)?;
+                    if let Sender::H2(h2) = &sender {
+                        self.share(address, h2.clone());
+                    }
+                    (sender, false)
+                }
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
+            let h2 = matches!(sender, Sender::H2(_));
+            if adapted != Some(h2) {
+                adapt_head(&mut request, h2, tls, address);
+                adapted = Some(h2);
+            }
+            let result = match sender {
+                Sender::H1(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => Ok((response, Some(sender))),
+                    Err(e) => Err(e),
+                },
+                Sender::H2(mut sender) => match sender.try_send_request(request).await {
+                    Ok(response) => Ok((response, None)),
+                    Err(e) => {
+                        self.unshare(address, &sender);
+                        Err(e)
+                    }
+                },
+            };
+            match result {
+                Ok((response, sender)) => {
                     let lease = Lease {
                         pool: self.clone(),
                         address,
-                        sender: Some(sender),
+                        sender,
                     };
                     return Ok((response, lease));
                 }
@@ -148,23 +191,51 @@ impl ConnPool {
         }
     }
 
-    /// The most recently returned idle connection to `address` that is still
-    /// ready for a request; closes those idle past [`IDLE_TIMEOUT`] or closed
-    /// by the backend (only ready connections are pooled, so a pooled one is
-    /// either ready or closed).
-    fn take(&self, address: SocketAddr) -> Option<Sender> {
+    /// A connection to `address` that can take a request now: the shared
+    /// HTTP/2 one if open, else the most recently returned idle HTTP/1.1
+    /// one that is still ready; closes those idle past [`IDLE_TIMEOUT`] or
+    /// closed by the backend (only ready connections are pooled, so a pooled
+    /// one is either ready or closed).
+    fn take(&self, address: SocketAddr) -> Option<Sender<AttemptBody>> {
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(h2) = shared.get(&address) {
+                if !h2.is_closed() {
+                    return Some(Sender::H2(h2.clone()));
+                }
+                shared.remove(&address);
+            }
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.get_mut(&address)?;
         while let Some(Idle { sender, since }) = queue.pop_back() {
             if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+                return Some(Sender::H1(sender));
             }
         }
         None
     }
 
+    /// Share a new HTTP/2 connection (replacing one that raced it).
+    fn share(&self, address: SocketAddr, sender: H2) {
+        self.shared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(address, sender);
+    }
+
+    /// Stop sharing `address`'s HTTP/2 connection if it is closed.
+    fn unshare(&self, address: SocketAddr, sender: &H2) {
+        if sender.is_closed() {
+            let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+            if shared.get(&address).is_some_and(H2::is_closed) {
+                shared.remove(&address);
+            }
+        }
+    }
+
     /// Pool a ready connection.
-    fn put(&self, address: SocketAddr, sender: Sender) {
+    fn put(&self, address: SocketAddr, sender: H1) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.entry(address).or_default();
@@ -176,31 +247,6 @@ impl ConnPool {
             queue.pop_front();
         }
         queue.push_back(Idle { sender, since: now });
-    }
-
-    async fn connect(&self, address: SocketAddr) -> Result<Sender, SendError> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(SendError::Connect(e)),
-                Err(_) => {
-                    return Err(SendError::Connect(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "no connection within connect_timeout_ms = {}",
-                            self.connect_timeout.as_millis()
-                        ),
-                    )));
-                }
-            };
-        stream.set_nodelay(true).map_err(SendError::Connect)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%address, "backend connection ended with an error: {e}");
-            }
-        });
-        Ok(sender)
     }
 
     /// Idle connections held now (all backends).
@@ -273,7 +319,7 @@ mod tests {
     #[tokio::test]
     async fn a_finished_response_returns_its_connection_for_reuse() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(Duration::from_secs(1));
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
         for _ in 0..5 {
             assert_eq!(get(&pool, address).await, "ok");
         }
@@ -284,7 +330,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_dropped_unfinished_does_not_return_its_connection() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(Duration::from_secs(1));
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
         let (_response, lease) = pool.send(address, request()).await.unwrap();
         drop(lease);
         assert_eq!(pool.idle_count(), 0);
@@ -297,7 +343,7 @@ mod tests {
         // One request per connection, but the backend does not say
         // `connection: close`: the pooled connection is found closed.
         let (address, accepted) = backend(1).await;
-        let pool = ConnPool::new(Duration::from_secs(1));
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
         for _ in 0..4 {
             assert_eq!(get(&pool, address).await, "ok");
             // Let the close reach hyper, as between real requests.
@@ -312,7 +358,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let pool = ConnPool::new(Duration::from_secs(1));
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
         let err = pool.send(address, request()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }

@@ -83,6 +83,9 @@ pub struct Upstream {
     logs: UpstreamLogs,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// How its backends are reached (TCP, TLS, protocol), by requests and
+    /// health checks alike.
+    pub connector: crate::connector::Connector,
     /// Wait for the backend's response headers.
     pub response_timeout: Duration,
     /// Most time between two reads of a response body.
@@ -236,6 +239,7 @@ impl Upstream {
             debug_headers: config.debug_headers,
             logs: UpstreamLogs::default(),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            connector: crate::connector::Connector::new(config),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
             response_body_timeout: Duration::from_millis(config.response_body_timeout_ms),
             request_timeout: config.request_timeout_ms.map(Duration::from_millis),
