@@ -452,3 +452,43 @@ fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     );
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_requests_are_told_by_content_type() {
+        let mut h = http::HeaderMap::new();
+        assert!(!is_grpc(&h));
+        for (v, want) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC;charset=utf-8", true),
+            ("application/grpc-web", true),
+            ("application/json", false),
+            ("application/gr", false),
+        ] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            assert_eq!(is_grpc(&h), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn proxy_errors_map_to_grpc_codes_and_backend_answers_pass() {
+        assert_eq!(grpc_status(StatusCode::BAD_GATEWAY), 14);
+        assert_eq!(grpc_status(StatusCode::SERVICE_UNAVAILABLE), 14);
+        assert_eq!(grpc_status(StatusCode::GATEWAY_TIMEOUT), 4);
+        assert_eq!(grpc_status(StatusCode::BAD_REQUEST), 13);
+        let shaped = grpc_shaped(error_response(StatusCode::GATEWAY_TIMEOUT, "too slow 100%"));
+        assert_eq!(shaped.status(), StatusCode::OK);
+        assert_eq!(shaped.headers()["grpc-status"], "4");
+        assert_eq!(shaped.headers()["content-type"], "application/grpc");
+        assert_eq!(
+            shaped.headers()["grpc-message"],
+            "504 Gateway Timeout: too slow 100%25"
+        );
+        let ok = Response::new(ProxyBody::full(Bytes::from_static(b"x")));
+        assert!(grpc_shaped(ok).headers().get("grpc-status").is_none());
+    }
+}
