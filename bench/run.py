@@ -22,7 +22,10 @@ wasmlb adding one layer per rung), latency at a fixed 20k requests/s (h2load
 --rps, per-request log), NGINX and wasmlb with 1 and 2 workers, the resident
 memory each proxy holds for 10,000 idle keep-alive client connections (each
 made one request; fewer if the open-file limit is lower), the issue-14 goals
-met or missed, and writes the tables to BENCHMARKS.md with the machine it ran
+met or missed, with --tls the same certificate (openssl, P-256) served by
+NGINX, HAProxy and wasmlb: requests/s and CPU per request over keep-alive TLS
+connections, and new TLS handshakes per second (`Connection: close`, every
+request a full handshake) with the issue-15 goals, and writes the tables to BENCHMARKS.md with the machine it ran
 on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare only inside one
 run).
 """
@@ -42,7 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client"}
+TOOLS = {"nginx": "nginx", "haproxy": "haproxy", "wrk": "wrk", "h2load": "nghttp2-client",
+         "openssl": "openssl"}
 
 
 def log(msg):
@@ -176,8 +180,28 @@ def start_backends(demo):
     return proc, addrs
 
 
+def make_certificate(workdir):
+    """A self-signed P-256 certificate for bench.test: (cert, key, cert+key for HAProxy)."""
+    cert, key, both = workdir / "cert.pem", workdir / "key.pem", workdir / "both.pem"
+    subprocess.run([tool("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=bench.test",
+                    "-addext", "subjectAltName=DNS:bench.test", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    both.write_text(cert.read_text() + key.read_text())
+    return cert, key, both
+
+
+# Set by main() with --tls: the certificate every TLS target serves.
+TLS = {}
+
+
 def nginx_conf(workdir, port, addrs, workers=1):
     servers = "\n".join(f"        server {a};" for a in addrs)
+    tls = ""
+    listen = f"127.0.0.1:{port} backlog=4096"
+    if TLS.get("on"):
+        listen += " ssl"
+        tls = f"ssl_certificate {TLS['cert']};\n        ssl_certificate_key {TLS['key']};"
     return f"""worker_processes {workers};
 daemon off;
 master_process on;
@@ -201,7 +225,8 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen {listen};
+        {tls}
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -233,7 +258,7 @@ defaults
     timeout server  30s
     timeout http-keep-alive 65s
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{f" ssl crt {TLS['both']}" if TLS.get("on") else ""}
     default_backend be
 backend be
     balance roundrobin
@@ -243,10 +268,12 @@ backend be
 
 def wasmlb_conf(port, addrs, plugin, extra=""):
     backends = ", ".join(f'{{ address = "{a}" }}' for a in addrs)
+    tls = (f'[listener.tls]\ncertificates = [ {{ cert = "{TLS["cert"]}", key = "{TLS["key"]}" }} ]\n'
+           if TLS.get("on") else "")
     return f"""[[listener]]
 address = "127.0.0.1:{port}"
 upstream = "app"
-
+{tls}
 [upstream.app]
 plugin = "{plugin}"
 backends = [ {backends} ]
@@ -372,6 +399,34 @@ def measure(name, workdir, addrs, wasmlb, conns, duration, backend_proc, threads
             "rss_mib": rss / 1024.0}
 
 
+def measure_tls(name, workdir, addrs, wasmlb, conns, duration, handshakes):
+    """Over TLS: keep-alive requests, or (handshakes) a new connection and full
+    handshake per request (`Connection: close`). requests/s and CPU us each."""
+    TLS["on"] = True
+    try:
+        proc, port = start_target(name, workdir, addrs, wasmlb)
+    finally:
+        TLS["on"] = False
+    url = f"https://127.0.0.1:{port}/"
+    close = ["-H", "Connection: close"] if handshakes else []
+    try:
+        subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", "-d1s"] + close + [url],
+                       capture_output=True, check=True)
+        before = cpu_ns(proc.pid)
+        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}",
+                              f"-d{duration}s"] + close + [url],
+                             capture_output=True, text=True, check=True).stdout
+        used = cpu_ns(proc.pid) - before
+    finally:
+        proc.stop()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        log(f"  {name}: {errors.group(0)}")
+    return {"rps": rps, "cpu_us": used / 1000.0 / max(total, 1)}
+
+
 IDLE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -484,6 +539,8 @@ def main():
                          "(wrk at 64 and 256 connections), ladder (the cost of each layer), "
                          "fixed (20k requests/s), idle (idle connection memory), scaling "
                          "(1 and 2 worker threads)")
+    ap.add_argument("--tls", action="store_true",
+                    help="also measure TLS (keep-alive and handshakes/s) beside NGINX and HAProxy")
     ap.add_argument("--baseline", help="an earlier wasmlb binary to run beside this one, "
                                        "as the target wasmlb-before (a before/after table)")
     args = ap.parse_args()
@@ -545,6 +602,18 @@ def main():
                         scaling[(name, threads, conns)] = measure(
                             name, workdir, addrs, wasmlb, conns, args.duration, backend_proc,
                             threads=threads, cpus=cpus)
+            tls = {}
+            if args.tls:
+                cert, key, both = make_certificate(workdir)
+                TLS.update(cert=cert, key=key, both=both)
+                tls_targets = ["nginx", "haproxy", "wasmlb-rr"]
+                for rep in range(args.reps):
+                    for kind in ("keep-alive", "handshakes"):
+                        for name in tls_targets[rep % 3:] + tls_targets[:rep % 3]:
+                            log(f"TLS rep {rep + 1}: {name}, {kind}")
+                            tls.setdefault((kind, name), []).append(measure_tls(
+                                name, workdir, addrs, wasmlb, 64 if kind == "keep-alive" else 16,
+                                args.duration, kind == "handshakes"))
             ladder = {}
             rungs = ["hyper-floor"] + [f"ladder-{i}" for i in range(len(LADDER))]
             for rep in range(args.reps if "ladder" in sections else 0):
@@ -656,6 +725,30 @@ def main():
             kib = idle["wasmlb-rr"][1]
             goals.append(("memory per idle keep-alive connection <= 4 KiB", f"{kib:.1f} KiB",
                           kib <= 4))
+    tls_goals = []
+    if tls:
+        lines += ["", "TLS (the same self-signed P-256 certificate; TLS 1.3 as wrk and each "
+                  "proxy negotiate it): keep-alive is 64 connections reused, handshakes is 16 "
+                  "connections each closed after one request (`Connection: close`), so every "
+                  "request is a full handshake.", "",
+                  "| load | target | requests/s | CPU us per request | CPU x NGINX |",
+                  "| --- | --- | --- | --- | --- |"]
+        for kind in ("keep-alive", "handshakes"):
+            cpu = {n: med(rs, "cpu_us") for (k, n), rs in tls.items() if k == kind}
+            for (k, name), rs in tls.items():
+                if k != kind:
+                    continue
+                lines.append(f"| {kind} | {name} | {med(rs, 'rps'):,.0f} | {cpu[name]:.1f} | "
+                             f"{cpu[name] / cpu['nginx']:.2f} |")
+        r = med(tls[("keep-alive", "wasmlb-rr")], "cpu_us") / med(tls[("keep-alive", "nginx")],
+                                                                   "cpu_us")
+        tls_goals.append(("CPU per request over TLS <= 1.10x NGINX", f"{r:.2f}x", r <= 1.10))
+        h = med(tls[("handshakes", "wasmlb-rr")], "rps") / med(tls[("handshakes", "nginx")], "rps")
+        tls_goals.append(("TLS handshakes/s >= NGINX's", f"{h:.2f}x", h >= 1.0))
+        lines += ["", "Goals (issue 15), wasmlb-rr in this run:", "", "| goal | measured | |",
+                  "| --- | --- | --- |"]
+        for goal, measured, met in tls_goals:
+            lines.append(f"| {goal} | {measured} | {'met' if met else 'missed'} |")
     if goals:
         lines += ["", "Goals (issue 14), wasmlb-rr in this run:", "", "| goal | measured | |",
                   "| --- | --- | --- |"]

@@ -76,9 +76,21 @@ pub enum TlsError {
     Config(String),
 }
 
-/// The crypto provider every config uses.
+/// The crypto provider every config uses: ring's, with the cipher suites
+/// ordered by preference as a server applies them: TLS 1.3 before 1.2, and
+/// within each, SHA-256 suites (AES-128-GCM, then ChaCha20-Poly1305) before
+/// AES-256-GCM/SHA-384.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| {
+        let tls13 = suite.tls13().is_some();
+        let sha384 = suite
+            .suite()
+            .as_str()
+            .is_some_and(|n| n.ends_with("SHA384"));
+        (!tls13, sha384)
+    });
+    Arc::new(provider)
 }
 
 /// Every certificate in a PEM file, in order (leaf first for a chain).
@@ -306,6 +318,13 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { certs }));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // The server's order of cipher suites wins (NGINX
+    // `ssl_prefer_server_ciphers on`): AES-128-GCM with SHA-256 first. Most
+    // clients list AES-256-GCM/SHA-384 first, whose SHA-512 rounds run in
+    // ring's portable code on CPUs without its vector paths (about 10 % of
+    // a handshake, measured with perf on an AMD EPYC VM); SHA-256 uses the
+    // SHA extensions.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
 
