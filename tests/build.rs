@@ -15,6 +15,7 @@ fn main() {
             "test-plugin-memory-bomb",
             "test-plugin-deep-recursion",
             "test-plugin-host-call-flood",
+            "test-plugin-protocol-route",
         ],
         &watch,
     )

@@ -43,10 +43,7 @@ fn request() -> RequestView {
         .body(())
         .expect("request")
         .into_parts();
-    RequestView {
-        parts,
-        client: SocketAddr::from(([192, 0, 2, 1], 40000)),
-    }
+    RequestView::new(parts, SocketAddr::from(([192, 0, 2, 1], 40000)))
 }
 
 fn select(c: &mut Criterion) {

@@ -63,6 +63,17 @@ pub fn host_without_port(authority: &str) -> &str {
     }
 }
 
+/// True for a gRPC request: `content-type: application/grpc` or
+/// `application/grpc+...` / `application/grpc;...` (gRPC over HTTP/2 spec;
+/// `application/grpc-web*` counts too).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.get(..16))
+        .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
+}
+
 /// Remove `Connection`, the headers it names, and [`HOP_BY_HOP`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first: most messages carry none of these, and

@@ -307,7 +307,9 @@ async fn serve_tls(
     };
     let session = stream.get_ref().1;
     let tls = DownstreamTls {
-        sni: session.server_name().map(str::to_string),
+        sni: session
+            .server_name()
+            .map(|n| Arc::from(n.to_ascii_lowercase())),
         alpn: session.alpn_protocol().map(<[u8]>::to_vec),
     };
     let h2 = tls.alpn.as_deref() == Some(b"h2".as_slice());

@@ -360,10 +360,7 @@ pub fn run(
             }
             free.push(slot);
         }
-        let view = RequestView {
-            parts: request_parts(request)?,
-            client: request.client,
-        };
+        let view = RequestView::new(request_parts(request)?, request.client);
         let (selection, _) = upstream.select(view, &[]);
         fallbacks += u64::from(selection.is_fallback());
         let Some(chosen) = selection.target().cloned() else {

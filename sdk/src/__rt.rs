@@ -195,6 +195,18 @@ impl Context for WasmContext {
     fn header_all(&self, name: &str) -> Vec<String> {
         wit::request::header_all(name)
     }
+    fn scheme(&self) -> String {
+        wit::request::scheme()
+    }
+    fn http_version(&self) -> String {
+        wit::request::http_version()
+    }
+    fn server_name(&self) -> Option<String> {
+        wit::request::server_name()
+    }
+    fn is_grpc(&self) -> bool {
+        wit::request::is_grpc()
+    }
     fn client_address(&self) -> SocketAddr {
         let a = wit::request::client_address();
         let ip = match a.ip {

@@ -186,6 +186,15 @@ pub trait Context {
     fn header_all(&self, name: &str) -> Vec<String>;
     /// The downstream TCP peer's address (never taken from a header).
     fn client_address(&self) -> SocketAddr;
+    /// `https` if the client came over TLS, else `http` (WIT 0.1.1).
+    fn scheme(&self) -> String;
+    /// The client's HTTP version: `HTTP/1.0`, `HTTP/1.1` or `HTTP/2` (WIT 0.1.1).
+    fn http_version(&self) -> String;
+    /// The TLS server name (SNI) the client asked for, lowercase; `None` on
+    /// plaintext or without SNI (WIT 0.1.1).
+    fn server_name(&self) -> Option<String>;
+    /// True for a gRPC request (`content-type: application/grpc*`) (WIT 0.1.1).
+    fn is_grpc(&self) -> bool;
     /// Number of backends in the current set.
     fn backend_count(&self) -> u32;
     /// Requests in flight to backend `id` (0 for an unknown id).

@@ -54,6 +54,12 @@ pub struct MockContext {
     pub headers: Vec<(String, String)>,
     /// Client socket address (default `192.0.2.1:40000`).
     pub client: SocketAddr,
+    /// Scheme (default `http`).
+    pub scheme: String,
+    /// HTTP version (default `HTTP/1.1`).
+    pub http_version: String,
+    /// TLS server name (default none).
+    pub server_name: Option<String>,
     /// In-flight requests per backend id.
     pub in_flight: Vec<u32>,
     /// Health per backend id.
@@ -79,6 +85,9 @@ impl MockContext {
             path: "/".to_string(),
             headers: Vec::new(),
             client: SocketAddr::new(Ipv4Addr::new(192, 0, 2, 1).into(), 40000),
+            scheme: "http".to_string(),
+            http_version: "HTTP/1.1".to_string(),
+            server_name: None,
             in_flight: alloc::vec![0; backends.len()],
             healthy: backends.iter().map(|b| b.healthy).collect(),
             rtt_ns: alloc::vec![0; backends.len()],
@@ -104,6 +113,14 @@ impl MockContext {
     /// Set the client address.
     pub fn with_client(mut self, client: SocketAddr) -> Self {
         self.client = client;
+        self
+    }
+
+    /// A request over TLS (`https`, HTTP/2) for server name `sni`.
+    pub fn with_tls(mut self, sni: &str) -> Self {
+        self.scheme = "https".to_string();
+        self.http_version = "HTTP/2".to_string();
+        self.server_name = Some(sni.to_string());
         self
     }
 
@@ -145,6 +162,21 @@ impl Context for MockContext {
     }
     fn client_address(&self) -> SocketAddr {
         self.client
+    }
+    fn scheme(&self) -> String {
+        self.scheme.clone()
+    }
+    fn http_version(&self) -> String {
+        self.http_version.clone()
+    }
+    fn server_name(&self) -> Option<String> {
+        self.server_name.clone()
+    }
+    fn is_grpc(&self) -> bool {
+        self.header("content-type").is_some_and(|v| {
+            v.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+        })
     }
     fn backend_count(&self) -> u32 {
         self.healthy.len() as u32

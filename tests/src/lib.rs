@@ -38,6 +38,18 @@ pub mod plugins {
     pub const MEMORY_BOMB: &str = concat!(env!("OUT_DIR"), "/test-plugin-memory-bomb.wasm");
     /// Recurses without bound.
     pub const DEEP_RECURSION: &str = concat!(env!("OUT_DIR"), "/test-plugin-deep-recursion.wasm");
+    /// WIT 0.1.1: routes by scheme and gRPC, echoes what it saw in `x-seen`.
+    pub const PROTOCOL_ROUTE: &str = concat!(env!("OUT_DIR"), "/test-plugin-protocol-route.wasm");
+    /// Built against WIT 0.1.0 (kept as built then): `round-robin`.
+    pub const ROUND_ROBIN_WIT_0_1_0: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/round-robin-wit-0.1.0.wasm"
+    );
+    /// Built against WIT 0.1.0: `sticky` (request headers, response headers, state).
+    pub const STICKY_WIT_0_1_0: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/sticky-wit-0.1.0.wasm"
+    );
     /// Calls host functions in an endless loop.
     pub const HOST_CALL_FLOOD: &str = concat!(env!("OUT_DIR"), "/test-plugin-host-call-flood.wasm");
     /// A std guest importing `wasi:filesystem`.

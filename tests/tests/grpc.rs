@@ -35,13 +35,15 @@ impl Drop for GrpcServer {
 }
 
 async fn grpc_server() -> GrpcServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
     let (reporter, health) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .unwrap();
+        .expect("reflection service");
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(health)
@@ -58,7 +60,7 @@ async fn grpc_server() -> GrpcServer {
 
 async fn channel(proxy: &InProcessProxy) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(proxy.url(""))
-        .unwrap()
+        .expect("endpoint")
         .connect()
         .await
         .expect("connect to the proxy")

@@ -241,4 +241,36 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
             port: addr.port(),
         }
     }
+    fn scheme(&mut self) -> String {
+        match &self.request {
+            Some(r) if r.https => "https".into(),
+            Some(_) => "http".into(),
+            None => String::new(),
+        }
+    }
+    fn http_version(&mut self) -> String {
+        let Some(r) = &self.request else {
+            return String::new();
+        };
+        match r.parts.version {
+            http::Version::HTTP_09 => "HTTP/0.9",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_3 => "HTTP/3",
+            _ => "HTTP/1.1",
+        }
+        .into()
+    }
+    fn server_name(&mut self) -> Option<String> {
+        self.request
+            .as_ref()?
+            .server_name
+            .as_deref()
+            .map(str::to_string)
+    }
+    fn is_grpc(&mut self) -> bool {
+        self.request
+            .as_ref()
+            .is_some_and(|r| crate::headers::is_grpc(&r.parts.headers))
+    }
 }

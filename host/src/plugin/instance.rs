@@ -25,7 +25,9 @@ pub(super) struct StateFuncs {
 }
 
 /// Name of the optional state interface export.
-pub(super) const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.0";
+pub(super) const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.1";
+/// The same export from plugins built against 0.1.0.
+const STATE_INTERFACE_0_1_0: &str = "wasmlb:plugin/state@0.1.0";
 
 /// The state functions, if the component exports the `state` interface with
 /// the expected signatures.
@@ -33,7 +35,9 @@ pub(super) fn state_funcs(
     store: &mut Store<HostState>,
     instance: &wasmtime::component::Instance,
 ) -> Option<StateFuncs> {
-    let iface = instance.get_export_index(&mut *store, None, STATE_INTERFACE)?;
+    let iface = instance
+        .get_export_index(&mut *store, None, STATE_INTERFACE)
+        .or_else(|| instance.get_export_index(&mut *store, None, STATE_INTERFACE_0_1_0))?;
     let export = instance.get_export_index(&mut *store, Some(&iface), "export-state")?;
     let import = instance.get_export_index(&mut *store, Some(&iface), "import-state")?;
     let typed = (
@@ -84,6 +88,22 @@ pub struct RequestView {
     pub parts: http::request::Parts,
     /// The downstream TCP peer.
     pub client: SocketAddr,
+    /// The client came over TLS (`request.scheme` is `https`).
+    pub https: bool,
+    /// The TLS server name (SNI) the client sent, if any.
+    pub server_name: Option<std::sync::Arc<str>>,
+}
+
+impl RequestView {
+    /// A plaintext request from `client`.
+    pub fn new(parts: http::request::Parts, client: SocketAddr) -> Self {
+        Self {
+            parts,
+            client,
+            https: false,
+            server_name: None,
+        }
+    }
 }
 
 /// One live plugin instance: its store and exports. Not `Sync`; an upstream
@@ -167,10 +187,7 @@ impl Instance {
         // here; an empty one is reported as a trap rather than a panic.
         let Some(request) = self.store.data_mut().request.take() else {
             let (parts, ()) = http::Request::new(()).into_parts();
-            let empty = RequestView {
-                parts,
-                client: SocketAddr::from(([0, 0, 0, 0], 0)),
-            };
+            let empty = RequestView::new(parts, SocketAddr::from(([0, 0, 0, 0], 0)));
             return (
                 Err((
                     FailureKind::Trap,

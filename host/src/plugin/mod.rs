@@ -489,10 +489,8 @@ mod tests {
             upstream: Arc::from("app"),
             log_limit: Arc::default(),
             backends: Arc::from(Vec::new()),
-            request: during_select.then(|| RequestView {
-                parts,
-                client: SocketAddr::from(([192, 0, 2, 1], 1)),
-            }),
+            request: during_select
+                .then(|| RequestView::new(parts, SocketAddr::from(([192, 0, 2, 1], 1)))),
             response_headers: Vec::new(),
             deadline: CallDeadline::default(),
         }

@@ -39,7 +39,12 @@ impl Proxy {
         let policy = &upstream.retry;
         let mut retry = policy.begin(&parts.method);
         let body = ReplayBody::new(body, policy.buffer_bytes);
-        let mut view = RequestView { parts, client };
+        let mut view = RequestView {
+            parts,
+            client,
+            https,
+            server_name: downstream.tls.as_ref().and_then(|t| t.sni.clone()),
+        };
         let mut tried: Vec<usize> = Vec::new();
         let mut last_failure = None;
         loop {

@@ -35,6 +35,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::{Config, RequestLimits, RouteConfig};
+pub use crate::headers::is_grpc;
 use crate::headers::{authority, host_without_port};
 use crate::metrics::Metrics;
 use crate::plugin::Runtime;
@@ -71,7 +72,7 @@ pub struct Downstream {
 #[derive(Debug, Clone, Default)]
 pub struct DownstreamTls {
     /// The server name the client asked for (SNI), if it sent one.
-    pub sni: Option<String>,
+    pub sni: Option<Arc<str>>,
     /// The protocol ALPN chose (`h2`, `http/1.1`), if any.
     pub alpn: Option<Vec<u8>>,
 }
@@ -366,16 +367,6 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         response
     }
-}
-
-/// True for a gRPC request: `content-type: application/grpc` or
-/// `application/grpc+...` / `application/grpc;...` (gRPC over HTTP/2 spec).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.get(..16))
-        .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
 }
 
 /// The gRPC status code for an HTTP status the proxy produced: 14

@@ -608,10 +608,7 @@ mod tests {
 
     fn request() -> RequestView {
         let (parts, ()) = http::Request::new(()).into_parts();
-        RequestView {
-            parts,
-            client: SocketAddr::from(([127, 0, 0, 1], 5555)),
-        }
+        RequestView::new(parts, SocketAddr::from(([127, 0, 0, 1], 5555)))
     }
 
     #[test]
