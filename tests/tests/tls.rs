@@ -560,3 +560,72 @@ async fn a_trapping_plugin_under_tls_still_serves_through_the_fallback() {
         assert_eq!((status, body.as_str()), (200, "hello from b0"));
     }
 }
+
+#[tokio::test]
+async fn an_http2_backend_s_max_concurrent_streams_is_honoured() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // An h2c backend that allows one stream at a time and records how many
+    // it ever served at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (now, peak, conns) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (n, p, c) = (now.clone(), peak.clone(), conns.clone());
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let (n, p) = (n.clone(), p.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let (n, p) = (n.clone(), p.clone());
+                    async move {
+                        let in_flight = n.fetch_add(1, Ordering::Relaxed) + 1;
+                        p.fetch_max(in_flight, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        n.fetch_sub(1, Ordering::Relaxed);
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"one at a time")),
+                        ))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(1)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+            });
+        }
+    });
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &format!("{{ address = \"{addr}\" }}"),
+        "protocol = \"h2c\"\n",
+    ))
+    .await;
+    let c = client();
+    // Open the shared connection first, so the backend's SETTINGS are known.
+    assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    let url = proxy.url("/");
+    let all = futures_util::future::join_all((0..8).map(|_| get(&c, &url))).await;
+    for (status, _, body) in all {
+        assert_eq!((status, body.as_str()), (200, "one at a time"));
+    }
+    assert_eq!(
+        peak.load(Ordering::Relaxed),
+        1,
+        "never more streams than the backend allows"
+    );
+    assert_eq!(
+        conns.load(Ordering::Relaxed),
+        1,
+        "one multiplexed connection"
+    );
+    server.abort();
+}
