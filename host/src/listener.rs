@@ -136,6 +136,24 @@ async fn sniff_h2(io: &mut TimedIo<TcpStream>) -> std::io::Result<bool> {
     Ok(buf[..n] == H2_PREFACE[..])
 }
 
+/// Drive hyper connection `conn` (HTTP/1 or HTTP/2: the same inherent
+/// methods, no common trait) to its end, finishing gracefully once
+/// `closing` turns true; its result with the error boxed.
+macro_rules! serve_until_closed {
+    ($conn:expr, $closing:ident) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let (done, _) = drive(
+            &mut conn,
+            |c, cx| c.as_mut().poll(cx),
+            |c| c.as_mut().graceful_shutdown(),
+            &mut $closing,
+        )
+        .await;
+        done.map_err(Into::into)
+    }};
+}
+
 /// Serve an HTTP/2 connection until it closes, or until `closing` turns
 /// true (then open streams finish, and it closes).
 async fn serve_h2<I, S>(
@@ -150,16 +168,7 @@ where
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = h2.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let (done, _) = drive(
-        &mut conn,
-        |c, cx| c.as_mut().poll(cx),
-        |c| c.as_mut().graceful_shutdown(),
-        &mut closing,
-    )
-    .await;
-    done.map_err(Into::into)
+    serve_until_closed!(h2.serve_connection(TokioIo::new(io), service), closing)
 }
 
 /// Poll `conn` to its end with `poll`; the first time `closing` turns true
@@ -317,16 +326,10 @@ async fn serve_tls(
     if h2 {
         return Box::pin(serve_h2(stream, &protocols.h2, service, closing)).await;
     }
-    let conn = protocols.h1.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let (done, _) = drive(
-        &mut conn,
-        |c, cx| c.as_mut().poll(cx),
-        |c| c.as_mut().graceful_shutdown(),
-        &mut closing,
+    serve_until_closed!(
+        protocols.h1.serve_connection(TokioIo::new(stream), service),
+        closing
     )
-    .await;
-    done.map_err(Into::into)
 }
 
 /// Permits from the listener's cap and the global one, waiting (not
