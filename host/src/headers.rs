@@ -63,6 +63,26 @@ pub fn host_without_port(authority: &str) -> &str {
     }
 }
 
+/// A downstream client's IP with its `X-Forwarded-For` element formatted
+/// once per connection (not per request).
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    ip: std::net::IpAddr,
+    value: HeaderValue,
+}
+
+impl ClientIp {
+    /// The IP of `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        let value = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            ip: peer.ip(),
+            value,
+        }
+    }
+}
+
 /// True for a gRPC request: `content-type: application/grpc` or
 /// `application/grpc+...` / `application/grpc;...` (gRPC over HTTP/2 spec;
 /// `application/grpc-web*` counts too).
@@ -111,7 +131,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// backend authority cannot be a header value.
 pub fn prepare_request(
     parts: &mut http::request::Parts,
-    client: SocketAddr,
+    client: &ClientIp,
     backend: &http::uri::Authority,
     https: bool,
 ) -> Result<(), &'static str> {
@@ -141,7 +161,6 @@ pub fn prepare_request(
     {
         headers.insert(header::HOST, host.clone());
     }
-    let ip = client.ip().to_string();
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         let mut chain = headers
             .get_all(&X_FORWARDED_FOR)
@@ -150,15 +169,13 @@ pub fn prepare_request(
             .collect::<Vec<_>>()
             .join(", ");
         chain.push_str(", ");
-        chain.push_str(&ip);
-        chain
+        chain.push_str(&client.ip.to_string());
+        HeaderValue::from_str(&chain).map_err(|_| "invalid X-Forwarded-For")?
     } else {
-        ip
+        // The common case: no chain yet, the connection's own value.
+        client.value.clone()
     };
-    headers.insert(
-        &X_FORWARDED_FOR,
-        HeaderValue::from_str(&xff).map_err(|_| "invalid X-Forwarded-For")?,
-    );
+    headers.insert(&X_FORWARDED_FOR, xff);
     headers.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if https { "https" } else { "http" }),
@@ -213,7 +230,7 @@ mod tests {
         ]);
         prepare_request(
             &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
+            &ClientIp::new("192.0.2.7:5000".parse().unwrap()),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
             false,
         )
@@ -237,7 +254,7 @@ mod tests {
         ]);
         prepare_request(
             &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
+            &ClientIp::new("192.0.2.7:5000".parse().unwrap()),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
             false,
         )
@@ -247,7 +264,13 @@ mod tests {
         assert_eq!(p.headers["x-forwarded-host"], "example.com:8080");
         let mut p = parts(&[("host", "example.com"), ("te", "gzip")]);
         let backend = http::uri::Authority::from_static("127.0.0.1:9001");
-        prepare_request(&mut p, "192.0.2.7:5000".parse().unwrap(), &backend, true).unwrap();
+        prepare_request(
+            &mut p,
+            &ClientIp::new("192.0.2.7:5000".parse().unwrap()),
+            &backend,
+            true,
+        )
+        .unwrap();
         assert_eq!(p.headers["x-forwarded-proto"], "https", "behind TLS");
         assert!(
             !p.headers.contains_key("te"),
@@ -263,7 +286,7 @@ mod tests {
         ]);
         prepare_request(
             &mut p,
-            "192.0.2.7:5000".parse().unwrap(),
+            &ClientIp::new("192.0.2.7:5000".parse().unwrap()),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
             false,
         )
@@ -281,7 +304,7 @@ mod tests {
             .0;
         prepare_request(
             &mut p,
-            "[::1]:5000".parse().unwrap(),
+            &ClientIp::new("[::1]:5000".parse().unwrap()),
             &http::uri::Authority::from_static("127.0.0.1:9001"),
             false,
         )

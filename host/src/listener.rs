@@ -432,7 +432,7 @@ async fn accept_loop(
                     move |tls| ProxyService {
                         shared,
                         key,
-                        downstream: Arc::new(Downstream { peer, tls }),
+                        downstream: Arc::new(Downstream::new(peer, tls)),
                         activity,
                     }
                 };

@@ -4,7 +4,6 @@
 //! [`crate::retry::RetryPolicy`] whether to go again on another backend.
 //! Every attempt's outcome feeds outlier detection.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderName, HeaderValue};
@@ -78,7 +77,7 @@ impl Proxy {
                 std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
             };
             let failure = match self
-                .attempt(upstream, pool, (client, https), head, &body, &chosen)
+                .attempt(upstream, pool, downstream, head, &body, &chosen)
                 .await
             {
                 Ok(mut response) => {
@@ -168,12 +167,13 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
-        (client, https): (SocketAddr, bool),
+        downstream: &Downstream,
         mut head: http::request::Parts,
         body: &ReplayBody,
         chosen: &Target,
     ) -> Result<Response<ProxyBody>, Failure> {
-        prepare_request(&mut head, client, &chosen.authority, https)
+        let https = downstream.tls.is_some();
+        prepare_request(&mut head, &downstream.client_ip, &chosen.authority, https)
             .map_err(|reason| Failure::Invalid { reason })?;
         let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
         let request = Request::from_parts(head, body.attempt());

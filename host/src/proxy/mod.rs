@@ -64,8 +64,21 @@ pub enum ProxyError {
 pub struct Downstream {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The client's IP, formatted for `X-Forwarded-For` once.
+    pub client_ip: crate::headers::ClientIp,
     /// The TLS session, if the listener terminates TLS.
     pub tls: Option<DownstreamTls>,
+}
+
+impl Downstream {
+    /// A connection from `peer`, over TLS if `tls` is set.
+    pub fn new(peer: SocketAddr, tls: Option<DownstreamTls>) -> Self {
+        Self {
+            peer,
+            client_ip: crate::headers::ClientIp::new(peer),
+            tls,
+        }
+    }
 }
 
 /// A downstream TLS session.
