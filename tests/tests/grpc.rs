@@ -286,3 +286,43 @@ async fn grpc_over_a_tls_listener_with_h2_by_alpn() {
         "NOT_FOUND passed through"
     );
 }
+
+#[tokio::test]
+async fn grpc_on_a_plaintext_http1_upstream_goes_over_h2c() {
+    // No `protocol` key: the upstream speaks HTTP/1.1, but gRPC needs
+    // HTTP/2, so gRPC requests (and grpc health checks) take h2c.
+    let server = grpc_server().await;
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &format!("{{ address = \"{}\" }}", server.addr),
+        "[upstream.app.health_check]\nkind = \"grpc\"\ninterval_ms = 100\ntimeout_ms = 1000\n\
+         unhealthy_threshold = 1\nhealthy_threshold = 1\n",
+    ))
+    .await;
+    let mut health = HealthClient::new(channel(&proxy).await);
+    for _ in 0..3 {
+        let r = health.check(check("")).await.expect("unary call over h2c");
+        assert_eq!(r.into_inner().status, Status::Serving as i32);
+    }
+    let mut watch = health.watch(check("")).await.expect("watch").into_inner();
+    let first = watch.next().await.expect("first").expect("message");
+    assert_eq!(first.status, Status::Serving as i32);
+    server
+        .reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let up = proxy.upstream("app");
+    let mut failing = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !up.backends()[0]
+            .live
+            .check_passing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            failing = true;
+            break;
+        }
+    }
+    assert!(failing, "the grpc health check runs over h2c too");
+}
