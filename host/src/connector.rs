@@ -94,29 +94,6 @@ impl Connector {
         self.tls.is_some()
     }
 
-    /// True if gRPC requests must take HTTP/2 with prior knowledge (h2c)
-    /// although the upstream says `http1`: gRPC needs HTTP/2 (its trailers
-    /// and streams), and a plaintext `http1` upstream would fail every
-    /// call. Over TLS ALPN decides, as configured.
-    pub fn grpc_over_h2c(&self) -> bool {
-        self.protocol == UpstreamProtocol::Http1 && self.tls.is_none()
-    }
-
-    /// Open a plaintext HTTP/2 (prior knowledge) connection to `address`,
-    /// whatever `protocol` says (see [`Connector::grpc_over_h2c`]).
-    ///
-    /// # Errors
-    /// As [`Connector::connect`].
-    pub async fn connect_h2c<B>(&self, address: SocketAddr) -> io::Result<Sender<B>>
-    where
-        B: http_body::Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let stream = self.tcp(address).await?;
-        handshake(stream, true, address).await
-    }
-
     /// Open a TCP connection to `address` within `connect_timeout_ms`, with
     /// `TCP_NODELAY`.
     ///

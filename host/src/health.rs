@@ -161,20 +161,14 @@ pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr, connector: &Conn
                 }
             };
         }
-        let grpc = hc.kind == HealthCheckKind::Grpc;
-        // As gRPC requests do: h2c on a plaintext `http1` upstream.
-        let connected = if grpc && connector.grpc_over_h2c() {
-            connector.connect_h2c::<Full<Bytes>>(address).await
-        } else {
-            connector.connect::<Full<Bytes>>(address).await
-        };
-        let sender = match connected {
+        let sender = match connector.connect::<Full<Bytes>>(address).await {
             Ok(s) => s,
             Err(e) => {
                 blame(e, &mut local);
                 return None;
             }
         };
+        let grpc = hc.kind == HealthCheckKind::Grpc;
         let mut request = if grpc {
             http::Request::post(GRPC_HEALTH_CHECK)
                 .header(http::header::CONTENT_TYPE, "application/grpc")

@@ -139,21 +139,16 @@ impl ConnPool {
         mut request: http::Request<AttemptBody>,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
         let tls = self.connector.is_tls();
-        // gRPC on a plaintext `http1` upstream goes over h2c (see
-        // `Connector::grpc_over_h2c`); its connections are shared like any
-        // HTTP/2 one, and only gRPC requests use them.
-        let grpc_h2c = self.connector.grpc_over_h2c() && crate::headers::is_grpc(request.headers());
         let mut adapted = None;
         loop {
-            let (sender, reused) = match self.take(address, grpc_h2c) {
+            let (sender, reused) = match self.take(address) {
                 Some(sender) => (sender, true),
                 None => {
-                    let sender = if grpc_h2c {
-                        self.connector.connect_h2c(address).await
-                    } else {
-                        self.connector.connect(address).await
-                    }
-                    .map_err(SendError::Connect)?;
+                    let sender = self
+                        .connector
+                        .connect(address)
+                        .await
+                        .map_err(SendError::Connect)?;
                     if let Sender::H2(h2) = &sender {
                         self.share(address, h2.clone());
                     }
@@ -200,12 +195,9 @@ impl ConnPool {
     /// HTTP/2 one if open, else the most recently returned idle HTTP/1.1
     /// one that is still ready; closes those idle past [`IDLE_TIMEOUT`] or
     /// closed by the backend (only ready connections are pooled, so a pooled
-    /// one is either ready or closed). With `grpc_h2c`, only the shared
-    /// HTTP/2 one; on a plaintext `http1` upstream other requests never
-    /// take it.
-    fn take(&self, address: SocketAddr, grpc_h2c: bool) -> Option<Sender<AttemptBody>> {
-        let shared_ok = grpc_h2c || !self.connector.grpc_over_h2c();
-        if shared_ok {
+    /// one is either ready or closed).
+    fn take(&self, address: SocketAddr) -> Option<Sender<AttemptBody>> {
+        {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(h2) = shared.get(&address) {
                 if !h2.is_closed() {
@@ -213,9 +205,6 @@ impl ConnPool {
                 }
                 shared.remove(&address);
             }
-        }
-        if grpc_h2c {
-            return None;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.get_mut(&address)?;
