@@ -94,6 +94,11 @@ impl Connector {
         self.tls.is_some()
     }
 
+    /// True if connections may be HTTP/2 (`protocol` other than `http1`).
+    pub fn may_be_h2(&self) -> bool {
+        self.protocol != UpstreamProtocol::Http1
+    }
+
     /// Open a TCP connection to `address` within `connect_timeout_ms`, with
     /// `TCP_NODELAY`.
     ///

@@ -341,11 +341,14 @@ pub struct ClientSettings<'a> {
     pub alpn: Vec<Vec<u8>>,
 }
 
-/// An upstream's rustls client config.
+/// An upstream's rustls client config, and the client certificate it
+/// presents (checked as [`ServerCert::load`] checks), if any.
 ///
 /// # Errors
 /// A [`TlsError`] naming the CA, certificate or key file at fault.
-pub fn client_config(settings: &ClientSettings<'_>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+pub fn client_config(
+    settings: &ClientSettings<'_>,
+) -> Result<(Arc<rustls::ClientConfig>, Option<ServerCert>), TlsError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(rustls::DEFAULT_VERSIONS)
@@ -372,23 +375,23 @@ pub fn client_config(settings: &ClientSettings<'_>) -> Result<Arc<rustls::Client
         }
         builder.with_root_certificates(roots)
     };
-    let mut config = match settings.client_cert {
+    let (mut config, client) = match settings.client_cert {
         Some((cert, key)) => {
-            let chain = load_certificates(cert)?;
-            let key_der = load_key(key)?;
-            // Check the pair as for a server certificate.
-            ServerCert::load(cert, key)?;
-            builder
-                .with_client_auth_cert(chain, key_der)
+            // Checked as a server certificate is (the pair matches); its
+            // chain is what the client presents.
+            let client = ServerCert::load(cert, key)?;
+            let config = builder
+                .with_client_auth_cert(client.key.cert.clone(), load_key(key)?)
                 .map_err(|e| TlsError::Invalid {
                     path: key.to_path_buf(),
                     reason: e.to_string(),
-                })?
+                })?;
+            (config, Some(client))
         }
-        None => builder.with_no_client_auth(),
+        None => (builder.with_no_client_auth(), None),
     };
     config.alpn_protocols = settings.alpn.clone();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), client))
 }
 
 /// `insecure_skip_verify`: accepts any certificate, still checks the

@@ -248,16 +248,15 @@ impl Validator<'_> {
             insecure_skip_verify: raw.insecure_skip_verify,
             alpn: chosen.alpn(),
         };
-        let client_config = crate::tls::client_config(&settings)
+        let (client_config, client) = crate::tls::client_config(&settings)
             .map_err(|e| self.err(Some(span), key.clone(), e.to_string()))?;
-        if let Some((cert, _)) = settings.client_cert
-            && let Ok(c) = ServerCert::load(cert, client_key.as_deref().unwrap_or(cert))
+        if let Some(c) = client
             && c.expired_at(now_unix())
         {
             self.warnings.borrow_mut().push(format!(
                 "{}: {key}.client_cert: the certificate {} expired on {}",
                 self.path.display(),
-                cert.display(),
+                c.cert_path.display(),
                 c.not_after_text
             ));
         }

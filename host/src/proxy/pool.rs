@@ -197,7 +197,8 @@ impl ConnPool {
     /// closed by the backend (only ready connections are pooled, so a pooled
     /// one is either ready or closed).
     fn take(&self, address: SocketAddr) -> Option<Sender<AttemptBody>> {
-        {
+        // An `http1` upstream never shares a connection: no second lock.
+        if self.connector.may_be_h2() {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(h2) = shared.get(&address) {
                 if !h2.is_closed() {
