@@ -215,7 +215,9 @@ where
     } else {
         let (sender, conn) = http1::handshake(io).await.map_err(failed)?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades: a 101 hands the connection to the response's
+            // `hyper::upgrade::on` (a tunnel, see `proxy::Tunnel`).
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%address, "backend connection ended with an error: {e}");
             }
         });

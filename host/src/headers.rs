@@ -94,6 +94,44 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
 }
 
+/// The protocols an HTTP/1.1 request asks to upgrade to (RFC 9110 §7.8):
+/// its `Upgrade` value, if `Connection` names `upgrade`, less `h2c` (a
+/// client's h2c upgrade is not forwarded: the request is served as HTTP/1.1,
+/// as NGINX and Envoy do). `None` for other requests, HTTP/1.0 and HTTP/2
+/// (which has no `Upgrade`), or if only `h2c` was asked for.
+pub fn upgrade_protocols(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let upgrade = parts.headers.get(header::UPGRADE)?;
+    let asked = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asked {
+        return None;
+    }
+    let value = upgrade.to_str().ok()?;
+    if !value
+        .split(',')
+        .any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+    {
+        return Some(upgrade.clone());
+    }
+    let kept: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
 /// Remove `Connection`, the headers it names, and [`HOP_BY_HOP`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names first: most messages carry none of these, and
@@ -311,6 +349,29 @@ mod tests {
         .unwrap();
         assert_eq!(p.headers["host"], "example.com");
         assert_eq!(p.headers["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn upgrades_are_recognised_and_h2c_is_not_forwarded() {
+        let ws = parts(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(upgrade_protocols(&ws).unwrap(), "websocket");
+        let no_token = parts(&[("connection", "keep-alive"), ("upgrade", "websocket")]);
+        assert!(upgrade_protocols(&no_token).is_none());
+        let no_upgrade = parts(&[("connection", "upgrade")]);
+        assert!(upgrade_protocols(&no_upgrade).is_none());
+        let h2c = parts(&[
+            ("connection", "upgrade, http2-settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(upgrade_protocols(&h2c).is_none());
+        let both = parts(&[("connection", "upgrade"), ("upgrade", "h2c, websocket")]);
+        assert_eq!(upgrade_protocols(&both).unwrap(), "websocket");
+        let mut http10 = parts(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        http10.version = Version::HTTP_10;
+        assert!(upgrade_protocols(&http10).is_none());
     }
 
     #[test]

@@ -54,4 +54,5 @@ pub mod scaffold;
 pub mod server;
 pub mod simulate;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;

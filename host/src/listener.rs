@@ -32,6 +32,7 @@ use crate::conn::{ConnActivity, ConnLimit, ConnPermit, TimedIo};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
 use crate::proxy::{Downstream, DownstreamTls, ListenerKey, Proxy, ProxyBody};
+use crate::tunnel::Prefixed;
 
 /// What every listener's accept loop reads: the proxy serving new requests,
 /// the metrics and the global connection cap.
@@ -202,17 +203,16 @@ async fn drive<C, R>(
 /// waits for the next request holding only its [`TimedIo`] (see there), so
 /// an idle keep-alive connection costs a few hundred bytes, not hyper's 16 KiB
 /// of buffers.
-async fn serve_connection<S>(
+///
+/// After a `101 Switching Protocols` (an upgrade, such as WebSocket) hyper
+/// hands the connection back and it becomes the client side of the
+/// [`crate::proxy::Tunnel`] the request left.
+async fn serve_connection(
     mut io: TimedIo<TcpStream>,
     protocols: Arc<Protocols>,
-    service: S,
+    service: ProxyService,
     mut closing: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    S: HttpService<Incoming, ResBody = crate::proxy::ProxyBody> + Clone + Unpin + Send + 'static,
-    S::Future: Unpin + Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let closed = |c: &bool| *c;
     let h2 = tokio::select! {
         h2 = sniff_h2(&mut io) => h2?,
@@ -241,6 +241,14 @@ where
         done?;
         let parts = conn.into_parts();
         io = parts.io.into_inner();
+        if let Some(tunnel) = service.downstream.take_tunnel() {
+            // Busy for the tunnel's life: no idle timeout, no reclaim, no
+            // park (the tunnel has its own idle timeout).
+            let _busy = service.activity.begin();
+            io.unread(parts.read_buf);
+            tunnel.run(io).await;
+            return Ok(());
+        }
         if shutting || !io.take_parked() {
             // The client closed, or hyper ended the connection: close ours.
             let _ = io.shutdown().await;
@@ -326,10 +334,27 @@ async fn serve_tls(
     if h2 {
         return Box::pin(serve_h2(stream, &protocols.h2, service, closing)).await;
     }
-    serve_until_closed!(
-        protocols.h1.serve_connection(TokioIo::new(stream), service),
-        closing
+    let (downstream, activity) = (service.downstream.clone(), service.activity.clone());
+    let mut conn = protocols.h1.serve_connection(TokioIo::new(stream), service);
+    let (done, _) = drive(
+        &mut conn,
+        |c, cx| c.poll_without_shutdown(cx),
+        |c| std::pin::Pin::new(c).graceful_shutdown(),
+        &mut closing,
     )
+    .await;
+    done?;
+    let parts = conn.into_parts();
+    let mut stream = parts.io.into_inner();
+    if let Some(tunnel) = downstream.take_tunnel() {
+        let _busy = activity.begin();
+        // Bytes the client sent after the upgrade request's head go first.
+        let stream = Prefixed::new(parts.read_buf, stream);
+        tunnel.run(stream).await;
+        return Ok(());
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
 }
 
 /// Permits from the listener's cap and the global one, waiting (not

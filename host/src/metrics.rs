@@ -15,6 +15,8 @@
 //! | `wasmlb_outlier_ejections_skipped_total` | counter | upstream (an outlier not ejected: `max_ejection_percent` reached) |
 //! | `wasmlb_plugin_breaker_open` | gauge | upstream (1 while the plugin's circuit breaker is open) |
 //! | `wasmlb_plugin_calls_skipped_total` | counter | upstream (requests decided without calling the plugin: breaker open) |
+//! | `wasmlb_tunnels_open` | gauge | upstream (WebSocket/upgrade tunnels and TCP-mode connections open) |
+//! | `wasmlb_tunnel_bytes_total` | counter | upstream, direction (`to_backend`, `to_client`): bytes relayed by tunnels |
 //! | `wasmlb_connections_open` | gauge | (downstream connections open) |
 //! | `wasmlb_connections_max` | gauge | (the global `max_connections`) |
 //! | `wasmlb_connections_cap_reached_total` | counter | (times a listener stopped accepting at a cap) |
@@ -57,6 +59,12 @@ struct FailureLabels {
 struct SwapLabels {
     upstream: String,
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    upstream: String,
+    direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +142,8 @@ pub struct Metrics {
     ejections_skipped: Family<UpstreamLabels, Counter>,
     breaker_open: Family<UpstreamLabels, Gauge>,
     calls_skipped: Family<UpstreamLabels, Counter>,
+    tunnels_open: Family<UpstreamLabels, Gauge>,
+    tunnel_bytes: Family<DirectionLabels, Counter>,
     resources: ResourceMetrics,
 }
 
@@ -156,6 +166,12 @@ pub struct UpstreamMetrics {
     pub breaker_open: Gauge,
     /// Requests decided without calling the plugin (breaker open).
     pub calls_skipped: Counter,
+    /// Tunnels open (HTTP upgrades, TCP-mode connections).
+    pub tunnels_open: Gauge,
+    /// Bytes relayed by tunnels from clients to backends.
+    pub tunnel_bytes_to_backend: Counter,
+    /// Bytes relayed by tunnels from backends to clients.
+    pub tunnel_bytes_to_client: Counter,
     failures: [Counter; 3],
 }
 
@@ -267,6 +283,18 @@ impl Metrics {
             "Requests decided without calling the plugin (circuit breaker open), by upstream",
             calls_skipped.clone(),
         );
+        let tunnels_open = Family::default();
+        let tunnel_bytes = Family::default();
+        registry.register(
+            "tunnels_open",
+            "Tunnels open (HTTP upgrades such as WebSocket, TCP-mode connections), by upstream",
+            tunnels_open.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes relayed by tunnels, by upstream and direction (to_backend, to_client)",
+            tunnel_bytes.clone(),
+        );
         let resources = ResourceMetrics::default();
         for (name, help, gauge) in [
             (
@@ -318,6 +346,8 @@ impl Metrics {
             ..resources
         };
         Self {
+            tunnels_open,
+            tunnel_bytes,
             ejections_skipped,
             breaker_open,
             calls_skipped,
@@ -348,6 +378,14 @@ impl Metrics {
                 })
                 .clone()
         };
+        let direction = |direction: &str| {
+            self.tunnel_bytes
+                .get_or_create(&DirectionLabels {
+                    upstream: name.to_string(),
+                    direction: direction.to_string(),
+                })
+                .clone()
+        };
         UpstreamMetrics {
             in_flight: self.in_flight.get_or_create(&u).clone(),
             request_duration: self.request_duration.get_or_create(&u).clone(),
@@ -357,6 +395,9 @@ impl Metrics {
             ejections_skipped: self.ejections_skipped.get_or_create(&u).clone(),
             breaker_open: self.breaker_open.get_or_create(&u).clone(),
             calls_skipped: self.calls_skipped.get_or_create(&u).clone(),
+            tunnels_open: self.tunnels_open.get_or_create(&u).clone(),
+            tunnel_bytes_to_backend: direction("to_backend"),
+            tunnel_bytes_to_client: direction("to_client"),
             failures: [
                 failure(FailureKind::Trap),
                 failure(FailureKind::Deadline),

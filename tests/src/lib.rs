@@ -15,6 +15,7 @@ pub mod load;
 pub mod proxy;
 pub mod raw;
 pub mod tls;
+pub mod ws;
 
 pub use backend::*;
 pub use client::*;

@@ -14,6 +14,9 @@ pub const DEFAULT_PLUGIN_MEMORY_LIMIT_MIB: u64 = 16;
 /// Default inactivity limit between two reads of a backend's response body,
 /// in ms (NGINX `proxy_read_timeout` 60 s, HAProxy `timeout server`).
 pub const DEFAULT_RESPONSE_BODY_TIMEOUT_MS: u64 = 60_000;
+/// Default `tunnel_idle_timeout_ms`: one hour (HAProxy `timeout tunnel` is
+/// often set so; NGINX's `proxy_timeout` is 10 minutes).
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT_MS: u64 = 3_600_000;
 /// Default number of compiled plugin components kept for reuse (swaps back,
 /// reloads); the least recently used beyond it are released.
 pub const DEFAULT_PLUGIN_CACHE_ENTRIES: usize = 16;

@@ -149,6 +149,10 @@ pub struct UpstreamConfig {
     /// (`response_body_timeout_ms`, default 60000, NGINX `proxy_read_timeout`);
     /// on expiry both connections are cut (the status is already sent).
     pub response_body_timeout_ms: u64,
+    /// Most time a tunnel (an HTTP upgrade such as WebSocket, or a TCP-mode
+    /// connection) may pass with no byte either way, in ms
+    /// (`tunnel_idle_timeout_ms`, default 3600000; HAProxy `timeout tunnel`).
+    pub tunnel_idle_timeout_ms: u64,
     /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
     pub on_plugin_error: OnPluginError,
     /// Add `x-wasmlb-plugin` (the plugin that decided, or `(fallback)`) and
@@ -273,6 +277,7 @@ impl UpstreamConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
             response_body_timeout_ms: DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
+            tunnel_idle_timeout_ms: DEFAULT_TUNNEL_IDLE_TIMEOUT_MS,
             on_plugin_error: OnPluginError::default(),
             debug_headers: false,
             health_check: None,

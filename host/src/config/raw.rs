@@ -88,6 +88,7 @@ pub(super) struct RawUpstream {
     pub(super) connect_timeout_ms: Option<Spanned<u64>>,
     pub(super) response_timeout_ms: Option<Spanned<u64>>,
     pub(super) response_body_timeout_ms: Option<Spanned<u64>>,
+    pub(super) tunnel_idle_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     pub(super) on_plugin_error: OnPluginError,
     #[serde(default)]

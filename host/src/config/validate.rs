@@ -400,6 +400,11 @@ impl Validator<'_> {
                 &u.response_body_timeout_ms,
                 DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
             )?,
+            tunnel_idle_timeout_ms: positive(
+                "tunnel_idle_timeout_ms",
+                &u.tunnel_idle_timeout_ms,
+                DEFAULT_TUNNEL_IDLE_TIMEOUT_MS,
+            )?,
             on_plugin_error: u.on_plugin_error,
             debug_headers: u.debug_headers,
             health_check: match u.health_check {

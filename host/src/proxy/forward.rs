@@ -38,6 +38,9 @@ impl Proxy {
         let policy = &upstream.retry;
         let mut retry = policy.begin(&parts.method);
         let body = ReplayBody::new(body, policy.buffer_bytes);
+        // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
+        // `Upgrade` are forwarded, for such requests only.
+        let upgrade = crate::headers::upgrade_protocols(&parts);
         let mut view = RequestView {
             parts,
             client,
@@ -77,7 +80,14 @@ impl Proxy {
                 std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
             };
             let failure = match self
-                .attempt(upstream, pool, downstream, head, &body, &chosen)
+                .attempt(
+                    upstream,
+                    pool,
+                    downstream,
+                    head,
+                    (&body, upgrade.as_ref()),
+                    &chosen,
+                )
                 .await
             {
                 Ok(mut response) => {
@@ -107,6 +117,10 @@ impl Proxy {
                         .headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     return response;
+                }
+                Failure::UpgradeOverH2 => {
+                    self.metrics.unrouted(upstream.name(), 502);
+                    return error_response(status, failure.reason());
                 }
                 Failure::Local { detail } => {
                     // The proxy's own shortage: not the backend's fault, and
@@ -163,18 +177,27 @@ impl Proxy {
     /// response is returned with its hop-by-hop headers removed and its body
     /// streaming. Otherwise the [`Failure`], classified by the side at fault;
     /// recording a failure against the backend is left to the caller.
+    ///
+    /// With `upgrade` (the protocols of an upgrade request), `Connection:
+    /// upgrade` and `Upgrade` go to the backend; if it answers 101, the
+    /// response keeps them and the [`super::Tunnel`] is left on `downstream`.
     async fn attempt(
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
         downstream: &Downstream,
         mut head: http::request::Parts,
-        body: &ReplayBody,
+        (body, upgrade): (&ReplayBody, Option<&HeaderValue>),
         chosen: &Target,
     ) -> Result<Response<ProxyBody>, Failure> {
         let https = downstream.tls.is_some();
         prepare_request(&mut head, &downstream.client_ip, &chosen.authority, https)
             .map_err(|reason| Failure::Invalid { reason })?;
+        if let Some(protocols) = upgrade {
+            head.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            head.headers.insert(header::UPGRADE, protocols.clone());
+        }
         let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
         let request = Request::from_parts(head, body.attempt());
         let sent_ns = crate::plugin::monotonic_ns();
@@ -184,12 +207,47 @@ impl Proxy {
         )
         .await;
         let failure = match result {
-            Ok(Ok((response, lease))) => {
+            Ok(Ok((mut response, lease))) => {
                 let now_ns = crate::plugin::monotonic_ns();
                 chosen
                     .live
                     .rtt
                     .observe(now_ns.saturating_sub(sent_ns), now_ns);
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if upgrade.is_none() {
+                        // RFC 9110 §15.2.2: only in answer to an Upgrade.
+                        drop(guard);
+                        return Err(Failure::Broken {
+                            detail: "101 Switching Protocols to a request that asked no upgrade"
+                                .into(),
+                        });
+                    }
+                    let on_upgrade = hyper::upgrade::on(&mut response);
+                    let (mut parts, _) = response.into_parts();
+                    let switched = parts.headers.get(header::UPGRADE).cloned();
+                    strip_hop_by_hop(&mut parts.headers);
+                    parts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    if let Some(switched) = switched {
+                        parts.headers.insert(header::UPGRADE, switched);
+                    }
+                    upstream.report_connected(chosen);
+                    upstream.report(chosen, true);
+                    chosen.live.metrics.response(101);
+                    // The connection is the tunnel's now, never pooled.
+                    drop(lease);
+                    downstream.leave_tunnel(super::Tunnel::new(
+                        on_upgrade,
+                        chosen.address,
+                        upstream,
+                        guard,
+                    ));
+                    return Ok(Response::from_parts(
+                        parts,
+                        ProxyBody::full(bytes::Bytes::new()),
+                    ));
+                }
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 upstream.report_connected(chosen);
@@ -206,6 +264,7 @@ impl Proxy {
             Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => Failure::Local {
                 detail: error_chain(&e),
             },
+            Ok(Err(SendError::UpgradeOverH2)) => Failure::UpgradeOverH2,
             Ok(Err(SendError::Connect(e))) => Failure::Connect {
                 timed_out: e.kind() == std::io::ErrorKind::TimedOut,
                 detail: e.to_string(),
@@ -246,6 +305,10 @@ enum Failure {
     /// ([`crate::fd_limit`]): 503, not blamed on the backend, not retried.
     #[error("out of local resources: {detail}")]
     Local { detail: String },
+    /// An upgrade request met an HTTP/2 backend connection (`protocol =
+    /// "auto"` chose h2): 502, nothing sent, not blamed, not retried.
+    #[error("an upgrade needs HTTP/1.1 to the backend; ALPN chose HTTP/2")]
+    UpgradeOverH2,
 }
 
 impl Failure {
@@ -256,7 +319,9 @@ impl Failure {
                 timed_out: true, ..
             }
             | Failure::ResponseTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Failure::Connect { .. } | Failure::Broken { .. } => StatusCode::BAD_GATEWAY,
+            Failure::Connect { .. } | Failure::Broken { .. } | Failure::UpgradeOverH2 => {
+                StatusCode::BAD_GATEWAY
+            }
             Failure::Local { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -274,6 +339,9 @@ impl Failure {
             Failure::Broken { .. } => "the backend closed the connection without a response",
             Failure::ResponseTimeout => "the backend did not answer in time",
             Failure::Local { .. } => "the proxy is out of resources, try again",
+            Failure::UpgradeOverH2 => {
+                "this upstream's backends speak HTTP/2, which has no upgrades"
+            }
         }
     }
 

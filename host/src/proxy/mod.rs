@@ -20,8 +20,10 @@
 mod body;
 mod forward;
 mod pool;
+mod tunnel;
 
 pub use body::{BodyIdleTimeout, BodyTimeout, ProxyBody};
+pub use tunnel::Tunnel;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -60,7 +62,7 @@ pub enum ProxyError {
 }
 
 /// What the proxy knows of a downstream connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Downstream {
     /// The client's address.
     pub peer: SocketAddr,
@@ -68,6 +70,9 @@ pub struct Downstream {
     pub client_ip: crate::headers::ClientIp,
     /// The TLS session, if the listener terminates TLS.
     pub tls: Option<DownstreamTls>,
+    /// A backend that switched protocols, for the connection to splice with
+    /// once its 101 is written.
+    tunnel: std::sync::Mutex<Option<Box<Tunnel>>>,
 }
 
 impl Downstream {
@@ -77,7 +82,25 @@ impl Downstream {
             peer,
             client_ip: crate::headers::ClientIp::new(peer),
             tls,
+            tunnel: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The tunnel a `101 Switching Protocols` response left, if any: once
+    /// hyper has written the 101 and handed the connection back, the
+    /// connection's task runs it ([`Tunnel::run`]).
+    pub fn take_tunnel(&self) -> Option<Box<Tunnel>> {
+        self.tunnel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    fn leave_tunnel(&self, tunnel: Tunnel) {
+        *self
+            .tunnel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(tunnel));
     }
 }
 

@@ -71,6 +71,10 @@ pub(crate) enum SendError {
     /// The connection failed after (some of) the request may have been sent.
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    /// An upgrade request (`Upgrade`, e.g. WebSocket) met an HTTP/2
+    /// connection, which has no upgrades: nothing was sent.
+    #[error("an HTTP upgrade needs HTTP/1.1 to the backend, and it chose HTTP/2")]
+    UpgradeOverH2,
 }
 
 /// A pooled connection on loan to one response: returned to the pool when
@@ -132,12 +136,14 @@ impl ConnPool {
     /// # Errors
     /// [`SendError::Connect`] if no connection could be opened (nothing was
     /// sent), [`SendError::Http`] if the connection failed with the request
-    /// (perhaps partly) sent.
+    /// (perhaps partly) sent, [`SendError::UpgradeOverH2`] for a request
+    /// with `Upgrade` on an HTTP/2 connection.
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: SocketAddr,
         mut request: http::Request<AttemptBody>,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
+        let upgrade = request.headers().contains_key(http::header::UPGRADE);
         let tls = self.connector.is_tls();
         let mut adapted = None;
         loop {
@@ -156,6 +162,9 @@ impl ConnPool {
                 }
             };
             let h2 = matches!(sender, Sender::H2(_));
+            if h2 && upgrade {
+                return Err(SendError::UpgradeOverH2);
+            }
             if adapted != Some(h2) {
                 adapt_head(&mut request, h2, tls, address);
                 adapted = Some(h2);

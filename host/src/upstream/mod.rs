@@ -90,6 +90,8 @@ pub struct Upstream {
     pub response_timeout: Duration,
     /// Most time between two reads of a response body.
     pub response_body_timeout: Duration,
+    /// Most time a tunnel (upgrade, TCP mode) may pass with no byte either way.
+    pub tunnel_idle_timeout: Duration,
     /// Bound on a whole request, if any.
     pub request_timeout: Option<Duration>,
     /// When and how often a failed attempt is retried.
@@ -242,6 +244,7 @@ impl Upstream {
             connector: crate::connector::Connector::new(config),
             response_timeout: Duration::from_millis(config.response_timeout_ms),
             response_body_timeout: Duration::from_millis(config.response_body_timeout_ms),
+            tunnel_idle_timeout: Duration::from_millis(config.tunnel_idle_timeout_ms),
             request_timeout: config.request_timeout_ms.map(Duration::from_millis),
             retry: RetryPolicy::new(config),
             outlier: config.outlier_detection.clone(),
