@@ -437,6 +437,22 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let proxy = shared.proxy.load();
+                if let Some(passthrough) = proxy.tcp_mode(&key) {
+                    // TCP mode: never idle in the HTTP sense, never reclaimed.
+                    let proxy = arc_swap::Guard::into_inner(proxy);
+                    let activity = Arc::new(ConnActivity::default());
+                    let busy = activity.begin();
+                    let registration = shared.conn_limit.register(&activity);
+                    let closing = closing_rx.clone();
+                    open.inc();
+                    let open = open.clone();
+                    tokio::spawn(async move {
+                        proxy.serve_tcp(key, peer, stream, passthrough).await;
+                        open.dec();
+                        drop((busy, registration, permits, closing));
+                    });
+                    continue;
+                }
                 let (header_read, idle) = proxy.downstream_timeouts();
                 let limits = proxy.limits();
                 let protocols = match &current {

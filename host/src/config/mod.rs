@@ -112,6 +112,26 @@ pub struct ListenerConfig {
     pub max_connections: Option<usize>,
     /// TLS termination (`[listener.tls]`), if set.
     pub tls: Option<ListenerTlsConfig>,
+    /// What it balances (`mode`, default `"http"`).
+    pub mode: ListenerMode,
+    /// TCP mode only: read (not terminate) each connection's TLS ClientHello
+    /// for its SNI name, which routes (`[[route]] sni`) and plugins
+    /// (`server-name`) see; the ClientHello is forwarded unchanged
+    /// (`tls_passthrough`, default false; HAProxy `req.ssl_sni`, NGINX
+    /// `ssl_preread`).
+    pub tls_passthrough: bool,
+}
+
+/// What a listener balances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListenerMode {
+    /// HTTP requests, each routed and balanced (L7).
+    #[default]
+    Http,
+    /// Whole TCP connections: the plugin picks a backend once per
+    /// connection and bytes are relayed both ways (L4; HAProxy `mode tcp`,
+    /// NGINX `stream`).
+    Tcp,
 }
 
 /// One `[[route]]`: matches when every given condition holds.
@@ -121,6 +141,10 @@ pub struct RouteConfig {
     pub host: Option<String>,
     /// Path prefix (byte-wise, like Envoy `prefix` / HAProxy `path_beg`), if set.
     pub path_prefix: Option<String>,
+    /// TLS SNI name (exact, lowercase; `*.example.com` matches one label),
+    /// for TCP listeners with `tls_passthrough`. A route with `sni` applies
+    /// to TCP listeners only; routes without it to HTTP listeners only.
+    pub sni: Option<String>,
     /// The upstream that serves matching requests.
     pub upstream: String,
 }

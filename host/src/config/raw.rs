@@ -39,6 +39,8 @@ pub(super) struct RawListener {
     pub(super) upstream: Spanned<String>,
     pub(super) max_connections: Option<Spanned<u64>>,
     pub(super) tls: Option<Spanned<RawListenerTls>>,
+    pub(super) mode: Option<Spanned<String>>,
+    pub(super) tls_passthrough: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +74,7 @@ pub(super) struct RawUpstreamTls {
 pub(super) struct RawRoute {
     pub(super) host: Option<String>,
     pub(super) path_prefix: Option<Spanned<String>>,
+    pub(super) sni: Option<Spanned<String>>,
     pub(super) upstream: Spanned<String>,
 }
 

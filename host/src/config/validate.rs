@@ -94,11 +94,39 @@ impl Validator<'_> {
                 .as_ref()
                 .map(|t| self.listener_tls(&format!("listener[{i}].tls"), t))
                 .transpose()?;
+            let mode = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                None | Some(("http", _)) => ListenerMode::Http,
+                Some(("tcp", _)) => ListenerMode::Tcp,
+                Some((_, span)) => {
+                    return Err(self.err(
+                        Some(span),
+                        format!("listener[{i}].mode"),
+                        "must be \"http\" or \"tcp\"",
+                    ));
+                }
+            };
+            let tls_passthrough = l.tls_passthrough.as_ref().is_some_and(|t| *t.get_ref());
+            if mode == ListenerMode::Tcp && tls.is_some() {
+                return Err(self.err(
+                    l.tls.as_ref().map(Spanned::span),
+                    format!("listener[{i}].tls"),
+                    "a TCP listener does not terminate TLS; use tls_passthrough = true to route by SNI",
+                ));
+            }
+            if tls_passthrough && mode != ListenerMode::Tcp {
+                return Err(self.err(
+                    l.tls_passthrough.as_ref().map(Spanned::span),
+                    format!("listener[{i}].tls_passthrough"),
+                    "needs mode = \"tcp\" (an HTTP listener terminates TLS with [listener.tls])",
+                ));
+            }
             listeners.push(ListenerConfig {
                 address,
                 upstream: l.upstream.get_ref().clone(),
                 max_connections,
                 tls,
+                mode,
+                tls_passthrough,
             });
         }
 
@@ -114,9 +142,33 @@ impl Validator<'_> {
                     "must start with '/'",
                 ));
             }
+            if let Some(sni) = &r.sni {
+                if r.host.is_some() || r.path_prefix.is_some() {
+                    return Err(self.err(
+                        Some(sni.span()),
+                        format!("route[{i}].sni"),
+                        "a route matches either sni (TCP listeners) or host/path_prefix (HTTP listeners), not both",
+                    ));
+                }
+                let name = sni.get_ref();
+                let label = name.strip_prefix("*.").unwrap_or(name);
+                if label.is_empty()
+                    || label.contains('*')
+                    || !label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                {
+                    return Err(self.err(
+                        Some(sni.span()),
+                        format!("route[{i}].sni"),
+                        "must be a DNS name, or *. followed by one",
+                    ));
+                }
+            }
             routes.push(RouteConfig {
                 host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path_prefix: r.path_prefix.as_ref().map(|p| p.get_ref().clone()),
+                sni: r.sni.as_ref().map(|s| s.get_ref().to_ascii_lowercase()),
                 upstream: r.upstream.get_ref().clone(),
             });
         }

@@ -186,32 +186,37 @@ impl bindings::wasmlb::plugin::response::Host for HostState {
     }
 }
 
+impl HostState {
+    /// The request being balanced, if it is an HTTP request (not a
+    /// TCP-mode connection, whose HTTP fields read as absent).
+    fn http(&self) -> Option<&RequestView> {
+        self.request.as_ref().filter(|r| !r.tcp)
+    }
+}
+
 impl bindings::wasmlb::plugin::request::Host for HostState {
     fn method(&mut self) -> String {
-        self.request
-            .as_ref()
+        self.http()
             .map(|r| r.parts.method.as_str().to_string())
             .unwrap_or_default()
     }
     fn authority(&mut self) -> String {
-        self.request
-            .as_ref()
+        self.http()
             .map(|r| crate::headers::authority(&r.parts).to_string())
             .unwrap_or_default()
     }
     fn path(&mut self) -> String {
-        self.request
-            .as_ref()
+        self.http()
             .and_then(|r| r.parts.uri.path_and_query())
             .map(|p| p.as_str().to_string())
             .unwrap_or_default()
     }
     fn header(&mut self, name: String) -> Option<String> {
-        let value = self.request.as_ref()?.parts.headers.get(name.as_str())?;
+        let value = self.http()?.parts.headers.get(name.as_str())?;
         Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
     }
     fn header_all(&mut self, name: String) -> Vec<String> {
-        let Some(r) = self.request.as_ref() else {
+        let Some(r) = self.http() else {
             return Vec::new();
         };
         r.parts
@@ -243,13 +248,14 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
     }
     fn scheme(&mut self) -> String {
         match &self.request {
+            Some(r) if r.tcp => "tcp".into(),
             Some(r) if r.https => "https".into(),
             Some(_) => "http".into(),
             None => String::new(),
         }
     }
     fn http_version(&mut self) -> String {
-        let Some(r) = &self.request else {
+        let Some(r) = self.http() else {
             return String::new();
         };
         match r.parts.version {
@@ -269,8 +275,7 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
             .map(str::to_string)
     }
     fn is_grpc(&mut self) -> bool {
-        self.request
-            .as_ref()
+        self.http()
             .is_some_and(|r| crate::headers::is_grpc(&r.parts.headers))
     }
 }

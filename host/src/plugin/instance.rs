@@ -90,8 +90,12 @@ pub struct RequestView {
     pub client: SocketAddr,
     /// The client came over TLS (`request.scheme` is `https`).
     pub https: bool,
-    /// The TLS server name (SNI) the client sent, if any.
+    /// The TLS server name (SNI) the client sent, if any (on a TCP
+    /// listener, read from its ClientHello with `tls_passthrough`).
     pub server_name: Option<std::sync::Arc<str>>,
+    /// A TCP-mode connection, not an HTTP request: `method`, `path`,
+    /// `authority` and headers read as absent, `scheme` is `tcp`.
+    pub tcp: bool,
 }
 
 impl RequestView {
@@ -102,6 +106,7 @@ impl RequestView {
             client,
             https: false,
             server_name: None,
+            tcp: false,
         }
     }
 }

@@ -46,6 +46,7 @@ impl Proxy {
             client,
             https,
             server_name: downstream.tls.as_ref().and_then(|t| t.sni.clone()),
+            tcp: false,
         };
         let mut tried: Vec<usize> = Vec::new();
         let mut last_failure = None;

@@ -20,6 +20,7 @@
 mod body;
 mod forward;
 mod pool;
+mod tcp;
 mod tunnel;
 
 pub use body::{BodyIdleTimeout, BodyTimeout, ProxyBody};
@@ -147,6 +148,7 @@ impl ListenerKey {
 struct Route {
     host: Option<String>,
     path_prefix: Option<String>,
+    sni: Option<String>,
     upstream: usize,
 }
 
@@ -159,6 +161,8 @@ pub struct Proxy {
     routes: Vec<Route>,
     listener_defaults: HashMap<ListenerKey, usize>,
     listener_tls: HashMap<ListenerKey, tokio_rustls::TlsAcceptor>,
+    /// TCP-mode listeners, with their `tls_passthrough`.
+    listener_tcp: HashMap<ListenerKey, bool>,
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
     limits: RequestLimits,
@@ -233,10 +237,12 @@ impl Proxy {
                 |RouteConfig {
                      host,
                      path_prefix,
+                     sni,
                      upstream,
                  }| Route {
                     host: host.clone(),
                     path_prefix: path_prefix.clone(),
+                    sni: sni.clone(),
                     upstream: index(upstream),
                 },
             )
@@ -245,6 +251,12 @@ impl Proxy {
             .into_iter()
             .zip(&config.listeners)
             .map(|(key, l)| (key, index(&l.upstream)))
+            .collect();
+        let listener_tcp = ListenerKey::all(config)
+            .into_iter()
+            .zip(&config.listeners)
+            .filter(|(_, l)| l.mode == crate::config::ListenerMode::Tcp)
+            .map(|(key, l)| (key, l.tls_passthrough))
             .collect();
         let listener_tls = ListenerKey::all(config)
             .into_iter()
@@ -262,6 +274,7 @@ impl Proxy {
             routes,
             listener_defaults,
             listener_tls,
+            listener_tcp,
             metrics,
             downstream_timeouts: (
                 Duration::from_millis(config.server.header_read_timeout_ms),
@@ -297,9 +310,10 @@ impl Proxy {
         self.routes
             .iter()
             .find(|r| {
-                r.host
-                    .as_deref()
-                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                r.sni.is_none()
+                    && r.host
+                        .as_deref()
+                        .is_none_or(|h| h.eq_ignore_ascii_case(host))
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
             })
             .map(|r| r.upstream)
@@ -314,6 +328,11 @@ impl Proxy {
     /// The downstream request limits (see [`crate::request_rules`]).
     pub fn limits(&self) -> RequestLimits {
         self.limits
+    }
+
+    /// `Some(tls_passthrough)` if `listener` is in TCP mode.
+    pub fn tcp_mode(&self, listener: &ListenerKey) -> Option<bool> {
+        self.listener_tcp.get(listener).copied()
     }
 
     /// The TLS acceptor of `listener` (certificates as of this config), if

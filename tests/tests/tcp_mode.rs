@@ -1,0 +1,340 @@
+//! TCP listeners (`mode = "tcp"`): real `redis-server`s balanced per
+//! connection and driven by `redis-cli`, TLS passthrough routed by SNI with
+//! the client verifying the backend's own certificate, connect failures
+//! retried, half-close, backpressure, and 10,000 connections opened and
+//! dropped.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wasmlb_tests::tls::*;
+use wasmlb_tests::*;
+
+fn tcp_config(backends: &str, extra: &str) -> String {
+    format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\nmode = \"tcp\"\n\n\
+         [upstream.app]\nplugin = 'round-robin'\nbackends = [ {backends} ]\n{extra}\n"
+    )
+}
+
+/// A free 127.0.0.1 port (bound, then released for a child process).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A `redis-server` child on 127.0.0.1, killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (Debian package redis-server; .ci/run installs it)");
+        let redis = Self { port, child };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while redis_cli(port, &["PING"]).trim() != "PONG" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        redis
+    }
+}
+
+/// `redis-cli -p port args...`: one connection, its output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn redis_behind_a_tcp_listener_is_balanced_per_connection() {
+    let (a, b) = (Redis::start().await, Redis::start().await);
+    let proxy = InProcessProxy::start(&tcp_config(
+        &format!(
+            "{{ address = \"127.0.0.1:{}\" }}, {{ address = \"127.0.0.1:{}\" }}",
+            a.port, b.port
+        ),
+        "[upstream.app.health_check]\nkind = \"tcp\"\ninterval_ms = 200",
+    ))
+    .await;
+    let port = proxy.addrs[0].port();
+    // Each redis-cli run is one connection: round-robin alternates servers.
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let info = tokio::task::spawn_blocking(move || redis_cli(port, &["INFO", "server"]))
+            .await
+            .expect("redis-cli");
+        let tcp_port = info
+            .lines()
+            .find_map(|l| l.strip_prefix("tcp_port:"))
+            .unwrap_or_else(|| panic!("no INFO through the proxy: {info}"))
+            .trim()
+            .to_string();
+        seen.push(tcp_port);
+    }
+    let on_a = seen.iter().filter(|p| **p == a.port.to_string()).count();
+    assert_eq!(on_a, 5, "{seen:?}");
+    // A whole session on one connection: commands and replies in order.
+    let session = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("redis-cli");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"SET k v1\nAPPEND k -more\nGET k\n")
+            .expect("write");
+        let out = child.wait_with_output().expect("output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .expect("session");
+    assert_eq!(session.lines().collect::<Vec<_>>(), ["OK", "7", "v1-more"]);
+}
+
+/// A raw TCP echo server: every byte back, then its end after the client's.
+async fn echo_server() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn connect_failures_are_retried_and_half_close_is_honoured() {
+    let (echo, _task) = echo_server().await;
+    let proxy = InProcessProxy::start(&tcp_config(
+        &format!(
+            "{{ address = \"{}\" }}, {{ address = \"{echo}\" }}",
+            closed_port()
+        ),
+        "",
+    ))
+    .await;
+    for i in 0..6 {
+        let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
+        let payload = vec![i as u8; 300_000];
+        let (mut r, mut w) = s.split();
+        let (_, echoed) = tokio::join!(
+            async {
+                w.write_all(&payload).await.expect("write");
+                // Half-close: the echo still comes back whole.
+                w.shutdown().await.expect("shutdown");
+            },
+            async {
+                let mut echoed = Vec::new();
+                tokio::time::timeout(WAIT, r.read_to_end(&mut echoed))
+                    .await
+                    .expect("in time")
+                    .expect("read");
+                echoed
+            }
+        );
+        assert!(
+            echoed == payload,
+            "connection {i}: {} bytes back",
+            echoed.len()
+        );
+    }
+    let up = proxy.upstream("app");
+    let snapshot = up.snapshot();
+    assert!(
+        snapshot.backends[1].requests >= 6,
+        "every connection reached the live backend: {snapshot:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_never_reads_holds_the_client_back() {
+    // Accepts and never reads.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let proxy =
+        InProcessProxy::start(&tcp_config(&format!("{{ address = \"{addr}\" }}"), "")).await;
+    let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
+    // Try to push 1 GiB; only socket buffers and the relay's 16 KiB fill.
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while written < 1 << 30 {
+        match tokio::time::timeout_at(deadline, s.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        written < 64 << 20,
+        "the proxy kept taking bytes the backend did not read: {written}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_connections_opened_and_dropped_leave_nothing_behind() {
+    let _ = wasmlb::fd_limit::raise_nofile();
+    let (echo, _task) = echo_server().await;
+    let proxy =
+        InProcessProxy::start(&tcp_config(&format!("{{ address = \"{echo}\" }}"), "")).await;
+    let addr = proxy.addrs[0];
+    for _ in 0..20 {
+        let batch = (0..500).map(|i| async move {
+            let s = TcpStream::connect(addr).await;
+            // Half of them send a little first.
+            if let (Ok(mut s), true) = (s, i % 2 == 0) {
+                let _ = s.write_all(b"x").await;
+            }
+        });
+        futures_util::future::join_all(batch).await;
+    }
+    let up = proxy.upstream("app");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while up.snapshot().backends[0].in_flight != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections left open: {:?}",
+            up.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still serving.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"after").await.expect("write");
+    s.shutdown().await.expect("shutdown");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back, b"after");
+}
+
+/// TLS passthrough: two names routed to two TLS backends by the SNI of the
+/// ClientHello, which is forwarded unchanged: the client verifies each
+/// backend's own certificate (end-to-end TLS, not terminated). A plaintext
+/// client on that listener is closed.
+#[tokio::test]
+async fn tls_passthrough_routes_by_sni_to_backends_that_terminate_tls() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("dir");
+    let a_cert = pki.issue(dir.path(), "a", &["a.test"]);
+    let b_cert = pki.issue(dir.path(), "b", &["b.test"]);
+    let a = ProtoBackend::start("a", Some(&a_cert), None, &[b"http/1.1"], false).await;
+    let b = ProtoBackend::start("b", Some(&b_cert), None, &[b"http/1.1"], false).await;
+    let proxy = InProcessProxy::start(&format!(
+        "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"a\"\nmode = \"tcp\"\ntls_passthrough = true\n\n\
+         [[route]]\nsni = \"b.test\"\nupstream = \"b\"\n\n\
+         [upstream.a]\nplugin = 'round-robin'\nbackends = [ {{ address = \"{}\" }} ]\n\
+         [upstream.b]\nplugin = 'round-robin'\nbackends = [ {{ address = \"{}\" }} ]\n",
+        a.addr, b.addr
+    ))
+    .await;
+    for (sni, want, name) in [("a.test", &a_cert, "a"), ("b.test", &b_cert, "b")] {
+        let config = client_config(Some(pki.roots()), &[b"http/1.1"]);
+        let mut s = tls_connect(proxy.addrs[0], sni, config)
+            .await
+            .expect("verified end-to-end handshake");
+        let (leaf, _) = presented(&s);
+        assert_eq!(leaf, want.der, "the backend's own certificate for {sni}");
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut body = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut body)).await;
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(&format!("hello from {name}")), "{body}");
+    }
+    // Not TLS: closed without an answer.
+    let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    assert!(n.is_err() || rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn bad_tcp_listener_settings_are_refused_naming_the_key() {
+    for (toml, key) in [
+        (
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\ntls_passthrough = true\n",
+            "listener[0].tls_passthrough",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\nmode = \"udp\"\n",
+            "listener[0].mode",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n[[route]]\nsni = \"a b\"\nupstream = \"app\"\n",
+            "route[0].sni",
+        ),
+        (
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n[[route]]\nsni = \"a.test\"\nhost = \"a.test\"\nupstream = \"app\"\n",
+            "route[0].sni",
+        ),
+    ] {
+        let file = ConfigFile::new(&format!(
+            "{toml}\n[upstream.app]\nplugin = 'round-robin'\nbackends = [ {{ address = \"127.0.0.1:1\" }} ]\n"
+        ));
+        let e = wasmlb::config::Config::load(&file.path)
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("wasmlb.toml:") && e.contains(key), "{key}: {e}");
+    }
+}
