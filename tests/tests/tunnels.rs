@@ -195,6 +195,17 @@ async fn a_raw_upgrade_tunnel_keeps_early_bytes_and_honours_half_close() {
     assert!(echoed[12..] == payload[..], "echo differs");
 }
 
+/// Write `request` on `s` and read one answer (up to 4 KiB), lowercased.
+async fn exchange(s: &mut TcpStream, request: &[u8]) -> String {
+    s.write_all(request).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+        .await
+        .expect("in time")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase()
+}
+
 /// A backend that refuses the upgrade answers normally; the connection then
 /// serves the next request. `Upgrade: h2c` is never forwarded.
 #[tokio::test]
@@ -202,17 +213,7 @@ async fn a_refused_upgrade_is_an_ordinary_response_and_h2c_is_not_forwarded() {
     let echo = TunnelBackend::start("e1", TunnelKind::RawEcho).await;
     let proxy = InProcessProxy::start(&app_config("round-robin", &list(&[&echo]), "")).await;
     let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
-    s.write_all(
-        b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let text = exchange(&mut s, b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n").await;
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.ends_with("no upgrade"), "{text}");
     let head = &echo.heads()[0];
@@ -221,24 +222,14 @@ async fn a_refused_upgrade_is_an_ordinary_response_and_h2c_is_not_forwarded() {
     // A protocol the backend does not speak: its 426 passes through, and
     // the client's connection serves the next request.
     let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
-    s.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
-        .await
-        .expect("write");
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let text = exchange(
+        &mut s,
+        b"GET /a HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .await;
     assert!(text.starts_with("http/1.1 426"), "{text}");
     assert!(text.ends_with("echo"), "{text}");
-    s.write_all(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-        .await
-        .expect("in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    let text = exchange(&mut s, b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert_eq!(echo.accepted(), 0);
     assert!(
