@@ -416,3 +416,35 @@ async fn websocket_over_a_tls_listener() {
         "{reply:?}"
     );
 }
+
+/// Hostile backend: `101 Switching Protocols` to a request that asked no
+/// upgrade (RFC 9110 §15.2.2) is refused with 502, never spliced.
+#[tokio::test]
+async fn a_101_to_a_request_without_upgrade_is_a_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: evil\r\n\r\nsmuggled")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &format!("{{ address = \"{addr}\" }}"),
+        "retries = 0",
+    ))
+    .await;
+    let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
+    let text = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(text.starts_with("http/1.1 502"), "{text}");
+    assert!(!text.contains("smuggled"), "{text}");
+}
