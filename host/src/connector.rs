@@ -5,7 +5,9 @@
 //! HTTP/1.1, HTTP/2 with prior knowledge (`h2c`), or what ALPN chose (`h2`
 //! and `auto`; a backend that picks no protocol gets HTTP/1.1 under `auto`
 //! and fails the connect under `h2`). Used by the connection pool and by
-//! health checks, so both speak to a backend the same way.
+//! health checks, so both speak to a backend the same way. With
+//! `send_proxy_protocol`, a PROXY protocol header naming the client goes
+//! first, before TLS ([`crate::proxy_protocol`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +20,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+use crate::config::{ProxyProtocolVersion, UpstreamConfig, UpstreamProtocol, UpstreamTlsConfig};
+use crate::proxy_protocol::Addresses;
 
 /// A connection ready for requests with body type `B`.
 #[derive(Debug)]
@@ -36,8 +39,18 @@ pub struct Connector {
     connect_timeout: Duration,
     protocol: UpstreamProtocol,
     tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
-    settings: (u64, UpstreamProtocol, Option<UpstreamTlsConfig>),
+    proxy_protocol: Option<ProxyProtocolVersion>,
+    settings: Settings,
 }
+
+/// What a connector is built from: connect timeout (ms), protocol, TLS and
+/// PROXY protocol.
+type Settings = (
+    u64,
+    UpstreamProtocol,
+    Option<UpstreamTlsConfig>,
+    Option<ProxyProtocolVersion>,
+);
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,6 +58,7 @@ impl std::fmt::Debug for Connector {
             .field("connect_timeout", &self.connect_timeout)
             .field("protocol", &self.protocol)
             .field("tls", &self.tls.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
             .finish()
     }
 }
@@ -70,10 +84,12 @@ impl Connector {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             protocol: config.protocol,
             tls,
+            proxy_protocol: config.send_proxy_protocol,
             settings: (
                 config.connect_timeout_ms,
                 config.protocol,
                 config.tls.clone(),
+                config.send_proxy_protocol,
             ),
         }
     }
@@ -85,13 +101,20 @@ impl Connector {
             connect_timeout,
             protocol: UpstreamProtocol::Http1,
             tls: None,
-            settings: (ms, UpstreamProtocol::Http1, None),
+            proxy_protocol: None,
+            settings: (ms, UpstreamProtocol::Http1, None, None),
         }
     }
 
     /// True if requests go over TLS (`https` is their scheme).
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// True if every connection opens with a PROXY protocol header naming
+    /// its client, so it may carry that client's requests only.
+    pub fn sends_proxy_protocol(&self) -> bool {
+        self.proxy_protocol.is_some()
     }
 
     /// True if connections may be HTTP/2 (`protocol` other than `http1`).
@@ -120,13 +143,40 @@ impl Connector {
         Ok(stream)
     }
 
-    /// Connect to `address` (TCP, then TLS if configured) without the HTTP
-    /// handshake; true if TLS was negotiated. A `tcp` health check.
+    /// [`Connector::tcp`], then, with `send_proxy_protocol`, the PROXY
+    /// header naming `client` (`None`: a health check's `LOCAL`/`UNKNOWN`
+    /// form), written within `connect_timeout_ms` too.
+    ///
+    /// # Errors
+    /// As [`Connector::tcp`], or the write's error.
+    pub async fn open(
+        &self,
+        address: SocketAddr,
+        client: Option<Addresses>,
+    ) -> io::Result<TcpStream> {
+        let mut stream = self.tcp(address).await?;
+        if let Some(version) = self.proxy_protocol {
+            use tokio::io::AsyncWriteExt;
+            let header = crate::proxy_protocol::encode(version, client);
+            tokio::time::timeout(self.connect_timeout, stream.write_all(&header))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the PROXY protocol header was not taken within connect_timeout_ms",
+                    )
+                })??;
+        }
+        Ok(stream)
+    }
+
+    /// Connect to `address` (TCP, the PROXY header if configured, then TLS
+    /// if configured) without the HTTP handshake. A `tcp` health check.
     ///
     /// # Errors
     /// As [`Connector::connect`].
     pub async fn reach(&self, address: SocketAddr) -> io::Result<()> {
-        let stream = self.tcp(address).await?;
+        let stream = self.open(address, None).await?;
         if let Some((tls, name)) = &self.tls {
             self.tls_handshake(tls, name, address, stream).await?;
         }
@@ -158,20 +208,25 @@ impl Connector {
             .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))
     }
 
-    /// Open a connection to `address` and do the HTTP handshake; its
+    /// Open a connection to `address` for `client` (its PROXY header, if
+    /// configured; `None` for health checks) and do the HTTP handshake; its
     /// connection task is spawned on the current runtime.
     ///
     /// # Errors
     /// An `io::Error` from connecting, TLS (a handshake failure, an
     /// untrusted or misnamed certificate, a refused client certificate) or
     /// the HTTP/2 handshake; nothing of a request was sent in any case.
-    pub async fn connect<B>(&self, address: SocketAddr) -> io::Result<Sender<B>>
+    pub async fn connect<B>(
+        &self,
+        address: SocketAddr,
+        client: Option<Addresses>,
+    ) -> io::Result<Sender<B>>
     where
         B: http_body::Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let stream = self.tcp(address).await?;
+        let stream = self.open(address, client).await?;
         match &self.tls {
             None => {
                 let h2 = self.protocol == UpstreamProtocol::H2c;

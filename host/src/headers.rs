@@ -94,6 +94,55 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
 }
 
+/// Turn an HTTP/2 extended CONNECT (RFC 8441 §4, e.g. WebSocket over
+/// HTTP/2) into the head of the HTTP/1.1 upgrade request it stands for, as
+/// Envoy does: the method becomes `GET`, `:protocol` becomes the returned
+/// `Upgrade` value, and for `websocket` a fresh `Sec-WebSocket-Key` is added
+/// (RFC 8441 §5: HTTP/2 clients send none; the backend's
+/// `Sec-WebSocket-Accept` is then dropped, see [`tunnel_established`]).
+/// `Ok(None)` for any other request, which is left alone.
+///
+/// # Errors
+/// A `:protocol` that is no valid header value (400), or no randomness for
+/// the key.
+pub fn extended_connect_as_upgrade(
+    parts: &mut http::request::Parts,
+) -> Result<Option<HeaderValue>, &'static str> {
+    if !crate::request_rules::is_extended_connect(parts) {
+        return Ok(None);
+    }
+    let Some(protocol) = parts.extensions.remove::<hyper::ext::Protocol>() else {
+        return Ok(None);
+    };
+    let value = HeaderValue::from_str(protocol.as_str()).map_err(|_| "invalid :protocol")?;
+    parts.method = http::Method::GET;
+    if protocol.as_str().eq_ignore_ascii_case("websocket")
+        && !parts.headers.contains_key(header::SEC_WEBSOCKET_KEY)
+    {
+        let mut nonce = [0u8; 16];
+        getrandom::getrandom(&mut nonce).map_err(|_| "no randomness for Sec-WebSocket-Key")?;
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        let key = HeaderValue::from_str(&key).map_err(|_| "invalid Sec-WebSocket-Key")?;
+        parts.headers.insert(header::SEC_WEBSOCKET_KEY, key);
+    }
+    Ok(Some(value))
+}
+
+/// The head of the `200` that tells an HTTP/2 client its extended CONNECT
+/// tunnel is open (RFC 8441 §5), made from the backend's `101` head: its
+/// hop-by-hop fields, `Upgrade` and `Sec-WebSocket-Accept` (which answers
+/// the key the proxy made, not the client) go.
+pub fn tunnel_established(mut parts: http::response::Parts) -> http::response::Parts {
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::UPGRADE);
+    parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.status = http::StatusCode::OK;
+    parts.version = Version::HTTP_2;
+    parts
+}
+
 /// The protocols an HTTP/1.1 request asks to upgrade to (RFC 9110 §7.8):
 /// its `Upgrade` value, if `Connection` names `upgrade`, less `h2c` (a
 /// client's h2c upgrade is not forwarded: the request is served as HTTP/1.1,
@@ -349,6 +398,51 @@ mod tests {
         .unwrap();
         assert_eq!(p.headers["host"], "example.com");
         assert_eq!(p.headers["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn an_extended_connect_becomes_a_websocket_upgrade() {
+        let mut p = Request::builder()
+            .method(http::Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri("https://chat.example/room?x=1")
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let upgrade = extended_connect_as_upgrade(&mut p).unwrap().unwrap();
+        assert_eq!(upgrade, "websocket");
+        assert_eq!(p.method, http::Method::GET);
+        assert!(p.extensions.get::<hyper::ext::Protocol>().is_none());
+        let key = p
+            .headers
+            .get("sec-websocket-key")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(key.len(), 24, "16 bytes, base64");
+        assert_eq!(p.headers["sec-websocket-version"], "13");
+        // A plain request is left alone.
+        let mut plain = parts(&[("host", "a")]);
+        assert!(extended_connect_as_upgrade(&mut plain).unwrap().is_none());
+        assert_eq!(plain.method, http::Method::GET);
+        // The 200 drops what answered the proxy's key.
+        let response = http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", "x")
+            .header("sec-websocket-protocol", "chat")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let ok = tunnel_established(response);
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers.len(), 1);
+        assert_eq!(ok.headers["sec-websocket-protocol"], "chat");
     }
 
     #[test]

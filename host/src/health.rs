@@ -161,7 +161,7 @@ pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr, connector: &Conn
                 }
             };
         }
-        let sender = match connector.connect::<Full<Bytes>>(address).await {
+        let sender = match connector.connect::<Full<Bytes>>(address, None).await {
             Ok(s) => s,
             Err(e) => {
                 blame(e, &mut local);

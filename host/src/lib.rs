@@ -48,6 +48,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod plugin_call;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod request_rules;
 pub mod retry;
 pub mod scaffold;

@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::conn::{ConnActivity, ConnLimit, ConnPermit, TimedIo};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
-use crate::proxy::{Downstream, DownstreamTls, ListenerKey, Proxy, ProxyBody};
+use crate::proxy::{Downstream, DownstreamTls, H2Tunnel, ListenerKey, Proxy, ProxyBody};
 use crate::tunnel::Prefixed;
 
 /// What every listener's accept loop reads: the proxy serving new requests,
@@ -109,7 +109,9 @@ impl Protocols {
         h1.max_buf_size(crate::request_rules::h1_max_buf_size(limits))
             .max_headers(limits.max_headers);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.max_header_list_size(crate::request_rules::h2_max_header_list_size(limits));
+        h2.max_header_list_size(crate::request_rules::h2_max_header_list_size(limits))
+            // RFC 8441: WebSocket (and other upgrades) over HTTP/2.
+            .enable_connect_protocol();
         Self { h1, h2 }
     }
 }
@@ -294,8 +296,14 @@ impl hyper::service::Service<http::Request<Incoming>> for ProxyService {
         // 2.8 KB) would otherwise be held by each idle keep-alive
         // connection (bench/run.py measures it).
         Box::pin(async move {
-            let response = proxy.handle(key, downstream, req).await;
-            response.map(|r| r.map(|body| body.with_request_guard(guard)))
+            let Ok(mut response) = proxy.handle(key, downstream, req).await;
+            if let Some(tunnel) = response.extensions_mut().remove::<H2Tunnel>() {
+                // An HTTP/2 extended CONNECT's tunnel: hyper upgrades the
+                // stream once this 200 is sent (its body is never sent).
+                tokio::spawn(tunnel.run(guard));
+                return Ok(response);
+            }
+            Ok(response.map(|body| body.with_request_guard(guard)))
         })
     }
 }
@@ -355,6 +363,25 @@ async fn serve_tls(
     }
     let _ = stream.shutdown().await;
     Ok(())
+}
+
+/// With `accept_proxy_protocol`: read the connection's PROXY header within
+/// `timeout` (the head-read timeout) and return the client and destination
+/// it names, or `own` (the socket's) for a `LOCAL`/`UNKNOWN` header. Bytes
+/// read past the header stay for the HTTP (or TLS) layer.
+///
+/// # Errors
+/// A missing, invalid or late header: the connection is closed.
+async fn proxied_addresses(
+    stream: &mut TimedIo<TcpStream>,
+    timeout: Duration,
+    own: (SocketAddr, SocketAddr),
+) -> Result<(SocketAddr, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
+    let (addresses, rest) = crate::proxy_protocol::read_header(stream, timeout)
+        .await
+        .map_err(|e| format!("no PROXY protocol header: {e}"))?;
+    stream.unread(rest);
+    Ok(addresses.map_or(own, |a| (a.source, a.destination)))
 }
 
 /// Permits from the listener's cap and the global one, waiting (not
@@ -436,6 +463,9 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // The address the client reached (a wildcard listener's
+                // real one), for PROXY headers to backends.
+                let local = stream.local_addr().unwrap_or(key.address);
                 let proxy = shared.proxy.load();
                 if let Some(passthrough) = proxy.tcp_mode(&key) {
                     // TCP mode: never idle in the HTTP sense, never reclaimed.
@@ -447,7 +477,7 @@ async fn accept_loop(
                     open.inc();
                     let open = open.clone();
                     tokio::spawn(async move {
-                        proxy.serve_tcp(key, peer, stream, passthrough).await;
+                        proxy.serve_tcp(key, (peer, local), stream, passthrough).await;
                         open.dec();
                         drop((busy, registration, permits, closing));
                     });
@@ -465,25 +495,34 @@ async fn accept_loop(
                     }
                 };
                 let tls = proxy.tls_acceptor(&key);
+                let accept_proxy = proxy.accepts_proxy_protocol(&key);
                 drop(proxy);
-                let (stream, activity) = TimedIo::new(stream, header_read, idle);
+                let (mut stream, activity) = TimedIo::new(stream, header_read, idle);
                 let registration = shared.conn_limit.register(&activity);
                 let service = {
                     let shared = shared.clone();
-                    move |tls| ProxyService {
+                    move |tls, (peer, local)| ProxyService {
                         shared,
                         key,
-                        downstream: Arc::new(Downstream::new(peer, tls)),
+                        downstream: Arc::new(Downstream::new(peer, local, tls)),
                         activity,
                     }
                 };
                 let closing = closing_rx.clone();
                 let metrics = shared.metrics.clone();
                 let conn = async move {
+                    let addresses = if accept_proxy {
+                        proxied_addresses(&mut stream, header_read, (peer, local)).await?
+                    } else {
+                        (peer, local)
+                    };
                     match tls {
-                        None => serve_connection(stream, protocols, service(None), closing).await,
+                        None => {
+                            let service = service(None, addresses);
+                            serve_connection(stream, protocols, service, closing).await
+                        }
                         Some(acceptor) => {
-                            let service = move |session| service(Some(session));
+                            let service = move |session| service(Some(session), addresses);
                             serve_tls(stream, acceptor, protocols, service, closing, metrics).await
                         }
                     }

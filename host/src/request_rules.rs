@@ -5,7 +5,7 @@
 //!
 //! | rule | answer | source |
 //! | --- | --- | --- |
-//! | `CONNECT` (no tunnel support) | 501 | RFC 9110 §9.3.6; NGINX and HAProxy refuse it too |
+//! | `CONNECT` (no forward-proxy tunnels), except HTTP/2's extended CONNECT with `:protocol` | 501 | RFC 9110 §9.3.6, RFC 8441; NGINX and HAProxy refuse it too |
 //! | request target longer than `max_request_line_bytes` | 414 | NGINX `large_client_header_buffers` |
 //! | header fields over `max_header_bytes` (name + value + 4 each) or `max_headers` | 431 | RFC 6585 §5 |
 //! | HTTP/1.1 without `Host` | 400 | RFC 9112 §3.2 |
@@ -48,7 +48,7 @@ const fn reject(status: StatusCode, reason: &'static str) -> Rejection {
 /// # Errors
 /// The [`Rejection`] for the first rule broken.
 pub fn check(parts: &mut http::request::Parts, limits: &RequestLimits) -> Result<(), Rejection> {
-    if parts.method == Method::CONNECT {
+    if parts.method == Method::CONNECT && !is_extended_connect(parts) {
         return Err(reject(
             StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not supported",
@@ -109,6 +109,15 @@ pub fn check(parts: &mut http::request::Parts, limits: &RequestLimits) -> Result
         }
     }
     Ok(())
+}
+
+/// True for an HTTP/2 extended CONNECT (RFC 8441 §4: `CONNECT` with a
+/// `:protocol`, such as WebSocket over HTTP/2); hyper admits it only when
+/// the listener announced `SETTINGS_ENABLE_CONNECT_PROTOCOL`.
+pub fn is_extended_connect(parts: &http::request::Parts) -> bool {
+    parts.method == Method::CONNECT
+        && parts.version == Version::HTTP_2
+        && parts.extensions.get::<hyper::ext::Protocol>().is_some()
 }
 
 fn set_host(headers: &mut http::HeaderMap, authority: &str) -> Result<(), Rejection> {
@@ -337,6 +346,22 @@ mod tests {
         assert_eq!(status(p).unwrap_err(), 431);
         let mut p = parts(Version::HTTP_11, "/", &[("host", "a")]);
         p.method = Method::CONNECT;
+        assert_eq!(status(p).unwrap_err(), 501);
+        // HTTP/2 CONNECT: plain is refused; with `:protocol` (RFC 8441) it
+        // is routed; `:protocol` on HTTP/1.1 means nothing.
+        let mut p = parts(Version::HTTP_2, "/chat", &[]);
+        p.method = Method::CONNECT;
+        assert_eq!(status(p).unwrap_err(), 501);
+        let mut p = parts(Version::HTTP_2, "/chat", &[]);
+        p.method = Method::CONNECT;
+        p.extensions
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        assert!(is_extended_connect(&p));
+        assert!(status(p).is_ok());
+        let mut p = parts(Version::HTTP_11, "/", &[("host", "a")]);
+        p.method = Method::CONNECT;
+        p.extensions
+            .insert(hyper::ext::Protocol::from_static("websocket"));
         assert_eq!(status(p).unwrap_err(), 501);
     }
 }

@@ -59,3 +59,15 @@ pub mod plugins {
 
 /// Upper bound on any single wait in the harness.
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `done` every 10 ms until true; panics after [`WAIT`].
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -139,18 +139,6 @@ async fn websocket_echoes_through_wasmlb_and_the_backend_sees_the_upgrade() {
     );
 }
 
-/// Polls `done` every 10 ms until true; panics after [`WAIT`].
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Raw bytes through an `Upgrade: echo` tunnel: bytes sent with the request
 /// head arrive first, a half-close lets the echo finish, and the connection
 /// then ends.
@@ -447,4 +435,183 @@ async fn a_101_to_a_request_without_upgrade_is_a_502() {
     let text = exchange(&mut s, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(text.starts_with("http/1.1 502"), "{text}");
     assert!(!text.contains("smuggled"), "{text}");
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`.
+async fn h2_connection(addr: SocketAddr) -> H2Sender {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// RFC 8441 extended CONNECT on `sender` for `protocol` at `path`.
+async fn extended_connect(
+    sender: &mut H2Sender,
+    addr: SocketAddr,
+    protocol: &'static str,
+    path: &str,
+) -> hyper::Response<hyper::body::Incoming> {
+    // The client refuses `:protocol` until the server's SETTINGS (with
+    // SETTINGS_ENABLE_CONNECT_PROTOCOL) arrived: retry until then.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let request = hyper::Request::builder()
+            .method(hyper::Method::CONNECT)
+            .uri(format!("http://{addr}{path}"))
+            .header("sec-websocket-version", "13")
+            .extension(hyper::ext::Protocol::from_static(protocol))
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        match tokio::time::timeout_at(deadline, sender.send_request(request))
+            .await
+            .expect("in time")
+        {
+            Ok(response) => return response,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("extended CONNECT failed: {e}"),
+        }
+    }
+}
+
+/// WebSocket over HTTP/2 (RFC 8441): the extended CONNECT goes to an
+/// HTTP/1.1 backend as a classic upgrade with a key of the proxy's making,
+/// the client gets 200 without `Sec-WebSocket-Accept`, two WebSockets share
+/// one HTTP/2 connection, and each counts in flight while open.
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_an_http1_backend() {
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let backend = TunnelBackend::start("w2", TunnelKind::WebSocket).await;
+    let proxy = InProcessProxy::start(&format!(
+        "{}{ADMIN}",
+        app_config("round-robin", &list(&[&backend]), "")
+    ))
+    .await;
+    let addr = proxy.addrs[0];
+    let mut sender = h2_connection(addr).await;
+    let mut sockets = Vec::new();
+    for path in ["/chat?room=1", "/chat?room=2"] {
+        let mut response = extended_connect(&mut sender, addr, "websocket", path).await;
+        assert_eq!(response.status(), 200);
+        assert!(response.headers().get("sec-websocket-accept").is_none());
+        assert!(response.headers().get("upgrade").is_none());
+        let stream = hyper::upgrade::on(&mut response)
+            .await
+            .expect("upgraded stream");
+        let ws = WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(stream),
+            Role::Client,
+            None,
+        )
+        .await;
+        sockets.push(ws);
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let text = format!("over h2 {i}");
+        ws.send(Message::text(text.clone())).await.expect("send");
+        let got = loop {
+            match tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("echo in time")
+            {
+                Some(Ok(Message::Text(t))) => break t.as_str().to_string(),
+                Some(Ok(_)) => continue,
+                other => panic!("no echo: {other:?}"),
+            }
+        };
+        assert_eq!(got, format!("w2: {text}"));
+    }
+    let head = &backend.heads()[0];
+    assert!(head.starts_with("get /chat?room=1\r\n"), "{head}");
+    for needed in [
+        "connection: upgrade",
+        "upgrade: websocket",
+        "sec-websocket-key:",
+        "sec-websocket-version: 13",
+    ] {
+        assert!(head.contains(needed), "backend head lacks {needed}: {head}");
+    }
+    let up = proxy.upstream("app");
+    assert_eq!(up.snapshot().backends[0].in_flight, 2);
+    assert_eq!(metric(&proxy, "wasmlb_tunnels_open{").await, 2.0);
+    for mut ws in sockets {
+        ws.close(None).await.expect("close");
+        while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("closed in time")
+        {}
+    }
+    wait_until("the tunnels to end", || {
+        up.snapshot().backends[0].in_flight == 0
+    })
+    .await;
+}
+
+/// Extended CONNECT with another protocol is a raw tunnel; a backend that
+/// refuses the upgrade is passed through (426), one that answers 200 (no
+/// switch: to HTTP/2 a 2xx means the tunnel is open) is a 502, and a plain
+/// HTTP/2 CONNECT (a forward-proxy tunnel) is 501.
+#[tokio::test]
+async fn extended_connect_raw_tunnels_and_refusals() {
+    let echo = TunnelBackend::start("e2", TunnelKind::RawEcho).await;
+    let proxy = InProcessProxy::start(&app_config("round-robin", &list(&[&echo]), "")).await;
+    let addr = proxy.addrs[0];
+    let mut sender = h2_connection(addr).await;
+    let mut response = extended_connect(&mut sender, addr, "echo", "/raw").await;
+    assert_eq!(response.status(), 200);
+    let stream = hyper::upgrade::on(&mut response).await.expect("upgraded");
+    let mut stream = hyper_util::rt::TokioIo::new(stream);
+    stream.write_all(b"ping over h2").await.expect("write");
+    let mut got = [0u8; 12];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut got))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&got, b"ping over h2");
+    // Half-close: the echo ends and so does the stream.
+    stream.shutdown().await.expect("end of stream");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed in time")
+        .expect("clean end");
+    assert!(rest.is_empty());
+    let refused = extended_connect(&mut sender, addr, "websocket", "/ws").await;
+    assert_eq!(refused.status(), 426);
+    // The connection still serves ordinary requests.
+    let request = hyper::Request::builder()
+        .uri(format!("http://{addr}/plain"))
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    // A backend that ignores the upgrade and answers 200.
+    let plain = TestBackend::start("p").await;
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &backend_list(&[&plain]),
+        "retries = 0",
+    ))
+    .await;
+    let addr = proxy.addrs[0];
+    let mut sender = h2_connection(addr).await;
+    let response = extended_connect(&mut sender, addr, "websocket", "/").await;
+    assert_eq!(response.status(), 502);
+    let request = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("backend.example:443")
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 501);
 }

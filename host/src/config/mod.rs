@@ -120,6 +120,23 @@ pub struct ListenerConfig {
     /// (`tls_passthrough`, default false; HAProxy `req.ssl_sni`, NGINX
     /// `ssl_preread`).
     pub tls_passthrough: bool,
+    /// Every connection opens with a PROXY protocol header (v1 or v2,
+    /// detected), whose source address is then the client's: in
+    /// `X-Forwarded-For`, the plugin's `client-address` and logs
+    /// (`accept_proxy_protocol`, default false; HAProxy `bind ...
+    /// accept-proxy`, NGINX `listen ... proxy_protocol`). A connection
+    /// without a valid header is closed.
+    pub accept_proxy_protocol: bool,
+}
+
+/// A version of HAProxy's PROXY protocol
+/// (<https://www.haproxy.org/download/3.0/doc/proxy-protocol.txt>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    /// The text header: `PROXY TCP4 src dst sport dport\r\n`.
+    V1,
+    /// The binary header (16 bytes plus the addresses).
+    V2,
 }
 
 /// What a listener balances.
@@ -219,6 +236,13 @@ pub struct UpstreamConfig {
     pub protocol: UpstreamProtocol,
     /// TLS to the backends (`[upstream.NAME.tls]`), if set.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Open every backend connection with a PROXY protocol header naming
+    /// the client (`send_proxy_protocol = "v1" | "v2"`, default none;
+    /// HAProxy `server ... send-proxy`, NGINX `proxy_protocol on`). The
+    /// header comes before TLS. HTTP connections then carry one client's
+    /// requests only; health checks send the `LOCAL` (v2) or `UNKNOWN` (v1)
+    /// form.
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 /// `[upstream.NAME.outlier_detection]`: passive outlier ejection, following
@@ -317,6 +341,7 @@ impl UpstreamConfig {
             slow_start_ms: 0,
             protocol: UpstreamProtocol::Http1,
             tls: None,
+            send_proxy_protocol: None,
         }
     }
 }
@@ -647,6 +672,14 @@ key = "x-user"
     fn syntax_errors_carry_a_line() {
         let e = error_of("[[listener]]\naddress = \n");
         assert!(e.starts_with("/etc/wasmlb/test.toml:2: (syntax)"), "{e}");
+        // A value of the wrong type names its key.
+        let e = error_of(
+            "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"a\"\naccept_proxy_protocol = \"yes\"\n",
+        );
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:4: accept_proxy_protocol"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub(super) struct RawListener {
     pub(super) tls: Option<Spanned<RawListenerTls>>,
     pub(super) mode: Option<Spanned<String>>,
     pub(super) tls_passthrough: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(super) accept_proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +111,7 @@ pub(super) struct RawUpstream {
     pub(super) fail_timeout_ms: Option<Spanned<u64>>,
     pub(super) protocol: Option<Spanned<String>>,
     pub(super) tls: Option<Spanned<RawUpstreamTls>>,
+    pub(super) send_proxy_protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

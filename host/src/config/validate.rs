@@ -39,7 +39,14 @@ impl Validator<'_> {
         // toml's message already quotes the line; keep its first line only
         // and put the line number where every other error has it.
         let message = e.message().trim().to_string();
-        self.err(e.span(), "(syntax)", message)
+        // A value of the wrong type names its key; a syntax error has none.
+        let typed = message.starts_with("invalid type") || message.starts_with("invalid value");
+        let key = e
+            .span()
+            .filter(|_| typed)
+            .and_then(|s| key_at(self.text, s.start))
+            .unwrap_or_else(|| "(syntax)".to_string());
+        self.err(e.span(), key, message)
     }
 
     pub(super) fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -127,6 +134,7 @@ impl Validator<'_> {
                 tls,
                 mode,
                 tls_passthrough,
+                accept_proxy_protocol: l.accept_proxy_protocol,
             });
         }
 
@@ -539,6 +547,22 @@ impl Validator<'_> {
             )?,
             protocol,
             tls,
+            send_proxy_protocol: match u
+                .send_proxy_protocol
+                .as_ref()
+                .map(|v| (v.get_ref().as_str(), v.span()))
+            {
+                None => None,
+                Some(("v1", _)) => Some(ProxyProtocolVersion::V1),
+                Some(("v2", _)) => Some(ProxyProtocolVersion::V2),
+                Some((_, span)) => {
+                    return Err(self.err(
+                        Some(span),
+                        format!("{prefix}.send_proxy_protocol"),
+                        "must be \"v1\" or \"v2\"",
+                    ));
+                }
+            },
         })
     }
 
@@ -592,4 +616,19 @@ pub(super) fn line_of(text: &str, offset: usize) -> usize {
         .filter(|&&b| b == b'\n')
         .count()
         + 1
+}
+
+/// The key of the `key = value` line holding byte `offset` of `text` (a
+/// value of the wrong type: name its key, not just its line), if the line
+/// has that shape.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"'));
+    bare.then(|| key.to_string())
 }

@@ -30,17 +30,30 @@ impl Proxy {
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
         downstream: &Downstream,
-        parts: http::request::Parts,
+        mut parts: http::request::Parts,
         body: Incoming,
     ) -> Response<ProxyBody> {
         let client = downstream.peer;
         let https = downstream.tls.is_some();
+        // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
+        // `Upgrade` are forwarded, for such requests only. An HTTP/2
+        // extended CONNECT (RFC 8441) goes to the backend as one, and its
+        // client side is upgraded once the 200 is sent.
+        let (upgrade, client_upgrade) =
+            match crate::headers::extended_connect_as_upgrade(&mut parts) {
+                Ok(Some(protocols)) => (
+                    Some(protocols),
+                    parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+                ),
+                Ok(None) => (crate::headers::upgrade_protocols(&parts), None),
+                Err(reason) => {
+                    self.metrics.unrouted(upstream.name(), 400);
+                    return error_response(StatusCode::BAD_REQUEST, reason);
+                }
+            };
         let policy = &upstream.retry;
         let mut retry = policy.begin(&parts.method);
         let body = ReplayBody::new(body, policy.buffer_bytes);
-        // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
-        // `Upgrade` are forwarded, for such requests only.
-        let upgrade = crate::headers::upgrade_protocols(&parts);
         let mut view = RequestView {
             parts,
             client,
@@ -86,7 +99,7 @@ impl Proxy {
                     pool,
                     downstream,
                     head,
-                    (&body, upgrade.as_ref()),
+                    (&body, upgrade.as_ref(), client_upgrade.as_ref()),
                     &chosen,
                 )
                 .await
@@ -182,13 +195,21 @@ impl Proxy {
     /// With `upgrade` (the protocols of an upgrade request), `Connection:
     /// upgrade` and `Upgrade` go to the backend; if it answers 101, the
     /// response keeps them and the [`super::Tunnel`] is left on `downstream`.
+    /// With `client_upgrade` too (an HTTP/2 extended CONNECT), the 101
+    /// becomes a 200 ([`crate::headers::tunnel_established`]) carrying an
+    /// [`super::H2Tunnel`] in its extensions for the connection to run, and
+    /// any other 2xx is a 502 (to HTTP/2, a 2xx means the tunnel is open).
     async fn attempt(
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
         downstream: &Downstream,
         mut head: http::request::Parts,
-        (body, upgrade): (&ReplayBody, Option<&HeaderValue>),
+        (body, upgrade, client_upgrade): (
+            &ReplayBody,
+            Option<&HeaderValue>,
+            Option<&hyper::upgrade::OnUpgrade>,
+        ),
         chosen: &Target,
     ) -> Result<Response<ProxyBody>, Failure> {
         let https = downstream.tls.is_some();
@@ -204,7 +225,7 @@ impl Proxy {
         let sent_ns = crate::plugin::monotonic_ns();
         let result = tokio::time::timeout(
             upstream.response_timeout,
-            pool.send(chosen.address, request),
+            pool.send(chosen.address, &downstream.addresses(), request),
         )
         .await;
         let failure = match result {
@@ -225,6 +246,21 @@ impl Proxy {
                     }
                     let on_upgrade = hyper::upgrade::on(&mut response);
                     let (mut parts, _) = response.into_parts();
+                    upstream.report_connected(chosen);
+                    upstream.report(chosen, true);
+                    chosen.live.metrics.response(101);
+                    // The connection is the tunnel's now, never pooled.
+                    drop(lease);
+                    let tunnel = super::Tunnel::new(on_upgrade, chosen.address, upstream, guard);
+                    let empty = ProxyBody::full(bytes::Bytes::new());
+                    if let Some(client) = client_upgrade {
+                        let parts = crate::headers::tunnel_established(parts);
+                        let mut response = Response::from_parts(parts, empty);
+                        response
+                            .extensions_mut()
+                            .insert(super::H2Tunnel::new(client.clone(), tunnel));
+                        return Ok(response);
+                    }
                     let switched = parts.headers.get(header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut parts.headers);
                     parts
@@ -233,21 +269,17 @@ impl Proxy {
                     if let Some(switched) = switched {
                         parts.headers.insert(header::UPGRADE, switched);
                     }
-                    upstream.report_connected(chosen);
-                    upstream.report(chosen, true);
-                    chosen.live.metrics.response(101);
-                    // The connection is the tunnel's now, never pooled.
-                    drop(lease);
-                    downstream.leave_tunnel(super::Tunnel::new(
-                        on_upgrade,
-                        chosen.address,
-                        upstream,
-                        guard,
-                    ));
-                    return Ok(Response::from_parts(
-                        parts,
-                        ProxyBody::full(bytes::Bytes::new()),
-                    ));
+                    downstream.leave_tunnel(tunnel);
+                    return Ok(Response::from_parts(parts, empty));
+                }
+                if client_upgrade.is_some() && response.status().is_success() {
+                    drop(guard);
+                    return Err(Failure::Broken {
+                        detail: format!(
+                            "{} to an upgrade request: the backend did not switch protocols",
+                            response.status()
+                        ),
+                    });
                 }
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

@@ -24,7 +24,7 @@ mod tcp;
 mod tunnel;
 
 pub use body::{BodyIdleTimeout, BodyTimeout, ProxyBody};
-pub use tunnel::Tunnel;
+pub use tunnel::{H2Tunnel, Tunnel};
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -65,8 +65,11 @@ pub enum ProxyError {
 /// What the proxy knows of a downstream connection.
 #[derive(Debug)]
 pub struct Downstream {
-    /// The client's address.
+    /// The client's address (from the PROXY header, with
+    /// `accept_proxy_protocol`).
     pub peer: SocketAddr,
+    /// The address the client connected to (likewise).
+    pub local: SocketAddr,
     /// The client's IP, formatted for `X-Forwarded-For` once.
     pub client_ip: crate::headers::ClientIp,
     /// The TLS session, if the listener terminates TLS.
@@ -77,13 +80,22 @@ pub struct Downstream {
 }
 
 impl Downstream {
-    /// A connection from `peer`, over TLS if `tls` is set.
-    pub fn new(peer: SocketAddr, tls: Option<DownstreamTls>) -> Self {
+    /// A connection from `peer` to `local`, over TLS if `tls` is set.
+    pub fn new(peer: SocketAddr, local: SocketAddr, tls: Option<DownstreamTls>) -> Self {
         Self {
             peer,
+            local,
             client_ip: crate::headers::ClientIp::new(peer),
             tls,
             tunnel: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection's addresses, as a PROXY header to a backend names them.
+    pub fn addresses(&self) -> crate::proxy_protocol::Addresses {
+        crate::proxy_protocol::Addresses {
+            source: self.peer,
+            destination: self.local,
         }
     }
 
@@ -163,6 +175,8 @@ pub struct Proxy {
     listener_tls: HashMap<ListenerKey, tokio_rustls::TlsAcceptor>,
     /// TCP-mode listeners, with their `tls_passthrough`.
     listener_tcp: HashMap<ListenerKey, bool>,
+    /// Listeners with `accept_proxy_protocol`.
+    listener_accept_proxy: std::collections::HashSet<ListenerKey>,
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
     limits: RequestLimits,
@@ -258,6 +272,12 @@ impl Proxy {
             .filter(|(_, l)| l.mode == crate::config::ListenerMode::Tcp)
             .map(|(key, l)| (key, l.tls_passthrough))
             .collect();
+        let listener_accept_proxy = ListenerKey::all(config)
+            .into_iter()
+            .zip(&config.listeners)
+            .filter(|(_, l)| l.accept_proxy_protocol)
+            .map(|(key, _)| key)
+            .collect();
         let listener_tls = ListenerKey::all(config)
             .into_iter()
             .zip(&config.listeners)
@@ -275,6 +295,7 @@ impl Proxy {
             listener_defaults,
             listener_tls,
             listener_tcp,
+            listener_accept_proxy,
             metrics,
             downstream_timeouts: (
                 Duration::from_millis(config.server.header_read_timeout_ms),
@@ -328,6 +349,12 @@ impl Proxy {
     /// The downstream request limits (see [`crate::request_rules`]).
     pub fn limits(&self) -> RequestLimits {
         self.limits
+    }
+
+    /// True if `listener`'s connections open with a PROXY protocol header
+    /// (`accept_proxy_protocol`).
+    pub fn accepts_proxy_protocol(&self, listener: &ListenerKey) -> bool {
+        self.listener_accept_proxy.contains(listener)
     }
 
     /// `Some(tls_passthrough)` if `listener` is in TCP mode.

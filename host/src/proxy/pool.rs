@@ -22,6 +22,12 @@
 //! the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` (more wait in hyper for a
 //! stream to close); when it closes, the next request opens a new one.
 //!
+//! With `send_proxy_protocol` every connection opens with a PROXY header
+//! naming one client, so connections are pooled per backend and client
+//! address (HAProxy likewise keeps such connections private to their
+//! client): they carry that client's requests only, and are closed once
+//! idle past [`IDLE_TIMEOUT`] like the rest.
+//!
 //! The pool is shared by every worker thread (one short lock per take and
 //! per return; the lock is never held across an await), and survives a reload
 //! that keeps the upstream's `connect_timeout_ms`, `protocol` and `tls`.
@@ -36,7 +42,18 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 
 use crate::connector::{Connector, Sender, adapt_head};
+use crate::proxy_protocol::Addresses;
 use crate::retry::AttemptBody;
+
+/// What a pooled connection is kept for: its backend, and with
+/// `send_proxy_protocol` the client its PROXY header named.
+type Key = (SocketAddr, Option<SocketAddr>);
+
+/// With `send_proxy_protocol`, idle queues of departed clients are swept
+/// once the map holds this many keys (then again at twice as many as
+/// remained), so it stays bounded by the clients of the last
+/// [`IDLE_TIMEOUT`].
+const SWEEP_AT_KEYS: usize = 256;
 
 /// How long a pooled connection may stay idle before it is closed (60 s, as
 /// hyper-util's legacy client and NGINX's `keepalive_timeout` default).
@@ -50,9 +67,16 @@ type H2 = http2::SendRequest<AttemptBody>;
 #[derive(Debug)]
 pub(crate) struct ConnPool {
     connector: Connector,
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Idle>>>,
+    idle: Mutex<IdleMap>,
     /// One multiplexed connection per backend; every request clones it.
-    shared: Mutex<HashMap<SocketAddr, H2>>,
+    shared: Mutex<HashMap<Key, H2>>,
+}
+
+#[derive(Debug, Default)]
+struct IdleMap {
+    queues: HashMap<Key, VecDeque<Idle>>,
+    /// Keys at which the next sweep runs (`send_proxy_protocol` only).
+    sweep_at: usize,
 }
 
 #[derive(Debug)]
@@ -84,7 +108,7 @@ pub(crate) enum SendError {
 #[derive(Debug)]
 pub(crate) struct Lease {
     pool: Arc<ConnPool>,
-    address: SocketAddr,
+    key: Key,
     sender: Option<H1>,
 }
 
@@ -96,7 +120,7 @@ impl Lease {
             return;
         };
         if sender.is_ready() {
-            self.pool.put(self.address, sender);
+            self.pool.put(self.key, sender);
         } else if !sender.is_closed()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
@@ -104,10 +128,10 @@ impl Lease {
             // or hyper has not yet seen the end: pool it once it is ready,
             // so no request waits behind it. (Outside a runtime, as at
             // shutdown, it is closed instead.)
-            let (pool, address) = (self.pool.clone(), self.address);
+            let (pool, key) = (self.pool.clone(), self.key);
             runtime.spawn(async move {
                 if sender.ready().await.is_ok() {
-                    pool.put(address, sender);
+                    pool.put(key, sender);
                 }
             });
         }
@@ -119,7 +143,7 @@ impl ConnPool {
     pub(crate) fn new(connector: Connector) -> Arc<Self> {
         Arc::new(Self {
             connector,
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(IdleMap::default()),
             shared: Mutex::new(HashMap::new()),
         })
     }
@@ -129,9 +153,11 @@ impl ConnPool {
         &self.connector
     }
 
-    /// Send `request` (origin-form URI, `Host` set) to `address` on a pooled
-    /// connection or a new one; the response and the lease of its connection.
-    /// For HTTP/2 the head is adapted first ([`adapt_head`]).
+    /// Send `request` (origin-form URI, `Host` set) from `client` to
+    /// `address` on a pooled connection or a new one; the response and the
+    /// lease of its connection. For HTTP/2 the head is adapted first
+    /// ([`adapt_head`]). `client` matters only with `send_proxy_protocol`:
+    /// its PROXY header, and connections kept for it alone.
     ///
     /// # Errors
     /// [`SendError::Connect`] if no connection could be opened (nothing was
@@ -141,22 +167,28 @@ impl ConnPool {
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: SocketAddr,
+        client: &Addresses,
         mut request: http::Request<AttemptBody>,
     ) -> Result<(http::Response<Incoming>, Lease), SendError> {
         let upgrade = request.headers().contains_key(http::header::UPGRADE);
         let tls = self.connector.is_tls();
+        let (key, proxied) = if self.connector.sends_proxy_protocol() {
+            ((address, Some(client.source)), Some(*client))
+        } else {
+            ((address, None), None)
+        };
         let mut adapted = None;
         loop {
-            let (sender, reused) = match self.take(address) {
+            let (sender, reused) = match self.take(key) {
                 Some(sender) => (sender, true),
                 None => {
                     let sender = self
                         .connector
-                        .connect(address)
+                        .connect(address, proxied)
                         .await
                         .map_err(SendError::Connect)?;
                     if let Sender::H2(h2) = &sender {
-                        self.share(address, h2.clone());
+                        self.share(key, h2.clone());
                     }
                     (sender, false)
                 }
@@ -177,7 +209,7 @@ impl ConnPool {
                 Sender::H2(mut sender) => match sender.try_send_request(request).await {
                     Ok(response) => Ok((response, None)),
                     Err(e) => {
-                        self.unshare(address, &sender);
+                        self.unshare(key, &sender);
                         Err(e)
                     }
                 },
@@ -186,7 +218,7 @@ impl ConnPool {
                 Ok((response, sender)) => {
                     let lease = Lease {
                         pool: self.clone(),
-                        address,
+                        key,
                         sender,
                     };
                     return Ok((response, lease));
@@ -205,19 +237,19 @@ impl ConnPool {
     /// one that is still ready; closes those idle past [`IDLE_TIMEOUT`] or
     /// closed by the backend (only ready connections are pooled, so a pooled
     /// one is either ready or closed).
-    fn take(&self, address: SocketAddr) -> Option<Sender<AttemptBody>> {
+    fn take(&self, key: Key) -> Option<Sender<AttemptBody>> {
         // An `http1` upstream never shares a connection: no second lock.
         if self.connector.may_be_h2() {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(h2) = shared.get(&address) {
+            if let Some(h2) = shared.get(&key) {
                 if !h2.is_closed() {
                     return Some(Sender::H2(h2.clone()));
                 }
-                shared.remove(&address);
+                shared.remove(&key);
             }
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let queue = idle.get_mut(&address)?;
+        let queue = idle.queues.get_mut(&key)?;
         while let Some(Idle { sender, since }) = queue.pop_back() {
             if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
                 return Some(Sender::H1(sender));
@@ -227,33 +259,41 @@ impl ConnPool {
     }
 
     /// Share a new HTTP/2 connection (replacing one that raced it).
-    fn share(&self, address: SocketAddr, sender: H2) {
-        self.shared
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(address, sender);
+    fn share(&self, key: Key, sender: H2) {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if key.1.is_some() && shared.len() >= SWEEP_AT_KEYS {
+            // Per-client connections of clients that left.
+            shared.retain(|_, h2| !h2.is_closed());
+        }
+        shared.insert(key, sender);
     }
 
     /// Stop sharing `address`'s HTTP/2 connection if it is closed.
-    fn unshare(&self, address: SocketAddr, sender: &H2) {
+    fn unshare(&self, key: Key, sender: &H2) {
         if sender.is_closed() {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            if shared.get(&address).is_some_and(H2::is_closed) {
-                shared.remove(&address);
+            if shared.get(&key).is_some_and(H2::is_closed) {
+                shared.remove(&key);
             }
         }
     }
 
     /// Pool a ready connection.
-    fn put(&self, address: SocketAddr, sender: H1) {
+    fn put(&self, key: Key, sender: H1) {
         let now = Instant::now();
+        let stale = |i: &Idle| now.duration_since(i.since) >= IDLE_TIMEOUT || i.sender.is_closed();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let queue = idle.entry(address).or_default();
+        if key.1.is_some() && idle.queues.len() >= idle.sweep_at.max(SWEEP_AT_KEYS) {
+            // Per-client queues: drop those of clients gone quiet.
+            idle.queues.retain(|_, queue| {
+                queue.retain(|i| !stale(i));
+                !queue.is_empty()
+            });
+            idle.sweep_at = idle.queues.len() * 2;
+        }
+        let queue = idle.queues.entry(key).or_default();
         // The oldest are at the front: close those idle too long.
-        while queue
-            .front()
-            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT || i.sender.is_closed())
-        {
+        while queue.front().is_some_and(stale) {
             queue.pop_front();
         }
         queue.push_back(Idle { sender, since: now });
@@ -265,6 +305,7 @@ impl ConnPool {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .queues
             .values()
             .map(VecDeque::len)
             .sum()
@@ -311,6 +352,11 @@ mod tests {
         (address, accepted)
     }
 
+    const CLIENT: Addresses = Addresses {
+        source: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000),
+        destination: SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 80),
+    };
+
     fn request() -> http::Request<AttemptBody> {
         http::Request::builder()
             .uri("/")
@@ -320,7 +366,7 @@ mod tests {
     }
 
     async fn get(pool: &Arc<ConnPool>, address: SocketAddr) -> Bytes {
-        let (response, mut lease) = pool.send(address, request()).await.unwrap();
+        let (response, mut lease) = pool.send(address, &CLIENT, request()).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         lease.finished();
         body
@@ -341,7 +387,7 @@ mod tests {
     async fn a_response_dropped_unfinished_does_not_return_its_connection() {
         let (address, accepted) = backend(usize::MAX).await;
         let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
-        let (_response, lease) = pool.send(address, request()).await.unwrap();
+        let (_response, lease) = pool.send(address, &CLIENT, request()).await.unwrap();
         drop(lease);
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(get(&pool, address).await, "ok");
@@ -369,7 +415,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
-        let err = pool.send(address, request()).await.unwrap_err();
+        let err = pool.send(address, &CLIENT, request()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
 }

@@ -29,20 +29,39 @@ use crate::upstream::{InFlight, Selection};
 const MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
 
 impl Proxy {
-    /// Serve TCP-mode connection `client` from `peer` on `listener` (see the
-    /// module docs). With `passthrough`, the ClientHello is read first under
-    /// the head-read timeout (`header_read_timeout_ms`); a connection that
-    /// does not open with one is closed. Never fails: how it ended is logged
-    /// at debug level.
+    /// Serve TCP-mode connection `client` from `peer` to `local` on
+    /// `listener` (see the module docs). With `accept_proxy_protocol`, its
+    /// PROXY header is read first and names the client; with `passthrough`,
+    /// the ClientHello is read next. Both are read under the head-read
+    /// timeout (`header_read_timeout_ms`), and a connection that does not
+    /// open with them is closed. Never fails: how it ended is logged at
+    /// debug level.
     pub async fn serve_tcp<C>(
         self: Arc<Self>,
         listener: ListenerKey,
-        peer: SocketAddr,
+        (mut peer, mut local): (SocketAddr, SocketAddr),
         mut client: C,
         passthrough: bool,
     ) where
         C: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut early = Bytes::new();
+        if self.accepts_proxy_protocol(&listener) {
+            match crate::proxy_protocol::read_header(&mut client, self.downstream_timeouts.0).await
+            {
+                Ok((addresses, rest)) => {
+                    if let Some(a) = addresses {
+                        (peer, local) = (a.source, a.destination);
+                    }
+                    early = rest;
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, "TCP listener: no PROXY protocol header: {e}");
+                    return;
+                }
+            }
+        }
+        let mut client = Prefixed::new(early, client);
         let (hello, sni) = if passthrough {
             match peek_client_hello(&mut client, self.downstream_timeouts.0).await {
                 Ok(read) => read,
@@ -81,7 +100,11 @@ impl Proxy {
                     return;
                 }
             };
-            let backend = match upstream.connector.tcp(chosen.address).await {
+            let proxied = crate::proxy_protocol::Addresses {
+                source: peer,
+                destination: local,
+            };
+            let backend = match upstream.connector.open(chosen.address, Some(proxied)).await {
                 Ok(backend) => backend,
                 Err(e) => {
                     if crate::fd_limit::is_local_resource_error(&e) {
@@ -108,7 +131,7 @@ impl Proxy {
                 to_client: metrics.tunnel_bytes_to_client.clone(),
             };
             metrics.tunnels_open.inc();
-            let mut client = Prefixed::new(hello, client);
+            let mut client = Prefixed::new(hello, &mut client);
             let mut backend = backend;
             let result = relay(
                 &mut client,

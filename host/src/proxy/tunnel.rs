@@ -6,8 +6,14 @@
 //! client. So [`Proxy::handle`](super::Proxy::handle) leaves the [`Tunnel`]
 //! on the [`Downstream`](super::Downstream), and the connection's task takes
 //! it once hyper hands the connection back ([`super::Downstream::take_tunnel`]).
+//!
+//! Over HTTP/2 (RFC 8441 extended CONNECT) the tunnel is one stream of the
+//! client's connection: the `200` response carries an [`H2Tunnel`], and
+//! the connection's service spawns it; hyper upgrades the stream once the
+//! `200` is sent.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -87,5 +93,38 @@ impl Tunnel {
             ),
             Err(e) => tracing::debug!(%address, "tunnel broken: {e}"),
         }
+    }
+}
+
+/// An HTTP/2 extended CONNECT's tunnel (RFC 8441), carried in the
+/// extensions of the `200` that opens it: the client's stream, upgraded
+/// once hyper has sent the `200`, and the backend's [`Tunnel`]. Cloneable
+/// only because response extensions must be; the first [`H2Tunnel::run`]
+/// takes it.
+#[derive(Clone, Debug)]
+pub struct H2Tunnel(Arc<Mutex<Option<(hyper::upgrade::OnUpgrade, Tunnel)>>>);
+
+impl H2Tunnel {
+    /// The tunnel between `client`'s upgraded stream and `backend`.
+    pub(super) fn new(client: hyper::upgrade::OnUpgrade, backend: Tunnel) -> Self {
+        Self(Arc::new(Mutex::new(Some((client, backend)))))
+    }
+
+    /// Wait for the client's stream (hyper upgrades it once the `200` is
+    /// sent), then relay as [`Tunnel::run`]; `busy` (the connection's
+    /// request guard) is held until the tunnel ends. Never fails.
+    pub async fn run<G>(self, busy: G) {
+        let taken = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let Some((client, tunnel)) = taken else {
+            return;
+        };
+        match client.await {
+            Ok(stream) => tunnel.run(TokioIo::new(stream)).await,
+            Err(e) => tracing::debug!(
+                address = %tunnel.address,
+                "the client's extended CONNECT stream is gone: {e}"
+            ),
+        }
+        drop(busy);
     }
 }
