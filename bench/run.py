@@ -2,7 +2,7 @@
 """Load benchmark: wasmlb beside NGINX, HAProxy and the hyper floor on the same backends, in one run.
 
 Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST]
-                    [--sections LIST] [--baseline OLD_WASMLB]
+                    [--sections LIST] [--baseline OLD_WASMLB] [--tls] [--tcp]
                     [--idle-connections N] [--out BENCHMARKS.md]
 
 Installs what it needs (nginx haproxy wrk nghttp2-client, with apt-get), builds
@@ -25,8 +25,11 @@ made one request; fewer if the open-file limit is lower), the issue-14 goals
 met or missed, with --tls the same certificate (openssl, P-256) served by
 NGINX, HAProxy and wasmlb: requests/s and CPU per request over keep-alive TLS
 connections, and new TLS handshakes per second (`Connection: close`, every
-request a full handshake) with the issue-15 goals, and writes the tables to BENCHMARKS.md with the machine it ran
-on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare only inside one
+request a full handshake) with the issue-15 goals, with --tcp TCP mode
+(HAProxy `mode tcp`, NGINX `stream`, wasmlb `mode = "tcp"` in front of
+bench/tcp_backend.py): a 1 GiB transfer (MiB/s, CPU ms per GiB) and
+connections/s with CPU us per connection, with the issue-16 goals, and
+writes the tables to BENCHMARKS.md with the machine it ran on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare only inside one
 run).
 """
 
@@ -79,6 +82,7 @@ def build():
 HYPER_FLOOR = ROOT / "target/release/hyper-floor"
 # --baseline: an earlier wasmlb binary, run as the target "wasmlb-before".
 BASELINE = {"binary": None}
+WASMLB = {"binary": None}
 
 
 def free_port():
@@ -427,6 +431,118 @@ def measure_tls(name, workdir, addrs, wasmlb, conns, duration, handshakes):
     return {"rps": rps, "cpu_us": used / 1000.0 / max(total, 1)}
 
 
+TCP_BYTES = 1 << 30
+
+
+def tcp_target_conf(name, workdir, port, addr):
+    """The TCP-mode config of `name` (HAProxy `mode tcp`, NGINX `stream`,
+    wasmlb `mode = "tcp"`) in front of `addr`; returns the argv to run it."""
+    if name == "nginx":
+        conf = workdir / "nginx-stream.conf"
+        conf.write_text(f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 30000; use epoll; multi_accept on; }}
+stream {{
+    upstream b {{ server {addr}; }}
+    server {{ listen 127.0.0.1:{port} backlog=4096; proxy_pass b; }}
+}}
+""")
+        return [tool("nginx"), "-c", conf, "-e", workdir / "nginx-error.log"]
+    if name == "haproxy":
+        conf = workdir / "haproxy-tcp.cfg"
+        conf.write_text(f"""global
+    nbthread 1
+    maxconn {haproxy_maxconn()}
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client  30s
+    timeout server  30s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance roundrobin
+    server b0 {addr}
+""")
+        return [tool("haproxy"), "-f", conf]
+    conf = workdir / "wasmlb-tcp.toml"
+    conf.write_text(f"""[[listener]]
+address = "127.0.0.1:{port}"
+upstream = "app"
+mode = "tcp"
+
+[upstream.app]
+plugin = "round-robin"
+backends = [ {{ address = "{addr}" }} ]
+""")
+    return [WASMLB["binary"], "--config", conf, "--threads", "1", "--log-level", "warn"]
+
+
+def tcp_transfer(port):
+    """Read TCP_BYTES through the target on one connection; seconds taken."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"B")
+        buf = bytearray(1 << 20)
+        got = 0
+        while True:
+            n = s.recv_into(buf)
+            if n == 0:
+                break
+            got += n
+    if got != TCP_BYTES:
+        raise RuntimeError(f"transfer got {got} bytes of {TCP_BYTES}")
+    return time.monotonic() - start
+
+
+def tcp_connections(port, duration, workers=4):
+    """Open, use (`C` -> `ok`) and close connections from `workers` threads
+    for `duration` s; the number completed."""
+    import threading
+    done = [0] * workers
+    stop = time.monotonic() + duration
+
+    def loop(i):
+        while time.monotonic() < stop:
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"C")
+                while s.recv(16):
+                    pass
+            done[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done)
+
+
+def measure_tcp(name, workdir, addr, duration):
+    """One target in TCP mode: a 1 GiB transfer (MiB/s, CPU ms per GiB) and
+    connections/s with CPU us per connection (the target's CPU only)."""
+    port = free_port()
+    proc = Proc(tcp_target_conf(name, workdir, port, addr), cpus="0")
+    try:
+        wait_port(port)
+        tcp_transfer(port)  # warm-up
+        before = cpu_ns(proc.pid)
+        seconds = tcp_transfer(port)
+        per_gib = (cpu_ns(proc.pid) - before) / 1e6
+        before = cpu_ns(proc.pid)
+        n = tcp_connections(port, duration)
+        per_conn = (cpu_ns(proc.pid) - before) / 1e3 / max(n, 1)
+    finally:
+        proc.stop()
+    return {"mib_s": TCP_BYTES / (1 << 20) / seconds, "cpu_ms_gib": per_gib,
+            "conns_s": n / duration, "cpu_us_conn": per_conn}
+
+
 IDLE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -541,6 +657,9 @@ def main():
                          "(1 and 2 worker threads)")
     ap.add_argument("--tls", action="store_true",
                     help="also measure TLS (keep-alive and handshakes/s) beside NGINX and HAProxy")
+    ap.add_argument("--tcp", action="store_true",
+                    help="also measure TCP mode (1 GiB transfer, connections/s) beside HAProxy "
+                         "mode tcp and NGINX stream")
     ap.add_argument("--baseline", help="an earlier wasmlb binary to run beside this one, "
                                        "as the target wasmlb-before (a before/after table)")
     args = ap.parse_args()
@@ -551,6 +670,7 @@ def main():
         sys.exit("needs at least 2 CPUs (target on CPU 0, load and backends on CPU 1)")
     install()
     wasmlb, demo = build()
+    WASMLB["binary"] = wasmlb
     if args.baseline:
         BASELINE["binary"] = Path(args.baseline).resolve()
     count = idle_connection_count(args.idle_connections)
@@ -602,6 +722,20 @@ def main():
                         scaling[(name, threads, conns)] = measure(
                             name, workdir, addrs, wasmlb, conns, args.duration, backend_proc,
                             threads=threads, cpus=cpus)
+            tcp = {}
+            if args.tcp:
+                tcp_backend = Proc([sys.executable, ROOT / "bench" / "tcp_backend.py",
+                                    TCP_BYTES], cpus="1")
+                m = re.search(r"listening on (\S+)", tcp_backend.p.stdout.readline())
+                try:
+                    tcp_targets = ["haproxy", "nginx", "wasmlb-rr"]
+                    for rep in range(args.reps):
+                        for name in tcp_targets[rep % 3:] + tcp_targets[:rep % 3]:
+                            log(f"TCP rep {rep + 1}: {name}")
+                            tcp.setdefault(name, []).append(
+                                measure_tcp(name, workdir, m.group(1), args.duration))
+                finally:
+                    tcp_backend.stop()
             tls = {}
             if args.tls:
                 cert, key, both = make_certificate(workdir)
@@ -749,6 +883,23 @@ def main():
                   "| --- | --- | --- |"]
         for goal, measured, met in tls_goals:
             lines.append(f"| {goal} | {measured} | {'met' if met else 'missed'} |")
+    if tcp:
+        lines += ["", "TCP mode (HAProxy `mode tcp`, NGINX `stream`, wasmlb `mode = \"tcp\"`; "
+                  "one Python backend on CPU 1, the target alone on CPU 0): one 1 GiB transfer "
+                  "(backend to client), and connections opened, used for 2 bytes and closed "
+                  "by 4 client threads. CPU is the target's only.", "",
+                  "| target | MiB/s | CPU ms per GiB | connections/s | CPU us per connection |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, rs in tcp.items():
+            lines.append(f"| {name} | {med(rs, 'mib_s'):,.0f} | {med(rs, 'cpu_ms_gib'):.0f} | "
+                         f"{med(rs, 'conns_s'):,.0f} | {med(rs, 'cpu_us_conn'):.1f} |")
+        g = med(tcp["wasmlb-rr"], "cpu_ms_gib") / med(tcp["haproxy"], "cpu_ms_gib")
+        c = med(tcp["wasmlb-rr"], "cpu_us_conn") / med(tcp["haproxy"], "cpu_us_conn")
+        lines += ["", "Goals (issue 16), wasmlb in this run:", "", "| goal | measured | |",
+                  "| --- | --- | --- |",
+                  f"| CPU per GiB <= 1.10x HAProxy's | {g:.2f}x | {'met' if g <= 1.1 else 'missed'} |",
+                  f"| CPU per connection <= 1.10x HAProxy's | {c:.2f}x | "
+                  f"{'met' if c <= 1.1 else 'missed'} |"]
     if goals:
         lines += ["", "Goals (issue 14), wasmlb-rr in this run:", "", "| goal | measured | |",
                   "| --- | --- | --- |"]
