@@ -94,6 +94,15 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("application/grpc"))
 }
 
+/// True for an HTTP/2 extended CONNECT (RFC 8441 §4: `CONNECT` with a
+/// `:protocol`, such as WebSocket over HTTP/2); hyper admits it only when
+/// the listener announced `SETTINGS_ENABLE_CONNECT_PROTOCOL`.
+pub fn is_extended_connect(parts: &http::request::Parts) -> bool {
+    parts.method == http::Method::CONNECT
+        && parts.version == Version::HTTP_2
+        && parts.extensions.get::<hyper::ext::Protocol>().is_some()
+}
+
 /// Turn an HTTP/2 extended CONNECT (RFC 8441 §4, e.g. WebSocket over
 /// HTTP/2) into the head of the HTTP/1.1 upgrade request it stands for, as
 /// Envoy does: the method becomes `GET`, `:protocol` becomes the returned
@@ -108,7 +117,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub fn extended_connect_as_upgrade(
     parts: &mut http::request::Parts,
 ) -> Result<Option<HeaderValue>, &'static str> {
-    if !crate::request_rules::is_extended_connect(parts) {
+    if !is_extended_connect(parts) {
         return Ok(None);
     }
     let Some(protocol) = parts.extensions.remove::<hyper::ext::Protocol>() else {

@@ -48,7 +48,7 @@ const fn reject(status: StatusCode, reason: &'static str) -> Rejection {
 /// # Errors
 /// The [`Rejection`] for the first rule broken.
 pub fn check(parts: &mut http::request::Parts, limits: &RequestLimits) -> Result<(), Rejection> {
-    if parts.method == Method::CONNECT && !is_extended_connect(parts) {
+    if parts.method == Method::CONNECT && !crate::headers::is_extended_connect(parts) {
         return Err(reject(
             StatusCode::NOT_IMPLEMENTED,
             "CONNECT is not supported",
@@ -109,15 +109,6 @@ pub fn check(parts: &mut http::request::Parts, limits: &RequestLimits) -> Result
         }
     }
     Ok(())
-}
-
-/// True for an HTTP/2 extended CONNECT (RFC 8441 §4: `CONNECT` with a
-/// `:protocol`, such as WebSocket over HTTP/2); hyper admits it only when
-/// the listener announced `SETTINGS_ENABLE_CONNECT_PROTOCOL`.
-pub fn is_extended_connect(parts: &http::request::Parts) -> bool {
-    parts.method == Method::CONNECT
-        && parts.version == Version::HTTP_2
-        && parts.extensions.get::<hyper::ext::Protocol>().is_some()
 }
 
 fn set_host(headers: &mut http::HeaderMap, authority: &str) -> Result<(), Rejection> {
@@ -356,7 +347,7 @@ mod tests {
         p.method = Method::CONNECT;
         p.extensions
             .insert(hyper::ext::Protocol::from_static("websocket"));
-        assert!(is_extended_connect(&p));
+        assert!(crate::headers::is_extended_connect(&p));
         assert!(status(p).is_ok());
         let mut p = parts(Version::HTTP_11, "/", &[("host", "a")]);
         p.method = Method::CONNECT;
