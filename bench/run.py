@@ -199,13 +199,8 @@ def make_certificate(workdir):
 TLS = {}
 
 
-def nginx_conf(workdir, port, addrs, workers=1):
-    servers = "\n".join(f"        server {a};" for a in addrs)
-    tls = ""
-    listen = f"127.0.0.1:{port} backlog=4096"
-    if TLS.get("on"):
-        listen += " ssl"
-        tls = f"ssl_certificate {TLS['cert']};\n        ssl_certificate_key {TLS['key']};"
+def nginx_preamble(workdir, workers):
+    """The main-context lines every NGINX config here shares."""
     return f"""worker_processes {workers};
 daemon off;
 master_process on;
@@ -213,7 +208,17 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
 worker_rlimit_nofile 65536;
 events {{ worker_connections 30000; use epoll; multi_accept on; }}
-http {{
+"""
+
+
+def nginx_conf(workdir, port, addrs, workers=1):
+    servers = "\n".join(f"        server {a};" for a in addrs)
+    tls = ""
+    listen = f"127.0.0.1:{port} backlog=4096"
+    if TLS.get("on"):
+        listen += " ssl"
+        tls = f"ssl_certificate {TLS['cert']};\n        ssl_certificate_key {TLS['key']};"
+    return nginx_preamble(workdir, workers) + f"""http {{
     access_log off;
     client_body_temp_path {workdir}/body;
     proxy_temp_path {workdir}/proxy;
@@ -439,14 +444,7 @@ def tcp_target_conf(name, workdir, port, addr):
     wasmlb `mode = "tcp"`) in front of `addr`; returns the argv to run it."""
     if name == "nginx":
         conf = workdir / "nginx-stream.conf"
-        conf.write_text(f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {workdir}/nginx.pid;
-error_log {workdir}/nginx-error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 30000; use epoll; multi_accept on; }}
-stream {{
+        conf.write_text(nginx_preamble(workdir, 1) + f"""stream {{
     upstream b {{ server {addr}; }}
     server {{ listen 127.0.0.1:{port} backlog=4096; proxy_pass b; }}
 }}
