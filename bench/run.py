@@ -443,8 +443,13 @@ def tcp_target_conf(name, workdir, port, addr):
     """The TCP-mode config of `name` (HAProxy `mode tcp`, NGINX `stream`,
     wasmlb `mode = "tcp"`) in front of `addr`; returns the argv to run it."""
     if name == "nginx":
+        module = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+        if not module.exists():  # Debian builds `stream` as a dynamic module
+            log("installing libnginx-mod-stream")
+            subprocess.run(["apt-get", "install", "-y", "-qq", "libnginx-mod-stream"], check=True,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
         conf = workdir / "nginx-stream.conf"
-        conf.write_text(nginx_preamble(workdir, 1) + f"""stream {{
+        conf.write_text(f"load_module {module};\n" + nginx_preamble(workdir, 1) + f"""stream {{
     upstream b {{ server {addr}; }}
     server {{ listen 127.0.0.1:{port} backlog=4096; proxy_pass b; }}
 }}
