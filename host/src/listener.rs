@@ -377,11 +377,11 @@ async fn proxied_addresses(
     timeout: Duration,
     own: (SocketAddr, SocketAddr),
 ) -> Result<(SocketAddr, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
-    let (addresses, rest) = crate::proxy_protocol::read_header(stream, timeout)
+    let (addresses, rest) = crate::proxy_protocol::read_addresses(stream, timeout, own)
         .await
         .map_err(|e| format!("no PROXY protocol header: {e}"))?;
     stream.unread(rest);
-    Ok(addresses.map_or(own, |a| (a.source, a.destination)))
+    Ok(addresses)
 }
 
 /// Permits from the listener's cap and the global one, waiting (not

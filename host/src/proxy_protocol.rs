@@ -92,6 +92,21 @@ pub async fn read_header<R: AsyncRead + Unpin>(
     })?
 }
 
+/// [`read_header`], answered as the connection's (client, destination):
+/// the header's, or `own` (the socket's) for a `LOCAL`/`UNKNOWN` header;
+/// with the bytes read past the header.
+///
+/// # Errors
+/// As [`read_header`].
+pub async fn read_addresses<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+    own: (SocketAddr, SocketAddr),
+) -> io::Result<((SocketAddr, SocketAddr), Bytes)> {
+    let (addresses, rest) = read_header(io, timeout).await?;
+    Ok((addresses.map_or(own, |a| (a.source, a.destination)), rest))
+}
+
 fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }

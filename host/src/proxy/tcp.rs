@@ -47,12 +47,10 @@ impl Proxy {
     {
         let mut early = Bytes::new();
         if self.accepts_proxy_protocol(&listener) {
-            match crate::proxy_protocol::read_header(&mut client, self.downstream_timeouts.0).await
-            {
+            let timeout = self.downstream_timeouts.0;
+            match crate::proxy_protocol::read_addresses(&mut client, timeout, (peer, local)).await {
                 Ok((addresses, rest)) => {
-                    if let Some(a) = addresses {
-                        (peer, local) = (a.source, a.destination);
-                    }
+                    (peer, local) = addresses;
                     early = rest;
                 }
                 Err(e) => {
