@@ -301,10 +301,21 @@ pub(crate) async fn respond(
     Ok(response)
 }
 
-/// An address on 127.0.0.1 where nothing listens (bound, then released).
+/// An address on 127.0.0.1 where nothing listens: connecting is refused.
+///
+/// The port stays bound (never listening) for the life of the test binary,
+/// so no backend started by a concurrent test, and no outgoing connection's
+/// source port, can take it over; a port bound and released could be handed
+/// out again by the kernel and turn a "dead" backend into a live one.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    HELD.lock().expect("closed ports").push(socket);
+    addr
 }
 
 /// `demo-backend` (examples/demo-backend) built by `cargo test --workspace`
