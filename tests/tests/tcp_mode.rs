@@ -1,8 +1,8 @@
-//! TCP listeners (`mode = "tcp"`): real `redis-server`s balanced per
-//! connection and driven by `redis-cli`, TLS passthrough routed by SNI with
-//! the client verifying the backend's own certificate, connect failures
-//! retried, half-close, backpressure, and 10,000 connections opened and
-//! dropped.
+//! TCP listeners (`mode = "tcp"`): real `redis-server`s and PostgreSQL
+//! servers balanced per connection and driven by `redis-cli` and `psql`,
+//! TLS passthrough routed by SNI with the client verifying the backend's own
+//! certificate, connect failures retried, half-close, backpressure, and
+//! 10,000 connections opened and dropped.
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -131,6 +131,235 @@ async fn redis_behind_a_tcp_listener_is_balanced_per_connection() {
     .await
     .expect("session");
     assert_eq!(session.lines().collect::<Vec<_>>(), ["OK", "7", "v1-more"]);
+}
+
+/// A PostgreSQL server program (`initdb`, `postgres`): on `PATH`, or in
+/// Debian's `/usr/lib/postgresql/<version>/bin` (newest version).
+fn pg_program(name: &str) -> std::path::PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mut debian: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    debian.sort();
+    on_path
+        .into_iter()
+        .chain(debian.into_iter().rev())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} not found (Debian package postgresql; .ci/run installs it)")
+        })
+}
+
+/// `id` with `args`, trimmed (a user's uid or gid).
+fn id(args: &[&str]) -> u32 {
+    let out = Command::new("id").args(args).output().expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("id {args:?}"))
+}
+
+/// A command for a PostgreSQL server program. PostgreSQL refuses to run as
+/// root, so under root (CI) it runs as the `postgres` user that Debian's
+/// package creates, through `setpriv` (which execs: the child's pid is the
+/// server's own, so signals reach it).
+fn pg_command(name: &str) -> Command {
+    let program = pg_program(name);
+    if id(&["-u"]) != 0 {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=postgres",
+        "--regid=postgres",
+        "--init-groups",
+        "--",
+    ])
+    .arg(program);
+    cmd
+}
+
+/// `psql` as `wasmlb` to 127.0.0.1:`port` with `args`, `stdin` as its
+/// script: one connection, its output (unaligned, tuples only).
+fn psql(port: u16, args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-U",
+            "wasmlb",
+            "-d",
+            "postgres",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql (Debian package postgresql-client)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write to psql");
+    let out = child.wait_with_output().expect("psql output");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A PostgreSQL server on 127.0.0.1 with its own data directory (trust
+/// authentication, user `wasmlb`), stopped with a fast shutdown on drop.
+struct Postgres {
+    port: u16,
+    child: Child,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown (ends sessions, removes its
+        // shared memory and socket); a plain kill would leave them behind.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Postgres {
+    /// A cluster made by `initdb` under `root` (owned by the server's user).
+    fn init(root: &std::path::Path) -> std::path::PathBuf {
+        if id(&["-u"]) == 0 {
+            std::os::unix::fs::chown(
+                root,
+                Some(id(&["-u", "postgres"])),
+                Some(id(&["-g", "postgres"])),
+            )
+            .expect("chown the data root to postgres");
+        }
+        let data = root.join("template");
+        let out = pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "wasmlb",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "-N",
+            ])
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {out:?}");
+        data
+    }
+
+    /// A server on a copy of `template`, ready for connections.
+    async fn start(template: &std::path::Path, name: &str) -> Self {
+        let data = template.with_file_name(name);
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(&data)
+            .status()
+            .expect("cp");
+        assert!(copied.success());
+        let port = free_port();
+        let child = pg_command("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", data.display()))
+            .args(["-c", "fsync=off", "-c", "max_connections=20"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("postgres");
+        let pg = Self { port, child };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ready = tokio::task::spawn_blocking(move || psql(port, &["-c", "select 1"], ""))
+                .await
+                .expect("psql");
+            if ready.trim() == "1" {
+                break pg;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "postgres did not start: {ready}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// PostgreSQL (not written here) behind a TCP listener, driven by `psql`:
+/// round-robin per connection, then a session that uploads 50,000 rows
+/// with `\copy` and reads 640,000 bytes back through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_behind_a_tcp_listener_is_balanced_per_connection() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let template = Postgres::init(root.path());
+    let (a, b) = (
+        Postgres::start(&template, "a").await,
+        Postgres::start(&template, "b").await,
+    );
+    let proxy = InProcessProxy::start(&tcp_config(
+        &format!(
+            "{{ address = \"127.0.0.1:{}\" }}, {{ address = \"127.0.0.1:{}\" }}",
+            a.port, b.port
+        ),
+        "[upstream.app.health_check]\nkind = \"tcp\"\ninterval_ms = 200",
+    ))
+    .await;
+    let port = proxy.addrs[0].port();
+    // Each psql run is one connection: round-robin alternates servers.
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let shown = tokio::task::spawn_blocking(move || psql(port, &["-c", "show port"], ""))
+            .await
+            .expect("psql");
+        seen.push(shown.trim().to_string());
+    }
+    let on_a = seen.iter().filter(|p| **p == a.port.to_string()).count();
+    let on_b = seen.iter().filter(|p| **p == b.port.to_string()).count();
+    assert_eq!((on_a, on_b), (3, 3), "{seen:?}");
+    // One session: a COPY upload (about 290 KB), then a large result.
+    let mut script = String::from("create temp table t (x int);\n\\copy t from stdin\n");
+    for i in 1..=50_000 {
+        script.push_str(&format!("{i}\n"));
+    }
+    script.push_str("\\.\nselect count(*), sum(x) from t;\n");
+    script.push_str(
+        "select length(string_agg(md5(i::text), '')) from generate_series(1, 20000) i;\n",
+    );
+    let out = tokio::task::spawn_blocking(move || psql(port, &["-f", "-"], &script))
+        .await
+        .expect("psql");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["CREATE TABLE", "COPY 50000", "50000|1250025000", "640000"],
+        "{out}"
+    );
+    drop(proxy);
 }
 
 /// A raw TCP echo server: every byte back, then its end after the client's.
