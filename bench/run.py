@@ -483,7 +483,8 @@ mode = "tcp"
 plugin = "round-robin"
 backends = [ {{ address = "{addr}" }} ]
 """)
-    return [WASMLB["binary"], "--config", conf, "--threads", "1", "--log-level", "warn"]
+    binary = BASELINE["binary"] if name == "wasmlb-before" else WASMLB["binary"]
+    return [binary, "--config", conf, "--threads", "1", "--log-level", "warn"]
 
 
 def tcp_transfer(port):
@@ -732,8 +733,11 @@ def main():
                 m = re.search(r"listening on (\S+)", tcp_backend.p.stdout.readline())
                 try:
                     tcp_targets = ["haproxy", "nginx", "wasmlb-rr"]
+                    if args.baseline:
+                        tcp_targets.append("wasmlb-before")
                     for rep in range(args.reps):
-                        for name in tcp_targets[rep % 3:] + tcp_targets[:rep % 3]:
+                        k = rep % len(tcp_targets)
+                        for name in tcp_targets[k:] + tcp_targets[:k]:
                             log(f"TCP rep {rep + 1}: {name}")
                             tcp.setdefault(name, []).append(
                                 measure_tcp(name, workdir, m.group(1), args.duration))

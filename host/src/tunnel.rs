@@ -2,9 +2,12 @@
 //! connection: the splice behind HTTP upgrades (WebSocket) and TCP-mode
 //! listeners.
 //!
-//! Each direction has one fixed buffer ([`BUFFER_BYTES`]) and reads only when
-//! it is empty, so a peer that does not read holds back the other side
-//! (TCP backpressure) and memory stays bounded. Half-close is honoured, as
+//! Each direction has one buffer and reads only when it is empty, so a peer
+//! that does not read holds back the other side (TCP backpressure) and
+//! memory stays bounded. The buffer starts at [`BUFFER_BYTES`] (what a
+//! WebSocket or an interactive session keeps) and doubles, up to
+//! [`MAX_BUFFER_BYTES`], each time a read fills it: a bulk transfer then
+//! moves bigger chunks with fewer system calls and wake-ups per byte. Half-close is honoured, as
 //! tokio's `copy_bidirectional` and HAProxy do: when one side ends its
 //! stream, the other side's write half is shut down after what was read has
 //! been written, and the opposite direction keeps flowing until it ends too.
@@ -19,9 +22,13 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The buffer of each direction, in bytes (16 KiB, as HAProxy's `bufsize`
-/// and NGINX's `proxy_buffer_size` in `stream`).
+/// The first buffer of each direction, in bytes (16 KiB, as HAProxy's
+/// `bufsize` and NGINX's `proxy_buffer_size` in `stream`).
 pub const BUFFER_BYTES: usize = 16 * 1024;
+
+/// The largest a direction's buffer grows to, in bytes (64 KiB), once reads
+/// keep filling it (a bulk transfer).
+pub const MAX_BUFFER_BYTES: usize = 64 * 1024;
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +65,8 @@ struct Half {
     buf: Box<[u8]>,
     pos: usize,
     cap: usize,
+    /// The last read filled the buffer.
+    filled: bool,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -70,6 +79,7 @@ impl Half {
             buf: vec![0; BUFFER_BYTES].into_boxed_slice(),
             pos: 0,
             cap: 0,
+            filled: false,
             read_done: false,
             need_flush: false,
             done: false,
@@ -95,6 +105,11 @@ impl Half {
             if self.pos == self.cap && !self.read_done {
                 self.pos = 0;
                 self.cap = 0;
+                if self.filled && self.buf.len() < MAX_BUFFER_BYTES {
+                    // The last read filled the (now empty) buffer: double it.
+                    self.buf =
+                        vec![0; (self.buf.len() * 2).min(MAX_BUFFER_BYTES)].into_boxed_slice();
+                }
                 let mut buf = ReadBuf::new(&mut self.buf);
                 match reader.as_mut().poll_read(cx, &mut buf) {
                     Poll::Ready(Ok(())) => {
@@ -104,6 +119,7 @@ impl Half {
                         } else {
                             self.cap = n;
                             *moved = true;
+                            self.filled = n == self.buf.len();
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -306,6 +322,43 @@ mod tests {
         assert_eq!((up, down), (4, 1000));
     }
 
+    /// Copy `reader` to a `Vec` through one `Half`; its final buffer size.
+    async fn copy_through_half<R: AsyncRead + Unpin>(reader: &mut R) -> (Vec<u8>, usize) {
+        let mut half = Half::new();
+        let mut out = Vec::new();
+        let counter = Counter::default();
+        std::future::poll_fn(|cx| {
+            let mut moved = false;
+            half.poll_copy(
+                cx,
+                Pin::new(&mut *reader),
+                Pin::new(&mut out),
+                &counter,
+                &mut moved,
+            )
+        })
+        .await
+        .expect("copy");
+        (out, half.buf.len())
+    }
+
+    #[tokio::test]
+    async fn a_bulk_transfer_grows_the_buffer_and_small_reads_keep_it() {
+        let data: Vec<u8> = (0..(1usize << 20)).map(|i| (i % 251) as u8).collect();
+        let (out, size) = copy_through_half(&mut std::io::Cursor::new(data.clone())).await;
+        assert_eq!(out, data);
+        assert_eq!(size, MAX_BUFFER_BYTES);
+        // Reads of at most 1 KiB (a pipe that small) never fill it.
+        let (mut tx, mut rx) = duplex(1024);
+        let writer = tokio::spawn(async move {
+            tx.write_all(&[5u8; 100_000]).await.expect("write");
+        });
+        let (out, size) = copy_through_half(&mut rx).await;
+        writer.await.expect("join");
+        assert_eq!(out.len(), 100_000);
+        assert_eq!(size, BUFFER_BYTES);
+    }
+
     #[tokio::test]
     async fn silence_both_ways_ends_the_relay_at_the_idle_timeout() {
         let (_client, mut client_end) = duplex(64);
@@ -344,7 +397,7 @@ mod tests {
             }
             assert!(written < 1 << 20, "no backpressure: {written} bytes taken");
         }
-        assert!(written <= 1024 + BUFFER_BYTES + 1024, "{written}");
+        assert!(written <= 1024 + MAX_BUFFER_BYTES + 1024, "{written}");
         task.abort();
     }
 }
