@@ -8,7 +8,7 @@
 //! | `PUT /upstreams/{name}/plugin` | swap the plugin: body is a component (bytes starting with `\0asm`), or JSON `{"plugin": "<built-in or path>", "plugin_config": {...}}` (both keys optional; a missing `plugin` re-initializes the current one). 200 with the swap report; 404; 422 with `{"error": ...}` and the old plugin keeps serving |
 //! | `PUT /upstreams/{name}/backends/{backend}/state` | set a backend's state (HAProxy `set server ... state`): body `ready`, `drain` or `maint`; `{backend}` is its address or id. 200 with the backend's snapshot (its `state` turns `drained` when nothing is in flight); 404; 422 for another body. Kept across reloads unless the config's `state` for the backend changes |
 //! | `POST /reload` | re-read the config file (as SIGHUP does). 200 with the reload report; 422 with `{"error": ...}` and the running config keeps serving |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics 1.0 when `Accept` prefers it |
 //!
 //! Security: the config refuses a non-loopback `address` without
 //! `token_file`. With a token, every request needs `Authorization: Bearer
@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use crate::config::{AdminConfig, AdminState, PluginRef};
 use crate::conn::TimedIo;
 use crate::control::{Control, PluginSource, SwapError, error_chain};
+use crate::metrics::{BackendState, Format, PluginState};
 
 /// A running admin listener.
 #[derive(Debug)]
@@ -282,12 +283,15 @@ async fn handle(
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
         },
         (Method::GET, ["metrics"]) => {
-            let mut r = Response::new(Full::new(Bytes::from(control.metrics().encode())));
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let format = Format::negotiate(accept);
+            let mut r = Response::new(Full::new(Bytes::from(scrape(control, format))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                http::HeaderValue::from_static(format.content_type()),
             );
             r
         }
@@ -305,6 +309,32 @@ async fn handle(
 }
 
 /// Plugin paths in admin requests resolve against the config file's directory.
+/// The metrics exposition in `format`, with the per-backend and plugin
+/// gauges taken from the upstreams' snapshots now.
+fn scrape(control: &Control, format: Format) -> String {
+    let snapshots = control.snapshots();
+    let mut backends = Vec::new();
+    let mut plugins = Vec::with_capacity(snapshots.len());
+    for u in &snapshots {
+        plugins.push(PluginState {
+            upstream: u.name.clone(),
+            plugin: u.plugin.name.clone(),
+            digest: u.plugin.digest.clone(),
+        });
+        backends.extend(u.backends.iter().map(|b| BackendState {
+            upstream: u.name.clone(),
+            backend: b.address.to_string(),
+            up: b.selectable,
+            check_passing: b.check_passing,
+            ejected: b.ejected_for_ms.is_some(),
+            effective_weight: b.effective_weight,
+            in_flight: b.in_flight,
+            response_time_seconds: b.rtt_ms / 1000.0,
+        }));
+    }
+    control.metrics().encode(format, &backends, &plugins)
+}
+
 fn config_dir(control: &Control) -> &std::path::Path {
     control
         .config_path()

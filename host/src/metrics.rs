@@ -24,9 +24,25 @@
 //! | `wasmlb_local_resource_errors_total` | counter | op (`accept`, `connect`, `health_check`): the proxy ran out of descriptors, buffers, memory or ports |
 //! | `wasmlb_plugin_cache_entries` | gauge | (compiled components kept for reuse) |
 //! | `wasmlb_plugin_cache_bytes` | gauge | (their compiled code, in bytes) |
+//! | `wasmlb_backend_up` | gauge | upstream, backend (1 while the plugin may choose it) |
+//! | `wasmlb_backend_check_passing` | gauge | upstream, backend (1 while active health checks pass) |
+//! | `wasmlb_backend_ejected` | gauge | upstream, backend (1 while ejected by outlier detection) |
+//! | `wasmlb_backend_effective_weight` | gauge | upstream, backend (the weight plugins see; lower in slow start) |
+//! | `wasmlb_backend_in_flight` | gauge | upstream, backend (requests and tunnels in flight) |
+//! | `wasmlb_backend_response_time_seconds` | gauge | upstream, backend (the peak-EWMA response-time estimate; 0 before the first response) |
+//! | `wasmlb_plugin_info` | gauge | upstream, plugin, digest (always 1: the plugin serving each upstream) |
 //!
 //! Handles are looked up once, when an upstream or backend is built, so the
-//! per-request cost is a few atomic operations.
+//! per-request cost is a few atomic operations. The per-backend and plugin
+//! gauges are state, not events: they are set from a snapshot of the
+//! upstreams at each scrape ([`Metrics::encode`]), so a backend that left
+//! the config leaves the exposition too. Every counter is present (at 0)
+//! from the moment its upstream or backend exists.
+//!
+//! The exposition is negotiated as the Prometheus client libraries do
+//! ([`Format::negotiate`]): OpenMetrics 1.0 when the scraper's `Accept`
+//! prefers `application/openmetrics-text` (Prometheus itself), else the
+//! Prometheus text format 0.0.4 (`curl`, older parsers).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -75,6 +91,142 @@ struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    upstream: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    upstream: String,
+    plugin: String,
+    digest: String,
+}
+
+/// One backend's state at a scrape, for the per-backend gauges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendState {
+    /// The upstream's name.
+    pub upstream: String,
+    /// The backend's address (`ip:port`), as in `wasmlb_requests_total`.
+    pub backend: String,
+    /// The plugin may choose it.
+    pub up: bool,
+    /// Its active health checks pass.
+    pub check_passing: bool,
+    /// Ejected by outlier detection.
+    pub ejected: bool,
+    /// The weight plugins see.
+    pub effective_weight: u32,
+    /// Requests and tunnels in flight.
+    pub in_flight: u32,
+    /// The response-time estimate, in seconds (0 before the first response).
+    pub response_time_seconds: f64,
+}
+
+/// The plugin serving an upstream at a scrape, for `wasmlb_plugin_info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginState {
+    /// The upstream's name.
+    pub upstream: String,
+    /// The plugin's built-in name or file path.
+    pub plugin: String,
+    /// `sha256:<hex>` of the component.
+    pub digest: String,
+}
+
+/// An exposition format of `GET /metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (`application/openmetrics-text; version=1.0.0`).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    Text,
+}
+
+impl Format {
+    /// The format for a request's `Accept` header: OpenMetrics when some
+    /// `application/openmetrics-text` range has a q-value above 0 and at
+    /// least that of the best `text/plain`, `text/*` or `*/*` range (so
+    /// Prometheus, which prefers OpenMetrics, gets it); otherwise, and
+    /// without the header, text 0.0.4, as client_golang's negotiation does.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let (mut openmetrics, mut text) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or("").split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0)
+                .clamp(0.0, 1.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Self::OpenMetrics
+        } else {
+            Self::Text
+        }
+    }
+
+    /// The response's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: counter families
+/// are named with their `_total` suffix in `# HELP`/`# TYPE`, `info`
+/// families become gauges named `_info`, and `# UNIT` and `# EOF` go
+/// (the differences listed in the OpenMetrics 1.0 spec's compatibility
+/// section). Samples are the same in both.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut types: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            types.insert(name, kind);
+        }
+    }
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        let Some((prefix, rest)) = meta else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+        let (name, tail) = match (types.get(name).copied(), prefix) {
+            (Some("counter"), _) => (format!("{name}_total"), tail.to_string()),
+            (Some("info"), "# TYPE ") => (format!("{name}_info"), "gauge".to_string()),
+            (Some("info"), _) => (format!("{name}_info"), tail.to_string()),
+            _ => (name.to_string(), tail.to_string()),
+        };
+        out.push_str(prefix);
+        out.push_str(&name);
+        out.push(' ');
+        out.push_str(&tail);
+        out.push('\n');
+    }
+    out
 }
 
 /// Where the proxy ran out of a local resource (see [`crate::fd_limit`]).
@@ -145,6 +297,112 @@ pub struct Metrics {
     tunnels_open: Family<UpstreamLabels, Gauge>,
     tunnel_bytes: Family<DirectionLabels, Counter>,
     resources: ResourceMetrics,
+    state: StateGauges,
+    /// Held while the state gauges are set and the registry encoded, so
+    /// concurrent scrapes each see one whole snapshot.
+    scrape: std::sync::Mutex<()>,
+}
+
+/// The scrape-time state gauges (see the module docs).
+#[derive(Debug, Default)]
+struct StateGauges {
+    up: Family<BackendLabels, Gauge>,
+    check_passing: Family<BackendLabels, Gauge>,
+    ejected: Family<BackendLabels, Gauge>,
+    effective_weight: Family<BackendLabels, Gauge>,
+    in_flight: Family<BackendLabels, Gauge>,
+    response_time: Family<BackendLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    plugin_info: Family<PluginLabels, Gauge>,
+}
+
+impl StateGauges {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, family) in [
+            (
+                "backend_up",
+                "1 while the plugin may choose the backend (healthy, not ejected, not drained)",
+                &self.up,
+            ),
+            (
+                "backend_check_passing",
+                "1 while the backend's active health checks pass",
+                &self.check_passing,
+            ),
+            (
+                "backend_ejected",
+                "1 while the backend is ejected by outlier detection",
+                &self.ejected,
+            ),
+            (
+                "backend_effective_weight",
+                "The backend's weight as plugins see it (lower during slow start)",
+                &self.effective_weight,
+            ),
+            (
+                "backend_in_flight",
+                "Requests and tunnels in flight to the backend",
+                &self.in_flight,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        registry.register(
+            "backend_response_time_seconds",
+            "The backend's peak-EWMA response-time estimate, in seconds (0 before the first response)",
+            self.response_time.clone(),
+        );
+        registry.register(
+            "plugin_info",
+            "The plugin serving each upstream: its name and component digest (always 1)",
+            self.plugin_info.clone(),
+        );
+    }
+
+    /// Replace every gauge's label sets with the given state.
+    fn set(&self, backends: &[BackendState], plugins: &[PluginState]) {
+        for family in [
+            &self.up,
+            &self.check_passing,
+            &self.ejected,
+            &self.effective_weight,
+            &self.in_flight,
+        ] {
+            family.clear();
+        }
+        self.response_time.clear();
+        self.plugin_info.clear();
+        for b in backends {
+            let labels = BackendLabels {
+                upstream: b.upstream.clone(),
+                backend: b.backend.clone(),
+            };
+            self.up.get_or_create(&labels).set(i64::from(b.up));
+            self.check_passing
+                .get_or_create(&labels)
+                .set(i64::from(b.check_passing));
+            self.ejected
+                .get_or_create(&labels)
+                .set(i64::from(b.ejected));
+            self.effective_weight
+                .get_or_create(&labels)
+                .set(i64::from(b.effective_weight));
+            self.in_flight
+                .get_or_create(&labels)
+                .set(i64::from(b.in_flight));
+            self.response_time
+                .get_or_create(&labels)
+                .set(b.response_time_seconds);
+        }
+        for p in plugins {
+            self.plugin_info
+                .get_or_create(&PluginLabels {
+                    upstream: p.upstream.clone(),
+                    plugin: p.plugin.clone(),
+                    digest: p.digest.clone(),
+                })
+                .set(1);
+        }
+    }
 }
 
 /// Metric handles of one upstream.
@@ -345,7 +603,16 @@ impl Metrics {
             local_errors: [op("accept"), op("connect"), op("health_check")],
             ..resources
         };
+        for outcome in ["ok", "error"] {
+            let _ = reloads.get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            });
+        }
+        let state = StateGauges::default();
+        state.register(&mut registry);
         Self {
+            state,
+            scrape: std::sync::Mutex::new(()),
             tunnels_open,
             tunnel_bytes,
             ejections_skipped,
@@ -386,6 +653,20 @@ impl Metrics {
                 })
                 .clone()
         };
+        // Counters of events that may not have happened yet, present at 0.
+        for outcome in ["ok", "error"] {
+            let _ = self.swaps.get_or_create(&SwapLabels {
+                upstream: name.to_string(),
+                outcome: outcome.into(),
+            });
+        }
+        for status_class in ["4xx", "5xx"] {
+            let _ = self.requests.get_or_create(&RequestLabels {
+                upstream: name.to_string(),
+                backend: "none".into(),
+                class: status_class.into(),
+            });
+        }
         UpstreamMetrics {
             in_flight: self.in_flight.get_or_create(&u).clone(),
             request_duration: self.request_duration.get_or_create(&u).clone(),
@@ -461,18 +742,117 @@ impl Metrics {
         self.reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
-    /// The registry in the Prometheus text format.
-    pub fn encode(&self) -> String {
+    /// The registry in `format`, with the per-backend and plugin gauges set
+    /// from `backends` and `plugins` (the upstreams' state now).
+    pub fn encode(
+        &self,
+        format: Format,
+        backends: &[BackendState],
+        plugins: &[PluginState],
+    ) -> String {
+        let _scrape = self
+            .scrape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.state.set(backends, plugins);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => openmetrics_to_text(&out),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_format_follows_the_scrapers_preference() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,\
+            application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+        for (accept, format) in [
+            (None, Format::Text),
+            (Some(""), Format::Text),
+            (Some("*/*"), Format::Text),
+            (Some("text/plain; version=0.0.4"), Format::Text),
+            (Some(prometheus), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; Q=0.9, text/plain"),
+                Format::Text,
+            ),
+            (Some("application/openmetrics-text;q=0"), Format::Text),
+            (
+                Some("application/openmetrics-text;q=junk, text/plain;q=0.5"),
+                Format::OpenMetrics,
+            ),
+            (Some("application/json"), Format::Text),
+        ] {
+            assert_eq!(Format::negotiate(accept), format, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn text_format_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        let _ = m.upstream("app");
+        let backend = BackendState {
+            upstream: "app".into(),
+            backend: "127.0.0.1:1".into(),
+            up: true,
+            check_passing: true,
+            ejected: false,
+            effective_weight: 3,
+            in_flight: 2,
+            response_time_seconds: 0.25,
+        };
+        let plugin = PluginState {
+            upstream: "app".into(),
+            plugin: "round-robin".into(),
+            digest: "sha256:ab".into(),
+        };
+        let om = m.encode(
+            Format::OpenMetrics,
+            std::slice::from_ref(&backend),
+            std::slice::from_ref(&plugin),
+        );
+        assert!(om.contains("# TYPE wasmlb_retries counter\n"), "{om}");
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = m.encode(Format::Text, &[backend], &[plugin]);
+        assert!(
+            text.contains("# TYPE wasmlb_retries_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP wasmlb_retries_total "), "{text}");
+        assert!(
+            text.contains("wasmlb_retries_total{upstream=\"app\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE wasmlb_connections_open gauge\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "wasmlb_backend_effective_weight{upstream=\"app\",backend=\"127.0.0.1:1\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "wasmlb_plugin_info{upstream=\"app\",plugin=\"round-robin\",digest=\"sha256:ab\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        // The next scrape's state replaces this one's: a backend that left
+        // the upstream leaves the exposition.
+        let text = m.encode(Format::Text, &[], &[]);
+        assert!(!text.contains("127.0.0.1:1"), "{text}");
+    }
 
     #[test]
     fn handles_count_into_the_exposition() {
@@ -483,7 +863,7 @@ mod tests {
         b.response(502);
         m.upstream("app").failure(FailureKind::Deadline);
         m.reload(true);
-        let text = m.encode();
+        let text = m.encode(Format::OpenMetrics, &[], &[]);
         assert!(
             text.contains(
                 r#"wasmlb_requests_total{upstream="app",backend="127.0.0.1:9001",class="2xx"} 2"#

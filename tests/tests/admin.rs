@@ -488,3 +488,231 @@ async fn reload_adds_and_removes_listeners() {
     assert_eq!(get(&c, &format!("http://{first}/")).await.1, "b0");
     assert!(proxy.stop().await);
 }
+
+/// `GET /metrics` with `accept`: its content type and body.
+async fn scrape(c: &reqwest::Client, url: &str, accept: Option<&str>) -> (String, String) {
+    let mut request = c.get(url);
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let r = request.send().await.expect("scrape");
+    assert_eq!(r.status(), 200);
+    let content_type = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (content_type, r.text().await.expect("body"))
+}
+
+/// Python's `prometheus_client` parsers (Debian `python3-prometheus-client`,
+/// the reference implementation) over `text`: `[name, type, samples]` per
+/// family, as JSON.
+fn python_parse(text: &str, openmetrics: bool) -> Value {
+    use std::io::Write;
+    let module = if openmetrics {
+        "prometheus_client.openmetrics.parser"
+    } else {
+        "prometheus_client.parser"
+    };
+    let script = format!(
+        "import json, sys\nfrom {module} import text_string_to_metric_families as parse\n\
+         print(json.dumps([[f.name, f.type, [[s.name, s.labels, s.value] for s in f.samples]] \
+         for f in parse(sys.stdin.read())]))"
+    );
+    // Debian's interpreter, where the Debian package installs the module
+    // (a pyenv or venv python3 earlier on PATH would not see it).
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let mut child = std::process::Command::new(python)
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python3");
+    assert!(
+        out.status.success(),
+        "prometheus_client refused the exposition (python3-prometheus-client; .ci/run installs it): {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}
+
+/// The value of the sample `name` with `labels` (a subset) in Python's parse.
+fn python_sample(families: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    families.as_array()?.iter().find_map(|f| {
+        f[2].as_array()?.iter().find_map(|s| {
+            let matches = s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v);
+            matches.then(|| s[2].as_f64()).flatten()
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_negotiated_and_read_by_real_parsers_in_both_formats() {
+    use openmetrics_parser::{OpenMetricsType, PrometheusType, PrometheusValue};
+    let backends = TestBackend::start_many(2).await;
+    let refs: Vec<_> = backends.iter().collect();
+    let proxy =
+        InProcessProxy::start(&config_with_admin("round-robin", &backend_list(&refs), "")).await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    let drained = c
+        .put(proxy.admin_url(&format!(
+            "/upstreams/app/backends/{}/state",
+            backends[1].addr
+        )))
+        .body("drain")
+        .send()
+        .await
+        .expect("drain");
+    assert_eq!(drained.status(), 200);
+    let url = proxy.admin_url("/metrics");
+    let (b0, b1) = (backends[0].addr.to_string(), backends[1].addr.to_string());
+
+    // Text 0.0.4 without Accept (curl), and for `text/plain` scrapers.
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let (content_type, body) = scrape(&c, &url, accept).await;
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(!body.contains("# EOF"), "{body}");
+    }
+    let (_, body) = scrape(&c, &url, None).await;
+    let parsed = openmetrics_parser::prometheus::parse_prometheus(&body)
+        .unwrap_or_else(|e| panic!("not text 0.0.4: {e:?}\n{body}"));
+    let family = |name: &str| {
+        parsed
+            .families
+            .get(name)
+            .unwrap_or_else(|| panic!("no family {name}:\n{body}"))
+    };
+    let requests = family("wasmlb_requests_total");
+    assert_eq!(requests.family_type, PrometheusType::Counter);
+    let count = |family: &openmetrics_parser::PrometheusMetricFamily, labels: &[(&str, &str)]| {
+        family
+            .iter_samples()
+            .find(|s| {
+                let set = s.get_labelset().expect("labels");
+                labels
+                    .iter()
+                    .all(|(k, v)| set.get_label_value(k) == Some(*v))
+            })
+            .map(|s| match &s.value {
+                PrometheusValue::Counter(c) => c.value.as_f64(),
+                PrometheusValue::Gauge(g) => g.as_f64(),
+                other => panic!("unexpected value {other:?}"),
+            })
+    };
+    assert_eq!(
+        count(requests, &[("backend", &b0), ("class", "2xx")]),
+        Some(2.0)
+    );
+    // Counters of events that have not happened are there, at 0.
+    for (name, labels) in [
+        ("wasmlb_plugin_swaps_total", vec![("outcome", "error")]),
+        ("wasmlb_reloads_total", vec![("outcome", "ok")]),
+        (
+            "wasmlb_requests_total",
+            vec![("backend", "none"), ("class", "5xx")],
+        ),
+        ("wasmlb_retries_total", vec![("upstream", "app")]),
+        ("wasmlb_outlier_ejections_total", vec![("upstream", "app")]),
+    ] {
+        let f = family(name);
+        assert_eq!(f.family_type, PrometheusType::Counter, "{name}");
+        assert_eq!(count(f, &labels), Some(0.0), "{name} {labels:?}");
+    }
+    // Per-backend state: the drained backend is not up; both pass checks.
+    for (name, backend, value) in [
+        ("wasmlb_backend_up", &b0, 1.0),
+        ("wasmlb_backend_up", &b1, 0.0),
+        ("wasmlb_backend_check_passing", &b1, 1.0),
+        ("wasmlb_backend_ejected", &b0, 0.0),
+        ("wasmlb_backend_effective_weight", &b0, 1.0),
+        ("wasmlb_backend_in_flight", &b1, 0.0),
+    ] {
+        let f = family(name);
+        assert_eq!(f.family_type, PrometheusType::Gauge, "{name}");
+        assert_eq!(
+            count(f, &[("backend", backend)]),
+            Some(value),
+            "{name} {backend}"
+        );
+    }
+    let rtt = count(
+        family("wasmlb_backend_response_time_seconds"),
+        &[("backend", &b0)],
+    )
+    .expect("a response-time sample");
+    assert!(rtt > 0.0 && rtt < 5.0, "{rtt}");
+    let info = family("wasmlb_plugin_info");
+    let sample = info.iter_samples().next().expect("one plugin");
+    let labels = sample.get_labelset().expect("labels");
+    assert_eq!(labels.get_label_value("plugin"), Some("round-robin"));
+    assert!(
+        labels
+            .get_label_value("digest")
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+    // Python's reference parser: counters typed as counters, with samples;
+    // no family of unknown type.
+    let py = python_parse(&body, false);
+    for f in py.as_array().expect("families") {
+        assert_ne!(f[1], "unknown", "{f}");
+    }
+    let requests = py
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f[0] == "wasmlb_requests"))
+        .expect("wasmlb_requests");
+    assert_eq!(requests[1], "counter");
+    assert!(!requests[2].as_array().expect("samples").is_empty());
+    assert_eq!(
+        python_sample(&py, "wasmlb_backend_up", &[("backend", &b1)]),
+        Some(0.0)
+    );
+
+    // OpenMetrics for a scraper that prefers it (Prometheus's own Accept).
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0;q=0.5,\
+        application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+    let (content_type, body) = scrape(&c, &url, Some(prometheus_accept)).await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&body)
+        .unwrap_or_else(|e| panic!("not OpenMetrics: {e:?}\n{body}"));
+    let requests = parsed
+        .families
+        .get("wasmlb_requests")
+        .unwrap_or_else(|| panic!("no wasmlb_requests:\n{body}"));
+    assert_eq!(requests.family_type, OpenMetricsType::Counter);
+    assert!(requests.iter_samples().count() >= 5);
+    let py = python_parse(&body, true);
+    assert_eq!(
+        python_sample(
+            &py,
+            "wasmlb_requests_total",
+            &[("backend", &b0), ("class", "2xx")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        python_sample(&py, "wasmlb_backend_up", &[("backend", &b1)]),
+        Some(0.0)
+    );
+    assert!(proxy.stop().await);
+}
