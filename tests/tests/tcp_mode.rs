@@ -443,7 +443,8 @@ async fn a_backend_that_never_reads_holds_the_client_back() {
     let proxy =
         InProcessProxy::start(&tcp_config(&format!("{{ address = \"{addr}\" }}"), "")).await;
     let mut s = TcpStream::connect(proxy.addrs[0]).await.expect("connect");
-    // Try to push 1 GiB; only socket buffers and the relay's 16 KiB fill.
+    // Try to push 1 GiB; only socket buffers and the relay's buffer (at most
+    // 64 KiB) fill.
     let chunk = vec![0x5au8; 1 << 20];
     let mut written = 0usize;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
