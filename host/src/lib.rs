@@ -44,6 +44,7 @@ pub mod headers;
 pub mod health;
 pub mod listener;
 pub mod log_limit;
+pub mod logging;
 pub mod metrics;
 pub mod plugin;
 pub mod plugin_call;

@@ -30,13 +30,28 @@ struct Cli {
     check: bool,
     /// Log filter when RUST_LOG is unset: error, warn, info, debug, trace, or
     /// a tracing directive like `wasmlb=debug`.
+    /// wasmtime, cranelift and their parsers stay at `warn` unless named
+    /// (`debug,wasmtime=debug`); `wasmlb=debug` is the usual way to debug.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     log_level: String,
+    /// Log line format on stderr: `text` (human-readable) or `json` (one
+    /// object per line: timestamp, level, target, fields).
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Worker threads serving requests (default: one per CPU).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -115,12 +130,17 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    let filter = tracing_subscriber::EnvFilter::new(wasmlb::logging::filter(&directives));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

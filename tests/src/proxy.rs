@@ -152,6 +152,8 @@ pub struct Launch<'a> {
     /// Write stderr to a file (read with [`ProxyProcess::log_lines`])
     /// instead of inheriting it.
     pub capture_log: bool,
+    /// More arguments for wasmlb (`["--log-format", "json"]`).
+    pub args: &'a [&'a str],
 }
 
 impl ProxyProcess {
@@ -181,6 +183,7 @@ impl ProxyProcess {
             .arg("--config")
             .arg(&config.path)
             .args(["--log-level", launch.log_level.unwrap_or("warn")])
+            .args(launch.args)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

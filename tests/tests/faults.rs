@@ -88,6 +88,7 @@ async fn a_small_fd_limit_queues_clients_instead_of_failing_them() {
             wrapper: &["prlimit", "--nofile=256"],
             log_level: Some("info"),
             capture_log: true,
+            ..Launch::default()
         },
     );
     let started = std::time::Instant::now();

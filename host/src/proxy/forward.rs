@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::pool::{ConnPool, SendError};
-use super::{Downstream, Proxy, error_chain, error_response};
+use super::{Downstream, Proxy, error_chain, error_response, server_error};
 use crate::headers::{prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::LocalOp;
@@ -84,7 +84,7 @@ impl Proxy {
                         "no backend available"
                     };
                     self.metrics.unrouted(upstream.name(), 503);
-                    return error_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+                    return server_error(StatusCode::SERVICE_UNAVAILABLE, reason, reason.into());
                 }
             };
             // A retry needs the head again; without retries, move it.
@@ -134,7 +134,7 @@ impl Proxy {
                 }
                 Failure::UpgradeOverH2 => {
                     self.metrics.unrouted(upstream.name(), 502);
-                    return error_response(status, failure.reason());
+                    return server_error(status, failure.reason(), failure.to_string());
                 }
                 Failure::Local { detail } => {
                     // The proxy's own shortage: not the backend's fault, and
@@ -161,7 +161,11 @@ impl Proxy {
             }
             chosen.live.metrics.response(status.as_u16());
             tried.push(chosen.id);
-            let mut response = error_response(status, failure.reason());
+            let mut response = server_error(
+                status,
+                failure.reason(),
+                format!("{failure} (backend {address}, attempt {})", tried.len()),
+            );
             if upstream.debug_headers() {
                 debug_headers(&mut response, plugin.as_deref(), &chosen);
                 if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {

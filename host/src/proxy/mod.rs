@@ -40,6 +40,7 @@ use hyper::body::Incoming;
 use crate::config::{Config, RequestLimits, RouteConfig};
 pub use crate::headers::is_grpc;
 use crate::headers::{authority, host_without_port};
+use crate::log_limit::LogLimiter;
 use crate::metrics::Metrics;
 use crate::plugin::Runtime;
 
@@ -415,14 +416,19 @@ impl Proxy {
             .route(&listener, &parts)
             .and_then(|i| self.upstreams.get(i))
         else {
-            return error_response(
+            let response = server_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no upstream for this listener",
+                "no route matched and the listener has no upstream".into(),
             );
+            log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
+            return response;
         };
         let deadline = upstream
             .request_timeout
             .map(|t| tokio::time::Instant::now() + t);
+        // For the error log (a method and a URI clone without allocating).
+        let (method, uri) = (parts.method.clone(), parts.uri.clone());
         let forward = self.forward(upstream, pool, downstream, parts, body);
         let mut response = match deadline {
             None => forward.await,
@@ -430,16 +436,15 @@ impl Proxy {
                 Ok(response) => response,
                 Err(_) => {
                     self.metrics.unrouted(upstream.name(), 504);
-                    error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        &format!(
-                            "no response within request_timeout_ms = {}",
-                            upstream.request_timeout.map_or(0, |t| t.as_millis())
-                        ),
-                    )
+                    let reason = format!(
+                        "no response within request_timeout_ms = {}",
+                        upstream.request_timeout.map_or(0, |t| t.as_millis())
+                    );
+                    server_error(StatusCode::GATEWAY_TIMEOUT, &reason, reason.clone())
                 }
             },
         };
+        log_proxy_error(&response, upstream.name(), client, &method, &uri);
         if let Some(at) = deadline {
             response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
         }
@@ -512,6 +517,56 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// Marks a 5xx the proxy made itself (no backend answered it), with the
+/// reason for the operator: [`log_proxy_error`] logs it at `warn`.
+#[derive(Debug, Clone)]
+struct ProxyMade {
+    /// What went wrong, with detail the client is not told (the backend's
+    /// address, the error chain).
+    detail: String,
+}
+
+/// A proxy-made 5xx: [`error_response`] marked with `detail` for the log.
+fn server_error(status: StatusCode, reason: &str, detail: String) -> Response<ProxyBody> {
+    let mut response = error_response(status, reason);
+    response.extensions_mut().insert(ProxyMade { detail });
+    response
+}
+
+/// One `warn` line for a 5xx the proxy made itself: status, reason,
+/// upstream, client, method and path. At most
+/// [`crate::log_limit::LINES_PER_WINDOW`] per second in all (a dead backend
+/// under load cannot flood the log; the next line says how many were
+/// suppressed). Client faults (4xx) are not logged here.
+fn log_proxy_error(
+    response: &Response<ProxyBody>,
+    upstream: &str,
+    client: std::net::SocketAddr,
+    method: &http::Method,
+    uri: &http::Uri,
+) {
+    static LIMIT: LogLimiter = LogLimiter::new();
+    let status = response.status();
+    let Some(error) = response.extensions().get::<ProxyMade>() else {
+        return;
+    };
+    if !status.is_server_error() {
+        return;
+    }
+    if let Some(suppressed) = LIMIT.admit() {
+        tracing::warn!(
+            status = status.as_u16(),
+            upstream,
+            %client,
+            %method,
+            path = uri.path(),
+            suppressed,
+            "proxy answered {status}: {}",
+            error.detail
+        );
+    }
 }
 
 /// A proxy-made error response: `status` with a one-line plain-text reason.
