@@ -172,6 +172,29 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if cli.check {
         let runtime = Runtime::new()?;
         Proxy::new(&config, &runtime)?;
+        // As `nginx -t`: an address that cannot be bound now (in use, not
+        // local, a privileged port) would fail the start.
+        for (i, listener) in config.listeners.iter().enumerate() {
+            if listener.address.port() != 0
+                && let Err(e) = std::net::TcpListener::bind(listener.address)
+            {
+                anyhow::bail!(
+                    "{}: cannot listen on {}: {e}",
+                    config.locate_nth("listener", i, "address"),
+                    listener.address
+                );
+            }
+        }
+        if let Some(admin) = &config.admin
+            && admin.address.port() != 0
+            && let Err(e) = std::net::TcpListener::bind(admin.address)
+        {
+            anyhow::bail!(
+                "{}: cannot listen on {}: {e}",
+                config.locate("admin", "address"),
+                admin.address
+            );
+        }
         for warning in &config.warnings {
             println!("warning: {warning}");
         }

@@ -54,14 +54,17 @@ fn check_rejects_broken_plugins_naming_the_fault() {
     check_fails(
         &with_plugin(plugins::WASI_IMPORT, ""),
         &[
-            "upstream app: plugin",
+            "wasmlb.toml:6: upstream.app.plugin: plugin",
             "`wasi:filesystem/preopens@",
             "which wasmlb does not provide",
         ],
     );
     check_fails(
         &with_plugin(plugins::BAD_INIT, ""),
-        &["upstream app", "init failed: bad-init refuses every config"],
+        &[
+            "wasmlb.toml:6: upstream.app.plugin",
+            "init failed: bad-init refuses every config",
+        ],
     );
     check_fails(
         &with_plugin("round-robin", "[upstream.app.plugin_config]\nspeed = 3"),
@@ -73,6 +76,86 @@ fn check_rejects_broken_plugins_naming_the_fault() {
     check_fails(
         &with_plugin(junk_wasm.to_str().unwrap(), ""),
         &["junk.wasm: not a valid WebAssembly component"],
+    );
+}
+
+/// The corpus of config mistakes an operator makes in the first hour: each
+/// error is `file:line: key.path: message`, with a hint where one helps.
+#[test]
+fn check_names_the_key_path_of_every_config_error() {
+    check_fails(
+        &with_plugin("round-robin", "")
+            .replace("127.0.0.1:9\" }", "127.0.0.1:9\", weight = \"3\" }"),
+        &["wasmlb.toml:7: upstream.app.backends[0].weight: invalid type: string \"3\""],
+    );
+    check_fails(
+        &with_plugin("round-robin", "plugin = \"random\""),
+        &["wasmlb.toml:8: upstream.app.plugin: duplicate key"],
+    );
+    check_fails(
+        &with_plugin("round-robin", "").replace("[[listener]]", "[listener]"),
+        &[
+            "wasmlb.toml:1: listener: ",
+            "write [[listener]] for each entry",
+        ],
+    );
+    check_fails(
+        &format!(
+            "{}[[server]]\nidle_timeout_ms = 5\n",
+            with_plugin("round-robin", "")
+        ),
+        &["server[0]: ", "write [server] once, not [[server]]"],
+    );
+    check_fails(
+        &with_plugin("round-robin", "").replace("127.0.0.1:0", "::1:0"),
+        &[
+            "wasmlb.toml:2: listener[0].address: \"::1:0\" is not an IP:port address",
+            "an IPv6 address goes in brackets: \"[::1]:0\"",
+        ],
+    );
+    // Every timeout: zero is refused, naming the key.
+    for (table, key) in [
+        ("[server]", "shutdown_timeout_ms"),
+        ("[server]", "header_read_timeout_ms"),
+        ("[server]", "idle_timeout_ms"),
+        ("", "connect_timeout_ms"),
+        ("", "response_timeout_ms"),
+        ("", "response_body_timeout_ms"),
+        ("", "tunnel_idle_timeout_ms"),
+        ("", "request_timeout_ms"),
+        ("", "fail_timeout_ms"),
+    ] {
+        let prefix = if table.is_empty() {
+            "upstream.app"
+        } else {
+            "server"
+        };
+        check_fails(
+            &with_plugin("round-robin", &format!("{table}\n{key} = 0")),
+            &[&format!(
+                "wasmlb.toml:9: {prefix}.{key}: must be at least 1"
+            )],
+        );
+    }
+    // A core module where a component belongs.
+    let dir = ConfigFile::new("");
+    let module = dir.dir().join("module.wasm");
+    std::fs::write(&module, b"\0asm\x01\0\0\0").expect("write");
+    check_fails(
+        &with_plugin(module.to_str().expect("utf-8 path"), ""),
+        &[
+            "wasmlb.toml:6: upstream.app.plugin: plugin",
+            "core WebAssembly module, not a component: build for wasm32-wasip2 with the wasmlb SDK",
+        ],
+    );
+    // An address in use (as a running server would find it).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    check_fails(
+        &with_plugin("round-robin", "").replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+        &[&format!(
+            "wasmlb.toml:2: listener[0].address: cannot listen on 127.0.0.1:{port}"
+        )],
     );
 }
 

@@ -529,6 +529,32 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// `file:line: table.key` for `key` of `[table]` in the config file as
+    /// it is on disk now (`wasmlb.toml:6: upstream.app.plugin`), for errors
+    /// found after validation (a plugin that fails to load). Without the
+    /// line when the file cannot be read or the key is not found.
+    pub fn locate(&self, table: &str, key: &str) -> String {
+        self.locate_in(table, None, key)
+    }
+
+    /// As [`Config::locate`], for `key` of the `index`-th (0-based)
+    /// `[[table]]`: `wasmlb.toml:9: listener[1].address`.
+    pub fn locate_nth(&self, table: &str, index: usize, key: &str) -> String {
+        self.locate_in(table, Some(index), key)
+    }
+
+    fn locate_in(&self, table: &str, index: Option<usize>, key: &str) -> String {
+        let line = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|text| key_line(&text, table, index, key));
+        format!(
+            "{}{}: {table}{}.{key}",
+            self.path.display(),
+            line.map(|l| format!(":{l}")).unwrap_or_default(),
+            index.map(|i| format!("[{i}]")).unwrap_or_default()
+        )
+    }
+
     /// Validate config `text` as if read from `path` (used for messages and
     /// to resolve plugin paths).
     ///
@@ -540,14 +566,59 @@ impl Config {
             path,
             warnings: std::cell::RefCell::default(),
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        let de = toml::de::Deserializer::parse(text).map_err(|e| v.toml_error(&e, None))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| v.toml_error(e.inner(), Some(e.path().to_string())))?;
         v.validate(raw)
     }
+}
+
+/// The 1-based line where `key = ...` is set in the `[table]` section of
+/// `text` (or, with `index`, in the `index`-th `[[table]]`), if it is;
+/// headers match with or without quotes and spaces.
+fn key_line(text: &str, table: &str, index: Option<usize>, key: &str) -> Option<usize> {
+    let normalize = |h: &str| h.replace(['"', '\'', ' '], "");
+    let mut inside = false;
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            let same = normalize(line.trim_matches(|c| c == '[' || c == ']')) == normalize(table);
+            inside = match index {
+                None => same && !line.starts_with("[["),
+                Some(n) if same && line.starts_with("[[") => {
+                    seen += 1;
+                    seen == n + 1
+                }
+                Some(_) => false,
+            };
+        } else if inside
+            && line
+                .split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_located_in_their_table() {
+        let text = "[[listener]]\nplugin = 1\n[upstream.a]\nplugin = \"x\"\n[upstream.\"b\"]\n  plugin=\"y\"\n";
+        assert_eq!(key_line(text, "upstream.a", None, "plugin"), Some(4));
+        assert_eq!(key_line(text, "upstream.b", None, "plugin"), Some(6));
+        assert_eq!(key_line(text, "upstream.c", None, "plugin"), None);
+        let text =
+            "[[listener]]\naddress = \"a\"\n\n[[listener]]\nmode = \"tcp\"\naddress = \"b\"\n";
+        assert_eq!(key_line(text, "listener", Some(0), "address"), Some(2));
+        assert_eq!(key_line(text, "listener", Some(1), "address"), Some(6));
+        assert_eq!(key_line(text, "listener", Some(2), "address"), None);
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/wasmlb/test.toml"))
@@ -670,14 +741,44 @@ key = "x-user"
 
     #[test]
     fn syntax_errors_carry_a_line() {
-        let e = error_of("[[listener]]\naddress = \n");
-        assert!(e.starts_with("/etc/wasmlb/test.toml:2: (syntax)"), "{e}");
-        // A value of the wrong type names its key.
+        // A syntax error names the key its line sets, in its table.
+        let e = error_of("[[listener]]\naddress = \"a\"\n[[listener]]\naddress = \n");
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:4: listener[1].address: "),
+            "{e}"
+        );
+        let e = error_of("x = [1,\n");
+        assert!(e.contains("test.toml:"), "{e}");
+        // A value of the wrong type names its whole key path.
         let e = error_of(
             "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"a\"\naccept_proxy_protocol = \"yes\"\n",
         );
         assert!(
-            e.starts_with("/etc/wasmlb/test.toml:4: accept_proxy_protocol"),
+            e.starts_with(
+                "/etc/wasmlb/test.toml:4: listener[0].accept_proxy_protocol: invalid type"
+            ),
+            "{e}"
+        );
+        let e = error_of(
+            "[upstream.a]\nplugin = \"round-robin\"\nbackends = [ { address = \"127.0.0.1:1\", weight = \"3\" } ]\n",
+        );
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:3: upstream.a.backends[0].weight: invalid type"),
+            "{e}"
+        );
+        // A duplicate key, and a table where an array of tables belongs.
+        let e = error_of("[upstream.a]\nplugin = \"x\"\nplugin = \"y\"\n");
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:3: upstream.a.plugin: duplicate key"),
+            "{e}"
+        );
+        let e = error_of("[listener]\naddress = \"127.0.0.1:0\"\n");
+        assert!(e.starts_with("/etc/wasmlb/test.toml:1: listener: "), "{e}");
+        assert!(e.contains("write [[listener]]"), "{e}");
+        let e = error_of("[[server]]\nidle_timeout_ms = 5\n");
+        assert!(
+            e.starts_with("/etc/wasmlb/test.toml:1: server[0]: ")
+                && e.contains("write [server] once, not [[server]]"),
             "{e}"
         );
     }

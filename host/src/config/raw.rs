@@ -128,7 +128,7 @@ pub(super) struct RawBackend {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
-    pub(super) shutdown_timeout_ms: Option<u64>,
+    pub(super) shutdown_timeout_ms: Option<Spanned<u64>>,
     pub(super) header_read_timeout_ms: Option<Spanned<u64>>,
     pub(super) idle_timeout_ms: Option<Spanned<u64>>,
     pub(super) max_request_line_bytes: Option<Spanned<u64>>,

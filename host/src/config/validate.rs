@@ -35,17 +35,37 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+    /// A TOML error as a config error. `path` is where deserializing failed
+    /// (serde_path_to_error: `upstream.app.backends[0].weight`); without it
+    /// (a syntax error, a duplicate key), the key is the one the error's
+    /// line sets, under the table that line is in, or `(syntax)`.
+    pub(super) fn toml_error(&self, e: &toml::de::Error, path: Option<String>) -> ConfigError {
         // toml's message already quotes the line; keep its first line only
         // and put the line number where every other error has it.
-        let message = e.message().trim().to_string();
-        // A value of the wrong type names its key; a syntax error has none.
-        let typed = message.starts_with("invalid type") || message.starts_with("invalid value");
-        let key = e
-            .span()
-            .filter(|_| typed)
-            .and_then(|s| key_at(self.text, s.start))
+        let mut message = e.message().trim().to_string();
+        let key = path
+            .map(|p| clean_path(&p))
+            .filter(|p| !p.is_empty() && p != ".")
+            .or_else(|| e.span().and_then(|s| key_path_at(self.text, s.start)))
             .unwrap_or_else(|| "(syntax)".to_string());
+        if message.contains("invalid type: map, expected a sequence") {
+            message.push_str(&format!(
+                " (write [[{key}]] for each entry: an array of tables, not [{key}])"
+            ));
+        } else if let Some(table) = key
+            .strip_suffix(']')
+            .and_then(|k| k.rsplit_once('['))
+            .map(|(table, _)| table.to_string())
+            .filter(|_| message.starts_with("invalid type: map"))
+        {
+            // `[[server]]` where `[server]` belongs: serde reads the table
+            // array as a sequence of the struct's fields.
+            message = format!(
+                "{table} is a table, not an array of tables (write [{table}] once, not [[{table}]])"
+            );
+        } else if message.contains("invalid type: sequence, expected") && !key.ends_with(']') {
+            message.push_str(&format!(" (write [{key}] once: a table, not [[{key}]])"));
+        }
         self.err(e.span(), key, message)
     }
 
@@ -211,7 +231,11 @@ impl Validator<'_> {
             None => Ok(default),
         };
         Ok(ServerConfig {
-            shutdown_timeout_ms: s.shutdown_timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+            shutdown_timeout_ms: positive(
+                "shutdown_timeout_ms",
+                &s.shutdown_timeout_ms,
+                DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            )?,
             header_read_timeout_ms: positive(
                 "header_read_timeout_ms",
                 &s.header_read_timeout_ms,
@@ -587,13 +611,20 @@ impl Validator<'_> {
         s: &Spanned<String>,
     ) -> Result<SocketAddr, ConfigError> {
         s.get_ref().parse().map_err(|_| {
+            let given = s.get_ref();
+            // `::1:0`: an IPv6 address needs brackets to set a port apart.
+            let hint = match given.rsplit_once(':') {
+                Some((ip, port))
+                    if !given.contains('[') && ip.parse::<std::net::Ipv6Addr>().is_ok() =>
+                {
+                    format!("; an IPv6 address goes in brackets: \"[{ip}]:{port}\"")
+                }
+                _ => String::new(),
+            };
             self.err(
                 Some(s.span()),
                 key,
-                format!(
-                    "{:?} is not an IP:port address (e.g. \"127.0.0.1:9001\")",
-                    s.get_ref()
-                ),
+                format!("{given:?} is not an IP:port address (e.g. \"127.0.0.1:9001\"){hint}"),
             )
         })
     }
@@ -621,6 +652,51 @@ pub(super) fn line_of(text: &str, offset: usize) -> usize {
 /// The key of the `key = value` line holding byte `offset` of `text` (a
 /// value of the wrong type: name its key, not just its line), if the line
 /// has that shape.
+/// A serde_path_to_error path without the segments toml's `Spanned`
+/// adds (`$__serde_spanned_private_value`).
+fn clean_path(path: &str) -> String {
+    path.split('.')
+        .filter(|s| !s.starts_with("$__"))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The dotted key the line at `offset` sets, under the `[table]` or
+/// `[[array]]` header above it (`upstream.app.plugin`); the header's own
+/// name on a header line.
+fn key_path_at(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next()?.trim();
+    if line.starts_with('[') {
+        return Some(
+            line.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let key = key_at(text, offset)?;
+    let above = text.get(..start)?;
+    let Some(header) = above
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+    else {
+        return Some(key);
+    };
+    let table = header.trim_matches(|c| c == '[' || c == ']').trim();
+    if header.starts_with("[[") {
+        // The n-th entry of an array of tables: `listener[1].address`.
+        let index = above
+            .lines()
+            .filter(|l| l.trim() == header)
+            .count()
+            .saturating_sub(1);
+        return Some(format!("{table}[{index}].{key}"));
+    }
+    Some(format!("{table}.{key}"))
+}
+
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
     let line = text.get(start..)?.lines().next()?;

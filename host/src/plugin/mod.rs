@@ -255,7 +255,15 @@ impl Runtime {
             Some(c) => c,
             None => Component::new(&self.engine, bytes).map_err(|e| PluginError::Compile {
                 plugin: name.to_string(),
-                message: format!("{e:#}"),
+                message: if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+                    // A core module (version 1), not a component layer.
+                    "this is a core WebAssembly module, not a component: build for \
+                     wasm32-wasip2 with the wasmlb SDK (`cargo build --release --target \
+                     wasm32-wasip2`), which makes a component"
+                        .to_string()
+                } else {
+                    format!("{e:#}")
+                },
             })?,
         };
         let forbidden: Vec<String> = component

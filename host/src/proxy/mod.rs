@@ -51,10 +51,12 @@ use crate::upstream::Upstream;
 pub enum ProxyError {
     /// An upstream's plugin failed to load or initialize (the plugin error
     /// is the [`std::error::Error::source`]).
-    #[error("upstream {upstream}")]
+    #[error("{at}")]
     Plugin {
         /// The upstream.
         upstream: String,
+        /// Where its plugin is set: `file:line: upstream.NAME.plugin`.
+        at: String,
         /// What failed.
         source: crate::plugin::PluginError,
     },
@@ -217,19 +219,14 @@ impl Proxy {
         for (name, cfg) in &config.upstreams {
             let old = previous.and_then(|p| p.upstreams.iter().find(|u| u.upstream.name() == name));
             let counters = old.map(|o| o.upstream.counters()).unwrap_or_default();
-            let plugin = runtime
-                .load(&cfg.plugin)
-                .map_err(|source| ProxyError::Plugin {
-                    upstream: name.clone(),
-                    source,
-                })?;
+            let failed = |source| ProxyError::Plugin {
+                upstream: name.clone(),
+                at: config.locate(&format!("upstream.{name}"), "plugin"),
+                source,
+            };
+            let plugin = runtime.load(&cfg.plugin).map_err(failed)?;
             let upstream =
-                Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(|source| {
-                    ProxyError::Plugin {
-                        upstream: name.clone(),
-                        source,
-                    }
-                })?;
+                Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(failed)?;
             let pool = match old {
                 Some(o) if *o.pool.connector() == upstream.connector => o.pool.clone(),
                 _ => pool::ConnPool::new(upstream.connector.clone()),
