@@ -233,8 +233,21 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let server = Server::start(config).await?;
     let control = server.control().clone();
+    // SIGUSR1: reopen the access log by its path (log rotation, as NGINX).
+    let reopener = tokio::spawn({
+        let control = control.clone();
+        async move {
+            while usr1.recv().await.is_some() {
+                if let Some(log) = control.proxy().access_log() {
+                    log.reopen();
+                    tracing::info!("SIGUSR1: access log reopened");
+                }
+            }
+        }
+    });
     let reloader = tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the config");
@@ -255,6 +268,7 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     reloader.abort();
+    reopener.abort();
     tracing::info!("shutting down: no new connections, waiting for in-flight requests");
     if server.shutdown().await {
         tracing::info!("all connections finished");

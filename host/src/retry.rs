@@ -170,6 +170,8 @@ struct Shared<B> {
     generation: u64,
     /// The downstream body failed; final for every attempt.
     failed: Option<String>,
+    /// Bytes read from the client, for the access log (when it is on).
+    received: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<B: Body> ReplayBody<B> {
@@ -195,8 +197,20 @@ impl<B: Body> ReplayBody<B> {
                 trailers: None,
                 generation: 0,
                 failed: None,
+                received: None,
             }))),
             hint,
+        }
+    }
+
+    /// Add every byte read from the client to `received` (the access
+    /// log's `bytes_in`). An empty body reads none.
+    pub fn count_received(&self, received: Arc<std::sync::atomic::AtomicU64>) {
+        if let Some(shared) = &self.shared {
+            shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .received = Some(received);
         }
     }
 
@@ -322,6 +336,9 @@ where
                 match frame.into_data() {
                     Ok(data) => {
                         let len = data.len() as u64;
+                        if let Some(received) = &s.received {
+                            received.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if !s.overflow && s.buffered + len <= s.limit {
                             s.buffered += len;
                             s.chunks.push(data.clone());

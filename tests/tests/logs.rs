@@ -145,3 +145,173 @@ async fn debug_logs_keep_the_plugin_runtime_quiet_unless_named() {
         drop(proxy);
     }
 }
+
+/// The access log's lines in `path` as JSON, once there are at least `n`.
+async fn access_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + wasmlb_tests::WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+                .collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} has {} of {n} lines:\n{text}",
+            path.display(),
+            text.lines().count()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// One JSON access-log line per request with every field: a 200 with a
+/// body each way, a retry, a 502 with the proxy's reason, a fallback
+/// decision and a refused request; then SIGUSR1 reopens the file after a
+/// rotation, and `combined` lines follow NGINX's layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_records_every_request_with_every_field() {
+    let live = TestBackend::start("live").await;
+    let dead = closed_port();
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("access.log");
+    let toml = format!(
+        "[access_log]\npath = \"{}\"\nformat = \"json\"\n\n\
+         [[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
+         [[route]]\npath_prefix = \"/dead\"\nupstream = \"dead\"\n\
+         [[route]]\npath_prefix = \"/trap\"\nupstream = \"trap\"\n\n\
+         [upstream.app]\nplugin = \"round-robin\"\nretries = 1\n\
+         backends = [ {{ address = \"{dead}\" }}, {{ address = \"{}\" }} ]\n\
+         [upstream.dead]\nplugin = \"round-robin\"\nretries = 0\n\
+         backends = [ {{ address = \"{dead}\" }} ]\n\
+         [upstream.trap]\nplugin = '{}'\nbackends = [ {{ address = \"{}\" }} ]\n",
+        path.display(),
+        live.addr,
+        wasmlb_tests::plugins::TRAP,
+        live.addr,
+    );
+    let proxy = ProxyProcess::launch(&toml, 1, &Launch::default());
+    let c = client();
+    // 1: round-robin starts on the dead backend: a retry reaches the live one.
+    let r = c
+        .post(proxy.url("/upload?x=1"))
+        .body(vec![7u8; 1000])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let answer = r.text().await.expect("body");
+    // 2: the live backend directly (round-robin's next).
+    assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    // 3: a 502 from the proxy.
+    assert_eq!(get(&c, &proxy.url("/dead/x")).await.0, 502);
+    // 4: the plugin traps: the fallback decides.
+    assert_eq!(get(&c, &proxy.url("/trap")).await.0, 200);
+    // 5: refused before routing (two Host headers).
+    let reply = wasmlb_tests::raw::h1_exchange(
+        proxy.addrs[0],
+        &[b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec()],
+        wasmlb_tests::raw::After::Wait,
+        1,
+    )
+    .await;
+    let raw = String::from_utf8_lossy(&reply.raw);
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+
+    let lines = access_lines(&path, 5).await;
+    let retried = &lines[0];
+    assert_eq!(retried["method"], "POST", "{retried}");
+    assert_eq!(retried["path"], "/upload?x=1");
+    assert_eq!(retried["protocol"], "HTTP/1.1");
+    assert_eq!(retried["status"], 200);
+    assert_eq!(retried["client"], "127.0.0.1");
+    assert_eq!(retried["bytes_in"], 1000);
+    assert_eq!(retried["bytes_out"], answer.len());
+    assert_eq!(retried["upstream"], "app");
+    assert_eq!(retried["backend"], live.addr.to_string());
+    assert_eq!(retried["attempts"], 2);
+    assert_eq!(retried["fallback"], false);
+    assert_eq!(retried["error"], serde_json::Value::Null);
+    assert!(retried["decision_us"].as_u64().is_some(), "{retried}");
+    assert!(
+        retried["duration_ms"].as_f64().is_some_and(|d| d > 0.0),
+        "{retried}"
+    );
+    let time = retried["time"].as_str().expect("time");
+    assert!(
+        time.len() >= 20 && time.ends_with('Z') && time.contains('T'),
+        "{time}"
+    );
+    assert_eq!(lines[1]["attempts"], 1);
+    let failed = &lines[2];
+    assert_eq!(failed["status"], 502, "{failed}");
+    assert_eq!(failed["upstream"], "dead");
+    assert_eq!(failed["backend"], dead.to_string());
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&dead.to_string())),
+        "the proxy's reason: {failed}"
+    );
+    assert_eq!(lines[3]["fallback"], true, "{}", lines[3]);
+    assert_eq!(lines[3]["status"], 200);
+    let refused = &lines[4];
+    assert_eq!(refused["status"], 400, "{refused}");
+    assert_eq!(refused["upstream"], serde_json::Value::Null);
+    assert_eq!(refused["backend"], serde_json::Value::Null);
+    assert_eq!(refused["attempts"], 0);
+    assert!(
+        refused["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{refused}"
+    );
+
+    // Rotation: move the file away, SIGUSR1, and new lines go to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).expect("rotate");
+    let signalled = std::process::Command::new("kill")
+        .args(["-USR1", &proxy.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(signalled.success());
+    let deadline = tokio::time::Instant::now() + wasmlb_tests::WAIT;
+    while !path.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "not reopened");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    assert_eq!(access_lines(&path, 1).await.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&rotated)
+            .expect("rotated")
+            .lines()
+            .count(),
+        5
+    );
+    drop(proxy);
+
+    // `combined`: NGINX's layout, plus request time, upstream, backend and
+    // attempts.
+    let combined_path = dir.path().join("combined.log");
+    let toml = toml
+        .replace(
+            &path.display().to_string(),
+            &combined_path.display().to_string(),
+        )
+        .replace("format = \"json\"", "format = \"combined\"");
+    let proxy = ProxyProcess::launch(&toml, 1, &Launch::default());
+    assert_eq!(get(&c, &proxy.url("/dead/q?a=b")).await.0, 502);
+    let deadline = tokio::time::Instant::now() + wasmlb_tests::WAIT;
+    let line = loop {
+        let text = std::fs::read_to_string(&combined_path).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break l.to_string();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no combined line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(line.contains("\"GET /dead/q?a=b HTTP/1.1\" 502 "), "{line}");
+    assert!(line.ends_with(&format!(" dead {dead} 1")), "{line}");
+}

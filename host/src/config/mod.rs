@@ -76,10 +76,32 @@ pub struct Config {
     pub server: ServerConfig,
     /// The admin API (`[admin]`), if configured.
     pub admin: Option<AdminConfig>,
+    /// The access log (`[access_log]`), if configured.
+    pub access_log: Option<AccessLogConfig>,
     /// What is valid but worth an operator's attention (an expired
     /// certificate, `insecure_skip_verify`), each naming its key: `--check`
     /// prints them, a start or reload logs them.
     pub warnings: Vec<String>,
+}
+
+/// `[access_log]`: one line per request (see [`crate::access_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// `path`: a file (relative to the config file's directory), appended
+    /// to; `-` for stdout.
+    pub path: PathBuf,
+    /// `format`: `json` (default) or `combined`.
+    pub format: AccessLogFormat,
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// NGINX's and Apache's `combined`, plus request time, upstream,
+    /// backend and attempts.
+    Combined,
 }
 
 /// `[admin]`: the admin API listener.

@@ -20,6 +20,14 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) server: RawServer,
     pub(super) admin: Option<RawAdmin>,
+    pub(super) access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccessLog {
+    pub(super) path: Spanned<String>,
+    pub(super) format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -208,9 +208,15 @@ impl Validator<'_> {
         }
 
         let admin = raw.admin.as_ref().map(|a| self.admin(a)).transpose()?;
+        let access_log = raw
+            .access_log
+            .as_ref()
+            .map(|a| self.access_log(a))
+            .transpose()?;
 
         Ok(Config {
             admin,
+            access_log,
             path: self.path.to_path_buf(),
             listeners,
             routes,
@@ -303,6 +309,35 @@ impl Validator<'_> {
                 format!("must be from {} to {}", range.start(), range.end()),
             )),
         }
+    }
+
+    pub(super) fn access_log(&self, a: &RawAccessLog) -> Result<AccessLogConfig, ConfigError> {
+        let format = match a.format.as_ref().map(|f| (f.get_ref().as_str(), f.span())) {
+            None | Some(("json", _)) => AccessLogFormat::Json,
+            Some(("combined", _)) => AccessLogFormat::Combined,
+            Some((other, span)) => {
+                return Err(self.err(
+                    Some(span),
+                    "access_log.format",
+                    format!("{other:?} is not a format (use \"json\" or \"combined\")"),
+                ));
+            }
+        };
+        let given = a.path.get_ref();
+        if given.is_empty() {
+            return Err(self.err(
+                Some(a.path.span()),
+                "access_log.path",
+                "must be a file path or \"-\" (stdout)",
+            ));
+        }
+        let path = if given == "-" {
+            PathBuf::from("-")
+        } else {
+            let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+            base.join(given)
+        };
+        Ok(AccessLogConfig { path, format })
     }
 
     pub(super) fn admin(&self, a: &RawAdmin) -> Result<AdminConfig, ConfigError> {

@@ -24,6 +24,8 @@ pub struct ProxyBody {
     kind: BodyKind,
     pub(super) deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _request: Option<RequestGuard>,
+    /// The request's access log entry, written when this body is dropped.
+    pub(super) access: Option<crate::access_log::Pending>,
 }
 
 /// The request's deadline passed while the response body was streaming.
@@ -97,6 +99,7 @@ impl ProxyBody {
             },
             deadline: None,
             _request: None,
+            access: None,
         }
     }
 
@@ -105,6 +108,7 @@ impl ProxyBody {
             kind: BodyKind::Full(Some(bytes)),
             deadline: None,
             _request: None,
+            access: None,
         }
     }
 
@@ -112,6 +116,14 @@ impl ProxyBody {
     /// backend's.
     pub fn is_proxy_made(&self) -> bool {
         matches!(self.kind, BodyKind::Full(_))
+    }
+
+    /// The text of a proxy-made body, left in place.
+    pub fn peek_text(&self) -> Option<String> {
+        match &self.kind {
+            BodyKind::Full(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
     }
 
     /// The text of a proxy-made body, taken out of it.
@@ -172,6 +184,11 @@ impl Body for ProxyBody {
             },
             BodyKind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         };
+        if let (Poll::Ready(Some(Ok(f))), Some(access)) = (&frame, this.access.as_mut())
+            && let Some(data) = f.data_ref()
+        {
+            access.sent(data.len());
+        }
         if frame.is_pending()
             && let Some(deadline) = this.deadline.as_mut()
             && deadline.as_mut().poll(cx).is_ready()

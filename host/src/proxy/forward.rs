@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::pool::{ConnPool, SendError};
-use super::{Downstream, Proxy, error_chain, error_response, server_error};
+use super::{Attempts, Downstream, Proxy, error_chain, error_response, server_error};
 use crate::headers::{prepare_request, strip_hop_by_hop};
 use crate::log_limit::LogLimiter;
 use crate::metrics::LocalOp;
@@ -32,6 +32,7 @@ impl Proxy {
         downstream: &Downstream,
         mut parts: http::request::Parts,
         body: Incoming,
+        attempts: &mut Attempts,
     ) -> Response<ProxyBody> {
         let client = downstream.peer;
         let https = downstream.tls.is_some();
@@ -54,6 +55,9 @@ impl Proxy {
         let policy = &upstream.retry;
         let mut retry = policy.begin(&parts.method);
         let body = ReplayBody::new(body, policy.buffer_bytes);
+        if let Some(received) = attempts.bytes_in.clone() {
+            body.count_received(received);
+        }
         let mut view = RequestView {
             parts,
             client,
@@ -64,7 +68,11 @@ impl Proxy {
         let mut tried: Vec<usize> = Vec::new();
         let mut last_failure = None;
         loop {
+            let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
             let (selection, v) = upstream.select(view, &tried);
+            if let Some(at) = asked {
+                attempts.decision += at.elapsed();
+            }
             view = v;
             let (chosen, plugin, response_headers) = match selection {
                 Selection::Plugin {
@@ -72,7 +80,10 @@ impl Proxy {
                     plugin,
                     response_headers,
                 } => (chosen, plugin, response_headers),
-                Selection::Fallback { chosen } => (chosen, None, Vec::new()),
+                Selection::Fallback { chosen } => {
+                    attempts.fallback = true;
+                    (chosen, None, Vec::new())
+                }
                 Selection::Unavailable { .. } | Selection::Refused => {
                     if let Some(failure) = last_failure {
                         // Every backend was tried: answer with the last failure.
@@ -87,6 +98,8 @@ impl Proxy {
                     return server_error(StatusCode::SERVICE_UNAVAILABLE, reason, reason.into());
                 }
             };
+            attempts.backend = Some(chosen.address);
+            attempts.count += 1;
             // A retry needs the head again; without retries, move it.
             let head = if policy.enabled() {
                 copy_head(&view.parts)

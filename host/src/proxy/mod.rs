@@ -37,6 +37,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::access_log::{AccessLog, Entry, Pending};
 use crate::config::{Config, RequestLimits, RouteConfig};
 pub use crate::headers::is_grpc;
 use crate::headers::{authority, host_without_port};
@@ -63,6 +64,9 @@ pub enum ProxyError {
     /// The plugin runtime could not start.
     #[error(transparent)]
     Runtime(crate::plugin::PluginError),
+    /// The access log file cannot be opened.
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 /// What the proxy knows of a downstream connection.
@@ -183,6 +187,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
     limits: RequestLimits,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// An upstream and the connection pool its requests go through.
@@ -300,7 +305,17 @@ impl Proxy {
                 Duration::from_millis(config.server.idle_timeout_ms),
             ),
             limits: config.server.limits,
+            access_log: config
+                .access_log
+                .as_ref()
+                .map(AccessLog::start)
+                .transpose()?,
         })
+    }
+
+    /// The access log, if configured (reopen it for log rotation).
+    pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
+        self.access_log.as_ref()
     }
 
     /// As [`Proxy::build`] with fresh metrics and no predecessor.
@@ -382,19 +397,64 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let grpc = is_grpc(request.headers());
-        let response = self.handle_http(listener, &downstream, request).await;
-        Ok(if grpc {
+        let mut served = Served {
+            entry: self.access_log.as_ref().map(|_| {
+                Box::new(Entry::new(
+                    downstream.peer,
+                    request.method().clone(),
+                    request
+                        .uri()
+                        .path_and_query()
+                        .map_or("/", |p| p.as_str())
+                        .to_string(),
+                    request.version(),
+                ))
+            }),
+            upstream: None,
+            attempts: Attempts::default(),
+        };
+        if served.entry.is_some() {
+            served.attempts.bytes_in = Some(Arc::default());
+        }
+        let response = self
+            .handle_http(listener, &downstream, request, &mut served)
+            .await;
+        let error = response
+            .extensions()
+            .get::<ProxyMade>()
+            .map(|m| m.detail.clone())
+            .or_else(|| {
+                // An error_response's text: "400 Bad Request: <reason>".
+                let text = response.body().peek_text()?;
+                let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
+                Some(reason.trim_end().to_string())
+            });
+        let mut response = if grpc {
             grpc_shaped(response)
         } else {
             response
-        })
+        };
+        if let (Some(mut entry), Some(log)) = (served.entry, self.access_log.as_ref()) {
+            entry.status = response.status().as_u16();
+            entry.upstream = served.upstream;
+            entry.backend = served.attempts.backend;
+            entry.attempts = served.attempts.count;
+            entry.decision_us =
+                u64::try_from(served.attempts.decision.as_micros()).unwrap_or(u64::MAX);
+            entry.fallback = served.attempts.fallback;
+            entry.error = error;
+            response.body_mut().access =
+                Some(Pending::new(entry, log.clone(), served.attempts.bytes_in));
+        }
+        Ok(response)
     }
 
     async fn handle_http(
-        self: Arc<Self>,
+        &self,
         listener: ListenerKey,
         downstream: &Downstream,
         request: Request<Incoming>,
+        served: &mut Served,
     ) -> Response<ProxyBody> {
         let client = downstream.peer;
         let started = Instant::now();
@@ -421,12 +481,22 @@ impl Proxy {
             log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
             return response;
         };
+        if served.entry.is_some() {
+            served.upstream = Some(Arc::from(upstream.name()));
+        }
         let deadline = upstream
             .request_timeout
             .map(|t| tokio::time::Instant::now() + t);
         // For the error log (a method and a URI clone without allocating).
         let (method, uri) = (parts.method.clone(), parts.uri.clone());
-        let forward = self.forward(upstream, pool, downstream, parts, body);
+        let forward = self.forward(
+            upstream,
+            pool,
+            downstream,
+            parts,
+            body,
+            &mut served.attempts,
+        );
         let mut response = match deadline {
             None => forward.await,
             Some(at) => match tokio::time::timeout_at(at, forward).await {
@@ -514,6 +584,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// What serving one request did, for its access log entry.
+#[derive(Debug, Default)]
+struct Served {
+    /// The entry, when the access log is on.
+    entry: Option<Box<Entry>>,
+    /// The upstream routed to.
+    upstream: Option<Arc<str>>,
+    /// What forwarding did.
+    attempts: Attempts,
+}
+
+/// What forwarding a request did: filled by `Proxy::forward`.
+#[derive(Debug, Default)]
+pub(super) struct Attempts {
+    /// The backend of the last attempt.
+    pub(super) backend: Option<SocketAddr>,
+    /// Attempts made on backends.
+    pub(super) count: u32,
+    /// Time spent in `Upstream::select` (plugin calls, host side).
+    pub(super) decision: Duration,
+    /// The fallback strategy chose at least once.
+    pub(super) fallback: bool,
+    /// Request body bytes read from the client; `Some` only while the
+    /// access log is on (which also turns on the decision timing).
+    pub(super) bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Marks a 5xx the proxy made itself (no backend answered it), with the
