@@ -3,8 +3,9 @@
 //! A request's [`Entry`] is filled as it is served and handed over when its
 //! response body ends (or is dropped: a client that went away is logged
 //! too), as Envoy logs at stream end. A bounded channel carries entries to
-//! one writer thread, which formats them (`json`, or NGINX's/Apache's
-//! `combined`), buffers the lines and flushes whenever the channel runs dry.
+//! one writer thread, which wakes every [`FLUSH_INTERVAL_MS`], formats what
+//! queued (`json`, or NGINX's/Apache's `combined`) into a buffer and
+//! flushes it: a request neither formats nor wakes anyone.
 //! The request path never waits for the disk: when the channel is full
 //! ([`QUEUE_ENTRIES`]), the entry is dropped and counted
 //! ([`AccessLog::dropped`]), as NGINX's `buffer=` and Envoy's async file
@@ -115,27 +116,53 @@ impl Entry {
 
     /// The JSON line (without its newline).
     pub fn json(&self) -> String {
-        let time = time::OffsetDateTime::from(self.time)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        serde_json::json!({
-            "time": time,
-            "client": self.client.ip().to_string(),
-            "method": self.method.as_str(),
-            "path": self.path,
-            "protocol": self.protocol_str(),
-            "status": self.status,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "duration_ms": (self.duration_ms() * 1000.0).round() / 1000.0,
-            "upstream": self.upstream.as_deref(),
-            "backend": self.backend.map(|b| b.to_string()),
-            "attempts": self.attempts,
-            "decision_us": self.decision_us,
-            "fallback": self.fallback,
-            "error": self.error,
-        })
-        .to_string()
+        let mut out = Vec::with_capacity(320);
+        // Writing into a Vec cannot fail.
+        let _ = self.write_json(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Write the JSON object (without its newline) to `out`: serde_json over
+    /// a borrowed view, no intermediate tree.
+    fn write_json(&self, out: &mut impl Write) -> std::io::Result<()> {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            time: String,
+            client: std::net::IpAddr,
+            method: &'a str,
+            path: &'a str,
+            protocol: &'a str,
+            status: u16,
+            bytes_in: u64,
+            bytes_out: u64,
+            duration_ms: f64,
+            upstream: Option<&'a str>,
+            backend: Option<SocketAddr>,
+            attempts: u32,
+            decision_us: u64,
+            fallback: bool,
+            error: Option<&'a str>,
+        }
+        let line = Line {
+            time: time::OffsetDateTime::from(self.time)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            client: self.client.ip(),
+            method: self.method.as_str(),
+            path: &self.path,
+            protocol: self.protocol_str(),
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            duration_ms: (self.duration_ms() * 1000.0).round() / 1000.0,
+            upstream: self.upstream.as_deref(),
+            backend: self.backend,
+            attempts: self.attempts,
+            decision_us: self.decision_us,
+            fallback: self.fallback,
+            error: self.error.as_deref(),
+        };
+        serde_json::to_writer(out, &line).map_err(std::io::Error::other)
     }
 
     /// The NGINX/Apache `combined` line (without its newline), with the
@@ -190,17 +217,21 @@ impl Sink {
         })
     }
 
-    fn write_line(&mut self, line: &str) -> std::io::Result<()> {
+    fn write_entry(&mut self, entry: &Entry, format: AccessLogFormat) -> std::io::Result<()> {
+        fn write(
+            out: &mut impl Write,
+            entry: &Entry,
+            format: AccessLogFormat,
+        ) -> std::io::Result<()> {
+            match format {
+                AccessLogFormat::Json => entry.write_json(out)?,
+                AccessLogFormat::Combined => out.write_all(entry.combined().as_bytes())?,
+            }
+            out.write_all(b"\n")
+        }
         match self {
-            Self::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")
-            }
-            Self::File { out, .. } => {
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")
-            }
+            Self::Stdout => write(&mut std::io::stdout().lock(), entry, format),
+            Self::File { out, .. } => write(out, entry, format),
         }
     }
 
@@ -284,6 +315,11 @@ impl AccessLog {
     }
 }
 
+/// How often the writer drains the queue and flushes, in ms: lines reach
+/// the file within about this long (NGINX's `flush=`), and requests never
+/// wake the writer (a wake-up per request costs more than the line).
+pub const FLUSH_INTERVAL_MS: u64 = 50;
+
 fn write_loop(rx: &Receiver<Message>, mut sink: Sink, format: AccessLogFormat) {
     static WRITE_FAILED: crate::log_limit::LogLimiter = crate::log_limit::LogLimiter::new();
     let report = |e: std::io::Error| {
@@ -291,44 +327,38 @@ fn write_loop(rx: &Receiver<Message>, mut sink: Sink, format: AccessLogFormat) {
             tracing::warn!(suppressed, "access log write failed: {e}");
         }
     };
-    let mut next = rx.recv().ok();
-    while let Some(message) = next {
-        match message {
-            Message::Entry(entry) => {
-                let line = match format {
-                    AccessLogFormat::Json => entry.json(),
-                    AccessLogFormat::Combined => entry.combined(),
-                };
-                if let Err(e) = sink.write_line(&line) {
-                    report(e);
-                }
-            }
-            Message::Reopen => {
-                if let Err(e) = sink.flush() {
-                    report(e);
-                }
-                if let Sink::File { path, .. } = &sink {
-                    match Sink::open(&path.clone()) {
-                        Ok(s) => sink = s,
-                        Err(e) => report(e),
+    loop {
+        let mut wrote = false;
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(Message::Entry(entry)) => {
+                    wrote = true;
+                    if let Err(e) = sink.write_entry(&entry, format) {
+                        report(e);
                     }
                 }
-            }
-        }
-        next = match rx.try_recv() {
-            Ok(m) => Some(m),
-            Err(TryRecvError::Empty) => {
-                // Caught up: make the lines visible, then wait.
-                if let Err(e) = sink.flush() {
-                    report(e);
+                Ok(Message::Reopen) => {
+                    if let Err(e) = sink.flush() {
+                        report(e);
+                    }
+                    if let Sink::File { path, .. } = &sink {
+                        match Sink::open(&path.clone()) {
+                            Ok(s) => sink = s,
+                            Err(e) => report(e),
+                        }
+                    }
                 }
-                rx.recv().ok()
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
             }
-            Err(TryRecvError::Disconnected) => None,
         };
-    }
-    if let Err(e) = sink.flush() {
-        report(e);
+        if wrote && let Err(e) = sink.flush() {
+            report(e);
+        }
+        if closed {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(FLUSH_INTERVAL_MS));
     }
 }
 

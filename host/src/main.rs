@@ -122,9 +122,13 @@ enum PluginCommand {
         #[arg(long, value_name = "DIR", default_value = ".")]
         dir: PathBuf,
         /// Path of the wasmlb SDK (`sdk/` of a wasmlb checkout); default: the
-        /// checkout this binary was built from, else the registry version.
-        #[arg(long, value_name = "PATH")]
+        /// checkout this binary was built from, if it is still there.
+        #[arg(long, value_name = "PATH", conflicts_with = "sdk_git")]
         sdk: Option<PathBuf>,
+        /// A git repository holding wasmlb, to take `wasmlb-sdk` from
+        /// (cargo fetches it), in place of a local checkout.
+        #[arg(long, value_name = "URL")]
+        sdk_git: Option<String>,
     },
 }
 
@@ -151,12 +155,29 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    if let Some(Command::Plugin(PluginCommand::New { name, dir, sdk })) = &cli.command {
-        let sdk = match sdk {
-            Some(path) => wasmlb::scaffold::SdkSource::Path(
-                std::path::absolute(path).context("resolving --sdk")?,
-            ),
-            None => wasmlb::scaffold::SdkSource::default_for_this_build(),
+    if let Some(Command::Plugin(PluginCommand::New {
+        name,
+        dir,
+        sdk,
+        sdk_git,
+    })) = &cli.command
+    {
+        let sdk = match (sdk, sdk_git) {
+            (Some(path), _) => {
+                let path = std::path::absolute(path).context("resolving --sdk")?;
+                anyhow::ensure!(
+                    path.join("Cargo.toml").is_file(),
+                    "--sdk {}: no Cargo.toml there (give the sdk/ directory of a wasmlb checkout)",
+                    path.display()
+                );
+                wasmlb::scaffold::SdkSource::Path(path)
+            }
+            (None, Some(url)) => wasmlb::scaffold::SdkSource::Git(url.clone()),
+            (None, None) => wasmlb::scaffold::SdkSource::default_for_this_build().context(
+                "cannot find the wasmlb SDK: this binary's checkout is gone and wasmlb-sdk \
+                 is not on crates.io; pass --sdk PATH (the sdk/ directory of a wasmlb \
+                 checkout) or --sdk-git URL (a git repository holding wasmlb)",
+            )?,
         };
         let created = wasmlb::scaffold::new_plugin(name, dir, &sdk)?;
         println!("created {}", created.display());

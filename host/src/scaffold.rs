@@ -12,24 +12,30 @@ use std::path::{Path, PathBuf};
 pub enum SdkSource {
     /// A local checkout of the SDK (the `sdk/` directory of wasmlb).
     Path(PathBuf),
-    /// A registry version requirement, e.g. `0.1`.
+    /// A git repository holding the wasmlb workspace (cargo finds the
+    /// `wasmlb-sdk` package in it), e.g. a fork or an internal mirror.
+    Git(String),
+    /// A registry version requirement, e.g. `0.1` (once published).
     Version(String),
 }
 
 impl SdkSource {
-    /// The SDK next to the sources this binary was built from, if it is still
-    /// there; else the registry version of this release.
-    pub fn default_for_this_build() -> Self {
+    /// The SDK next to the sources this binary was built from, if it is
+    /// still there. `None` when this binary outlived its checkout (copied
+    /// to another machine, or the checkout moved): the caller then needs
+    /// `--sdk` or `--sdk-git`, since `wasmlb-sdk` is not on crates.io.
+    pub fn default_for_this_build() -> Option<Self> {
         let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
         match sdk.canonicalize() {
-            Ok(path) if path.join("Cargo.toml").is_file() => Self::Path(path),
-            _ => Self::Version(env!("CARGO_PKG_VERSION").to_string()),
+            Ok(path) if path.join("Cargo.toml").is_file() => Some(Self::Path(path)),
+            _ => None,
         }
     }
 
     fn dependency(&self) -> String {
         match self {
             Self::Path(p) => format!("{{ path = {:?} }}", p.display().to_string()),
+            Self::Git(url) => format!("{{ git = {url:?} }}"),
             Self::Version(v) => format!("{v:?}"),
         }
     }
@@ -289,6 +295,23 @@ mod tests {
         assert!(!lib.contains("{{"), "unfilled placeholder");
         let again = new_plugin("my-strategy", &parent, &sdk).unwrap_err();
         assert!(matches!(again, ScaffoldError::Exists(_)), "{again}");
+        // From a git repository, when there is no checkout at hand.
+        let git = SdkSource::Git("https://git.example.com/wasmlb.git".into());
+        let dir = new_plugin("from-git", &parent, &git).unwrap();
+        let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            cargo.contains(r#"wasmlb-sdk = { git = "https://git.example.com/wasmlb.git" }"#),
+            "{cargo}"
+        );
         std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn the_sdk_of_this_build_is_found_while_its_checkout_exists() {
+        // Tests run from the checkout, so it is there.
+        assert!(matches!(
+            SdkSource::default_for_this_build(),
+            Some(SdkSource::Path(p)) if p.join("Cargo.toml").is_file()
+        ));
     }
 }

@@ -13,7 +13,7 @@ use crate::{Backend, Context, Decision, Level, SocketAddr, Strategy};
 /// Bindings for the `wasmlb:plugin/balancer` world.
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "stateful-balancer",
         pub_export_macro: true,
         export_macro_name: "__export_balancer",
