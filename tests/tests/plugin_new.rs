@@ -142,6 +142,42 @@ fn plugin_new_refuses_bad_names_and_existing_directories() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
 
+/// Without this checkout: `--sdk-git` writes a git dependency, and an
+/// `--sdk` that is not an SDK is refused before anything is written.
+#[test]
+fn plugin_new_takes_the_sdk_from_git_or_refuses_a_wrong_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(wasmlb_bin())
+        .args(["plugin", "new", "from-git", "--dir"])
+        .arg(tmp.path())
+        .args(["--sdk-git", "https://git.example.com/wasmlb.git"])
+        .output()
+        .expect("run wasmlb plugin new");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cargo = std::fs::read_to_string(tmp.path().join("from-git/Cargo.toml")).unwrap();
+    assert!(
+        cargo.contains(r#"wasmlb-sdk = { git = "https://git.example.com/wasmlb.git" }"#),
+        "{cargo}"
+    );
+    let out = Command::new(wasmlb_bin())
+        .args(["plugin", "new", "nowhere", "--dir"])
+        .arg(tmp.path())
+        .args(["--sdk", "/nonexistent/sdk"])
+        .output()
+        .expect("run wasmlb plugin new");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--sdk /nonexistent/sdk: no Cargo.toml there"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("nowhere").exists());
+}
+
 /// The ```rust blocks of docs/tutorial.md, in order.
 fn tutorial_rust_blocks() -> Vec<String> {
     let text = std::fs::read_to_string(root().join("docs/tutorial.md")).expect("docs/tutorial.md");
