@@ -24,8 +24,9 @@ async fn json_of(r: reqwest::Response) -> (u16, Value) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstreams_are_reported_with_backends_and_plugin() {
+/// Two backends behind round-robin with the admin API, after 4 requests
+/// (2 each).
+async fn round_robin_after_four_requests() -> (Vec<TestBackend>, InProcessProxy) {
     let backends = TestBackend::start_many(2).await;
     let refs: Vec<_> = backends.iter().collect();
     let proxy =
@@ -34,6 +35,13 @@ async fn upstreams_are_reported_with_backends_and_plugin() {
     for _ in 0..4 {
         assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
     }
+    (backends, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_are_reported_with_backends_and_plugin() {
+    let (backends, proxy) = round_robin_after_four_requests().await;
+    let c = client();
     let (status, all) = json_of(c.get(proxy.admin_url("/upstreams")).send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(all.as_array().unwrap().len(), 1);
@@ -563,14 +571,8 @@ fn python_sample(families: &Value, name: &str, labels: &[(&str, &str)]) -> Optio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_negotiated_and_read_by_real_parsers_in_both_formats() {
     use openmetrics_parser::{OpenMetricsType, PrometheusType, PrometheusValue};
-    let backends = TestBackend::start_many(2).await;
-    let refs: Vec<_> = backends.iter().collect();
-    let proxy =
-        InProcessProxy::start(&config_with_admin("round-robin", &backend_list(&refs), "")).await;
+    let (backends, proxy) = round_robin_after_four_requests().await;
     let c = client();
-    for _ in 0..4 {
-        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
-    }
     let drained = c
         .put(proxy.admin_url(&format!(
             "/upstreams/app/backends/{}/state",

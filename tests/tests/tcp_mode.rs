@@ -28,6 +28,16 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP listener balancing round-robin over two local servers (by port),
+/// with TCP health checks.
+async fn round_robin_over(a: u16, b: u16) -> InProcessProxy {
+    InProcessProxy::start(&tcp_config(
+        &format!("{{ address = \"127.0.0.1:{a}\" }}, {{ address = \"127.0.0.1:{b}\" }}"),
+        "[upstream.app.health_check]\nkind = \"tcp\"\ninterval_ms = 200",
+    ))
+    .await
+}
+
 /// A `redis-server` child on 127.0.0.1, killed on drop.
 struct Redis {
     port: u16,
@@ -85,14 +95,7 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 #[tokio::test]
 async fn redis_behind_a_tcp_listener_is_balanced_per_connection() {
     let (a, b) = (Redis::start().await, Redis::start().await);
-    let proxy = InProcessProxy::start(&tcp_config(
-        &format!(
-            "{{ address = \"127.0.0.1:{}\" }}, {{ address = \"127.0.0.1:{}\" }}",
-            a.port, b.port
-        ),
-        "[upstream.app.health_check]\nkind = \"tcp\"\ninterval_ms = 200",
-    ))
-    .await;
+    let proxy = round_robin_over(a.port, b.port).await;
     let port = proxy.addrs[0].port();
     // Each redis-cli run is one connection: round-robin alternates servers.
     let mut seen = Vec::new();
@@ -322,14 +325,7 @@ async fn postgresql_behind_a_tcp_listener_is_balanced_per_connection() {
         Postgres::start(&template, "a").await,
         Postgres::start(&template, "b").await,
     );
-    let proxy = InProcessProxy::start(&tcp_config(
-        &format!(
-            "{{ address = \"127.0.0.1:{}\" }}, {{ address = \"127.0.0.1:{}\" }}",
-            a.port, b.port
-        ),
-        "[upstream.app.health_check]\nkind = \"tcp\"\ninterval_ms = 200",
-    ))
-    .await;
+    let proxy = round_robin_over(a.port, b.port).await;
     let port = proxy.addrs[0].port();
     // Each psql run is one connection: round-robin alternates servers.
     let mut seen = Vec::new();
