@@ -8,7 +8,7 @@
 //! flushes it: a request neither formats nor wakes anyone.
 //! The request path never waits for the disk: when the channel is full
 //! ([`QUEUE_ENTRIES`]), the entry is dropped and counted
-//! ([`AccessLog::dropped`]), as NGINX's `buffer=` and Envoy's async file
+//! (`wasmlb_access_log_dropped_total`), as NGINX's `buffer=` and Envoy's async file
 //! sink bound their memory.
 //!
 //! [`AccessLog::reopen`] (SIGUSR1, and every reload) closes and reopens the
@@ -257,7 +257,8 @@ pub struct AccessLogError {
 #[derive(Debug)]
 pub struct AccessLog {
     tx: SyncSender<Message>,
-    dropped: Arc<AtomicU64>,
+    /// `wasmlb_access_log_dropped_total` (process-wide: it survives reloads).
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::fmt::Debug for Message {
@@ -276,7 +277,10 @@ impl AccessLog {
     ///
     /// # Errors
     /// The file cannot be opened for appending.
-    pub fn start(config: &AccessLogConfig) -> Result<Arc<Self>, AccessLogError> {
+    pub fn start(
+        config: &AccessLogConfig,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Arc<Self>, AccessLogError> {
         let failed = |source| AccessLogError {
             path: config.path.display().to_string(),
             source,
@@ -288,10 +292,7 @@ impl AccessLog {
             .name("wasmlb-access-log".into())
             .spawn(move || write_loop(&rx, sink, format))
             .map_err(failed)?;
-        Ok(Arc::new(Self {
-            tx,
-            dropped: Arc::default(),
-        }))
+        Ok(Arc::new(Self { tx, dropped }))
     }
 
     /// Queue `entry`; dropped (and counted) if the writer is behind.
@@ -299,7 +300,7 @@ impl AccessLog {
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.tx.try_send(Message::Entry(entry))
         {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
@@ -311,7 +312,7 @@ impl AccessLog {
 
     /// Entries dropped because the writer was behind.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 }
 
@@ -456,10 +457,13 @@ mod tests {
     fn lines_reach_the_file_and_a_reopen_follows_a_rotation() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("access.log");
-        let log = AccessLog::start(&AccessLogConfig {
-            path: path.clone(),
-            format: AccessLogFormat::Json,
-        })
+        let log = AccessLog::start(
+            &AccessLogConfig {
+                path: path.clone(),
+                format: AccessLogFormat::Json,
+            },
+            prometheus_client::metrics::counter::Counter::default(),
+        )
         .expect("start");
         log.log(Box::new(entry()));
         let wait_for = |p: &Path, lines: usize| {

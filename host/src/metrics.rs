@@ -24,6 +24,7 @@
 //! | `wasmlb_local_resource_errors_total` | counter | op (`accept`, `connect`, `health_check`): the proxy ran out of descriptors, buffers, memory or ports |
 //! | `wasmlb_plugin_cache_entries` | gauge | (compiled components kept for reuse) |
 //! | `wasmlb_plugin_cache_bytes` | gauge | (their compiled code, in bytes) |
+//! | `wasmlb_access_log_dropped_total` | counter | (access log entries dropped: the writer was behind) |
 //! | `wasmlb_backend_up` | gauge | upstream, backend (1 while the plugin may choose it) |
 //! | `wasmlb_backend_check_passing` | gauge | upstream, backend (1 while active health checks pass) |
 //! | `wasmlb_backend_ejected` | gauge | upstream, backend (1 while ejected by outlier detection) |
@@ -256,6 +257,8 @@ pub struct ResourceMetrics {
     pub plugin_cache_entries: Gauge,
     /// Their compiled code, in bytes.
     pub plugin_cache_bytes: Gauge,
+    /// Access log entries dropped because its writer was behind.
+    pub access_log_dropped: Counter,
     local_errors: [Counter; 3],
 }
 
@@ -587,6 +590,11 @@ impl Metrics {
             "tls_handshake_failures",
             "Downstream TLS handshakes that failed (bad client hello, plaintext, unknown protocol) or timed out",
             resources.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "access_log_dropped",
+            "Access log entries dropped because the writer was behind (its queue was full)",
+            resources.access_log_dropped.clone(),
         );
         let local_errors: Family<OpLabels, Counter> = Family::default();
         registry.register(

@@ -632,6 +632,7 @@ async fn metrics_are_negotiated_and_read_by_real_parsers_in_both_formats() {
         ),
         ("wasmlb_retries_total", vec![("upstream", "app")]),
         ("wasmlb_outlier_ejections_total", vec![("upstream", "app")]),
+        ("wasmlb_access_log_dropped_total", vec![]),
     ] {
         let f = family(name);
         assert_eq!(f.family_type, PrometheusType::Counter, "{name}");

@@ -292,6 +292,11 @@ impl Proxy {
                 ))
             })
             .collect();
+        let access_log = config
+            .access_log
+            .as_ref()
+            .map(|c| AccessLog::start(c, metrics.resources().access_log_dropped.clone()))
+            .transpose()?;
         Ok(Self {
             upstreams,
             routes,
@@ -305,11 +310,7 @@ impl Proxy {
                 Duration::from_millis(config.server.idle_timeout_ms),
             ),
             limits: config.server.limits,
-            access_log: config
-                .access_log
-                .as_ref()
-                .map(AccessLog::start)
-                .transpose()?,
+            access_log,
         })
     }
 
