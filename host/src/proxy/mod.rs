@@ -420,12 +420,14 @@ impl Proxy {
         let response = self
             .handle_http(listener, &downstream, request, &mut served)
             .await;
-        let error = response
-            .extensions()
-            .get::<ProxyMade>()
+        let error = served
+            .entry
+            .as_ref()
+            .and_then(|_| response.extensions().get::<ProxyMade>())
             .map(|m| m.detail.clone())
             .or_else(|| {
                 // An error_response's text: "400 Bad Request: <reason>".
+                served.entry.as_ref()?;
                 let text = response.body().peek_text()?;
                 let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
                 Some(reason.trim_end().to_string())
