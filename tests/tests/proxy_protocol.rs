@@ -327,7 +327,7 @@ async fn bad_proxy_protocol_settings_are_refused_naming_the_key() {
             // line 4
             "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\naccept_proxy_protocol = \"yes\"\n\n\
              [upstream.app]\nplugin = 'round-robin'\nbackends = [ { address = \"127.0.0.1:1\" } ]\n",
-            "wasmlb.toml:4: accept_proxy_protocol",
+            "wasmlb.toml:4: listener[0].accept_proxy_protocol: invalid type",
         ),
         (
             "[[listener]]\naddress = \"127.0.0.1:0\"\nupstream = \"app\"\n\n\
