@@ -195,26 +195,20 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Proxy::new(&config, &runtime)?;
         // As `nginx -t`: an address that cannot be bound now (in use, not
         // local, a privileged port) would fail the start.
-        for (i, listener) in config.listeners.iter().enumerate() {
-            if listener.address.port() != 0
-                && let Err(e) = std::net::TcpListener::bind(listener.address)
+        // Each listener (by index), then the admin address (`None`).
+        let addresses = config.listeners.iter().enumerate();
+        let addresses = addresses.map(|(i, l)| (l.address, Some(i)));
+        let addresses = addresses.chain(config.admin.iter().map(|a| (a.address, None)));
+        for (address, listener) in addresses {
+            if address.port() != 0
+                && let Err(e) = std::net::TcpListener::bind(address)
             {
-                anyhow::bail!(
-                    "{}: cannot listen on {}: {e}",
-                    config.locate_nth("listener", i, "address"),
-                    listener.address
-                );
+                let at = match listener {
+                    Some(i) => config.locate_nth("listener", i, "address"),
+                    None => config.locate("admin", "address"),
+                };
+                anyhow::bail!("{at}: cannot listen on {address}: {e}");
             }
-        }
-        if let Some(admin) = &config.admin
-            && admin.address.port() != 0
-            && let Err(e) = std::net::TcpListener::bind(admin.address)
-        {
-            anyhow::bail!(
-                "{}: cannot listen on {}: {e}",
-                config.locate("admin", "address"),
-                admin.address
-            );
         }
         for warning in &config.warnings {
             println!("warning: {warning}");

@@ -595,34 +595,28 @@ impl Config {
     }
 }
 
-/// The 1-based line where `key = ...` is set in the `[table]` section of
-/// `text` (or, with `index`, in the `index`-th `[[table]]`), if it is;
-/// headers match with or without quotes and spaces.
+/// The 1-based line where `key` is set in the `[table]` section of `text`
+/// (`table` dotted, e.g. `upstream.app`), or with `index` in the
+/// `index`-th `[[table]]`; found through toml's own span-keeping parse, so
+/// quoting, dotted keys and inline tables are as TOML reads them.
 fn key_line(text: &str, table: &str, index: Option<usize>, key: &str) -> Option<usize> {
-    let normalize = |h: &str| h.replace(['"', '\'', ' '], "");
-    let mut inside = false;
-    let mut seen = 0;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            let same = normalize(line.trim_matches(|c| c == '[' || c == ']')) == normalize(table);
-            inside = match index {
-                None => same && !line.starts_with("[["),
-                Some(n) if same && line.starts_with("[[") => {
-                    seen += 1;
-                    seen == n + 1
-                }
-                Some(_) => false,
-            };
-        } else if inside
-            && line
-                .split_once('=')
-                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
-        {
-            return Some(i + 1);
-        }
+    use toml::de::{DeTable, DeValue};
+    let root = DeTable::parse(text).ok()?;
+    let mut node: &DeTable<'_> = root.get_ref();
+    let segments: Vec<&str> = table.split('.').collect();
+    for (n, segment) in segments.iter().enumerate() {
+        let value = node.get(*segment)?.get_ref();
+        let value = match (value, index) {
+            (DeValue::Array(array), Some(i)) if n + 1 == segments.len() => array.get(i)?.get_ref(),
+            (value, _) => value,
+        };
+        let DeValue::Table(table) = value else {
+            return None;
+        };
+        node = table;
     }
-    None
+    let (found, _) = node.iter().find(|(k, _)| k.get_ref() == key)?;
+    Some(validate::line_of(text, found.span().start))
 }
 
 #[cfg(test)]

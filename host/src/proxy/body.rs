@@ -118,14 +118,6 @@ impl ProxyBody {
         matches!(self.kind, BodyKind::Full(_))
     }
 
-    /// The text of a proxy-made body, left in place.
-    pub fn peek_text(&self) -> Option<String> {
-        match &self.kind {
-            BodyKind::Full(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        }
-    }
-
     /// The text of a proxy-made body, taken out of it.
     pub fn take_text(&mut self) -> Option<String> {
         match &mut self.kind {

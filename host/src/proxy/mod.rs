@@ -420,18 +420,11 @@ impl Proxy {
         let response = self
             .handle_http(listener, &downstream, request, &mut served)
             .await;
-        let error = served
-            .entry
-            .as_ref()
-            .and_then(|_| response.extensions().get::<ProxyMade>())
-            .map(|m| m.detail.clone())
-            .or_else(|| {
-                // An error_response's text: "400 Bad Request: <reason>".
-                served.entry.as_ref()?;
-                let text = response.body().peek_text()?;
-                let reason = text.split_once(": ").map_or(text.as_str(), |(_, r)| r);
-                Some(reason.trim_end().to_string())
-            });
+        // Taken before gRPC shaping, which makes a new response.
+        let error = served.entry.as_ref().and_then(|_| {
+            let made = response.extensions().get::<ProxyMade>()?;
+            Some(made.detail.clone())
+        });
         let mut response = if grpc {
             grpc_shaped(response)
         } else {
@@ -485,7 +478,7 @@ impl Proxy {
             return response;
         };
         if served.entry.is_some() {
-            served.upstream = Some(Arc::from(upstream.name()));
+            served.upstream = Some(upstream.shared_name().clone());
         }
         let deadline = upstream
             .request_timeout
@@ -616,19 +609,25 @@ pub(super) struct Attempts {
     pub(super) bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
-/// Marks a 5xx the proxy made itself (no backend answered it), with the
-/// reason for the operator: [`log_proxy_error`] logs it at `warn`.
+/// Marks a response the proxy made itself (no backend answered it) with
+/// the reason for the operator: the access log's `error`, and with `warn`
+/// a `warn` line from [`log_proxy_error`].
 #[derive(Debug, Clone)]
 struct ProxyMade {
-    /// What went wrong, with detail the client is not told (the backend's
-    /// address, the error chain).
+    /// What went wrong, with detail the client may not be told (the
+    /// backend's address, the error chain).
     detail: String,
+    /// Log it at `warn` (a 5xx whose cause has no line of its own).
+    warn: bool,
 }
 
-/// A proxy-made 5xx: [`error_response`] marked with `detail` for the log.
+/// A proxy-made 5xx logged at `warn`: [`error_response`] with `detail` for
+/// the operator.
 fn server_error(status: StatusCode, reason: &str, detail: String) -> Response<ProxyBody> {
     let mut response = error_response(status, reason);
-    response.extensions_mut().insert(ProxyMade { detail });
+    response
+        .extensions_mut()
+        .insert(ProxyMade { detail, warn: true });
     response
 }
 
@@ -649,7 +648,7 @@ fn log_proxy_error(
     let Some(error) = response.extensions().get::<ProxyMade>() else {
         return;
     };
-    if !status.is_server_error() {
+    if !error.warn || !status.is_server_error() {
         return;
     }
     if let Some(suppressed) = LIMIT.admit() {
@@ -666,11 +665,16 @@ fn log_proxy_error(
     }
 }
 
-/// A proxy-made error response: `status` with a one-line plain-text reason.
+/// A proxy-made error response: `status` with a one-line plain-text reason
+/// (also its [`ProxyMade`] detail, not logged at `warn`).
 fn error_response(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let text = format!("{status}: {reason}\n");
     let mut response = Response::new(ProxyBody::full(Bytes::from(text)));
     *response.status_mut() = status;
+    response.extensions_mut().insert(ProxyMade {
+        detail: reason.to_string(),
+        warn: false,
+    });
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

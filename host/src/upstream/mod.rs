@@ -280,6 +280,12 @@ impl Upstream {
         &self.name
     }
 
+    /// The upstream's name, shared (for records that outlive the request,
+    /// such as the access log's, without copying it).
+    pub fn shared_name(&self) -> &Arc<str> {
+        &self.name
+    }
+
     /// The current backend set, indexed by backend id.
     pub fn backends(&self) -> Arc<[Backend]> {
         self.lock().backends.clone()
