@@ -245,7 +245,7 @@ impl Sink {
 
 /// Errors opening the access log.
 #[derive(Debug, thiserror::Error)]
-#[error("access_log.path {path}: {source}")]
+#[error("cannot open {path} for appending: {source}")]
 pub struct AccessLogError {
     /// The path.
     pub path: String,

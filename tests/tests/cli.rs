@@ -137,6 +137,28 @@ fn check_names_the_key_path_of_every_config_error() {
             )],
         );
     }
+    // The access log: a bad format, an empty path, a directory that does
+    // not exist (found when the file is opened), an unknown key.
+    for (access_log, expected) in [
+        (
+            "path = \"a.log\"\nformat = \"xml\"",
+            "wasmlb.toml:10: access_log.format: \"xml\" is not a format (use \"json\" or \"combined\")",
+        ),
+        (
+            "path = \"\"",
+            "wasmlb.toml:9: access_log.path: must be a file path",
+        ),
+        (
+            "path = \"/nonexistent-wasmlb-dir/access.log\"",
+            "wasmlb.toml:9: access_log.path: cannot open /nonexistent-wasmlb-dir/access.log",
+        ),
+        ("path = \"a.log\"\nbuffer = 4", "unknown field `buffer`"),
+    ] {
+        check_fails(
+            &with_plugin("round-robin", &format!("[access_log]\n{access_log}")),
+            &[expected],
+        );
+    }
     // A core module where a component belongs.
     let dir = ConfigFile::new("");
     let module = dir.dir().join("module.wasm");

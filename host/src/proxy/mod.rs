@@ -65,8 +65,13 @@ pub enum ProxyError {
     #[error(transparent)]
     Runtime(crate::plugin::PluginError),
     /// The access log file cannot be opened.
-    #[error(transparent)]
-    AccessLog(#[from] crate::access_log::AccessLogError),
+    #[error("{at}")]
+    AccessLog {
+        /// Where it is set: `file:line: access_log.path`.
+        at: String,
+        /// Why it cannot be opened.
+        source: crate::access_log::AccessLogError,
+    },
 }
 
 /// What the proxy knows of a downstream connection.
@@ -296,7 +301,11 @@ impl Proxy {
             .access_log
             .as_ref()
             .map(|c| AccessLog::start(c, metrics.resources().access_log_dropped.clone()))
-            .transpose()?;
+            .transpose()
+            .map_err(|source| ProxyError::AccessLog {
+                at: config.locate("access_log", "path"),
+                source,
+            })?;
         Ok(Self {
             upstreams,
             routes,
