@@ -8,6 +8,7 @@ use std::time::Duration;
 pub use wasmlb;
 
 pub mod backend;
+pub mod browser;
 pub mod client;
 pub mod config;
 pub mod corpus;

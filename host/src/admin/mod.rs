@@ -9,6 +9,7 @@
 //! | `PUT /upstreams/{name}/backends/{backend}/state` | set a backend's state (HAProxy `set server ... state`): body `ready`, `drain` or `maint`; `{backend}` is its address or id. 200 with the backend's snapshot (its `state` turns `drained` when nothing is in flight); 404; 422 for another body. Kept across reloads unless the config's `state` for the backend changes |
 //! | `POST /reload` | re-read the config file (as SIGHUP does). 200 with the reload report; 422 with `{"error": ...}` and the running config keeps serving |
 //! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics 1.0 when `Accept` prefers it |
+//! | `GET /` | the live dashboard ([`dashboard`]): HTML, with `/dashboard.js` and `/dashboard.css`; served without the token, and everything it shows or does goes through the API above |
 //!
 //! Security: the config refuses a non-loopback `address` without
 //! `token_file`. With a token, every request needs `Authorization: Bearer
@@ -20,7 +21,11 @@
 //! path. A connection must send its request head within the server's
 //! `header_read_timeout_ms`, its body within as long again, and is closed
 //! after `idle_timeout_ms` without a request; at most `max_connections` are
-//! open (more wait in the kernel's backlog).
+//! open (more wait in the kernel's backlog). A request other than `GET` or
+//! `HEAD` that carries an `Origin` header must come from the admin address
+//! itself (`Origin: http://<Host>`), else 403: a web page elsewhere cannot
+//! make a browser drain a backend or reload the config (cross-site request
+//! forgery), token or not.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,6 +47,8 @@ use crate::config::{AdminConfig, AdminState, PluginRef};
 use crate::conn::TimedIo;
 use crate::control::{Control, PluginSource, SwapError, error_chain};
 use crate::metrics::{BackendState, Format, PluginState};
+
+pub mod dashboard;
 
 /// A running admin listener.
 #[derive(Debug)]
@@ -129,6 +136,27 @@ fn authorized(config: &AdminConfig, req: &Request<Incoming>) -> bool {
     scheme.eq_ignore_ascii_case(b"bearer ") && token_matches(credentials, token.as_bytes())
 }
 
+/// Whether a request that may change something comes from a page of this
+/// admin address: `GET` and `HEAD` always pass, as does a request without
+/// `Origin` (curl, scripts); otherwise `Origin` must be `http://` plus the
+/// request's `Host`, compared case-insensitively (RFC 6454 §4 serializes
+/// the scheme and host in lowercase).
+fn same_origin(req: &Request<Incoming>) -> bool {
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
+        return true;
+    }
+    let Some(origin) = req.headers().get(http::header::ORIGIN) else {
+        return true;
+    };
+    let host = req.headers().get(http::header::HOST);
+    match (origin.to_str(), host.map(|h| h.to_str())) {
+        (Ok(origin), Some(Ok(host))) => origin
+            .strip_prefix("http://")
+            .is_some_and(|o| o.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
+}
+
 /// Whether `given` equals `token`, in time independent of both: the SHA-256
 /// digests are compared without an early exit, so neither the position of
 /// the first difference nor the token's length leaks.
@@ -185,6 +213,17 @@ async fn handle(
     req: Request<Incoming>,
     body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET
+        && let Some(page) = dashboard::asset(req.uri().path())
+    {
+        return page;
+    }
+    if !same_origin(&req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "cross-origin admin request refused (Origin is not this admin address)",
+        );
+    }
     if !authorized(config, &req) {
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut()
