@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use wasmlb_tests::{
-    ConfigFile, InProcessProxy, TestBackend, app_config, check, client, get, wasmlb_bin,
-};
+use wasmlb_tests::{ConfigFile, app_config, check, wasmlb_bin};
 
 /// The workspace root (this crate is `<root>/tests`).
 fn root() -> PathBuf {
@@ -178,86 +176,179 @@ fn plugin_new_takes_the_sdk_from_git_or_refuses_a_wrong_path() {
     assert!(!tmp.path().join("nowhere").exists());
 }
 
-/// The ```rust blocks of docs/tutorial.md, in order.
-fn tutorial_rust_blocks() -> Vec<String> {
+/// The fenced blocks of docs/tutorial.md, in order: (language, body).
+fn tutorial_blocks() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(root().join("docs/tutorial.md")).expect("docs/tutorial.md");
     let mut blocks = Vec::new();
     let mut rest = text.as_str();
-    while let Some(start) = rest.find("```rust\n") {
-        let body = &rest[start + "```rust\n".len()..];
-        let end = body.find("```").expect("unterminated rust block");
-        blocks.push(body[..end].to_string());
-        rest = &body[end + 3..];
+    while let Some(start) = rest.find("\n```") {
+        let after = &rest[start + 4..];
+        let (lang, body) = after.split_once('\n').expect("fence line");
+        let end = body.find("\n```").expect("unterminated block");
+        blocks.push((lang.trim().to_string(), body[..=end].to_string()));
+        rest = &body[end + 4..];
     }
     blocks
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tutorial_strategy_tests_builds_simulates_and_hot_swaps() {
-    let blocks = tutorial_rust_blocks();
-    assert_eq!(blocks.len(), 2, "the strategy and its tests");
-    let strategy_lines = blocks[0].lines().count();
+/// A port the kernel picked as free just now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// docs/tutorial.md run as written, as one bash script, from a home
+/// directory not named after the checkout. The test changes only what its
+/// last paragraph says: the ports, and the first block (this build's
+/// binaries on `PATH` instead of `cargo build --release`). After `plugin
+/// new` it also pins the crate to the workspace's Cargo.lock and links its
+/// `target/` to a build directory shared with the other tests here, so the
+/// SDK's dependencies are compiled once.
+#[test]
+fn tutorial_runs_as_written_from_any_directory() {
+    let blocks = tutorial_blocks();
+    let langs: Vec<&str> = blocks.iter().map(|(l, _)| l.as_str()).collect();
+    assert_eq!(
+        langs,
+        [
+            "sh", "sh", "rust", "rust", "sh", "sh", "sh", "sh", "sh", "sh", "sh"
+        ],
+        "the tutorial's steps changed: update this test"
+    );
+    let strategy_lines = blocks[2].1.lines().count();
     assert!(
         strategy_lines < 30,
         "the tutorial promises under 30 lines, has {strategy_lines}"
     );
-    let tmp = tempfile::tempdir().unwrap();
-    assert!(plugin_new("header-canary", tmp.path()).status.success());
-    let dir = tmp.path().join("header-canary");
-    std::fs::write(dir.join("src/lib.rs"), blocks.join("\n")).unwrap();
-    let wasm = test_and_build(&dir, "header_canary");
-    let run = |extra: &[&str]| {
-        let mut args = vec!["--backends", "3", "--requests", "1000"];
-        args.extend(["--labels", "track=stable,track=stable,track=canary"]);
-        args.extend(extra);
-        simulate_wasm(&wasm, &args)
-    };
-    let plain = run(&[]);
-    assert_eq!(plain.matches("     500   50.0%").count(), 2, "{plain}");
-    let canary = run(&["--header", "x-canary: 1"]);
-    assert!(canary.contains("    1000  100.0%"), "{canary}");
 
-    // Step 5: hot-swap it into a running balancer through the admin API.
-    let backends = TestBackend::start_many(3).await;
-    let list = backends
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home-of-a-user");
+    std::fs::create_dir(&home).unwrap();
+    let ports: Vec<(String, String)> = ["8080", "9901", "9001", "9002", "9003"]
         .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let track = if i == 2 { "canary" } else { "stable" };
-            format!(
-                r#"{{ address = "{}", labels = {{ track = "{track}" }} }}"#,
-                b.addr
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    let admin = "[admin]\naddress = \"127.0.0.1:0\"\nmax_body_bytes = 2000000\n";
-    let proxy = InProcessProxy::start(&app_config("round-robin", &list, admin)).await;
-    let c = client();
-    let bytes = std::fs::read(&wasm).expect("read the component");
-    let r = c
-        .put(proxy.admin_url("/upstreams/app/plugin"))
-        .body(bytes)
-        .send()
-        .await
-        .expect("swap");
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-    for _ in 0..4 {
-        let (status, backend, _) = get(&c, &proxy.url("/")).await;
-        assert_eq!(status, 200);
-        assert_ne!(
-            backend, backends[2].name,
-            "stable traffic reached the canary"
-        );
+        .map(|p| (format!(":{p}"), format!(":{}", free_port())))
+        .collect();
+    let substitute = |text: &str| {
+        ports
+            .iter()
+            .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+    };
+    let bin_dir = |p: PathBuf| p.parent().expect("bin dir").display().to_string();
+    let mut script = format!(
+        "set -euo pipefail\nexport HOME='{}'\nexport PATH='{}:{}':\"$PATH\"\n",
+        home.display(),
+        bin_dir(wasmlb_bin()),
+        bin_dir(wasmlb_tests::demo_backend_bin()),
+    );
+    for (i, (lang, body)) in blocks.iter().enumerate() {
+        script.push_str(&format!("echo '=== block {i}'\n"));
+        match (i, lang.as_str()) {
+            (0, _) => {
+                for line in body.lines() {
+                    let ours = ["cargo build --release", "export PATH=", "rustup target add"];
+                    if !ours.iter().any(|o| line.starts_with(o)) {
+                        script.push_str(line);
+                        script.push('\n');
+                    }
+                }
+                for o in [
+                    "cargo build --release -p wasmlb -p demo-backend",
+                    "export PATH=",
+                ] {
+                    assert!(body.contains(o), "first block lacks {o}");
+                }
+            }
+            (_, "rust") => {
+                let redirect = if i == 2 { ">" } else { ">>" };
+                script.push_str(&format!(
+                    "cat {redirect} src/lib.rs <<'WASMLB_TUTORIAL_RUST'\n{body}WASMLB_TUTORIAL_RUST\n"
+                ));
+            }
+            _ => {
+                script.push_str(&substitute(body));
+                if body.contains("wasmlb plugin new") {
+                    script.push_str(&format!(
+                        "cp '{}' Cargo.lock\nln -s '{}' target\n",
+                        root().join("Cargo.lock").display(),
+                        root().join("target/plugin-new").display()
+                    ));
+                }
+            }
+        }
     }
-    for _ in 0..2 {
-        let r = c
-            .get(proxy.url("/"))
-            .header("x-canary", "1")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(r.headers()["x-backend"], backends[2].name.as_str());
+    std::fs::create_dir_all(root().join("target/plugin-new")).unwrap();
+    let script_path = tmp.path().join("tutorial.sh");
+    std::fs::write(&script_path, &script).unwrap();
+
+    // Output to a file: the backgrounded servers would hold a pipe open.
+    let log_path = tmp.path().join("tutorial.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new("timeout");
+    cmd.args(["600", "bash"])
+        .arg(&script_path)
+        .current_dir(&home)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_DIR",
+    ] {
+        cmd.env_remove(var);
     }
-    assert!(proxy.stop().await);
+    use std::os::unix::process::CommandExt as _;
+    let mut child = cmd.process_group(0).spawn().expect("run bash");
+    let status = child.wait().expect("wait for the tutorial");
+    // Whatever the script left running (it ends with `kill $(jobs -p)`).
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let output = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        status.success(),
+        "the tutorial failed ({status}):\n{script}\n---\n{output}"
+    );
+
+    let block = |i: usize| {
+        let start = output
+            .find(&format!("=== block {i}\n"))
+            .unwrap_or_else(|| panic!("no block {i} in:\n{output}"));
+        let rest = &output[start..];
+        let end = rest[1..].find("=== block ").map_or(rest.len(), |e| e + 1);
+        rest[..end].to_string()
+    };
+    let hellos = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("hello from "))
+            .map(str::to_string)
+            .collect()
+    };
+    let simulated = block(6);
+    assert_eq!(
+        simulated.matches("     500   50.0%").count(),
+        2,
+        "{simulated}"
+    );
+    assert!(simulated.contains("    1000  100.0%"), "{simulated}");
+    let swapped = block(8);
+    assert!(swapped.contains("\"digest\": \"sha256:"), "{swapped}");
+    let served = hellos(&swapped);
+    assert_eq!(served.len(), 6, "{swapped}");
+    assert!(
+        served[..4].iter().all(|b| b == "b1" || b == "b2"),
+        "{swapped}"
+    );
+    assert_eq!(served[4..], ["b3", "b3"], "{swapped}");
+    let reloaded = block(9);
+    assert!(
+        reloaded.contains("header-canary/target/wasm32-wasip2/release/header_canary.wasm"),
+        "the config's plugin did not take: {reloaded}"
+    );
+    assert_eq!(hellos(&reloaded), ["b3", "b3"], "{reloaded}");
 }

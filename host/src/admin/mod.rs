@@ -104,7 +104,10 @@ pub async fn start(config: &AdminConfig, control: Control) -> std::io::Result<Ad
 }
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    // A final newline, so a shell prompt or the next output starts on a line
+    // of its own (curl prints bodies as they are).
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut().insert(

@@ -27,7 +27,7 @@ pub struct UpstreamSnapshot {
 /// The plugin part of [`UpstreamSnapshot`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PluginSnapshot {
-    /// Built-in name or file path (`admin upload` for uploaded bytes).
+    /// Built-in name or file path (`(uploaded)` for bytes sent to the admin API).
     pub name: String,
     /// `sha256:<hex>` of the component bytes.
     pub digest: String,
