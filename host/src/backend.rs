@@ -172,6 +172,12 @@ impl BackendLive {
         }
     }
 
+    /// The state the config (or discovery source) last set, whatever the
+    /// admin API set since.
+    pub fn configured_state(&self) -> AdminState {
+        state_of(self.configured.load(Ordering::Relaxed))
+    }
+
     /// A copy of the ejection and slow-start bookkeeping.
     pub fn status(&self) -> Status {
         *self.status.lock().unwrap_or_else(PoisonError::into_inner)

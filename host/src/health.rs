@@ -49,14 +49,27 @@ pub fn start<'a>(
         else {
             continue;
         };
-        for backend in upstream.backends().iter() {
-            tokio::spawn(probe_loop(
-                Arc::downgrade(upstream),
-                backend.address,
-                hc.clone(),
-                metrics.clone(),
-            ));
-        }
+        let addresses: Vec<SocketAddr> = upstream.backends().iter().map(|b| b.address).collect();
+        watch(upstream, &addresses, &hc, metrics);
+    }
+}
+
+/// Start probing `addresses`, backends of `upstream` (those that joined it
+/// after the start, through discovery or the admin API). Each loop ends
+/// when its backend leaves the upstream or the upstream is dropped.
+pub fn watch(
+    upstream: &Arc<Upstream>,
+    addresses: &[SocketAddr],
+    hc: &HealthCheckConfig,
+    metrics: &Arc<Metrics>,
+) {
+    for &address in addresses {
+        tokio::spawn(probe_loop(
+            Arc::downgrade(upstream),
+            address,
+            hc.clone(),
+            metrics.clone(),
+        ));
     }
 }
 

@@ -40,6 +40,7 @@ pub mod config;
 pub mod conn;
 pub mod connector;
 pub mod control;
+pub mod discovery;
 pub mod fd_limit;
 pub mod headers;
 pub mod health;

@@ -72,3 +72,42 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A port for a server that must be told its port (redis-server, postgres,
+/// a tutorial's fixed ports): free when chosen, and outside the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`), so that meanwhile no
+/// listener another test binds to port 0, and no outgoing connection's
+/// source port, can take it. (A port from binding port 0 and releasing it
+/// could go to another test's proxy, whose clients then met this server's
+/// readiness checks.)
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the range if there is room, else above it.
+    let (start, end) = if low > 11_000 {
+        (10_000, low)
+    } else {
+        (high + 1, 65_536)
+    };
+    let span = end - start;
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = start + seed.wrapping_add(n.wrapping_mul(104_729)) % span;
+        let port = u16::try_from(port).expect("a port");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {start}..{end}");
+}

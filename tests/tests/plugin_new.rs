@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use wasmlb_tests::{ConfigFile, app_config, check, wasmlb_bin};
+use wasmlb_tests::{ConfigFile, app_config, check, free_port, wasmlb_bin};
 
 /// The workspace root (this crate is `<root>/tests`).
 fn root() -> PathBuf {
@@ -189,14 +189,6 @@ fn tutorial_blocks() -> Vec<(String, String)> {
         rest = &body[end + 4..];
     }
     blocks
-}
-
-/// A port the kernel picked as free just now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// docs/tutorial.md run as written, as one bash script, from a home

@@ -20,14 +20,6 @@ fn tcp_config(backends: &str, extra: &str) -> String {
     )
 }
 
-/// A free 127.0.0.1 port (bound, then released for a child process).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
 /// A TCP listener balancing round-robin over two local servers (by port),
 /// with TCP health checks.
 async fn round_robin_over(a: u16, b: u16) -> InProcessProxy {
@@ -464,8 +456,12 @@ async fn ten_thousand_connections_opened_and_dropped_leave_nothing_behind() {
     let proxy =
         InProcessProxy::start(&tcp_config(&format!("{{ address = \"{echo}\" }}"), "")).await;
     let addr = proxy.addrs[0];
-    for _ in 0..20 {
-        let batch = (0..500).map(|i| async move {
+    // Batches of 100: bursts of 500 overflowed accept queues on a busy
+    // 2-core machine, and the kernel's retransmissions to an orphaned client
+    // socket then outlasted the wait (measured: 1 of 10,000 still open
+    // after 80 s while other tests ran).
+    for _ in 0..100 {
+        let batch = (0..100).map(|i| async move {
             let s = TcpStream::connect(addr).await;
             // Half of them send a little first.
             if let (Ok(mut s), true) = (s, i % 2 == 0) {

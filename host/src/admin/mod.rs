@@ -7,6 +7,8 @@
 //! | `GET /upstreams/{name}` | one upstream, or 404 |
 //! | `PUT /upstreams/{name}/plugin` | swap the plugin: body is a component (bytes starting with `\0asm`), or JSON `{"plugin": "<built-in or path>", "plugin_config": {...}}` (both keys optional; a missing `plugin` re-initializes the current one). 200 with the swap report; 404; 422 with `{"error": ...}` and the old plugin keeps serving |
 //! | `PUT /upstreams/{name}/backends/{backend}/state` | set a backend's state (HAProxy `set server ... state`): body `ready`, `drain` or `maint`; `{backend}` is its address or id. 200 with the backend's snapshot (its `state` turns `drained` when nothing is in flight); 404; 422 for another body. Kept across reloads unless the config's `state` for the backend changes |
+//! | `POST /upstreams/{name}/backends` | add a backend (HAProxy `add server`): JSON `{"address": "ip:port", "weight": 1, "labels": {}, "state": "ready"}` (all but `address` optional). 201 with its snapshot; 400 for a bad body; 404; 409 if the address is there already or a discovery source owns the upstream. Lasts until the next reload |
+//! | `DELETE /upstreams/{name}/backends/{backend}` | remove a backend (HAProxy `del server`): it drains, then leaves when nothing is in flight. 200 `{"removed": true, ...}` if it left at once, 202 `{"removed": false, "in_flight": N}` while it drains; 404; 409 for a discovery-managed upstream |
 //! | `POST /reload` | re-read the config file (as SIGHUP does). 200 with the reload report; 422 with `{"error": ...}` and the running config keeps serving |
 //! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics 1.0 when `Accept` prefers it |
 //! | `GET /` | the live dashboard ([`dashboard`]): HTML, with `/dashboard.js` and `/dashboard.css`; served without the token, and everything it shows or does goes through the API above |
@@ -45,7 +47,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{AdminConfig, AdminState, PluginRef};
 use crate::conn::TimedIo;
-use crate::control::{Control, PluginSource, SwapError, error_chain};
+use crate::control::{Control, MembershipError, PluginSource, SwapError, error_chain};
 use crate::metrics::{BackendState, Format, PluginState};
 
 pub mod dashboard;
@@ -320,6 +322,38 @@ async fn handle(
                 None => error(StatusCode::NOT_FOUND, "the backend left the upstream"),
             }
         }
+        (Method::POST, ["upstreams", name, "backends"]) => {
+            let name = name.to_string();
+            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let backend = match std::str::from_utf8(&bytes)
+                .map_err(|_| "body is not UTF-8".to_string())
+                .and_then(crate::config::parse_backend)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "body must be JSON {{\"address\", \"weight\", \"labels\", \"state\"}}: {e}"
+                        ),
+                    );
+                }
+            };
+            match control.add_backend(&name, backend).await {
+                Ok(snapshot) => json(StatusCode::CREATED, &snapshot),
+                Err(e) => membership_error(&e),
+            }
+        }
+        (Method::DELETE, ["upstreams", name, "backends", backend]) => {
+            match control.remove_backend(name, backend) {
+                Ok(r) if r.removed => json(StatusCode::OK, &r),
+                Ok(r) => json(StatusCode::ACCEPTED, &r),
+                Err(e) => membership_error(&e),
+            }
+        }
         (Method::POST, ["reload"]) => match control.reload().await {
             Ok(report) => json(StatusCode::OK, &report),
             Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
@@ -342,12 +376,25 @@ async fn handle(
             ["upstreams"]
             | ["upstreams", _]
             | ["upstreams", _, "plugin"]
+            | ["upstreams", _, "backends"]
+            | ["upstreams", _, "backends", _]
             | ["upstreams", _, "backends", _, "state"]
             | ["reload"]
             | ["metrics"],
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
+}
+
+/// 404 for an unknown upstream or backend, 409 for a conflict.
+fn membership_error(e: &MembershipError) -> Response<Full<Bytes>> {
+    let status = match e {
+        MembershipError::UnknownUpstream(_) | MembershipError::UnknownBackend { .. } => {
+            StatusCode::NOT_FOUND
+        }
+        MembershipError::Discovered(_) | MembershipError::Exists { .. } => StatusCode::CONFLICT,
+    };
+    error(status, e.to_string())
 }
 
 /// Plugin paths in admin requests resolve against the config file's directory.

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod defaults;
+mod discovery;
 mod plugin_ref;
 mod raw;
 mod tls;
@@ -40,6 +41,10 @@ use defaults::{
     default_base_ejection, default_consecutive_5xx, default_hc_fall, default_hc_interval,
     default_hc_kind, default_hc_path, default_hc_rise, default_hc_timeout, default_max_ejection,
     default_max_ejection_percent,
+};
+pub use discovery::{
+    DEFAULT_FILE_REFRESH_INTERVAL_MS, DiscoveryConfig, MAX_BACKEND_FILE_BYTES, parse_backend,
+    parse_backend_list, read_backend_file,
 };
 pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
 use raw::RawConfig;
@@ -195,7 +200,8 @@ pub struct UpstreamConfig {
     pub plugin: PluginRef,
     /// `plugin_config`, as the JSON object handed to the plugin's `init`.
     pub plugin_config: serde_json::Value,
-    /// The backends, in file order (their index is the plugin's backend id).
+    /// The backends, in file order (their index is the plugin's backend id),
+    /// or as read from the discovery source.
     pub backends: Vec<BackendConfig>,
     /// Deadline of each plugin call, in ms (`plugin_deadline_ms`, default 5).
     pub plugin_deadline_ms: u64,
@@ -265,6 +271,10 @@ pub struct UpstreamConfig {
     /// requests only; health checks send the `LOCAL` (v2) or `UNKNOWN` (v1)
     /// form.
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// Where the backends come from when not listed
+    /// (`[upstream.NAME.discovery]`); `backends` then holds the set read at
+    /// load. The admin API cannot add or remove backends of such an upstream.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 /// `[upstream.NAME.outlier_detection]`: passive outlier ejection, following
@@ -364,6 +374,7 @@ impl UpstreamConfig {
             protocol: UpstreamProtocol::Http1,
             tls: None,
             send_proxy_protocol: None,
+            discovery: None,
         }
     }
 }

@@ -120,6 +120,7 @@ pub(super) struct RawUpstream {
     pub(super) protocol: Option<Spanned<String>>,
     pub(super) tls: Option<Spanned<RawUpstreamTls>>,
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
+    pub(super) discovery: Option<Spanned<super::discovery::RawDiscovery>>,
 }
 
 #[derive(Deserialize)]

@@ -466,6 +466,21 @@ impl Validator<'_> {
                 state: b.state,
             });
         }
+        let discovery = match &u.discovery {
+            Some(d) => {
+                if !u.backends.is_empty() {
+                    return Err(self.err(
+                        Some(d.span()),
+                        format!("{prefix}.discovery"),
+                        "backends and discovery exclude each other: list the backends, or name where they come from",
+                    ));
+                }
+                let (discovery, found) = self.discovery(&prefix, d.get_ref())?;
+                backends = found;
+                Some(discovery)
+            }
+            None => None,
+        };
         let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
             Some(s) if *s.get_ref() == 0 => Err(self.err(
                 Some(s.span()),
@@ -606,6 +621,7 @@ impl Validator<'_> {
             )?,
             protocol,
             tls,
+            discovery,
             send_proxy_protocol: match u
                 .send_proxy_protocol
                 .as_ref()
@@ -623,6 +639,53 @@ impl Validator<'_> {
                 }
             },
         })
+    }
+
+    /// A discovery source and the backends it names now.
+    fn discovery(
+        &self,
+        prefix: &str,
+        d: &super::discovery::RawDiscovery,
+    ) -> Result<(DiscoveryConfig, Vec<BackendConfig>), ConfigError> {
+        let key = |k: &str| format!("{prefix}.discovery.{k}");
+        match d.kind.get_ref().as_str() {
+            "file" => {
+                let Some(path) = &d.path else {
+                    return Err(self.err(
+                        Some(d.kind.span()),
+                        key("path"),
+                        "a file source needs path = \"FILE.json\"",
+                    ));
+                };
+                let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+                let resolved = base.join(path.get_ref());
+                let refresh_interval_ms = match &d.refresh_interval_ms {
+                    Some(v) if *v.get_ref() == 0 => {
+                        return Err(self.err(
+                            Some(v.span()),
+                            key("refresh_interval_ms"),
+                            "must be at least 1",
+                        ));
+                    }
+                    Some(v) => *v.get_ref(),
+                    None => DEFAULT_FILE_REFRESH_INTERVAL_MS,
+                };
+                let backends = read_backend_file(&resolved)
+                    .map_err(|e| self.err(Some(path.span()), key("path"), e))?;
+                Ok((
+                    DiscoveryConfig::File {
+                        path: resolved,
+                        refresh_interval_ms,
+                    },
+                    backends,
+                ))
+            }
+            other => Err(self.err(
+                Some(d.kind.span()),
+                key("kind"),
+                format!("unknown discovery kind {other:?} (supported: \"file\")"),
+            )),
+        }
     }
 
     pub(super) fn percent(

@@ -34,6 +34,7 @@ use crate::metrics::{Metrics, UpstreamMetrics};
 use crate::retry::RetryPolicy;
 mod breaker;
 mod eligibility;
+mod membership;
 mod outlier;
 mod snapshot;
 mod upkeep;
@@ -43,6 +44,7 @@ pub use breaker::{
     BREAKER_INITIAL_BACKOFF, BREAKER_MAX_BACKOFF, BREAKER_QUIET_PERIOD, FAILING_AFTER, PluginStats,
 };
 pub use eligibility::evaluate_backends;
+pub use membership::BackendSetChange;
 use snapshot::backend_snapshot;
 pub use snapshot::{BackendSnapshot, PluginSnapshot, UpstreamSnapshot};
 pub use upkeep::{TICK, start as start_upkeep};
@@ -101,6 +103,7 @@ pub struct Upstream {
     fail_timeout: Duration,
     panic_threshold_percent: u32,
     slow_start: Duration,
+    discovery: Option<crate::config::DiscoveryConfig>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -252,6 +255,7 @@ impl Upstream {
             fail_timeout: Duration::from_millis(config.fail_timeout_ms),
             panic_threshold_percent: config.panic_threshold_percent,
             slow_start,
+            discovery: config.discovery.clone(),
         };
         // Flags and weights from carried-over state (drain, ejection, health)
         // before the plugin first sees the set.
@@ -284,6 +288,12 @@ impl Upstream {
     /// such as the access log's, without copying it).
     pub fn shared_name(&self) -> &Arc<str> {
         &self.name
+    }
+
+    /// The discovery source that manages the backend set, if any (the
+    /// admin API then neither adds nor removes backends).
+    pub fn discovery(&self) -> Option<&crate::config::DiscoveryConfig> {
+        self.discovery.as_ref()
     }
 
     /// The current backend set, indexed by backend id.

@@ -58,6 +58,16 @@ impl Upstream {
     /// decision sees a half-applied change). A plugin that traps on it is
     /// replaced.
     pub(super) fn refresh(&self, slot: &mut Slot, now: Instant) {
+        self.refresh_inner(slot, now, false);
+    }
+
+    /// As [`Upstream::refresh`], and the plugin gets `set-backends` even
+    /// if no flag or weight changed (the set itself did).
+    pub(super) fn refresh_forced(&self, slot: &mut Slot, now: Instant) {
+        self.refresh_inner(slot, now, true);
+    }
+
+    fn refresh_inner(&self, slot: &mut Slot, now: Instant, force: bool) {
         let (backends, changed, panic) = evaluate_backends(
             &slot.backends,
             now,
@@ -76,7 +86,7 @@ impl Upstream {
                 tracing::info!(upstream = &*self.name, "panic mode ended");
             }
         }
-        if !changed {
+        if !changed && !force {
             return;
         }
         slot.backends = backends.clone();

@@ -34,9 +34,7 @@ impl Drop for Peer {
 }
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+    SocketAddr::from(([127, 0, 0, 1], wasmlb_tests::free_port()))
 }
 
 fn installed(bin: &str) -> bool {

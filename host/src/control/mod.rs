@@ -15,6 +15,9 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
+mod membership;
+pub use membership::{MembershipError, Removal};
+
 use crate::config::{Config, ConfigError, PluginRef};
 use crate::listener::{ListenerTask, Serving, global_max_connections, spawn_listener};
 use crate::metrics::Metrics;
@@ -344,4 +347,5 @@ fn swap_blocking(
 pub(crate) fn start_background(proxy: &Proxy, config: &Config) {
     crate::upstream::start_upkeep(proxy.upstreams());
     crate::health::start(proxy.upstreams(), proxy.metrics(), config);
+    crate::discovery::start(proxy.upstreams(), proxy.metrics(), config);
 }
