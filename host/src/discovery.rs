@@ -8,15 +8,27 @@
 //! reason, with the file, line and column. The set read at config load is
 //! the first good set.
 //!
+//! Backends written as `name:port` are resolved again when their answer's
+//! TTL runs out, the wait clamped to `[dns_min_ttl_ms, dns_max_ttl_ms]`
+//! (as NGINX's `resolver ... valid=` and HAProxy's `hold valid` bound it);
+//! a failed lookup keeps that name's last addresses and is tried again
+//! after `dns_min_ttl_ms`.
+//!
 //! `kind = "file"` polls the file's modification time, size and inode every
 //! `refresh_interval_ms` and re-reads it when any changed (an editor's or
 //! `mv`'s atomic replace changes the inode), like Prometheus `file_sd`'s
 //! periodic refresh.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use crate::config::{Config, DiscoveryConfig, HealthCheckConfig, read_backend_file};
+use tokio::time::Instant;
+
+use crate::config::{
+    BackendSpec, Config, DiscoveryConfig, HealthCheckConfig, expand_specs, read_backend_file,
+};
+use crate::dns::DnsResolver;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -52,6 +64,18 @@ pub fn start<'a>(
                     path,
                     Duration::from_millis(refresh_interval_ms),
                 ));
+            }
+            DiscoveryConfig::Dns {
+                specs,
+                nameservers,
+                min_ttl_ms,
+                max_ttl_ms,
+            } => {
+                let bounds = (
+                    Duration::from_millis(min_ttl_ms),
+                    Duration::from_millis(max_ttl_ms),
+                );
+                tokio::spawn(dns_loop(target, specs, nameservers, bounds));
             }
         }
     }
@@ -145,5 +169,119 @@ async fn file_loop(target: Target, path: std::path::PathBuf, every: Duration) {
                 }
             }
         }
+    }
+}
+
+/// One `name:port` entry's state in [`dns_loop`].
+struct NameState {
+    ips: Vec<IpAddr>,
+    due: Instant,
+    last_error: Option<String>,
+}
+
+/// `ttl` clamped to `bounds` (min, max).
+fn clamp_ttl(ttl: Duration, bounds: (Duration, Duration)) -> Duration {
+    ttl.clamp(bounds.0, bounds.1)
+}
+
+async fn dns_loop(
+    target: Target,
+    specs: Vec<BackendSpec>,
+    nameservers: Vec<std::net::SocketAddr>,
+    bounds: (Duration, Duration),
+) {
+    let resolver = match DnsResolver::new(&nameservers) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(
+                upstream = &*target.name,
+                "discovery: {e}; backend names keep the addresses found at load"
+            );
+            return;
+        }
+    };
+    // The first answers came with the config; ask again after the shortest
+    // wait, which learns their TTL.
+    let start = Instant::now() + bounds.0;
+    let mut names: Vec<Option<NameState>> = specs
+        .iter()
+        .map(|s| match s {
+            BackendSpec::Name { resolved, .. } => Some(NameState {
+                ips: resolved.clone(),
+                due: start,
+                last_error: None,
+            }),
+            BackendSpec::Address(_) => None,
+        })
+        .collect();
+    loop {
+        let Some(next) = names.iter().flatten().map(|n| n.due).min() else {
+            return;
+        };
+        tokio::time::sleep_until(next).await;
+        if !target.alive() {
+            return;
+        }
+        let now = Instant::now();
+        let mut changed = false;
+        for (spec, state) in specs.iter().zip(names.iter_mut()) {
+            let (BackendSpec::Name { host, .. }, Some(state)) = (spec, state.as_mut()) else {
+                continue;
+            };
+            if state.due > now {
+                continue;
+            }
+            match resolver.lookup(host).await {
+                Ok(answer) => {
+                    let ttl = answer
+                        .valid_until
+                        .saturating_duration_since(std::time::Instant::now());
+                    state.due = Instant::now() + clamp_ttl(ttl, bounds);
+                    if state.last_error.take().is_some() {
+                        tracing::info!(upstream = &*target.name, name = %host, "discovery: the name resolves again");
+                    }
+                    if answer.ips != state.ips {
+                        state.ips = answer.ips;
+                        changed = true;
+                    }
+                }
+                Err(e) => {
+                    state.due = Instant::now() + bounds.0;
+                    let reason = e.to_string();
+                    if state.last_error.as_deref() != Some(reason.as_str()) {
+                        tracing::warn!(
+                            upstream = &*target.name,
+                            name = %host,
+                            "discovery: cannot resolve: {reason}; keeping its last addresses"
+                        );
+                        state.last_error = Some(reason);
+                    }
+                }
+            }
+        }
+        if changed {
+            let list = expand_specs(&specs, |i| {
+                names[i].as_ref().map_or(&[][..], |n| n.ips.as_slice())
+            });
+            if !target.apply(&list) {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_are_bounded() {
+        let bounds = (Duration::from_millis(1000), Duration::from_millis(300_000));
+        assert_eq!(clamp_ttl(Duration::ZERO, bounds), bounds.0);
+        assert_eq!(
+            clamp_ttl(Duration::from_secs(30), bounds),
+            Duration::from_secs(30)
+        );
+        assert_eq!(clamp_ttl(Duration::from_secs(86_400), bounds), bounds.1);
     }
 }

@@ -41,6 +41,7 @@ pub mod conn;
 pub mod connector;
 pub mod control;
 pub mod discovery;
+pub mod dns;
 pub mod fd_limit;
 pub mod headers;
 pub mod health;

@@ -71,9 +71,13 @@ pub(crate) struct Shared {
 impl TestBackend {
     /// Start a backend named `name` on 127.0.0.1:0.
     pub async fn start(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind test backend");
+        Self::start_at(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Start a backend named `name` on `addr` (e.g. 127.0.0.2 with a port
+    /// from [`crate::free_port`], for several backends behind one DNS name).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind test backend");
         let addr = listener.local_addr().expect("backend addr");
         let hits = Arc::new(AtomicU64::new(0));
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -12,6 +12,7 @@ pub mod browser;
 pub mod client;
 pub mod config;
 pub mod corpus;
+pub mod dns;
 pub mod load;
 pub mod proxy;
 pub mod raw;

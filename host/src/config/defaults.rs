@@ -142,3 +142,10 @@ pub(super) fn default_hc_kind() -> super::HealthCheckKind {
 pub(super) fn default_hc_path() -> String {
     DEFAULT_HEALTH_CHECK_PATH.into()
 }
+
+/// Default `dns_min_ttl_ms`: a name is not resolved again sooner, in ms.
+pub const DEFAULT_DNS_MIN_TTL_MS: u64 = 1000;
+
+/// Default `dns_max_ttl_ms`: a name is resolved again at least this often,
+/// in ms (5 minutes).
+pub const DEFAULT_DNS_MAX_TTL_MS: u64 = 300_000;

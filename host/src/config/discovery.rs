@@ -35,6 +35,82 @@ pub enum DiscoveryConfig {
         /// Poll period in ms (default 1000, at least 1).
         refresh_interval_ms: u64,
     },
+    /// Backends written as `name:port`: each name is resolved at config
+    /// load and again when its answer's TTL runs out, the wait bounded by
+    /// `min_ttl_ms` and `max_ttl_ms`.
+    Dns {
+        /// The `backends` list, in order.
+        specs: Vec<BackendSpec>,
+        /// `[dns] nameservers` (empty: the system's).
+        nameservers: Vec<SocketAddr>,
+        /// Shortest wait before a name is resolved again, in ms.
+        min_ttl_ms: u64,
+        /// Longest wait before a name is resolved again, in ms.
+        max_ttl_ms: u64,
+    },
+}
+
+/// One entry of an upstream's `backends` list whose set DNS decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    /// An `IP:port` entry: one backend, always.
+    Address(BackendConfig),
+    /// A `name:port` entry: one backend per address the name resolves to
+    /// (A and AAAA), each with the entry's weight, labels and state.
+    Name {
+        /// The DNS name, as written.
+        host: String,
+        /// The port of every address.
+        port: u16,
+        /// Each backend's weight.
+        weight: u32,
+        /// Each backend's labels.
+        labels: BTreeMap<String, String>,
+        /// Each backend's configured state.
+        state: AdminState,
+        /// The addresses found at config load, sorted.
+        resolved: Vec<std::net::IpAddr>,
+    },
+}
+
+/// The backends `specs` stand for, names expanded to `resolved(i)` (the
+/// addresses of entry `i`) in order; an address met twice is kept once,
+/// where it first appears.
+pub fn expand_specs<'a>(
+    specs: &'a [BackendSpec],
+    mut resolved: impl FnMut(usize) -> &'a [std::net::IpAddr],
+) -> Vec<BackendConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        match spec {
+            BackendSpec::Address(b) => {
+                if seen.insert(b.address) {
+                    out.push(b.clone());
+                }
+            }
+            BackendSpec::Name {
+                port,
+                weight,
+                labels,
+                state,
+                ..
+            } => {
+                for ip in resolved(i) {
+                    let address = SocketAddr::new(*ip, *port);
+                    if seen.insert(address) {
+                        out.push(BackendConfig {
+                            address,
+                            weight: *weight,
+                            labels: labels.clone(),
+                            state: *state,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `[upstream.NAME.discovery]` as written.

@@ -43,8 +43,8 @@ use defaults::{
     default_max_ejection_percent,
 };
 pub use discovery::{
-    DEFAULT_FILE_REFRESH_INTERVAL_MS, DiscoveryConfig, MAX_BACKEND_FILE_BYTES, parse_backend,
-    parse_backend_list, read_backend_file,
+    BackendSpec, DEFAULT_FILE_REFRESH_INTERVAL_MS, DiscoveryConfig, MAX_BACKEND_FILE_BYTES,
+    expand_specs, parse_backend, parse_backend_list, read_backend_file,
 };
 pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
 use raw::RawConfig;
@@ -66,6 +66,20 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// `[dns]`: the resolver for backend names (`name:port` backends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Name servers to ask, `IP:port` (`nameservers`; empty: the
+    /// system's, from `/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// Shortest wait before a name is resolved again, in ms
+    /// (`dns_min_ttl_ms`, default 1000; an upstream may override it).
+    pub min_ttl_ms: u64,
+    /// Longest wait before a name is resolved again, in ms
+    /// (`dns_max_ttl_ms`, default 300000; an upstream may override it).
+    pub max_ttl_ms: u64,
+}
+
 /// A validated config.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -83,6 +97,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// The access log (`[access_log]`), if configured.
     pub access_log: Option<AccessLogConfig>,
+    /// `[dns]`: how backend names are resolved.
+    pub dns: DnsConfig,
     /// What is valid but worth an operator's attention (an expired
     /// certificate, `insecure_skip_verify`), each naming its key: `--check`
     /// prints them, a start or reload logs them.

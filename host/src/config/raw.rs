@@ -21,6 +21,16 @@ pub(super) struct RawConfig {
     pub(super) server: RawServer,
     pub(super) admin: Option<RawAdmin>,
     pub(super) access_log: Option<RawAccessLog>,
+    pub(super) dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDns {
+    #[serde(default)]
+    pub(super) nameservers: Vec<Spanned<String>>,
+    pub(super) dns_min_ttl_ms: Option<Spanned<u64>>,
+    pub(super) dns_max_ttl_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +131,8 @@ pub(super) struct RawUpstream {
     pub(super) tls: Option<Spanned<RawUpstreamTls>>,
     pub(super) send_proxy_protocol: Option<Spanned<String>>,
     pub(super) discovery: Option<Spanned<super::discovery::RawDiscovery>>,
+    pub(super) dns_min_ttl_ms: Option<Spanned<u64>>,
+    pub(super) dns_max_ttl_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -201,9 +201,10 @@ impl Validator<'_> {
             });
         }
 
+        let dns = self.dns(raw.dns.as_ref())?;
         let mut upstreams = BTreeMap::new();
         for (name, u) in raw.upstream {
-            let up = self.upstream(&name, u)?;
+            let up = self.upstream(&name, u, &dns)?;
             upstreams.insert(name, up);
         }
 
@@ -217,6 +218,7 @@ impl Validator<'_> {
         Ok(Config {
             admin,
             access_log,
+            dns,
             path: self.path.to_path_buf(),
             listeners,
             routes,
@@ -420,10 +422,93 @@ impl Validator<'_> {
         })
     }
 
+    /// `[dns]`, or its defaults.
+    fn dns(&self, raw: Option<&RawDns>) -> Result<DnsConfig, ConfigError> {
+        let mut dns = DnsConfig {
+            nameservers: Vec::new(),
+            min_ttl_ms: DEFAULT_DNS_MIN_TTL_MS,
+            max_ttl_ms: DEFAULT_DNS_MAX_TTL_MS,
+        };
+        let Some(raw) = raw else { return Ok(dns) };
+        for (i, s) in raw.nameservers.iter().enumerate() {
+            dns.nameservers
+                .push(self.socket_addr(&format!("dns.nameservers[{i}]"), s)?);
+        }
+        (dns.min_ttl_ms, dns.max_ttl_ms) = self.ttl_bounds(
+            "dns",
+            raw.dns_min_ttl_ms.as_ref(),
+            raw.dns_max_ttl_ms.as_ref(),
+            (dns.min_ttl_ms, dns.max_ttl_ms),
+        )?;
+        Ok(dns)
+    }
+
+    /// `dns_min_ttl_ms` and `dns_max_ttl_ms` under `table`: each at least 1,
+    /// the minimum at most the maximum.
+    fn ttl_bounds(
+        &self,
+        table: &str,
+        min: Option<&Spanned<u64>>,
+        max: Option<&Spanned<u64>>,
+        defaults: (u64, u64),
+    ) -> Result<(u64, u64), ConfigError> {
+        let one = |key: &str, v: Option<&Spanned<u64>>, default: u64| match v {
+            Some(v) if *v.get_ref() == 0 => Err(self.err(
+                Some(v.span()),
+                format!("{table}.{key}"),
+                "must be at least 1",
+            )),
+            Some(v) => Ok(*v.get_ref()),
+            None => Ok(default),
+        };
+        let lo = one("dns_min_ttl_ms", min, defaults.0)?;
+        let hi = one("dns_max_ttl_ms", max, defaults.1)?;
+        if lo > hi {
+            return Err(self.err(
+                min.or(max).map(Spanned::span),
+                format!("{table}.dns_min_ttl_ms"),
+                format!("{lo} is more than dns_max_ttl_ms ({hi})"),
+            ));
+        }
+        Ok((lo, hi))
+    }
+
+    /// A backend's `address`: `IP:port`, or `name:port` for DNS.
+    fn backend_address(
+        &self,
+        key: &str,
+        s: &Spanned<String>,
+    ) -> Result<Result<SocketAddr, (String, u16)>, ConfigError> {
+        if let Ok(a) = s.get_ref().parse::<SocketAddr>() {
+            return Ok(Ok(a));
+        }
+        if let Some((host, port)) = s.get_ref().rsplit_once(':')
+            && crate::dns::is_dns_name(host)
+            && let Ok(port) = port.parse::<u16>()
+        {
+            return Ok(Err((host.to_ascii_lowercase(), port)));
+        }
+        self.socket_addr(key, s).map(Ok)
+    }
+
+    /// Backend `i`'s weight: at least 1, default 1.
+    fn backend_weight(&self, prefix: &str, i: usize, b: &RawBackend) -> Result<u32, ConfigError> {
+        match &b.weight {
+            Some(w) if *w.get_ref() == 0 => Err(self.err(
+                Some(w.span()),
+                format!("{prefix}.backends[{i}].weight"),
+                "must be at least 1",
+            )),
+            Some(w) => Ok(*w.get_ref()),
+            None => Ok(1),
+        }
+    }
+
     pub(super) fn upstream(
         &self,
         name: &str,
         u: RawUpstream,
+        dns: &DnsConfig,
     ) -> Result<UpstreamConfig, ConfigError> {
         let prefix = format!("upstream.{name}");
         let (protocol, tls) =
@@ -437,10 +522,35 @@ impl Validator<'_> {
         }
         let plugin = self.plugin_ref(&format!("{prefix}.plugin"), &u.plugin)?;
         let mut backends = Vec::new();
+        let mut specs = Vec::new();
+        let mut names = Vec::new();
         let mut seen = HashSet::new();
+        let mut seen_names = HashSet::new();
         for (i, b) in u.backends.iter().enumerate() {
             let key = format!("{prefix}.backends[{i}].address");
-            let address = self.socket_addr(&key, &b.address)?;
+            let address = match self.backend_address(&key, &b.address)? {
+                Ok(address) => address,
+                Err((host, port)) => {
+                    if !seen_names.insert((host.clone(), port)) {
+                        return Err(self.err(
+                            Some(b.address.span()),
+                            key,
+                            format!("duplicate backend {host}:{port}"),
+                        ));
+                    }
+                    let weight = self.backend_weight(&prefix, i, b)?;
+                    names.push((specs.len(), i, host.clone()));
+                    specs.push(BackendSpec::Name {
+                        host,
+                        port,
+                        weight,
+                        labels: b.labels.clone(),
+                        state: b.state,
+                        resolved: Vec::new(),
+                    });
+                    continue;
+                }
+            };
             if !seen.insert(address) {
                 return Err(self.err(
                     Some(b.address.span()),
@@ -448,25 +558,51 @@ impl Validator<'_> {
                     format!("duplicate backend {address}"),
                 ));
             }
-            let weight = match &b.weight {
-                Some(w) if *w.get_ref() == 0 => {
-                    return Err(self.err(
-                        Some(w.span()),
-                        format!("{prefix}.backends[{i}].weight"),
-                        "must be at least 1",
-                    ));
-                }
-                Some(w) => *w.get_ref(),
-                None => 1,
-            };
-            backends.push(BackendConfig {
+            let weight = self.backend_weight(&prefix, i, b)?;
+            let backend = BackendConfig {
                 address,
                 weight,
                 labels: b.labels.clone(),
                 state: b.state,
+            };
+            specs.push(BackendSpec::Address(backend.clone()));
+            backends.push(backend);
+        }
+        let mut dns_discovery = None;
+        if !names.is_empty() {
+            let (min_ttl_ms, max_ttl_ms) = self.ttl_bounds(
+                &prefix,
+                u.dns_min_ttl_ms.as_ref(),
+                u.dns_max_ttl_ms.as_ref(),
+                (dns.min_ttl_ms, dns.max_ttl_ms),
+            )?;
+            let hosts: Vec<String> = names.iter().map(|(_, _, h)| h.clone()).collect();
+            let results = crate::dns::resolve_blocking(&dns.nameservers, &hosts);
+            for ((spec_index, i, host), result) in names.iter().zip(results) {
+                let resolved = result.map_err(|e| {
+                    self.err(
+                        Some(u.backends[*i].address.span()),
+                        format!("{prefix}.backends[{i}].address"),
+                        format!("cannot resolve {host:?}: {e}"),
+                    )
+                })?;
+                if let Some(BackendSpec::Name { resolved: r, .. }) = specs.get_mut(*spec_index) {
+                    *r = resolved.ips;
+                }
+            }
+            backends = expand_specs(&specs, |i| match &specs[i] {
+                BackendSpec::Name { resolved, .. } => resolved.as_slice(),
+                BackendSpec::Address(_) => &[],
+            });
+            dns_discovery = Some(DiscoveryConfig::Dns {
+                specs,
+                nameservers: dns.nameservers.clone(),
+                min_ttl_ms,
+                max_ttl_ms,
             });
         }
         let discovery = match &u.discovery {
+            None => dns_discovery,
             Some(d) => {
                 if !u.backends.is_empty() {
                     return Err(self.err(
@@ -479,7 +615,6 @@ impl Validator<'_> {
                 backends = found;
                 Some(discovery)
             }
-            None => None,
         };
         let positive = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
             Some(s) if *s.get_ref() == 0 => Err(self.err(
