@@ -65,6 +65,18 @@ pub fn start<'a>(
                     Duration::from_millis(refresh_interval_ms),
                 ));
             }
+            DiscoveryConfig::DnsSrv {
+                name,
+                nameservers,
+                min_ttl_ms,
+                max_ttl_ms,
+            } => {
+                let bounds = (
+                    Duration::from_millis(min_ttl_ms),
+                    Duration::from_millis(max_ttl_ms),
+                );
+                tokio::spawn(srv_loop(target, name, nameservers, bounds));
+            }
             DiscoveryConfig::Dns {
                 specs,
                 nameservers,
@@ -265,6 +277,58 @@ async fn dns_loop(
             });
             if !target.apply(&list) {
                 return;
+            }
+        }
+    }
+}
+
+async fn srv_loop(
+    target: Target,
+    name: String,
+    nameservers: Vec<std::net::SocketAddr>,
+    bounds: (Duration, Duration),
+) {
+    let resolver = match DnsResolver::new(&nameservers) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(
+                upstream = &*target.name,
+                "discovery: {e}; the SRV backends found at load stay"
+            );
+            return;
+        }
+    };
+    let mut last_error: Option<String> = None;
+    let mut wait = bounds.0;
+    loop {
+        tokio::time::sleep(wait).await;
+        if !target.alive() {
+            return;
+        }
+        match resolver.lookup_srv(&name).await {
+            Ok(answer) => {
+                let ttl = answer
+                    .valid_until
+                    .saturating_duration_since(std::time::Instant::now());
+                wait = clamp_ttl(ttl, bounds);
+                if last_error.take().is_some() {
+                    tracing::info!(upstream = &*target.name, name = %name, "discovery: SRV resolves again");
+                }
+                if !target.apply(&crate::config::srv_backends(&answer)) {
+                    return;
+                }
+            }
+            Err(e) => {
+                wait = bounds.0;
+                let reason = e.to_string();
+                if last_error.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(
+                        upstream = &*target.name,
+                        name = %name,
+                        "discovery: cannot resolve SRV: {reason}; keeping the last good backend set"
+                    );
+                    last_error = Some(reason);
+                }
             }
         }
     }

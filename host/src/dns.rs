@@ -108,6 +108,115 @@ impl DnsResolver {
     }
 }
 
+/// One backend found through an SRV record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvBackend {
+    /// The target's address with the record's port.
+    pub address: SocketAddr,
+    /// The record's weight (0 to 65535).
+    pub weight: u16,
+    /// The record's priority (the group chosen; lower is preferred).
+    pub priority: u16,
+    /// The target name, lowercased, without the final dot.
+    pub target: String,
+}
+
+/// An SRV answer turned into backends (see [`DnsResolver::lookup_srv`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvResolved {
+    /// The backends, sorted by address.
+    pub backends: Vec<SrvBackend>,
+    /// When the first TTL involved (the SRV's or a target's) runs out.
+    pub valid_until: Instant,
+}
+
+impl DnsResolver {
+    /// The backends behind SRV name `name` (RFC 2782): the records of the
+    /// lowest priority whose targets resolve to at least one address; a
+    /// higher priority is used only when no target of every lower one does.
+    /// A target of `.` ("no service here") is skipped.
+    ///
+    /// # Errors
+    /// [`DnsError::Lookup`] when the SRV lookup fails or no target resolves.
+    pub async fn lookup_srv(&self, name: &str) -> Result<SrvResolved, DnsError> {
+        use hickory_resolver::proto::rr::RData;
+        let answer = self
+            .inner
+            .srv_lookup(name)
+            .await
+            .map_err(|e| DnsError::Lookup(e.to_string()))?;
+        let mut valid_until = answer.valid_until();
+        let mut records: Vec<(u16, u16, u16, String)> = answer
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) => Some((
+                    srv.priority,
+                    srv.weight,
+                    srv.port,
+                    srv.target
+                        .to_ascii()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                )),
+                _ => None,
+            })
+            .filter(|(_, _, _, target)| !target.is_empty())
+            .collect();
+        records.sort();
+        let mut priorities: Vec<u16> = records.iter().map(|r| r.0).collect();
+        priorities.dedup();
+        let mut last_error = None;
+        for priority in priorities {
+            let mut backends = Vec::new();
+            for (_, weight, port, target) in records.iter().filter(|r| r.0 == priority) {
+                match self.lookup(target).await {
+                    Ok(resolved) => {
+                        valid_until = valid_until.min(resolved.valid_until);
+                        backends.extend(resolved.ips.iter().map(|ip| SrvBackend {
+                            address: SocketAddr::new(*ip, *port),
+                            weight: *weight,
+                            priority,
+                            target: target.clone(),
+                        }));
+                    }
+                    Err(e) => last_error = Some(format!("{target}: {e}")),
+                }
+            }
+            if !backends.is_empty() {
+                backends.sort_by_key(|b| b.address);
+                backends.dedup_by_key(|b| b.address);
+                return Ok(SrvResolved {
+                    backends,
+                    valid_until,
+                });
+            }
+        }
+        Err(DnsError::Lookup(match last_error {
+            Some(e) => format!("no SRV target resolves ({e})"),
+            None => "no SRV records".into(),
+        }))
+    }
+}
+
+/// [`DnsResolver::lookup_srv`] once, blocking the caller (config load), as
+/// [`resolve_blocking`].
+pub fn resolve_srv_blocking(
+    nameservers: &[SocketAddr],
+    name: &str,
+) -> Result<SrvResolved, DnsError> {
+    let (nameservers, name) = (nameservers.to_vec(), name.to_string());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DnsError::Setup(e.to_string()))?;
+        runtime.block_on(async move { DnsResolver::new(&nameservers)?.lookup_srv(&name).await })
+    })
+    .join()
+    .unwrap_or_else(|_| Err(DnsError::Setup("the resolver thread panicked".into())))
+}
+
 /// Resolve each of `hosts` once, blocking the caller (config load, which
 /// may run inside a tokio runtime or outside any): on a thread of its own
 /// with its own runtime. Results are in `hosts` order.

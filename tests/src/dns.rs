@@ -14,6 +14,7 @@ use crate::WAIT;
 #[derive(Debug)]
 pub struct DnsServer {
     child: Option<Child>,
+    srv: Vec<String>,
     /// Where it answers (UDP and TCP).
     pub addr: SocketAddr,
     hosts: PathBuf,
@@ -24,12 +25,19 @@ impl DnsServer {
     /// Start dnsmasq serving `hosts` (hosts-file lines, `IP name`) with a
     /// TTL of `ttl_s` seconds, and wait until it answers.
     pub fn start(hosts: &str, ttl_s: u32) -> Self {
+        Self::start_with_srv(hosts, &[], ttl_s)
+    }
+
+    /// As [`DnsServer::start`], also answering SRV records, each written as
+    /// dnsmasq's `--srv-host` value: `_service._proto.domain,target,port,priority,weight`.
+    pub fn start_with_srv(hosts: &str, srv: &[&str], ttl_s: u32) -> Self {
         let dir = tempfile::tempdir().expect("dns dir");
         let file = dir.path().join("hosts");
         std::fs::write(&file, hosts).expect("hosts file");
         let addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
         let mut server = Self {
             child: None,
+            srv: srv.iter().map(|s| format!("--srv-host={s}")).collect(),
             addr,
             hosts: file,
             _dir: dir,
@@ -55,6 +63,7 @@ impl DnsServer {
             .arg(format!("--port={}", self.addr.port()))
             .arg(format!("--addn-hosts={}", self.hosts.display()))
             .arg(format!("--local-ttl={ttl_s}"))
+            .args(&self.srv)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -104,6 +113,13 @@ impl DnsServer {
                 .args([&format!("-{name}"), &child.id().to_string()])
                 .status();
         }
+    }
+
+    /// Replace the SRV records (dnsmasq reads them at start only: it is
+    /// restarted on the same port).
+    pub fn set_srv(&mut self, srv: &[&str], ttl_s: u32) {
+        self.srv = srv.iter().map(|s| format!("--srv-host={s}")).collect();
+        self.restart(ttl_s);
     }
 
     /// Kill it (queries then time out) until [`DnsServer::restart`].

@@ -227,3 +227,83 @@ fn a_name_that_does_not_resolve_is_a_config_error_naming_it() {
     let (code, stdout, stderr) = check(&file.path);
     assert_eq!((code, stdout.trim()), (0, "ok"), "{stderr}");
 }
+
+/// `kind = "dns-srv"`: the lowest priority that resolves, weights from the
+/// records, the set following the records under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_give_the_backends_by_priority_and_weight() {
+    let port = free_port();
+    let servers = backends_at(port, &[7, 8, 9]).await;
+    let records = "127.0.0.7 a.test\n127.0.0.8 b.test\n127.0.0.9 c.test\n";
+    let srv = |priority_c: u16| {
+        [
+            format!("_http._tcp.app.test,a.test,{port},10,1"),
+            format!("_http._tcp.app.test,b.test,{port},10,3"),
+            format!("_http._tcp.app.test,c.test,{port},{priority_c},5"),
+        ]
+    };
+    let first = srv(20);
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut dns = DnsServer::start_with_srv(records, &first, 0);
+    let extra = format!(
+        "[upstream.app.discovery]\nkind = \"dns-srv\"\nname = \"_http._tcp.app.test\"\n\
+         [dns]\nnameservers = [\"{}\"]\ndns_min_ttl_ms = 100\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        dns.addr
+    );
+    let proxy = InProcessProxy::start(&app_config("round-robin", "", &extra)).await;
+    let body = client()
+        .get(proxy.admin_url("/upstreams/app"))
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    let got: Vec<(String, u64)> = v["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (format!("127.0.0.7:{port}"), 1),
+            (format!("127.0.0.8:{port}"), 3)
+        ],
+        "priority 10 only, the records' weights"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(proxy.url("/"), 16, stop.clone());
+    // c.test moves to priority 10: it joins.
+    let joined = srv(10);
+    let joined: Vec<&str> = joined.iter().map(String::as_str).collect();
+    dns.set_srv(&joined, 0);
+    wait_until("c.test to get traffic", || servers[2].hits() > 0).await;
+    stop.store(true, Ordering::Relaxed);
+    assert_all_ok(&collect(clients).await);
+    assert!(
+        servers[1].hits() > servers[0].hits(),
+        "weight 3 over weight 1"
+    );
+    assert!(proxy.stop().await);
+
+    // An SRV name that does not resolve is a config error naming it.
+    let missing = extra.replace("_http._tcp.app.test", "_http._tcp.missing.test");
+    let file = ConfigFile::new(&app_config("round-robin", "", &missing));
+    let (code, _, stderr) = check(&file.path);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(
+            "upstream.app.discovery.name: cannot resolve SRV \"_http._tcp.missing.test\""
+        ),
+        "{stderr}"
+    );
+}

@@ -35,6 +35,21 @@ pub enum DiscoveryConfig {
         /// Poll period in ms (default 1000, at least 1).
         refresh_interval_ms: u64,
     },
+    /// `kind = "dns-srv"`: the backends are the targets of SRV name `name`
+    /// (RFC 2782: the lowest priority that resolves; each target's A/AAAA
+    /// addresses with the record's port; weight from the record, 0 taken
+    /// as 1; labels `srv_target` and `srv_priority`), resolved again when
+    /// the TTL runs out, within the same bounds as names.
+    DnsSrv {
+        /// The SRV name, e.g. `_http._tcp.app.internal`.
+        name: String,
+        /// `[dns] nameservers` (empty: the system's).
+        nameservers: Vec<SocketAddr>,
+        /// Shortest wait before the name is resolved again, in ms.
+        min_ttl_ms: u64,
+        /// Longest wait before the name is resolved again, in ms.
+        max_ttl_ms: u64,
+    },
     /// Backends written as `name:port`: each name is resolved at config
     /// load and again when its answer's TTL runs out, the wait bounded by
     /// `min_ttl_ms` and `max_ttl_ms`.
@@ -119,6 +134,7 @@ pub fn expand_specs<'a>(
 pub(super) struct RawDiscovery {
     pub(super) kind: Spanned<String>,
     pub(super) path: Option<Spanned<String>>,
+    pub(super) name: Option<Spanned<String>>,
     pub(super) refresh_interval_ms: Option<Spanned<u64>>,
 }
 
@@ -238,6 +254,24 @@ pub fn read_backend_file(path: &Path) -> Result<Vec<BackendConfig>, String> {
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
     parse_backend_list(&text).map_err(|e| format!("{shown}:{e}"))
+}
+
+/// The backends of an SRV answer, as config entries (see
+/// [`DiscoveryConfig::DnsSrv`]).
+pub fn srv_backends(answer: &crate::dns::SrvResolved) -> Vec<BackendConfig> {
+    answer
+        .backends
+        .iter()
+        .map(|b| BackendConfig {
+            address: b.address,
+            weight: u32::from(b.weight.max(1)),
+            labels: BTreeMap::from([
+                ("srv_priority".to_string(), b.priority.to_string()),
+                ("srv_target".to_string(), b.target.clone()),
+            ]),
+            state: AdminState::Ready,
+        })
+        .collect()
 }
 
 #[cfg(test)]

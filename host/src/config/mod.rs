@@ -44,7 +44,7 @@ use defaults::{
 };
 pub use discovery::{
     BackendSpec, DEFAULT_FILE_REFRESH_INTERVAL_MS, DiscoveryConfig, MAX_BACKEND_FILE_BYTES,
-    expand_specs, parse_backend, parse_backend_list, read_backend_file,
+    expand_specs, parse_backend, parse_backend_list, read_backend_file, srv_backends,
 };
 pub use plugin_ref::{MAX_PLUGIN_FILE_BYTES, PluginRef, read_plugin_file};
 use raw::RawConfig;

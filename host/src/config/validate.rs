@@ -611,7 +611,13 @@ impl Validator<'_> {
                         "backends and discovery exclude each other: list the backends, or name where they come from",
                     ));
                 }
-                let (discovery, found) = self.discovery(&prefix, d.get_ref())?;
+                let ttl = self.ttl_bounds(
+                    &prefix,
+                    u.dns_min_ttl_ms.as_ref(),
+                    u.dns_max_ttl_ms.as_ref(),
+                    (dns.min_ttl_ms, dns.max_ttl_ms),
+                )?;
+                let (discovery, found) = self.discovery(&prefix, d.get_ref(), dns, ttl)?;
                 backends = found;
                 Some(discovery)
             }
@@ -781,10 +787,60 @@ impl Validator<'_> {
         &self,
         prefix: &str,
         d: &super::discovery::RawDiscovery,
+        dns: &DnsConfig,
+        (min_ttl_ms, max_ttl_ms): (u64, u64),
     ) -> Result<(DiscoveryConfig, Vec<BackendConfig>), ConfigError> {
         let key = |k: &str| format!("{prefix}.discovery.{k}");
+        let only = |field: &str, present: bool| {
+            if present {
+                Err(self.err(
+                    Some(d.kind.span()),
+                    key(field),
+                    format!("not a key of kind {:?}", d.kind.get_ref()),
+                ))
+            } else {
+                Ok(())
+            }
+        };
         match d.kind.get_ref().as_str() {
+            "dns-srv" => {
+                only("path", d.path.is_some())?;
+                only("refresh_interval_ms", d.refresh_interval_ms.is_some())?;
+                let Some(name) = &d.name else {
+                    return Err(self.err(
+                        Some(d.kind.span()),
+                        key("name"),
+                        "a dns-srv source needs name = \"_service._proto.domain\"",
+                    ));
+                };
+                let host = name.get_ref().to_ascii_lowercase();
+                if !crate::dns::is_dns_name(&host) {
+                    return Err(self.err(
+                        Some(name.span()),
+                        key("name"),
+                        format!("{host:?} is not a DNS name"),
+                    ));
+                }
+                let answer =
+                    crate::dns::resolve_srv_blocking(&dns.nameservers, &host).map_err(|e| {
+                        self.err(
+                            Some(name.span()),
+                            key("name"),
+                            format!("cannot resolve SRV {host:?}: {e}"),
+                        )
+                    })?;
+                Ok((
+                    DiscoveryConfig::DnsSrv {
+                        name: host,
+                        nameservers: dns.nameservers.clone(),
+                        min_ttl_ms,
+                        max_ttl_ms,
+                    },
+                    srv_backends(&answer),
+                ))
+            }
             "file" => {
+                only("name", d.name.is_some())?;
                 let Some(path) = &d.path else {
                     return Err(self.err(
                         Some(d.kind.span()),
@@ -818,7 +874,7 @@ impl Validator<'_> {
             other => Err(self.err(
                 Some(d.kind.span()),
                 key("kind"),
-                format!("unknown discovery kind {other:?} (supported: \"file\")"),
+                format!("unknown discovery kind {other:?} (supported: \"file\", \"dns-srv\")"),
             )),
         }
     }
