@@ -732,9 +732,12 @@ key = "x-user"
 
     #[test]
     fn bad_addresses_and_duplicates_are_rejected() {
-        let e = error_of(&GOOD.replace("127.0.0.1:9002", "localhost:9002"));
-        assert!(e.contains("upstream.app.backends[1].address"), "{e}");
-        assert!(e.contains("not an IP:port"), "{e}");
+        // A name without a port, and a name that is not a DNS name.
+        for bad in ["localhost", "local host:9002", "-x.example:9002"] {
+            let e = error_of(&GOOD.replace("127.0.0.1:9002", bad));
+            assert!(e.contains("upstream.app.backends[1].address"), "{e}");
+            assert!(e.contains("not an IP:port"), "{e}");
+        }
         let e = error_of(&GOOD.replace("127.0.0.1:9002", "127.0.0.1:9001"));
         assert!(e.contains("duplicate backend 127.0.0.1:9001"), "{e}");
         let twice =
