@@ -71,11 +71,12 @@ pub fn start<'a>(
                 min_ttl_ms,
                 max_ttl_ms,
             } => {
-                let bounds = (
-                    Duration::from_millis(min_ttl_ms),
-                    Duration::from_millis(max_ttl_ms),
-                );
-                tokio::spawn(srv_loop(target, name, nameservers, bounds));
+                tokio::spawn(srv_loop(
+                    target,
+                    name,
+                    nameservers,
+                    ttl_bounds(min_ttl_ms, max_ttl_ms),
+                ));
             }
             DiscoveryConfig::Dns {
                 specs,
@@ -83,11 +84,12 @@ pub fn start<'a>(
                 min_ttl_ms,
                 max_ttl_ms,
             } => {
-                let bounds = (
-                    Duration::from_millis(min_ttl_ms),
-                    Duration::from_millis(max_ttl_ms),
-                );
-                tokio::spawn(dns_loop(target, specs, nameservers, bounds));
+                tokio::spawn(dns_loop(
+                    target,
+                    specs,
+                    nameservers,
+                    ttl_bounds(min_ttl_ms, max_ttl_ms),
+                ));
             }
         }
     }
@@ -114,6 +116,19 @@ impl Target {
             crate::health::watch(&upstream, &change.added, hc, &self.metrics);
         }
         true
+    }
+
+    /// A resolver for this source's lookups; `None` (logged) when it
+    /// cannot be set up, and the set found at load stays.
+    fn resolver(&self, nameservers: &[std::net::SocketAddr]) -> Option<DnsResolver> {
+        DnsResolver::new(nameservers)
+            .inspect_err(|e| {
+                tracing::error!(
+                    upstream = &*self.name,
+                    "discovery: {e}; the backends found at load stay"
+                );
+            })
+            .ok()
     }
 
     fn alive(&self) -> bool {
@@ -191,6 +206,14 @@ struct NameState {
     last_error: Option<String>,
 }
 
+/// `dns_min_ttl_ms` and `dns_max_ttl_ms` as durations.
+fn ttl_bounds(min_ttl_ms: u64, max_ttl_ms: u64) -> (Duration, Duration) {
+    (
+        Duration::from_millis(min_ttl_ms),
+        Duration::from_millis(max_ttl_ms),
+    )
+}
+
 /// `ttl` clamped to `bounds` (min, max).
 fn clamp_ttl(ttl: Duration, bounds: (Duration, Duration)) -> Duration {
     ttl.clamp(bounds.0, bounds.1)
@@ -202,15 +225,8 @@ async fn dns_loop(
     nameservers: Vec<std::net::SocketAddr>,
     bounds: (Duration, Duration),
 ) {
-    let resolver = match DnsResolver::new(&nameservers) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(
-                upstream = &*target.name,
-                "discovery: {e}; backend names keep the addresses found at load"
-            );
-            return;
-        }
+    let Some(resolver) = target.resolver(&nameservers) else {
+        return;
     };
     // The first answers came with the config; ask again after the shortest
     // wait, which learns their TTL.
@@ -288,15 +304,8 @@ async fn srv_loop(
     nameservers: Vec<std::net::SocketAddr>,
     bounds: (Duration, Duration),
 ) {
-    let resolver = match DnsResolver::new(&nameservers) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(
-                upstream = &*target.name,
-                "discovery: {e}; the SRV backends found at load stay"
-            );
-            return;
-        }
+    let Some(resolver) = target.resolver(&nameservers) else {
+        return;
     };
     let mut last_error: Option<String> = None;
     let mut wait = bounds.0;

@@ -80,6 +80,32 @@ impl InProcessProxy {
             .clone()
     }
 
+    /// The addresses of upstream `name`'s backends now, in id order.
+    pub fn backend_addresses(&self, name: &str) -> Vec<String> {
+        self.upstream(name)
+            .backends()
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect()
+    }
+
+    /// Wait (at most [`crate::WAIT`]) until upstream `name`'s backends are
+    /// `want`, in order; panics with what they are otherwise.
+    pub async fn wait_for_backends(&self, name: &str, want: &[String]) {
+        let deadline = tokio::time::Instant::now() + crate::WAIT;
+        loop {
+            let got = self.backend_addresses(name);
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backends of {name} are {got:?}, want {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Shut down gracefully; true if every connection finished in time.
     pub async fn stop(mut self) -> bool {
         match self.server.take() {

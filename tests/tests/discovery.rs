@@ -28,39 +28,19 @@ fn list_of(backends: &[&TestBackend]) -> String {
     format!("[{}]", entries.join(",\n "))
 }
 
-/// `GET /upstreams/app`'s backend addresses.
-async fn addresses(proxy: &InProcessProxy) -> Vec<String> {
-    let body = client()
-        .get(proxy.admin_url("/upstreams/app"))
-        .send()
-        .await
-        .expect("GET /upstreams/app")
-        .bytes()
-        .await
-        .expect("body");
-    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-    v["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .map(|b| b["address"].as_str().expect("address").to_string())
-        .collect()
+/// The addresses of `backends`, as the admin API and the harness show them.
+fn addrs(backends: &[&TestBackend]) -> Vec<String> {
+    backends.iter().map(|b| b.addr.to_string()).collect()
 }
 
-async fn wait_for_addresses(proxy: &InProcessProxy, want: &[&TestBackend]) {
-    let want: Vec<String> = want.iter().map(|b| b.addr.to_string()).collect();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let got = addresses(proxy).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "backends are {got:?}, want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// `POST /upstreams/{upstream}/backends` with `body`.
+async fn add_backend(proxy: &InProcessProxy, upstream: &str, body: String) -> reqwest::Response {
+    client()
+        .post(proxy.admin_url(&format!("/upstreams/{upstream}/backends")))
+        .body(body)
+        .send()
+        .await
+        .expect("POST backends")
 }
 
 const DISCOVERY: &str = "[upstream.app.discovery]\nkind = \"file\"\npath = \"backends.json\"\nrefresh_interval_ms = 50\n\
@@ -76,7 +56,7 @@ async fn a_file_source_changes_the_set_under_load_and_a_bad_file_changes_nothing
     })
     .await;
     let file = proxy.config_dir().join("backends.json");
-    assert_eq!(addresses(&proxy).await, [b1.addr.to_string()]);
+    assert_eq!(proxy.backend_addresses("app"), [b1.addr.to_string()]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = load(proxy.url("/"), 16, stop.clone());
@@ -104,7 +84,7 @@ async fn a_file_source_changes_the_set_under_load_and_a_bad_file_changes_nothing
         tokio::time::sleep(Duration::from_millis(150)).await;
         let want: Vec<String> = [b1, b2, b3].iter().map(|b| b.addr.to_string()).collect();
         assert_eq!(
-            addresses(&proxy).await,
+            proxy.backend_addresses("app"),
             want,
             "after a bad file: {:.60}",
             text
@@ -113,7 +93,7 @@ async fn a_file_source_changes_the_set_under_load_and_a_bad_file_changes_nothing
 
     // Leaves: b1 gets nothing more, and no request fails.
     publish(&file, &list_of(&[b2, b3]));
-    wait_for_addresses(&proxy, &[b2, b3]).await;
+    proxy.wait_for_backends("app", &addrs(&[b2, b3])).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b1_hits = b1.hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -124,12 +104,12 @@ async fn a_file_source_changes_the_set_under_load_and_a_bad_file_changes_nothing
 
     // The admin API leaves a discovery-managed upstream alone.
     let c = client();
-    let r = c
-        .post(proxy.admin_url("/upstreams/app/backends"))
-        .body(format!(r#"{{"address": "{}"}}"#, b1.addr))
-        .send()
-        .await
-        .expect("post");
+    let r = add_backend(
+        &proxy,
+        "app",
+        format!(r#"{{"address": "{}"}}"#, b1.addr).to_string(),
+    )
+    .await;
     assert_eq!(r.status(), 409);
     assert!(r.text().await.unwrap().contains("discovery source"));
     let r = c
@@ -223,22 +203,23 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
     let clients = load(proxy.url("/"), 16, stop.clone());
 
     // Add b2 and b3 (b3 with a weight and labels).
-    let r = c
-        .post(proxy.admin_url("/upstreams/app/backends"))
-        .body(format!(r#"{{"address": "{}"}}"#, b2.addr))
-        .send()
-        .await
-        .expect("post");
+    let r = add_backend(
+        &proxy,
+        "app",
+        format!(r#"{{"address": "{}"}}"#, b2.addr).to_string(),
+    )
+    .await;
     assert_eq!(r.status(), 201);
-    let r = c
-        .post(proxy.admin_url("/upstreams/app/backends"))
-        .body(format!(
+    let r = add_backend(
+        &proxy,
+        "app",
+        format!(
             r#"{{"address": "{}", "weight": 2, "labels": {{"zone": "b"}}}}"#,
             b3.addr
-        ))
-        .send()
-        .await
-        .expect("post");
+        )
+        .to_string(),
+    )
+    .await;
     assert_eq!(r.status(), 201);
     let added: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(
@@ -287,27 +268,22 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
         ("\u{0}\u{ff}", 400),
     ];
     for (body, status) in hostile {
-        let r = c
-            .post(proxy.admin_url("/upstreams/app/backends"))
-            .body(body)
-            .send()
-            .await
-            .expect("post");
+        let r = add_backend(&proxy, "app", body.to_string()).await;
         assert_eq!(r.status(), status, "{body:?}");
     }
-    let r = c
-        .post(proxy.admin_url("/upstreams/app/backends"))
-        .body(format!(r#"{{"address": "{}"}}"#, b2.addr))
-        .send()
-        .await
-        .expect("post");
+    let r = add_backend(
+        &proxy,
+        "app",
+        format!(r#"{{"address": "{}"}}"#, b2.addr).to_string(),
+    )
+    .await;
     assert_eq!(r.status(), 409, "a duplicate");
-    let r = c
-        .post(proxy.admin_url("/upstreams/nope/backends"))
-        .body(format!(r#"{{"address": "{}"}}"#, b2.addr))
-        .send()
-        .await
-        .expect("post");
+    let r = add_backend(
+        &proxy,
+        "nope",
+        format!(r#"{{"address": "{}"}}"#, b2.addr).to_string(),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     for gone in [
         "/upstreams/app/backends/127.0.0.1:1",
@@ -329,7 +305,7 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
         .await
         .expect("delete");
     assert!(r.status() == 200 || r.status() == 202, "{}", r.status());
-    wait_for_addresses(&proxy, &[b2, b3]).await;
+    proxy.wait_for_backends("app", &addrs(&[b2, b3])).await;
     let b1_hits = b1.hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -359,11 +335,15 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["removed"], false, "{body}");
     assert!(body["in_flight"].as_u64() >= Some(1), "{body}");
-    assert!(addresses(&proxy).await.contains(&b2.addr.to_string()));
+    assert!(
+        proxy
+            .backend_addresses("app")
+            .contains(&b2.addr.to_string())
+    );
     for request in slow {
         assert_eq!(request.await.expect("slow request").expect("sent"), 200);
     }
-    wait_for_addresses(&proxy, &[b3]).await;
+    proxy.wait_for_backends("app", &addrs(&[b3])).await;
 
     // A reload rebuilds the set from the config file.
     let r = c
@@ -372,6 +352,6 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
         .await
         .expect("reload");
     assert_eq!(r.status(), 200);
-    wait_for_addresses(&proxy, &[b1]).await;
+    proxy.wait_for_backends("app", &addrs(&[b1])).await;
     assert!(proxy.stop().await);
 }

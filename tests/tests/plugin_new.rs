@@ -14,6 +14,18 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The outer cargo's build settings, which a cargo run on the generated
+/// crate must not inherit.
+const OUTER_CARGO_ENV: [&str; 7] = [
+    "CARGO_ENCODED_RUSTFLAGS",
+    "RUSTFLAGS",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MANIFEST_PATH",
+    "CARGO_MANIFEST_DIR",
+];
+
 /// `cargo ARGS` on the generated crate, without the outer cargo's build
 /// settings, sharing one target directory across runs.
 fn cargo(manifest: &Path, args: &[&str]) {
@@ -23,14 +35,7 @@ fn cargo(manifest: &Path, args: &[&str]) {
         .arg(manifest)
         .arg("--target-dir")
         .arg(root().join("target/plugin-new"));
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_PRIMARY_PACKAGE",
-        "CARGO_MANIFEST_PATH",
-    ] {
+    for var in OUTER_CARGO_ENV {
         cmd.env_remove(var);
     }
     let out = cmd.output().expect("run cargo");
@@ -283,15 +288,7 @@ fn tutorial_runs_as_written_from_any_directory() {
         .current_dir(&home)
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_PRIMARY_PACKAGE",
-        "CARGO_MANIFEST_PATH",
-        "CARGO_MANIFEST_DIR",
-    ] {
+    for var in OUTER_CARGO_ENV {
         cmd.env_remove(var);
     }
     use std::os::unix::process::CommandExt as _;
