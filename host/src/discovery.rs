@@ -155,7 +155,10 @@ fn stamp(path: &std::path::Path) -> std::io::Result<Stamp> {
 }
 
 async fn file_loop(target: Target, path: std::path::PathBuf, every: Duration) {
-    let mut seen = stamp(&path).ok();
+    // Nothing seen yet: the first tick reads the file, so a change made
+    // between the config load and this task's start is not missed (an
+    // unchanged file then changes nothing).
+    let mut seen: Option<Stamp> = None;
     let mut last_error: Option<String> = None;
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -313,12 +313,13 @@ async fn the_admin_api_adds_and_removes_backends_without_failing_a_request() {
     assert_all_ok(&seen);
     assert_eq!(b1.hits(), b1_hits, "a removed backend got traffic");
 
-    // A slow request holds a removal until it ends (two requests: round-robin
-    // sends b2 at least one).
+    // A slow request holds a removal until it ends (three requests: weighted
+    // round-robin over b2 (weight 1) and b3 (weight 2) sends b2 one of any
+    // three in a row).
     b2.set_mode(Mode::Delay(800));
     b3.set_mode(Mode::Delay(800));
     let before = b2.hits();
-    let slow: Vec<_> = (0..2)
+    let slow: Vec<_> = (0..3)
         .map(|_| {
             let url = proxy.url("/");
             tokio::spawn(async move { client().get(url).send().await.map(|r| r.status().as_u16()) })
