@@ -19,14 +19,14 @@
 //! `mv`'s atomic replace changes the inode), like Prometheus `file_sd`'s
 //! periodic refresh.
 
-use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use crate::config::{
-    BackendSpec, Config, DiscoveryConfig, HealthCheckConfig, expand_specs, read_backend_file,
+    BackendSpec, Config, DiscoveryConfig, DnsConfig, HealthCheckConfig, expand_specs,
+    read_backend_file,
 };
 use crate::dns::DnsResolver;
 use crate::metrics::Metrics;
@@ -65,31 +65,11 @@ pub fn start<'a>(
                     Duration::from_millis(refresh_interval_ms),
                 ));
             }
-            DiscoveryConfig::DnsSrv {
-                name,
-                nameservers,
-                min_ttl_ms,
-                max_ttl_ms,
-            } => {
-                tokio::spawn(srv_loop(
-                    target,
-                    name,
-                    nameservers,
-                    ttl_bounds(min_ttl_ms, max_ttl_ms),
-                ));
+            DiscoveryConfig::DnsSrv { name, dns } => {
+                tokio::spawn(srv_loop(target, name, dns));
             }
-            DiscoveryConfig::Dns {
-                specs,
-                nameservers,
-                min_ttl_ms,
-                max_ttl_ms,
-            } => {
-                tokio::spawn(dns_loop(
-                    target,
-                    specs,
-                    nameservers,
-                    ttl_bounds(min_ttl_ms, max_ttl_ms),
-                ));
+            DiscoveryConfig::Dns { specs, dns } => {
+                tokio::spawn(dns_loop(target, specs, dns));
             }
         }
     }
@@ -120,8 +100,8 @@ impl Target {
 
     /// A resolver for this source's lookups; `None` (logged) when it
     /// cannot be set up, and the set found at load stays.
-    fn resolver(&self, nameservers: &[std::net::SocketAddr]) -> Option<DnsResolver> {
-        DnsResolver::new(nameservers)
+    fn resolver(&self, dns: &DnsConfig) -> Option<DnsResolver> {
+        DnsResolver::new(&dns.nameservers)
             .inspect_err(|e| {
                 tracing::error!(
                     upstream = &*self.name,
@@ -133,6 +113,27 @@ impl Target {
 
     fn alive(&self) -> bool {
         self.upstream.strong_count() > 0
+    }
+}
+
+/// A source's current failure, so each distinct reason is logged once
+/// (and the recovery once), however often the source is asked again.
+#[derive(Debug, Default)]
+struct Failing(Option<String>);
+
+impl Failing {
+    /// Record `reason`; true if it differs from the current one (log it).
+    fn failed(&mut self, reason: String) -> bool {
+        if self.0.as_deref() == Some(reason.as_str()) {
+            return false;
+        }
+        self.0 = Some(reason);
+        true
+    }
+
+    /// Record a success; true if the source was failing (log that).
+    fn recovered(&mut self) -> bool {
+        self.0.take().is_some()
     }
 }
 
@@ -159,7 +160,7 @@ async fn file_loop(target: Target, path: std::path::PathBuf, every: Duration) {
     // between the config load and this task's start is not missed (an
     // unchanged file then changes nothing).
     let mut seen: Option<Stamp> = None;
-    let mut last_error: Option<String> = None;
+    let mut failing = Failing::default();
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -180,7 +181,7 @@ async fn file_loop(target: Target, path: std::path::PathBuf, every: Duration) {
         match result {
             Ok(list) => {
                 seen = now;
-                if last_error.take().is_some() {
+                if failing.recovered() {
                     tracing::info!(upstream = &*target.name, file = %path.display(), "discovery: backend list good again");
                 }
                 if !target.apply(&list) {
@@ -190,31 +191,22 @@ async fn file_loop(target: Target, path: std::path::PathBuf, every: Duration) {
             Err(reason) => {
                 // Read again when it changes (a half-written file will).
                 seen = now;
-                if last_error.as_deref() != Some(reason.as_str()) {
+                if failing.failed(reason.clone()) {
                     tracing::warn!(
                         upstream = &*target.name,
                         "discovery: {reason}; keeping the last good backend set"
                     );
-                    last_error = Some(reason);
                 }
             }
         }
     }
 }
 
-/// One `name:port` entry's state in [`dns_loop`].
+/// When a `name:port` entry of [`dns_loop`] is looked up next, and why it
+/// last failed.
 struct NameState {
-    ips: Vec<IpAddr>,
     due: Instant,
-    last_error: Option<String>,
-}
-
-/// `dns_min_ttl_ms` and `dns_max_ttl_ms` as durations.
-fn ttl_bounds(min_ttl_ms: u64, max_ttl_ms: u64) -> (Duration, Duration) {
-    (
-        Duration::from_millis(min_ttl_ms),
-        Duration::from_millis(max_ttl_ms),
-    )
+    failing: Failing,
 }
 
 /// `ttl` clamped to `bounds` (min, max).
@@ -222,27 +214,35 @@ fn clamp_ttl(ttl: Duration, bounds: (Duration, Duration)) -> Duration {
     ttl.clamp(bounds.0, bounds.1)
 }
 
-async fn dns_loop(
-    target: Target,
-    specs: Vec<BackendSpec>,
-    nameservers: Vec<std::net::SocketAddr>,
-    bounds: (Duration, Duration),
-) {
-    let Some(resolver) = target.resolver(&nameservers) else {
+/// How long until an answer valid until `valid_until` is asked for again:
+/// its remaining TTL, within `dns`'s bounds.
+fn wait_after(valid_until: std::time::Instant, dns: &DnsConfig) -> Duration {
+    let ttl = valid_until.saturating_duration_since(std::time::Instant::now());
+    clamp_ttl(
+        ttl,
+        (retry_after(dns), Duration::from_millis(dns.max_ttl_ms)),
+    )
+}
+
+/// How long until a failed lookup is tried again: `dns_min_ttl_ms`.
+fn retry_after(dns: &DnsConfig) -> Duration {
+    Duration::from_millis(dns.min_ttl_ms)
+}
+
+async fn dns_loop(target: Target, mut specs: Vec<BackendSpec>, dns: DnsConfig) {
+    let Some(resolver) = target.resolver(&dns) else {
         return;
     };
-    // The first answers came with the config; ask again after the shortest
-    // wait, which learns their TTL.
-    let start = Instant::now() + bounds.0;
+    // The first answers came with the config (in `specs`); ask again after
+    // the shortest wait, which learns their TTL.
+    let start = Instant::now() + retry_after(&dns);
     let mut names: Vec<Option<NameState>> = specs
         .iter()
-        .map(|s| match s {
-            BackendSpec::Name { resolved, .. } => Some(NameState {
-                ips: resolved.clone(),
+        .map(|s| {
+            matches!(s, BackendSpec::Name { .. }).then(|| NameState {
                 due: start,
-                last_error: None,
-            }),
-            BackendSpec::Address(_) => None,
+                failing: Failing::default(),
+            })
         })
         .collect();
     loop {
@@ -255,8 +255,9 @@ async fn dns_loop(
         }
         let now = Instant::now();
         let mut changed = false;
-        for (spec, state) in specs.iter().zip(names.iter_mut()) {
-            let (BackendSpec::Name { host, .. }, Some(state)) = (spec, state.as_mut()) else {
+        for (spec, state) in specs.iter_mut().zip(names.iter_mut()) {
+            let (BackendSpec::Name { host, resolved, .. }, Some(state)) = (spec, state.as_mut())
+            else {
                 continue;
             };
             if state.due > now {
@@ -264,54 +265,40 @@ async fn dns_loop(
             }
             match resolver.lookup(host).await {
                 Ok(answer) => {
-                    let ttl = answer
-                        .valid_until
-                        .saturating_duration_since(std::time::Instant::now());
-                    state.due = Instant::now() + clamp_ttl(ttl, bounds);
-                    if state.last_error.take().is_some() {
+                    state.due = Instant::now() + wait_after(answer.valid_until, &dns);
+                    if state.failing.recovered() {
                         tracing::info!(upstream = &*target.name, name = %host, "discovery: the name resolves again");
                     }
-                    if answer.ips != state.ips {
-                        state.ips = answer.ips;
+                    if answer.ips != *resolved {
+                        *resolved = answer.ips;
                         changed = true;
                     }
                 }
                 Err(e) => {
-                    state.due = Instant::now() + bounds.0;
+                    state.due = Instant::now() + retry_after(&dns);
                     let reason = e.to_string();
-                    if state.last_error.as_deref() != Some(reason.as_str()) {
+                    if state.failing.failed(reason.clone()) {
                         tracing::warn!(
                             upstream = &*target.name,
                             name = %host,
                             "discovery: cannot resolve: {reason}; keeping its last addresses"
                         );
-                        state.last_error = Some(reason);
                     }
                 }
             }
         }
-        if changed {
-            let list = expand_specs(&specs, |i| {
-                names[i].as_ref().map_or(&[][..], |n| n.ips.as_slice())
-            });
-            if !target.apply(&list) {
-                return;
-            }
+        if changed && !target.apply(&expand_specs(&specs)) {
+            return;
         }
     }
 }
 
-async fn srv_loop(
-    target: Target,
-    name: String,
-    nameservers: Vec<std::net::SocketAddr>,
-    bounds: (Duration, Duration),
-) {
-    let Some(resolver) = target.resolver(&nameservers) else {
+async fn srv_loop(target: Target, name: String, dns: DnsConfig) {
+    let Some(resolver) = target.resolver(&dns) else {
         return;
     };
-    let mut last_error: Option<String> = None;
-    let mut wait = bounds.0;
+    let mut failing = Failing::default();
+    let mut wait = retry_after(&dns);
     loop {
         tokio::time::sleep(wait).await;
         if !target.alive() {
@@ -319,11 +306,8 @@ async fn srv_loop(
         }
         match resolver.lookup_srv(&name).await {
             Ok(answer) => {
-                let ttl = answer
-                    .valid_until
-                    .saturating_duration_since(std::time::Instant::now());
-                wait = clamp_ttl(ttl, bounds);
-                if last_error.take().is_some() {
+                wait = wait_after(answer.valid_until, &dns);
+                if failing.recovered() {
                     tracing::info!(upstream = &*target.name, name = %name, "discovery: SRV resolves again");
                 }
                 if !target.apply(&crate::config::srv_backends(&answer)) {
@@ -331,15 +315,14 @@ async fn srv_loop(
                 }
             }
             Err(e) => {
-                wait = bounds.0;
+                wait = retry_after(&dns);
                 let reason = e.to_string();
-                if last_error.as_deref() != Some(reason.as_str()) {
+                if failing.failed(reason.clone()) {
                     tracing::warn!(
                         upstream = &*target.name,
                         name = %name,
                         "discovery: cannot resolve SRV: {reason}; keeping the last good backend set"
                     );
-                    last_error = Some(reason);
                 }
             }
         }

@@ -199,50 +199,52 @@ impl DnsResolver {
     }
 }
 
-/// [`DnsResolver::lookup_srv`] once, blocking the caller (config load), as
-/// [`resolve_blocking`].
-pub fn resolve_srv_blocking(
-    nameservers: &[SocketAddr],
-    name: &str,
-) -> Result<SrvResolved, DnsError> {
-    let (nameservers, name) = (nameservers.to_vec(), name.to_string());
+/// Run `lookups` with a resolver for `nameservers`, blocking the caller
+/// (config load, which may run inside a tokio runtime or outside any): on
+/// a thread of its own with its own runtime.
+///
+/// # Errors
+/// [`DnsError::Setup`] when the runtime or the resolver cannot be set up.
+fn block_on_resolver<T, F, Fut>(nameservers: &[SocketAddr], lookups: F) -> Result<T, DnsError>
+where
+    T: Send + 'static,
+    F: FnOnce(DnsResolver) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let nameservers = nameservers.to_vec();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| DnsError::Setup(e.to_string()))?;
-        runtime.block_on(async move { DnsResolver::new(&nameservers)?.lookup_srv(&name).await })
+        runtime.block_on(async move { Ok(lookups(DnsResolver::new(&nameservers)?).await) })
     })
     .join()
     .unwrap_or_else(|_| Err(DnsError::Setup("the resolver thread panicked".into())))
 }
 
-/// Resolve each of `hosts` once, blocking the caller (config load, which
-/// may run inside a tokio runtime or outside any): on a thread of its own
-/// with its own runtime. Results are in `hosts` order.
+/// [`DnsResolver::lookup_srv`] once, blocking the caller (config load).
+pub fn resolve_srv_blocking(
+    nameservers: &[SocketAddr],
+    name: &str,
+) -> Result<SrvResolved, DnsError> {
+    let name = name.to_string();
+    block_on_resolver(nameservers, |resolver| async move {
+        resolver.lookup_srv(&name).await
+    })?
+}
+
+/// Resolve each of `hosts` once, blocking the caller (config load).
+/// Results are in `hosts` order.
 pub fn resolve_blocking(
     nameservers: &[SocketAddr],
     hosts: &[String],
 ) -> Vec<Result<Resolved, DnsError>> {
-    let (nameservers, hosts) = (nameservers.to_vec(), hosts.to_vec());
-    let n = hosts.len();
-    let joined = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| DnsError::Setup(e.to_string()))?;
-        runtime.block_on(async move {
-            let resolver = DnsResolver::new(&nameservers)?;
-            let lookups = hosts.iter().map(|h| resolver.lookup(h));
-            Ok(futures_util::future::join_all(lookups).await)
-        })
-    })
-    .join();
-    match joined {
-        Ok(Ok(results)) => results,
-        Ok(Err(e)) => vec![Err(e); n],
-        Err(_) => vec![Err(DnsError::Setup("the resolver thread panicked".into())); n],
-    }
+    let owned = hosts.to_vec();
+    let joined = block_on_resolver(nameservers, |resolver| async move {
+        futures_util::future::join_all(owned.iter().map(|h| resolver.lookup(h))).await
+    });
+    joined.unwrap_or_else(|e| vec![Err(e); hosts.len()])
 }
 
 /// Whether `host` is a syntactically valid DNS name (RFC 1123 labels:

@@ -90,6 +90,18 @@ impl Browser {
         }
     }
 
+    /// Click the element matching CSS selector `css`; panics naming it if
+    /// it is missing or the click fails.
+    pub async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("clicking {css}: {e}"));
+    }
+
     /// The page's visible text.
     pub async fn text(&self) -> String {
         match self.client.find(Locator::Css("body")).await {

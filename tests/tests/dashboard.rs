@@ -69,12 +69,7 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
         .send_keys(TOKEN)
         .await
         .expect("type the token");
-    b.find(Locator::Css("#token-form button"))
-        .await
-        .expect("token button")
-        .click()
-        .await
-        .expect("submit the token");
+    browser.click("#token-form button").await;
 
     // The backends, the plugin and its digest.
     browser
@@ -140,12 +135,7 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
     // Drain the first backend from its row: the API sees it, the row shows it.
     let first = backends[0].addr.to_string();
     let row = format!("tr[data-backend=\"{first}\"]");
-    b.find(Locator::Css(&format!("{row} button.drain")))
-        .await
-        .expect("drain button")
-        .click()
-        .await
-        .expect("click drain");
+    browser.click(&format!("{row} button.drain")).await;
     browser
         .wait_for("the drained row", &row_state_is(&first, "drained"))
         .await;
@@ -161,12 +151,7 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
             "a drained backend got a new request"
         );
     }
-    b.find(Locator::Css(&format!("{row} button.ready")))
-        .await
-        .expect("ready button")
-        .click()
-        .await
-        .expect("click ready");
+    browser.click(&format!("{row} button.ready")).await;
     browser
         .wait_for("the ready row", &row_state_is(&first, "healthy"))
         .await;
@@ -184,12 +169,9 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
     .select_by_value("least-connections")
     .await
     .expect("choose least-connections");
-    b.find(Locator::Css("section[data-upstream=\"app\"] button.swap"))
-        .await
-        .expect("swap button")
-        .click()
-        .await
-        .expect("click swap");
+    browser
+        .click("section[data-upstream=\"app\"] button.swap")
+        .await;
     browser
         .wait_for(
             "the swapped plugin",
@@ -200,12 +182,7 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
         app_snapshot(&proxy).await["plugin"]["name"],
         "least-connections"
     );
-    b.find(Locator::Id("reload"))
-        .await
-        .expect("reload button")
-        .click()
-        .await
-        .expect("click reload");
+    browser.click("#reload").await;
     browser
         .wait_for(
             "the reload report",

@@ -295,15 +295,7 @@ async fn handle(
             let Some(upstream) = control.proxy().upstream(name).cloned() else {
                 return error(StatusCode::NOT_FOUND, format!("no upstream named {name:?}"));
             };
-            let backends = upstream.backends();
-            let address = match backend.parse::<usize>() {
-                Ok(id) => backends.get(id).map(|b| b.address),
-                Err(_) => backend
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .filter(|a| backends.iter().any(|b| b.address == *a)),
-            };
-            let Some(address) = address else {
+            let Some(address) = upstream.find_backend(backend).map(|b| b.address) else {
                 return error(
                     StatusCode::NOT_FOUND,
                     format!("upstream {name:?} has no backend {backend:?} (an address or id)"),

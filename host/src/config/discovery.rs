@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use super::{AdminState, BackendConfig};
+use super::{AdminState, BackendConfig, DnsConfig};
 
 /// Largest backend-list file read, in bytes (4 MiB).
 pub const MAX_BACKEND_FILE_BYTES: u64 = 4 << 20;
@@ -43,25 +43,19 @@ pub enum DiscoveryConfig {
     DnsSrv {
         /// The SRV name, e.g. `_http._tcp.app.internal`.
         name: String,
-        /// `[dns] nameservers` (empty: the system's).
-        nameservers: Vec<SocketAddr>,
-        /// Shortest wait before the name is resolved again, in ms.
-        min_ttl_ms: u64,
-        /// Longest wait before the name is resolved again, in ms.
-        max_ttl_ms: u64,
+        /// The resolver and the bounds on re-resolution, the upstream's
+        /// `dns_min_ttl_ms`/`dns_max_ttl_ms` over `[dns]`'s.
+        dns: DnsConfig,
     },
     /// Backends written as `name:port`: each name is resolved at config
     /// load and again when its answer's TTL runs out, the wait bounded by
-    /// `min_ttl_ms` and `max_ttl_ms`.
+    /// `dns.min_ttl_ms` and `dns.max_ttl_ms`.
     Dns {
-        /// The `backends` list, in order.
+        /// The `backends` list, in order; each name's `resolved` holds its
+        /// addresses found at load.
         specs: Vec<BackendSpec>,
-        /// `[dns] nameservers` (empty: the system's).
-        nameservers: Vec<SocketAddr>,
-        /// Shortest wait before a name is resolved again, in ms.
-        min_ttl_ms: u64,
-        /// Longest wait before a name is resolved again, in ms.
-        max_ttl_ms: u64,
+        /// The resolver and the bounds on re-resolution, as for `DnsSrv`.
+        dns: DnsConfig,
     },
 }
 
@@ -83,21 +77,19 @@ pub enum BackendSpec {
         labels: BTreeMap<String, String>,
         /// Each backend's configured state.
         state: AdminState,
-        /// The addresses found at config load, sorted.
+        /// The addresses it resolves to, sorted (at config load; the
+        /// discovery task keeps its own copy current).
         resolved: Vec<std::net::IpAddr>,
     },
 }
 
-/// The backends `specs` stand for, names expanded to `resolved(i)` (the
-/// addresses of entry `i`) in order; an address met twice is kept once,
-/// where it first appears.
-pub fn expand_specs<'a>(
-    specs: &'a [BackendSpec],
-    mut resolved: impl FnMut(usize) -> &'a [std::net::IpAddr],
-) -> Vec<BackendConfig> {
+/// The backends `specs` stand for, each name expanded to its `resolved`
+/// addresses, in order; an address met twice is kept once, where it first
+/// appears.
+pub fn expand_specs(specs: &[BackendSpec]) -> Vec<BackendConfig> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for (i, spec) in specs.iter().enumerate() {
+    for spec in specs {
         match spec {
             BackendSpec::Address(b) => {
                 if seen.insert(b.address) {
@@ -109,9 +101,10 @@ pub fn expand_specs<'a>(
                 weight,
                 labels,
                 state,
+                resolved,
                 ..
             } => {
-                for ip in resolved(i) {
+                for ip in resolved {
                     let address = SocketAddr::new(*ip, *port);
                     if seen.insert(address) {
                         out.push(BackendConfig {

@@ -434,24 +434,23 @@ impl Validator<'_> {
             dns.nameservers
                 .push(self.socket_addr(&format!("dns.nameservers[{i}]"), s)?);
         }
-        (dns.min_ttl_ms, dns.max_ttl_ms) = self.ttl_bounds(
+        self.ttl_bounds(
             "dns",
             raw.dns_min_ttl_ms.as_ref(),
             raw.dns_max_ttl_ms.as_ref(),
-            (dns.min_ttl_ms, dns.max_ttl_ms),
-        )?;
-        Ok(dns)
+            &dns,
+        )
     }
 
-    /// `dns_min_ttl_ms` and `dns_max_ttl_ms` under `table`: each at least 1,
-    /// the minimum at most the maximum.
+    /// `base` with `dns_min_ttl_ms` and `dns_max_ttl_ms` from `table` where
+    /// set: each at least 1, the minimum at most the maximum.
     fn ttl_bounds(
         &self,
         table: &str,
         min: Option<&Spanned<u64>>,
         max: Option<&Spanned<u64>>,
-        defaults: (u64, u64),
-    ) -> Result<(u64, u64), ConfigError> {
+        base: &DnsConfig,
+    ) -> Result<DnsConfig, ConfigError> {
         let one = |key: &str, v: Option<&Spanned<u64>>, default: u64| match v {
             Some(v) if *v.get_ref() == 0 => Err(self.err(
                 Some(v.span()),
@@ -461,8 +460,8 @@ impl Validator<'_> {
             Some(v) => Ok(*v.get_ref()),
             None => Ok(default),
         };
-        let lo = one("dns_min_ttl_ms", min, defaults.0)?;
-        let hi = one("dns_max_ttl_ms", max, defaults.1)?;
+        let lo = one("dns_min_ttl_ms", min, base.min_ttl_ms)?;
+        let hi = one("dns_max_ttl_ms", max, base.max_ttl_ms)?;
         if lo > hi {
             return Err(self.err(
                 min.or(max).map(Spanned::span),
@@ -470,7 +469,11 @@ impl Validator<'_> {
                 format!("{lo} is more than dns_max_ttl_ms ({hi})"),
             ));
         }
-        Ok((lo, hi))
+        Ok(DnsConfig {
+            nameservers: base.nameservers.clone(),
+            min_ttl_ms: lo,
+            max_ttl_ms: hi,
+        })
     }
 
     /// A backend's `address`: `IP:port`, or `name:port` for DNS.
@@ -568,42 +571,42 @@ impl Validator<'_> {
             specs.push(BackendSpec::Address(backend.clone()));
             backends.push(backend);
         }
-        let mut dns_discovery = None;
-        if !names.is_empty() {
-            let (min_ttl_ms, max_ttl_ms) = self.ttl_bounds(
+        // The resolver settings of an upstream that resolves anything: its
+        // own TTL bounds over [dns]'s.
+        let upstream_dns = if names.is_empty() && u.discovery.is_none() {
+            None
+        } else {
+            Some(self.ttl_bounds(
                 &prefix,
                 u.dns_min_ttl_ms.as_ref(),
                 u.dns_max_ttl_ms.as_ref(),
-                (dns.min_ttl_ms, dns.max_ttl_ms),
-            )?;
-            let hosts: Vec<String> = names.iter().map(|(_, _, h)| h.clone()).collect();
-            let results = crate::dns::resolve_blocking(&dns.nameservers, &hosts);
-            for ((spec_index, i, host), result) in names.iter().zip(results) {
-                let resolved = result.map_err(|e| {
-                    self.err(
-                        Some(u.backends[*i].address.span()),
-                        format!("{prefix}.backends[{i}].address"),
-                        format!("cannot resolve {host:?}: {e}"),
-                    )
-                })?;
-                if let Some(BackendSpec::Name { resolved: r, .. }) = specs.get_mut(*spec_index) {
-                    *r = resolved.ips;
+                dns,
+            )?)
+        };
+        let discovery = match (&u.discovery, upstream_dns) {
+            (None, None) => None,
+            (None, Some(upstream_dns)) => {
+                let hosts: Vec<String> = names.iter().map(|(_, _, h)| h.clone()).collect();
+                let results = crate::dns::resolve_blocking(&upstream_dns.nameservers, &hosts);
+                for ((spec_index, i, host), result) in names.iter().zip(results) {
+                    let found = result.map_err(|e| {
+                        self.err(
+                            Some(u.backends[*i].address.span()),
+                            format!("{prefix}.backends[{i}].address"),
+                            format!("cannot resolve {host:?}: {e}"),
+                        )
+                    })?;
+                    if let Some(BackendSpec::Name { resolved, .. }) = specs.get_mut(*spec_index) {
+                        *resolved = found.ips;
+                    }
                 }
+                backends = expand_specs(&specs);
+                Some(DiscoveryConfig::Dns {
+                    specs,
+                    dns: upstream_dns,
+                })
             }
-            backends = expand_specs(&specs, |i| match &specs[i] {
-                BackendSpec::Name { resolved, .. } => resolved.as_slice(),
-                BackendSpec::Address(_) => &[],
-            });
-            dns_discovery = Some(DiscoveryConfig::Dns {
-                specs,
-                nameservers: dns.nameservers.clone(),
-                min_ttl_ms,
-                max_ttl_ms,
-            });
-        }
-        let discovery = match &u.discovery {
-            None => dns_discovery,
-            Some(d) => {
+            (Some(d), upstream_dns) => {
                 if !u.backends.is_empty() {
                     return Err(self.err(
                         Some(d.span()),
@@ -611,13 +614,8 @@ impl Validator<'_> {
                         "backends and discovery exclude each other: list the backends, or name where they come from",
                     ));
                 }
-                let ttl = self.ttl_bounds(
-                    &prefix,
-                    u.dns_min_ttl_ms.as_ref(),
-                    u.dns_max_ttl_ms.as_ref(),
-                    (dns.min_ttl_ms, dns.max_ttl_ms),
-                )?;
-                let (discovery, found) = self.discovery(&prefix, d.get_ref(), dns, ttl)?;
+                let upstream_dns = upstream_dns.unwrap_or_else(|| dns.clone());
+                let (discovery, found) = self.discovery(&prefix, d.get_ref(), upstream_dns)?;
                 backends = found;
                 Some(discovery)
             }
@@ -787,8 +785,7 @@ impl Validator<'_> {
         &self,
         prefix: &str,
         d: &super::discovery::RawDiscovery,
-        dns: &DnsConfig,
-        (min_ttl_ms, max_ttl_ms): (u64, u64),
+        dns: DnsConfig,
     ) -> Result<(DiscoveryConfig, Vec<BackendConfig>), ConfigError> {
         let key = |k: &str| format!("{prefix}.discovery.{k}");
         let only = |field: &str, present: bool| {
@@ -830,12 +827,7 @@ impl Validator<'_> {
                         )
                     })?;
                 Ok((
-                    DiscoveryConfig::DnsSrv {
-                        name: host,
-                        nameservers: dns.nameservers.clone(),
-                        min_ttl_ms,
-                        max_ttl_ms,
-                    },
+                    DiscoveryConfig::DnsSrv { name: host, dns },
                     srv_backends(&answer),
                 ))
             }

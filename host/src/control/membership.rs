@@ -126,15 +126,7 @@ impl Control {
     /// discovery-managed upstream.
     pub fn remove_backend(&self, name: &str, backend: &str) -> Result<Removal, MembershipError> {
         let upstream = self.managed_upstream(name)?;
-        let backends = upstream.backends();
-        let found = match backend.parse::<usize>() {
-            Ok(id) => backends.get(id),
-            Err(_) => backend
-                .parse::<SocketAddr>()
-                .ok()
-                .and_then(|a| backends.iter().find(|b| b.address == a)),
-        };
-        let Some(found) = found else {
+        let Some(found) = upstream.find_backend(backend) else {
             return Err(MembershipError::UnknownBackend {
                 upstream: name.to_string(),
                 backend: backend.to_string(),

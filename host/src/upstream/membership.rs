@@ -42,6 +42,19 @@ impl Upstream {
         configs_of(&self.lock().backends)
     }
 
+    /// The backend named by `key` in admin requests: its id, or its address
+    /// (`IP:port`); `None` if the upstream has no such backend.
+    pub fn find_backend(&self, key: &str) -> Option<Backend> {
+        let slot = self.lock();
+        match key.parse::<usize>() {
+            Ok(id) => slot.backends.get(id).cloned(),
+            Err(_) => {
+                let address = key.parse::<SocketAddr>().ok()?;
+                slot.backends.iter().find(|b| b.address == address).cloned()
+            }
+        }
+    }
+
     /// Make `list` the backend set (its order gives the ids). `metrics`
     /// registers the counters of backends that join. Returns what changed;
     /// when nothing did, the plugin is not called.
@@ -106,29 +119,13 @@ impl Upstream {
             return change;
         }
         let now = Instant::now();
-        let backends: Arc<[Backend]> = list
-            .iter()
-            .map(|b| {
-                let live = match old.get(&b.address) {
-                    Some(o) => {
-                        o.live.apply_configured_state(b.state, false);
-                        o.live.clone()
-                    }
-                    None => {
-                        let live = Arc::new(BackendLive::new(
-                            metrics.backend(&self.name, &b.address.to_string()),
-                        ));
-                        live.apply_configured_state(b.state, true);
-                        if !self.slow_start.is_zero() {
-                            live.update_status(|s| s.ramp_from = Some(now));
-                        }
-                        live
-                    }
-                };
-                Backend::new(b.address, b.weight, b.labels.clone(), live)
-            })
-            .collect();
-        slot.backends = backends;
+        slot.backends = backends_of(
+            &self.name,
+            list,
+            |a| old.get(a).map(|o| o.live.clone()),
+            metrics,
+            (!self.slow_start.is_zero()).then_some(now),
+        );
         // The set changed even if no flag or weight did: always tell the plugin.
         self.refresh_forced(slot, now);
         tracing::info!(
@@ -140,6 +137,35 @@ impl Upstream {
         );
         change
     }
+}
+
+/// The backends of `list` for upstream `name`: a backend `kept` knows
+/// keeps its live state, with the entry's configured state applied if it
+/// changed; a new one gets fresh state registered in `metrics`, and ramps
+/// up from `ramp_from` when given (slow start).
+pub(super) fn backends_of(
+    name: &str,
+    list: &[BackendConfig],
+    kept: impl Fn(&SocketAddr) -> Option<Arc<BackendLive>>,
+    metrics: &Metrics,
+    ramp_from: Option<Instant>,
+) -> Arc<[Backend]> {
+    list.iter()
+        .map(|b| {
+            let kept = kept(&b.address);
+            let is_new = kept.is_none();
+            let live = kept.unwrap_or_else(|| {
+                Arc::new(BackendLive::new(
+                    metrics.backend(name, &b.address.to_string()),
+                ))
+            });
+            live.apply_configured_state(b.state, is_new);
+            if is_new && ramp_from.is_some() {
+                live.update_status(|s| s.ramp_from = ramp_from);
+            }
+            Backend::new(b.address, b.weight, b.labels.clone(), live)
+        })
+        .collect()
 }
 
 fn configs_of(backends: &[Backend]) -> Vec<BackendConfig> {

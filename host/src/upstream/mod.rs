@@ -194,25 +194,15 @@ impl Upstream {
     ) -> Result<Self, PluginError> {
         let slow_start = Duration::from_millis(config.slow_start_ms);
         let now = Instant::now();
-        let backends: Arc<[Backend]> = config
-            .backends
-            .iter()
-            .map(|b| {
-                let kept = previous.get(&b.address).cloned();
-                let is_new = kept.is_none();
-                let counters = kept.unwrap_or_else(|| {
-                    Arc::new(BackendLive::new(
-                        metrics.backend(name, &b.address.to_string()),
-                    ))
-                });
-                counters.apply_configured_state(b.state, is_new);
-                if is_new && !previous.is_empty() && !slow_start.is_zero() {
-                    // Joined through a reload: ramp up (not at startup).
-                    counters.update_status(|s| s.ramp_from = Some(now));
-                }
-                Backend::new(b.address, b.weight, b.labels.clone(), counters)
-            })
-            .collect();
+        // Backends that joined through a reload ramp up (not at startup).
+        let ramp_from = (!previous.is_empty() && !slow_start.is_zero()).then_some(now);
+        let backends = membership::backends_of(
+            name,
+            &config.backends,
+            |a| previous.get(a).cloned(),
+            metrics,
+            ramp_from,
+        );
         let upstream_metrics = metrics.upstream(name);
         let name: Arc<str> = name.into();
         let settings = InstanceSettings {
