@@ -226,6 +226,23 @@ impl Connector {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        // Boxed: the TLS and HTTP/2 handshakes' state is about 9 KB, and
+        // every future awaiting a connection (each request's, up to the
+        // connection task's) would otherwise hold room for it and copy it
+        // at each await; a connect is rare next to a pooled request.
+        Box::pin(self.open_and_handshake(address, client)).await
+    }
+
+    async fn open_and_handshake<B>(
+        &self,
+        address: SocketAddr,
+        client: Option<Addresses>,
+    ) -> io::Result<Sender<B>>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream = self.open(address, client).await?;
         match &self.tls {
             None => {

@@ -510,27 +510,32 @@ async fn accept_loop(
                 };
                 let closing = closing_rx.clone();
                 let metrics = shared.metrics.clone();
-                let conn = async move {
+                open.inc();
+                let open = open.clone();
+                // One future, not a future awaiting another captured one
+                // (which holds both). The rare, large phases (the PROXY
+                // header, TLS) are boxed, so a plaintext HTTP connection's
+                // task holds only what serving it needs.
+                tokio::spawn(async move {
                     let addresses = if accept_proxy {
-                        proxied_addresses(&mut stream, header_read, (peer, local)).await?
+                        Box::pin(proxied_addresses(&mut stream, header_read, (peer, local)))
+                            .await
                     } else {
-                        (peer, local)
+                        Ok((peer, local))
                     };
-                    match tls {
-                        None => {
+                    let served = match (addresses, tls) {
+                        (Err(e), _) => Err(e),
+                        (Ok(addresses), None) => {
                             let service = service(None, addresses);
                             serve_connection(stream, protocols, service, closing).await
                         }
-                        Some(acceptor) => {
+                        (Ok(addresses), Some(acceptor)) => {
                             let service = move |session| service(Some(session), addresses);
-                            serve_tls(stream, acceptor, protocols, service, closing, metrics).await
+                            Box::pin(serve_tls(stream, acceptor, protocols, service, closing, metrics))
+                                .await
                         }
-                    }
-                };
-                open.inc();
-                let open = open.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(%peer, "connection ended with an error: {e}");
                     }
                     open.dec();
