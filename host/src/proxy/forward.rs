@@ -66,7 +66,8 @@ impl Proxy {
             tcp: false,
         };
         let mut tried: Vec<usize> = Vec::new();
-        let mut last_failure = None;
+        // Boxed: kept across awaits only after a failed attempt.
+        let mut last_failure: Option<Box<Response<ProxyBody>>> = None;
         loop {
             let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
             let (selection, v) = upstream.select(view, &tried);
@@ -87,7 +88,7 @@ impl Proxy {
                 Selection::Unavailable { .. } | Selection::Refused => {
                     if let Some(failure) = last_failure {
                         // Every backend was tried: answer with the last failure.
-                        return failure;
+                        return *failure;
                     }
                     let reason = if matches!(selection, Selection::Refused) {
                         "the plugin failed (on_plugin_error = \"fail\")"
@@ -190,7 +191,7 @@ impl Proxy {
             if !policy.allow(&mut retry, failure.nothing_sent(), body.replayable()) {
                 return response;
             }
-            last_failure = Some(response);
+            last_failure = Some(Box::new(response));
             upstream.metrics().retries.inc();
             tracing::debug!(
                 upstream = upstream.name(),
