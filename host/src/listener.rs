@@ -248,7 +248,8 @@ async fn serve_connection(
             // park (the tunnel has its own idle timeout).
             let _busy = service.activity.begin();
             io.unread(parts.read_buf);
-            tunnel.run(io).await;
+            // Boxed: rare, and its state would widen every connection's task.
+            Box::pin(tunnel.run(io)).await;
             return Ok(());
         }
         if shutting || !io.take_parked() {
