@@ -209,6 +209,9 @@ async fn drive<C, R>(
 /// After a `101 Switching Protocols` (an upgrade, such as WebSocket) hyper
 /// hands the connection back and it becomes the client side of the
 /// [`crate::proxy::Tunnel`] the request left.
+///
+/// When the connection ends, `end` logs how (an error at debug level) and
+/// releases its places under the connection caps.
 async fn serve_connection(
     mut io: TimedIo<TcpStream>,
     protocols: Arc<Protocols>,
@@ -219,7 +222,7 @@ async fn serve_connection(
     let closed = |c: &bool| *c;
     // One labelled block for every way out, so that this future is the
     // connection's whole task (no wrapper holding a second copy of its
-    // arguments): 1 KB per idle connection rather than 1.4 KB.
+    // arguments): 1.1 KB per idle connection rather than 1.4 KB.
     let served: Result<(), BoxError> = 'serve: {
         let h2 = tokio::select! {
             h2 = sniff_h2(&mut io) => match h2 {
