@@ -29,6 +29,7 @@ use http_body_util::{BodyExt, Full};
 
 use crate::connector::{Connector, Sender, adapt_head};
 
+use crate::backend::BackendLive;
 use crate::config::{AdminState, Config, HealthCheckConfig, HealthCheckKind};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
@@ -50,32 +51,56 @@ pub fn start<'a>(
             continue;
         };
         let addresses: Vec<SocketAddr> = upstream.backends().iter().map(|b| b.address).collect();
-        watch(upstream, &addresses, &hc, metrics);
+        drop(watch(upstream, &addresses, &hc, metrics));
     }
 }
 
 /// Start probing `addresses`, backends of `upstream` (those that joined it
 /// after the start, through discovery or the admin API). Each loop ends
-/// when its backend leaves the upstream or the upstream is dropped.
+/// when its backend leaves the upstream or the upstream is dropped. A loop
+/// belongs to one membership of its backend (its [`BackendLive`]): if the
+/// address leaves and joins again before the old loop's next probe, the old
+/// loop ends and only the new one probes. Returns the loops' handles (a
+/// caller may drop them: the loops run detached).
 pub fn watch(
     upstream: &Arc<Upstream>,
     addresses: &[SocketAddr],
     hc: &HealthCheckConfig,
     metrics: &Arc<Metrics>,
-) {
-    for &address in addresses {
-        tokio::spawn(probe_loop(
-            Arc::downgrade(upstream),
-            address,
-            hc.clone(),
-            metrics.clone(),
-        ));
-    }
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let backends = upstream.backends();
+    addresses
+        .iter()
+        .filter_map(|&address| backends.iter().find(|b| b.address == address))
+        .map(|backend| {
+            tokio::spawn(probe_loop(
+                Arc::downgrade(upstream),
+                backend.address,
+                Arc::downgrade(&backend.live),
+                hc.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// The live state of `address` in `up` if it is still the membership `live`
+/// (not a later one of the same address).
+fn member(
+    up: &Upstream,
+    address: SocketAddr,
+    live: &Weak<BackendLive>,
+) -> Option<Arc<BackendLive>> {
+    up.backends()
+        .iter()
+        .find(|b| b.address == address && std::ptr::eq(Arc::as_ptr(&b.live), live.as_ptr()))
+        .map(|b| b.live.clone())
 }
 
 async fn probe_loop(
     upstream: Weak<Upstream>,
     address: SocketAddr,
+    live: Weak<BackendLive>,
     hc: HealthCheckConfig,
     metrics: Arc<Metrics>,
 ) {
@@ -85,19 +110,16 @@ async fn probe_loop(
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
         ticker.tick().await;
-        let maint = {
+        let connector = {
             let Some(up) = upstream.upgrade() else { return };
-            up.backends()
-                .iter()
-                .find(|b| b.address == address)
-                .is_some_and(|b| b.live.admin_state() == AdminState::Maint)
-        };
-        if maint {
-            continue;
-        }
-        let connector = match upstream.upgrade() {
-            Some(up) => up.connector.clone(),
-            None => return,
+            // Gone, or superseded by a later membership of the address.
+            let Some(current) = member(&up, address, &live) else {
+                return;
+            };
+            if current.admin_state() == AdminState::Maint {
+                continue;
+            }
+            up.connector.clone()
         };
         match probe(&hc, address, &connector).await {
             Probe::Pass => {
@@ -117,11 +139,7 @@ async fn probe_loop(
             }
         }
         let Some(up) = upstream.upgrade() else { return };
-        let passing = up
-            .backends()
-            .iter()
-            .find(|b| b.address == address)
-            .map(|b| b.live.check_passing.load(Ordering::Relaxed));
+        let passing = member(&up, address, &live).map(|l| l.check_passing.load(Ordering::Relaxed));
         match passing {
             None => return,
             Some(true) if fails >= hc.unhealthy_threshold => up.set_check_passing(address, false),
@@ -228,5 +246,58 @@ pub async fn probe(hc: &HealthCheckConfig, address: SocketAddr, connector: &Conn
         (true, _) => Probe::Pass,
         (false, Some(e)) => Probe::Local(e),
         (false, None) => Probe::Fail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, PluginRef, UpstreamConfig};
+    use crate::plugin::Runtime;
+
+    #[tokio::test]
+    async fn a_loop_ends_when_its_backend_leaves_and_joins_again_before_its_next_probe() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let runtime = Runtime::new().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let entry = BackendConfig::new(address);
+        let config = UpstreamConfig::new(
+            PluginRef::Builtin("round-robin".into()),
+            vec![entry.clone()],
+        );
+        let up = Arc::new(Upstream::new("app", &config, &runtime, &metrics).unwrap());
+        let hc: HealthCheckConfig =
+            toml::from_str("kind = \"tcp\"\ninterval_ms = 20\ntimeout_ms = 1000").unwrap();
+        let first = watch(&up, &[address], &hc, &metrics);
+        assert_eq!(first.len(), 1);
+        // Leaves and joins again at once: a new membership, a new loop.
+        up.replace_backends(&[], &metrics);
+        let change = up.replace_backends(&[entry], &metrics);
+        assert_eq!(change.added, vec![address]);
+        let second = watch(&up, &change.added, &hc, &metrics);
+        // The first loop notices at its next tick that its membership ended.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !first[0].is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the superseded probe loop keeps running");
+        assert!(!second[0].is_finished(), "the current member's loop ended");
+        // And the current one ends once its backend leaves for good.
+        up.replace_backends(&[], &metrics);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !second[0].is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the probe loop of a backend that left keeps running");
     }
 }
