@@ -42,6 +42,7 @@ pub mod connector;
 pub mod control;
 pub mod discovery;
 pub mod dns;
+pub mod etcd;
 pub mod fd_limit;
 pub mod headers;
 pub mod health;

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod corpus;
 pub mod dns;
+pub mod etcd;
 pub mod load;
 pub mod proxy;
 pub mod raw;

@@ -47,6 +47,16 @@ pub enum DiscoveryConfig {
         /// `dns_min_ttl_ms`/`dns_max_ttl_ms` over `[dns]`'s.
         dns: DnsConfig,
     },
+    /// `kind = "etcd"`: the backends are the entries under `prefix` in etcd
+    /// (one key per backend, its value `{address?, weight?, labels?,
+    /// state?}`, see [`crate::etcd`]), read at config load and then watched;
+    /// a key whose lease expires leaves the set.
+    Etcd {
+        /// The etcd endpoints, `http://host:port`.
+        endpoints: Vec<String>,
+        /// The key prefix, e.g. `/services/app/`.
+        prefix: String,
+    },
     /// Backends written as `name:port`: each name is resolved at config
     /// load and again when its answer's TTL runs out, the wait bounded by
     /// `dns.min_ttl_ms` and `dns.max_ttl_ms`.
@@ -129,6 +139,8 @@ pub(super) struct RawDiscovery {
     pub(super) path: Option<Spanned<String>>,
     pub(super) name: Option<Spanned<String>>,
     pub(super) refresh_interval_ms: Option<Spanned<u64>>,
+    pub(super) endpoints: Option<Spanned<Vec<String>>>,
+    pub(super) prefix: Option<Spanned<String>>,
 }
 
 /// One entry of a backend-list file.

@@ -802,6 +802,8 @@ impl Validator<'_> {
         match d.kind.get_ref().as_str() {
             "dns-srv" => {
                 only("path", d.path.is_some())?;
+                only("endpoints", d.endpoints.is_some())?;
+                only("prefix", d.prefix.is_some())?;
                 only("refresh_interval_ms", d.refresh_interval_ms.is_some())?;
                 let Some(name) = &d.name else {
                     return Err(self.err(
@@ -833,6 +835,8 @@ impl Validator<'_> {
             }
             "file" => {
                 only("name", d.name.is_some())?;
+                only("endpoints", d.endpoints.is_some())?;
+                only("prefix", d.prefix.is_some())?;
                 let Some(path) = &d.path else {
                     return Err(self.err(
                         Some(d.kind.span()),
@@ -863,12 +867,75 @@ impl Validator<'_> {
                     backends,
                 ))
             }
+            "etcd" => {
+                only("path", d.path.is_some())?;
+                only("name", d.name.is_some())?;
+                only("refresh_interval_ms", d.refresh_interval_ms.is_some())?;
+                let endpoints =
+                    self.etcd_endpoints(&key("endpoints"), d.endpoints.as_ref(), d.kind.span())?;
+                let Some(prefix) = &d.prefix else {
+                    return Err(self.err(
+                        Some(d.kind.span()),
+                        key("prefix"),
+                        "an etcd source needs prefix = \"/services/NAME/\"",
+                    ));
+                };
+                if prefix.get_ref().is_empty() {
+                    return Err(self.err(Some(prefix.span()), key("prefix"), "must not be empty"));
+                }
+                let (backends, skipped) =
+                    crate::etcd::read_prefix_blocking(&endpoints, prefix.get_ref())
+                        .map_err(|e| self.err(Some(prefix.span()), key("prefix"), e.to_string()))?;
+                for reason in skipped {
+                    tracing::warn!(
+                        "{}: {}: skipped {reason}",
+                        self.path.display(),
+                        key("prefix")
+                    );
+                }
+                Ok((
+                    DiscoveryConfig::Etcd {
+                        endpoints,
+                        prefix: prefix.get_ref().clone(),
+                    },
+                    backends,
+                ))
+            }
             other => Err(self.err(
                 Some(d.kind.span()),
                 key("kind"),
-                format!("unknown discovery kind {other:?} (supported: \"file\", \"dns-srv\")"),
+                format!(
+                    "unknown discovery kind {other:?} (supported: \"file\", \"dns-srv\", \"etcd\")"
+                ),
             )),
         }
+    }
+
+    /// `endpoints = ["http://host:port", ...]` (required, non-empty).
+    pub(super) fn etcd_endpoints(
+        &self,
+        key: &str,
+        endpoints: Option<&Spanned<Vec<String>>>,
+        table: std::ops::Range<usize>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let Some(endpoints) = endpoints else {
+            return Err(self.err(
+                Some(table),
+                key,
+                "needs endpoints = [\"http://127.0.0.1:2379\"]",
+            ));
+        };
+        if endpoints.get_ref().is_empty() {
+            return Err(self.err(
+                Some(endpoints.span()),
+                key,
+                "must name at least one endpoint",
+            ));
+        }
+        for e in endpoints.get_ref() {
+            crate::etcd::check_endpoint(e).map_err(|m| self.err(Some(endpoints.span()), key, m))?;
+        }
+        Ok(endpoints.get_ref().clone())
     }
 
     pub(super) fn percent(

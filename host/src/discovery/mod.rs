@@ -18,6 +18,10 @@
 //! `refresh_interval_ms` and re-reads it when any changed (an editor's or
 //! `mv`'s atomic replace changes the inode), like Prometheus `file_sd`'s
 //! periodic refresh.
+//!
+//! `kind = "etcd"` reads every entry under its prefix, then follows a watch
+//! from the revision read (see [`etcd`]); a failed connection or watch keeps
+//! the last good set and starts over with a full read.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -31,6 +35,8 @@ use crate::config::{
 use crate::dns::DnsResolver;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
+
+mod etcd;
 
 /// Start the discovery task of each of `upstreams` that has a source. Must
 /// run inside a tokio runtime; each task ends when its upstream is dropped
@@ -70,6 +76,9 @@ pub fn start<'a>(
             }
             DiscoveryConfig::Dns { specs, dns } => {
                 tokio::spawn(dns_loop(target, specs, dns));
+            }
+            DiscoveryConfig::Etcd { endpoints, prefix } => {
+                tokio::spawn(etcd::follow(target, endpoints, prefix));
             }
         }
     }
