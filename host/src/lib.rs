@@ -44,6 +44,7 @@ pub mod discovery;
 pub mod dns;
 pub mod etcd;
 pub mod fd_limit;
+pub mod fleet;
 pub mod headers;
 pub mod health;
 pub mod listener;

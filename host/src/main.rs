@@ -1,5 +1,6 @@
 //! The `wasmlb` binary: `wasmlb --config wasmlb.toml [--check]`, and
-//! `wasmlb plugin new NAME` for plugin authors.
+//! `wasmlb plugin new NAME` for plugin authors, `wasmlb simulate`, and
+//! `wasmlb fleet publish|promote|rollback|status` for a fleet on etcd.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -63,6 +64,73 @@ enum Command {
     /// (simulated latency and failures per backend) and print the spread,
     /// fairness and hot spots.
     Simulate(SimulateArgs),
+    /// A fleet of wasmlb instances sharing plugins through etcd: publish a
+    /// plugin to an upstream (optionally as a canary), promote, roll back,
+    /// and show every instance's status.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+/// Where the fleet lives (every `fleet` subcommand).
+#[derive(Debug, clap::Args)]
+struct FleetAt {
+    /// etcd endpoints, comma-separated `http://host:port`.
+    #[arg(long, value_name = "URLS", value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// The fleet's key prefix (`[fleet] prefix`).
+    #[arg(long, value_name = "PREFIX", default_value = "/wasmlb/")]
+    prefix: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum FleetCommand {
+    /// Store a plugin in etcd and assign it to an upstream on every
+    /// instance (or, with --canary N, on N instances first).
+    Publish {
+        #[command(flatten)]
+        at: FleetAt,
+        /// The upstream (by name, on every instance).
+        #[arg(long)]
+        upstream: String,
+        /// The plugin: a wasm32-wasip2 component file.
+        plugin: PathBuf,
+        /// The plugin's config, a JSON object (default: each instance's
+        /// configured plugin_config).
+        #[arg(long, value_name = "JSON")]
+        config: Option<String>,
+        /// Run it on this many instances only, until `fleet promote`.
+        #[arg(long, value_name = "N")]
+        canary: Option<usize>,
+    },
+    /// Extend an upstream's canary to every instance.
+    Promote {
+        #[command(flatten)]
+        at: FleetAt,
+        /// The upstream.
+        #[arg(long)]
+        upstream: String,
+        /// Promote even though a canary instance rolled the plugin back.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Restore what an upstream ran before its current assignment, on every
+    /// instance.
+    Rollback {
+        #[command(flatten)]
+        at: FleetAt,
+        /// The upstream.
+        #[arg(long)]
+        upstream: String,
+    },
+    /// Print every assignment and every instance with its digests and
+    /// plugin health.
+    Status {
+        #[command(flatten)]
+        at: FleetAt,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `wasmlb simulate` options. Per-backend lists are comma-separated, one
@@ -188,6 +256,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if let Some(Command::Simulate(args)) = &cli.command {
         return simulate(args);
     }
+    if let Some(Command::Fleet(command)) = &cli.command {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?;
+        return rt.block_on(fleet(command));
+    }
     let path = cli.config.as_ref().context("--config FILE is required")?;
     let config = Config::load(path)?;
     if cli.check {
@@ -289,6 +364,64 @@ async fn serve(config: &Config) -> anyhow::Result<()> {
         tracing::info!("all connections finished");
     } else {
         tracing::warn!("shutdown timeout reached with connections still open");
+    }
+    Ok(())
+}
+
+async fn fleet(command: &FleetCommand) -> anyhow::Result<()> {
+    use wasmlb::fleet;
+    let describe = |a: &fleet::Assignment| {
+        let on = match &a.canary {
+            Some(names) => format!("canary on {}", names.join(", ")),
+            None => "every instance".to_string(),
+        };
+        format!("{} ({on})", a.target.digest)
+    };
+    match command {
+        FleetCommand::Publish {
+            at,
+            upstream,
+            plugin,
+            config,
+            canary,
+        } => {
+            let config = config
+                .as_deref()
+                .map(serde_json::from_str::<serde_json::Value>)
+                .transpose()
+                .context("--config: not JSON")?;
+            let a = fleet::publish(&at.endpoints, &at.prefix, upstream, plugin, config, *canary)
+                .await?;
+            println!(
+                "published {} to upstream {upstream}: {}",
+                plugin.display(),
+                describe(&a)
+            );
+        }
+        FleetCommand::Promote {
+            at,
+            upstream,
+            force,
+        } => {
+            let a = fleet::promote(&at.endpoints, &at.prefix, upstream, *force).await?;
+            println!("promoted upstream {upstream}: {}", describe(&a));
+        }
+        FleetCommand::Rollback { at, upstream } => {
+            match fleet::rollback(&at.endpoints, &at.prefix, upstream).await? {
+                Some(a) => println!("rolled back upstream {upstream}: {}", describe(&a)),
+                None => println!(
+                    "rolled back upstream {upstream}: no assignment left, every instance runs its configured plugin"
+                ),
+            }
+        }
+        FleetCommand::Status { at, json } => {
+            let status = fleet::status(&at.endpoints, &at.prefix).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", fleet::ops::render(&status));
+            }
+        }
     }
     Ok(())
 }

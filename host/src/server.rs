@@ -130,9 +130,15 @@ impl Server {
             )?),
             None => None,
         };
+        let fleet = config.fleet.as_ref().map(|fleet| {
+            let port = control.local_addrs().first().map_or(0, SocketAddr::port);
+            let instance = crate::fleet::agent::instance_name(fleet, port);
+            crate::fleet::agent::start(control.clone(), fleet.clone(), instance)
+        });
         Ok(RunningServer {
             control,
             admin,
+            fleet,
             shutdown_timeout: Duration::from_millis(config.server.shutdown_timeout_ms),
         })
     }
@@ -143,6 +149,7 @@ impl Server {
 pub struct RunningServer {
     control: Control,
     admin: Option<crate::admin::AdminHandle>,
+    fleet: Option<crate::fleet::agent::AgentHandle>,
     shutdown_timeout: Duration,
 }
 
@@ -162,6 +169,11 @@ impl RunningServer {
         &self.control
     }
 
+    /// This instance's name in the fleet, with `[fleet]`.
+    pub fn fleet_instance(&self) -> Option<&str> {
+        self.fleet.as_ref().map(|f| f.instance.as_str())
+    }
+
     /// The upstream named `name` in the current config.
     pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
         self.control.proxy().upstream(name).cloned()
@@ -173,6 +185,10 @@ impl RunningServer {
     pub async fn shutdown(self) -> bool {
         if let Some(admin) = self.admin {
             admin.task.abort();
+        }
+        if let Some(fleet) = self.fleet {
+            // Leave the fleet first: its status goes at once.
+            fleet.stop().await;
         }
         let listeners = std::mem::take(&mut self.control.shared.control.lock().await.listeners);
         for l in &listeners {

@@ -149,3 +149,21 @@ pub const DEFAULT_DNS_MIN_TTL_MS: u64 = 1000;
 /// Default `dns_max_ttl_ms`: a name is resolved again at least this often,
 /// in ms (5 minutes).
 pub const DEFAULT_DNS_MAX_TTL_MS: u64 = 300_000;
+
+/// Default `[fleet] prefix`: where a fleet's keys live in etcd.
+pub const DEFAULT_FLEET_PREFIX: &str = "/wasmlb/";
+
+/// Default `[fleet] lease_ttl_ms`: an instance's registration outlives it
+/// by 10 s.
+pub const DEFAULT_FLEET_LEASE_TTL_MS: usize = 10_000;
+
+/// Default `[fleet] rollback_window_ms`: a fleet swap is watched for 30 s.
+pub const DEFAULT_FLEET_ROLLBACK_WINDOW_MS: usize = 30_000;
+
+/// Default `[fleet] rollback_failure_percent`: more than 5 % failed
+/// decisions in the window swaps back.
+pub const DEFAULT_FLEET_ROLLBACK_FAILURE_PERCENT: u32 = 5;
+
+/// Default `[fleet] rollback_min_requests`: the share counts from 20
+/// decisions.
+pub const DEFAULT_FLEET_ROLLBACK_MIN_REQUESTS: usize = 20;

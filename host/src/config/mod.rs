@@ -99,10 +99,44 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     /// `[dns]`: how backend names are resolved.
     pub dns: DnsConfig,
+    /// `[fleet]`: the etcd this instance registers in and takes plugins
+    /// from, if configured (read at start; a reload does not change it).
+    pub fleet: Option<FleetConfig>,
+    /// `sha256:<hex>` of the file's text, as read.
+    pub digest: String,
     /// What is valid but worth an operator's attention (an expired
     /// certificate, `insecure_skip_verify`), each naming its key: `--check`
     /// prints them, a start or reload logs them.
     pub warnings: Vec<String>,
+}
+
+/// `[fleet]`: a fleet of wasmlb instances sharing plugins through etcd (see
+/// [`crate::fleet`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd endpoints, `http://host:port` (`endpoints`, required).
+    pub endpoints: Vec<String>,
+    /// Key prefix of the fleet's keys (`prefix`, default `/wasmlb/`; a
+    /// missing final `/` is added).
+    pub prefix: String,
+    /// This instance's name in the fleet (`instance`; default: the host
+    /// name and the first listener's port, `host:port`). No `/`.
+    pub instance: Option<String>,
+    /// TTL of the instance's registration lease, in ms (`lease_ttl_ms`,
+    /// default 10000, at least 2000; etcd counts whole seconds): an instance
+    /// that stops leaves the fleet's status this long after.
+    pub lease_ttl_ms: u64,
+    /// How long after a fleet swap its plugin is watched, in ms
+    /// (`rollback_window_ms`, default 30000).
+    pub rollback_window_ms: u64,
+    /// In that window, the share of decisions the plugin failed (trap,
+    /// deadline, bad answer, or skipped by an open circuit breaker) above
+    /// which the instance swaps back by itself, in percent
+    /// (`rollback_failure_percent`, default 5, 0 to 100).
+    pub rollback_failure_percent: u32,
+    /// Decisions needed in the window before the share counts
+    /// (`rollback_min_requests`, default 20, at least 1).
+    pub rollback_min_requests: u64,
 }
 
 /// `[access_log]`: one line per request (see [`crate::access_log`]).
@@ -618,7 +652,9 @@ impl Config {
         let de = toml::de::Deserializer::parse(text).map_err(|e| v.toml_error(&e, None))?;
         let raw: RawConfig = serde_path_to_error::deserialize(de)
             .map_err(|e| v.toml_error(e.inner(), Some(e.path().to_string())))?;
-        v.validate(raw)
+        let mut config = v.validate(raw)?;
+        config.digest = crate::plugin::digest(text.as_bytes());
+        Ok(config)
     }
 }
 

@@ -22,6 +22,19 @@ pub(super) struct RawConfig {
     pub(super) admin: Option<RawAdmin>,
     pub(super) access_log: Option<RawAccessLog>,
     pub(super) dns: Option<RawDns>,
+    pub(super) fleet: Option<Spanned<RawFleet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) endpoints: Option<Spanned<Vec<String>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) instance: Option<Spanned<String>>,
+    pub(super) lease_ttl_ms: Option<Spanned<u64>>,
+    pub(super) rollback_window_ms: Option<Spanned<u64>>,
+    pub(super) rollback_failure_percent: Option<Spanned<u32>>,
+    pub(super) rollback_min_requests: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

@@ -215,10 +215,13 @@ impl Validator<'_> {
             .map(|a| self.access_log(a))
             .transpose()?;
 
+        let fleet = raw.fleet.as_ref().map(|f| self.fleet(f)).transpose()?;
         Ok(Config {
             admin,
             access_log,
             dns,
+            fleet,
+            digest: String::new(),
             path: self.path.to_path_buf(),
             listeners,
             routes,
@@ -909,6 +912,70 @@ impl Validator<'_> {
                 ),
             )),
         }
+    }
+
+    /// `[fleet]`.
+    fn fleet(&self, f: &Spanned<super::raw::RawFleet>) -> Result<FleetConfig, ConfigError> {
+        let table = f.span();
+        let f = f.get_ref();
+        let endpoints =
+            self.etcd_endpoints("fleet.endpoints", f.endpoints.as_ref(), table.clone())?;
+        let mut prefix = match &f.prefix {
+            Some(p) if p.get_ref().is_empty() => {
+                return Err(self.err(Some(p.span()), "fleet.prefix", "must not be empty"));
+            }
+            Some(p) => p.get_ref().clone(),
+            None => DEFAULT_FLEET_PREFIX.to_string(),
+        };
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let instance = match &f.instance {
+            Some(i)
+                if i.get_ref().is_empty()
+                    || i.get_ref().contains('/')
+                    || i.get_ref().len() > 200 =>
+            {
+                return Err(self.err(
+                    Some(i.span()),
+                    "fleet.instance",
+                    "must be 1 to 200 bytes without '/'",
+                ));
+            }
+            Some(i) => Some(i.get_ref().clone()),
+            None => None,
+        };
+        let lease_ttl_ms = self.bounded(
+            "fleet.lease_ttl_ms",
+            f.lease_ttl_ms.as_ref(),
+            DEFAULT_FLEET_LEASE_TTL_MS,
+            2_000..=3_600_000,
+        )?;
+        let rollback_window_ms = self.bounded(
+            "fleet.rollback_window_ms",
+            f.rollback_window_ms.as_ref(),
+            DEFAULT_FLEET_ROLLBACK_WINDOW_MS,
+            1..=86_400_000,
+        )?;
+        let rollback_min_requests = self.bounded(
+            "fleet.rollback_min_requests",
+            f.rollback_min_requests.as_ref(),
+            DEFAULT_FLEET_ROLLBACK_MIN_REQUESTS,
+            1..=1_000_000_000,
+        )?;
+        Ok(FleetConfig {
+            endpoints,
+            prefix,
+            instance,
+            lease_ttl_ms: lease_ttl_ms as u64,
+            rollback_window_ms: rollback_window_ms as u64,
+            rollback_failure_percent: self.percent(
+                "fleet.rollback_failure_percent",
+                f.rollback_failure_percent.as_ref(),
+                DEFAULT_FLEET_ROLLBACK_FAILURE_PERCENT,
+            )?,
+            rollback_min_requests: rollback_min_requests as u64,
+        })
     }
 
     /// `endpoints = ["http://host:port", ...]` (required, non-empty).

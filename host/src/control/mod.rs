@@ -70,6 +70,15 @@ pub enum PluginSource {
     Ref(PluginRef),
     /// The upstream's current plugin, re-initialized (e.g. with a new config).
     Current,
+    /// Component bytes with a name to show (a fleet's plugin).
+    Named {
+        /// The name, e.g. `fleet:strategy.wasm`.
+        name: String,
+        /// The component.
+        bytes: Vec<u8>,
+    },
+    /// A plugin already loaded (a fleet instance swapping back).
+    Loaded(Arc<crate::plugin::Plugin>),
 }
 
 /// Why a plugin swap was rejected. The old plugin keeps serving.
@@ -159,6 +168,23 @@ impl Control {
     /// The config file path (plugin paths in admin requests resolve against its directory).
     pub fn config_path(&self) -> &std::path::Path {
         &self.shared.config_path
+    }
+
+    /// The served config's upstream `name`, as configured.
+    pub async fn upstream_config(&self, name: &str) -> Option<crate::config::UpstreamConfig> {
+        self.shared
+            .control
+            .lock()
+            .await
+            .config
+            .upstreams
+            .get(name)
+            .cloned()
+    }
+
+    /// `sha256:<hex>` of the served config file's text.
+    pub async fn config_digest(&self) -> String {
+        self.shared.control.lock().await.config.digest.clone()
     }
 
     /// Re-read the config file and apply it.
@@ -331,6 +357,8 @@ fn swap_blocking(
         PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
         PluginSource::Ref(r) => runtime.load(&r)?,
         PluginSource::Current => upstream.plugin(),
+        PluginSource::Loaded(plugin) => plugin,
+        PluginSource::Named { name, bytes } => runtime.load_bytes(&name, &bytes)?,
     };
     let state_bytes = upstream.swap_plugin(plugin.clone(), plugin_config.map(|c| c.to_string()))?;
     Ok((

@@ -60,6 +60,9 @@ pub const FAILING_AFTER: u64 = 5;
 /// Counters of plugin failures and fallbacks for one upstream.
 #[derive(Debug, Default)]
 pub struct PluginStats {
+    /// `select` calls made (each request's decision that reached the
+    /// plugin, failed or not).
+    pub calls: AtomicU64,
     /// `select` calls that trapped.
     pub traps: AtomicU64,
     /// `select` calls cut at their deadline.

@@ -305,6 +305,11 @@ impl Upstream {
         self.lock().plugin.clone()
     }
 
+    /// The JSON config the current plugin instance was initialized with.
+    pub fn plugin_config_json(&self) -> String {
+        self.lock().settings.config_json.clone()
+    }
+
     /// Plugin failure and fallback counters.
     pub fn stats(&self) -> &PluginStats {
         &self.stats
@@ -467,6 +472,7 @@ impl Upstream {
             let selection = self.on_failure(&slot.backends, tried);
             return (selection, request);
         };
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let (result, request) = instance.select(request);
         let response_headers = instance.take_response_headers();
