@@ -173,7 +173,14 @@ impl Agent {
         let mut c = connect(&endpoints).await?;
         let ttl_s = i64::try_from(self.fleet.lease_ttl_ms.div_ceil(1000)).unwrap_or(10);
         let lease = c.lease_grant(ttl_s, None).await.map_err(fail)?.id();
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await.map_err(fail)?;
+        // The lease is kept alive by its own task, so a slow swap (a large
+        // plugin compiling) never lets the registration lapse.
+        let mut keeping = AbortOnDrop(tokio::spawn(keep_alive(
+            c.clone(),
+            lease,
+            Duration::from_millis(self.fleet.lease_ttl_ms / 3),
+            endpoints.clone(),
+        )));
         let read = c
             .get(
                 self.keys.assignments(),
@@ -198,11 +205,12 @@ impl Agent {
             .await
             .map_err(fail)?;
         tracing::info!(instance = %self.instance, lease, "fleet: registered");
-        self.reconcile().await;
+        // Registered at once, then brought in line with the assignments.
         let mut last_status: Option<InstanceStatus> = None;
         self.put_status(&mut c, lease, &mut last_status).await?;
-        let keep_every = Duration::from_millis(self.fleet.lease_ttl_ms / 3);
-        let (mut kept, mut reported) = (Instant::now(), Instant::now());
+        self.reconcile(&c).await;
+        self.put_status(&mut c, lease, &mut last_status).await?;
+        let mut reported = Instant::now();
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -210,6 +218,10 @@ impl Agent {
                     let _ = tokio::time::timeout(Duration::from_secs(1), c.lease_revoke(lease)).await;
                     tracing::info!(instance = %self.instance, "fleet: left (lease revoked)");
                     return Ok(());
+                }
+                kept = &mut keeping.0 => {
+                    return Err(kept.unwrap_or_else(|e| Err(EtcdError::new(&endpoints, e))).err()
+                        .unwrap_or_else(|| EtcdError::new(&endpoints, "the lease keeper ended")));
                 }
                 m = stream.message() => {
                     let Some(response) = m.map_err(fail)? else {
@@ -230,23 +242,15 @@ impl Agent {
                             }
                         }
                     }
-                    self.reconcile().await;
+                    self.reconcile(&c).await;
                     self.put_status(&mut c, lease, &mut last_status).await?;
                 }
                 _ = tick.tick() => {
                     if self.check_windows().await {
                         self.put_status(&mut c, lease, &mut last_status).await?;
                     }
-                    if kept.elapsed() >= keep_every {
-                        keeper.keep_alive().await.map_err(fail)?;
-                        let ack = acks.message().await.map_err(fail)?;
-                        if ack.is_none_or(|a| a.ttl() <= 0) {
-                            return Err(EtcdError::new(&endpoints, "the registration lease expired"));
-                        }
-                        kept = Instant::now();
-                    }
                     if reported.elapsed() >= STATUS_EVERY {
-                        self.reconcile().await;
+                        self.reconcile(&c).await;
                         self.put_status(&mut c, lease, &mut last_status).await?;
                         reported = Instant::now();
                     }
@@ -272,7 +276,7 @@ impl Agent {
     }
 
     /// Make each upstream run what its assignment says for this instance.
-    async fn reconcile(&mut self) {
+    async fn reconcile(&mut self, client: &Client) {
         let proxy = self.control.proxy();
         let names: Vec<String> = proxy.upstreams().map(|u| u.name().to_string()).collect();
         for name in names {
@@ -320,19 +324,19 @@ impl Agent {
                     let key = (want.0.digest.clone(), want.1);
                     let running = upstream.plugin().digest() == want.0.digest;
                     if state.refused.contains(&key)
-                        || (state.applied.as_ref() == Some(&want) && running)
+                        || (state.applied.as_ref().map(|(t, _)| t) == Some(&want.0) && running)
                         || state.error.as_ref().is_some_and(|(e, _)| *e == want)
                     {
                         continue;
                     }
                     let applied = apply(
                         &self.control,
+                        client.clone(),
                         &self.fleet.endpoints,
                         &self.keys,
                         &name,
                         &upstream,
                         &want,
-                        self.assignments.get(&name).map_or("", |a| a.name.as_str()),
                     )
                     .await;
                     match applied {
@@ -493,6 +497,37 @@ impl Agent {
     }
 }
 
+/// Aborts its task when dropped (a session's lease keeper ends with it).
+struct AbortOnDrop(JoinHandle<Result<(), EtcdError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep `lease` alive every `every` until it fails or is lost.
+///
+/// # Errors
+/// The keep-alive stream failed, or etcd answered that the lease is gone.
+async fn keep_alive(
+    mut c: Client,
+    lease: i64,
+    every: Duration,
+    endpoints: Vec<String>,
+) -> Result<(), EtcdError> {
+    let fail = |e: etcd_client::Error| EtcdError::new(&endpoints, e);
+    let (mut keeper, mut acks) = c.lease_keep_alive(lease).await.map_err(fail)?;
+    loop {
+        tokio::time::sleep(every).await;
+        keeper.keep_alive().await.map_err(fail)?;
+        let ack = acks.message().await.map_err(fail)?;
+        if ack.is_none_or(|a| a.ttl() <= 0) {
+            return Err(EtcdError::new(&endpoints, "the registration lease expired"));
+        }
+    }
+}
+
 /// Why a publication was not applied.
 enum Refusal {
     /// etcd failed: try again.
@@ -511,17 +546,14 @@ enum Refusal {
 /// checks: compile, imports, init).
 async fn apply(
     control: &Control,
+    mut c: Client,
     endpoints: &[String],
     keys: &Keys,
     name: &str,
     upstream: &Upstream,
     want: &Applied,
-    file: &str,
 ) -> Result<Before, Refusal> {
     let (target, _) = want;
-    let mut c = connect(endpoints)
-        .await
-        .map_err(|e| Refusal::Transient(e.to_string()))?;
     let r = c
         .get(keys.plugin(&target.digest), None)
         .await
@@ -558,7 +590,7 @@ async fn apply(
         .swap_plugin(
             name,
             PluginSource::Named {
-                name: format!("fleet:{file}"),
+                name: format!("fleet:{}", target.name),
                 bytes,
             },
             Some(config),

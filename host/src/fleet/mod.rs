@@ -46,6 +46,10 @@ pub const MAX_PLUGIN_BYTES: usize = 1_500_000;
 pub struct Target {
     /// `sha256:<hex>` of the plugin's bytes (`P/plugins/<hex>`).
     pub digest: String,
+    /// The plugin file's name, for people (instances show it as
+    /// `fleet:<name>`).
+    #[serde(default)]
+    pub name: String,
     /// The plugin's config (JSON object); `None` keeps the upstream's
     /// configured `plugin_config`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,9 +69,6 @@ pub struct Assignment {
     /// What ran before (`None`: each instance's configured plugin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Target>,
-    /// The plugin file's name, for people.
-    #[serde(default)]
-    pub name: String,
     /// When it was published, in ms since the Unix epoch; with the digest,
     /// it names the publication an instance may refuse after rolling back.
     pub published_unix_ms: u64,
@@ -100,7 +101,7 @@ pub struct InstanceStatus {
 /// One upstream in [`InstanceStatus`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpstreamStatus {
-    /// The running plugin's name (a built-in, a path, or `(fleet)`).
+    /// The running plugin's name (a built-in, a path, or `fleet:<file>`).
     pub plugin: String,
     /// `sha256:<hex>` of its bytes.
     pub digest: String,
@@ -189,6 +190,7 @@ mod tests {
     fn target(d: &str) -> Target {
         Target {
             digest: d.into(),
+            name: "x.wasm".into(),
             plugin_config: None,
         }
     }
@@ -199,7 +201,6 @@ mod tests {
             target: target("sha256:new"),
             canary: Some(vec!["lb-1".into()]),
             previous: Some(target("sha256:old")),
-            name: "x.wasm".into(),
             published_unix_ms: 1,
         };
         assert_eq!(a.for_instance("lb-1"), Some(&target("sha256:new")));

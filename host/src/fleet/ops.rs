@@ -192,13 +192,13 @@ pub async fn publish(
     let a = Assignment {
         target: Target {
             digest,
+            name: path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
             plugin_config,
         },
         canary,
         previous,
-        name: path
-            .file_name()
-            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
         published_unix_ms: now_unix_ms(),
     };
     put_if_unchanged(&mut c, endpoints, &keys, upstream, revision, Some(&a)).await?;
@@ -278,7 +278,6 @@ pub async fn rollback(
         target,
         canary: None,
         previous: None,
-        name: "(rollback)".into(),
         published_unix_ms: now_unix_ms(),
     });
     put_if_unchanged(
@@ -362,7 +361,7 @@ pub fn render(status: &FleetStatus) -> String {
             out,
             "assignment {upstream}: {} {}",
             short(&a.target.digest),
-            a.name
+            a.target.name
         );
         match &a.canary {
             Some(names) => {
@@ -380,13 +379,21 @@ pub fn render(status: &FleetStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<24} {:<20} {:<12} {:<20} {:<8} {:>9} {:>9} {:>9}  fleet",
-        "INSTANCE", "CONFIG", "UPSTREAM", "PLUGIN", "HEALTH", "CALLS", "FAILURES", "FALLBACKS"
+        "{:<16} {:<20} {:<12} {:<24} {:<20} {:<8} {:>9} {:>9} {:>9}  FLEET",
+        "INSTANCE",
+        "CONFIG",
+        "UPSTREAM",
+        "PLUGIN",
+        "DIGEST",
+        "HEALTH",
+        "CALLS",
+        "FAILURES",
+        "FALLBACKS"
     );
     for i in &status.instances {
         for (name, u) in &i.upstreams {
             let mut fleet = match &u.fleet_digest {
-                Some(d) if *d == u.digest => "runs the assignment".to_string(),
+                Some(d) if *d == u.digest => "from the fleet".to_string(),
                 Some(d) => format!("assigned {}", short(d)),
                 None => "configured plugin".to_string(),
             };
@@ -398,10 +405,11 @@ pub fn render(status: &FleetStatus) -> String {
             }
             let _ = writeln!(
                 out,
-                "{:<24} {:<20} {:<12} {:<20} {:<8} {:>9} {:>9} {:>9}  {fleet}",
+                "{:<16} {:<20} {:<12} {:<24} {:<20} {:<8} {:>9} {:>9} {:>9}  {fleet}",
                 i.instance,
                 short(&i.config_digest),
                 name,
+                u.plugin,
                 short(&u.digest),
                 u.health,
                 u.calls,
