@@ -9,6 +9,7 @@
 //! | `wasmlb_plugin_decision_duration_seconds` | histogram | upstream |
 //! | `wasmlb_plugin_failures_total` | counter | upstream, kind (`trap`, `deadline`, `bad_answer`) |
 //! | `wasmlb_plugin_swaps_total` | counter | upstream, outcome (`ok`, `error`) |
+//! | `wasmlb_shadow_decisions_total` | counter | upstream, outcome (`agree`, `differ`, `error`): the shadow plugin's decisions beside the live one's |
 //! | `wasmlb_reloads_total` | counter | outcome (`ok`, `error`) |
 //! | `wasmlb_retries_total` | counter | upstream |
 //! | `wasmlb_outlier_ejections_total` | counter | upstream |
@@ -291,6 +292,7 @@ pub struct Metrics {
     decision_duration: HistogramFamily,
     plugin_failures: Family<FailureLabels, Counter>,
     swaps: Family<SwapLabels, Counter>,
+    shadow_decisions: Family<SwapLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     ejections: Family<UpstreamLabels, Counter>,
@@ -514,6 +516,12 @@ impl Metrics {
             swaps.clone(),
         );
         registry.register("reloads", "Config reloads by outcome", reloads.clone());
+        let shadow_decisions = Family::default();
+        registry.register(
+            "shadow_decisions",
+            "Shadow plugin decisions by outcome against the live plugin's",
+            shadow_decisions.clone(),
+        );
         let retries = Family::default();
         let ejections = Family::default();
         registry.register(
@@ -636,8 +644,22 @@ impl Metrics {
             decision_duration,
             plugin_failures,
             swaps,
+            shadow_decisions,
             reloads,
         }
+    }
+
+    /// Handles of upstream `name`'s shadow decisions: agree, differ, error
+    /// (present at 0 from the first call).
+    pub fn shadow(&self, name: &str) -> [Counter; 3] {
+        ["agree", "differ", "error"].map(|outcome| {
+            self.shadow_decisions
+                .get_or_create(&SwapLabels {
+                    upstream: name.to_string(),
+                    outcome: outcome.into(),
+                })
+                .clone()
+        })
     }
 
     /// Handles for upstream `name`.

@@ -146,9 +146,10 @@ async fn a_fleet_swaps_under_load_and_a_failing_canary_rolls_itself_back() {
     );
     // A reload restores the configured plugin; the fleet's comes back.
     proxies[1].control().reload().await.expect("reload");
-    wait_until("lb-2 to run the fleet's plugin again after its reload", || {
-        proxies[1].upstream("app").plugin().digest() == good
-    })
+    wait_until(
+        "lb-2 to run the fleet's plugin again after its reload",
+        || proxies[1].upstream("app").plugin().digest() == good,
+    )
     .await;
     // Rolling back restores the good plugin's assignment everywhere.
     let (code, out, err) = fleet(&etcd, &["rollback", "--upstream", "app"]);

@@ -210,6 +210,55 @@ async fn body(
 struct SwapRequest {
     plugin: Option<String>,
     plugin_config: Option<serde_json::Value>,
+    sample_percent: Option<u32>,
+}
+
+/// What a swap request asks for: the plugin, its config, its sample share.
+type SwapAsk = (PluginSource, Option<serde_json::Value>, Option<u32>);
+
+/// A swap request's body: wasm component bytes, or JSON `{"plugin",
+/// "plugin_config", "sample_percent"}` (all optional). The error is the
+/// answer to send.
+fn swap_request(
+    control: &Control,
+    config: &AdminConfig,
+    bytes: &[u8],
+) -> Result<SwapAsk, Box<Response<Full<Bytes>>>> {
+    if bytes.starts_with(b"\0asm") {
+        return Ok((PluginSource::Bytes(bytes.to_vec()), None, None));
+    }
+    let r = serde_json::from_slice::<SwapRequest>(bytes).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("body must be a wasm component or JSON {{\"plugin\", \"plugin_config\"}}: {e}"),
+        ))
+    })?;
+    let source = match r.plugin {
+        Some(p) => PluginRef::resolve_confined(&p, config_dir(control), &config.plugin_dirs)
+            .map(PluginSource::Ref)
+            .map_err(|e| Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, e)))?,
+        None => PluginSource::Current,
+    };
+    if r.plugin_config.as_ref().is_some_and(|c| !c.is_object()) {
+        return Err(Box::new(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "plugin_config must be a JSON object",
+        )));
+    }
+    Ok((source, r.plugin_config, r.sample_percent))
+}
+
+/// The answer to a swap: its report, 404 for an unknown upstream, 409 with
+/// no shadow plugin, else 422 with the reason.
+fn swap_response(result: Result<crate::server::SwapReport, SwapError>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(SwapError::UnknownUpstream(n)) => {
+            error(StatusCode::NOT_FOUND, format!("no upstream named {n:?}"))
+        }
+        Err(e @ SwapError::NoShadow(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+    }
 }
 
 async fn handle(
@@ -249,47 +298,48 @@ async fn handle(
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            let (source, plugin_config) = if bytes.starts_with(b"\0asm") {
-                (PluginSource::Bytes(bytes.to_vec()), None)
-            } else {
-                match serde_json::from_slice::<SwapRequest>(&bytes) {
-                    Ok(r) => {
-                        let source = match r.plugin {
-                            Some(p) => match PluginRef::resolve_confined(
-                                &p,
-                                config_dir(control),
-                                &config.plugin_dirs,
-                            ) {
-                                Ok(r) => PluginSource::Ref(r),
-                                Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
-                            },
-                            None => PluginSource::Current,
-                        };
-                        if r.plugin_config.as_ref().is_some_and(|c| !c.is_object()) {
-                            return error(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                "plugin_config must be a JSON object",
-                            );
-                        }
-                        (source, r.plugin_config)
-                    }
-                    Err(e) => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            format!(
-                                "body must be a wasm component or JSON {{\"plugin\", \"plugin_config\"}}: {e}"
-                            ),
-                        );
-                    }
-                }
-            };
-            match control.swap_plugin(&name, source, plugin_config).await {
-                Ok(report) => json(StatusCode::OK, &report),
-                Err(SwapError::UnknownUpstream(n)) => {
-                    error(StatusCode::NOT_FOUND, format!("no upstream named {n:?}"))
-                }
-                Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, error_chain(&e)),
+            let (source, plugin_config, sample_percent) =
+                match swap_request(control, config, &bytes) {
+                    Ok(r) => r,
+                    Err(r) => return *r,
+                };
+            if sample_percent.is_some() {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "sample_percent applies to a shadow plugin (PUT /upstreams/{name}/shadow)",
+                );
             }
+            swap_response(control.swap_plugin(&name, source, plugin_config).await)
+        }
+        (Method::PUT, ["upstreams", name, "shadow"]) => {
+            let name = name.to_string();
+            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let (source, plugin_config, sample_percent) =
+                match swap_request(control, config, &bytes) {
+                    Ok(r) => r,
+                    Err(r) => return *r,
+                };
+            if sample_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "sample_percent must be from 1 to 100",
+                );
+            }
+            swap_response(
+                control
+                    .swap_shadow(&name, source, plugin_config, sample_percent)
+                    .await,
+            )
+        }
+        (Method::DELETE, ["upstreams", name, "shadow"]) => match control.stop_shadow(name) {
+            Ok(stopped) => json(StatusCode::OK, &serde_json::json!({ "stopped": stopped })),
+            Err(e) => swap_response(Err(e)),
+        },
+        (Method::POST, ["upstreams", name, "shadow", "promote"]) => {
+            swap_response(control.promote_shadow(name).await)
         }
         (Method::PUT, ["upstreams", name, "backends", backend, "state"]) => {
             let Some(upstream) = control.proxy().upstream(name).cloned() else {

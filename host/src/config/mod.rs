@@ -139,6 +139,19 @@ pub struct FleetConfig {
     pub rollback_min_requests: u64,
 }
 
+/// An upstream's shadow plugin: `shadow_plugin`,
+/// `[upstream.NAME.shadow_plugin_config]`, `shadow_sample_percent`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    /// The candidate (a built-in name or a `.wasm` file).
+    pub plugin: PluginRef,
+    /// Its `plugin_config` (default `{}`).
+    pub plugin_config: serde_json::Value,
+    /// Share of requests it decides beside the live plugin, in percent
+    /// (`shadow_sample_percent`, default 100, 1 to 100).
+    pub sample_percent: u32,
+}
+
 /// `[access_log]`: one line per request (see [`crate::access_log`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLogConfig {
@@ -250,6 +263,9 @@ pub struct UpstreamConfig {
     pub plugin: PluginRef,
     /// `plugin_config`, as the JSON object handed to the plugin's `init`.
     pub plugin_config: serde_json::Value,
+    /// A candidate plugin run in shadow beside the live one, if any (see
+    /// [`crate::upstream::shadow`]).
+    pub shadow: Option<ShadowConfig>,
     /// The backends, in file order (their index is the plugin's backend id),
     /// or as read from the discovery source.
     pub backends: Vec<BackendConfig>,
@@ -400,6 +416,7 @@ impl UpstreamConfig {
         Self {
             plugin,
             plugin_config: serde_json::Value::Object(serde_json::Map::new()),
+            shadow: None,
             backends,
             plugin_deadline_ms: DEFAULT_PLUGIN_DEADLINE_MS,
             plugin_init_deadline_ms: DEFAULT_PLUGIN_INIT_DEADLINE_MS,

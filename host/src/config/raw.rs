@@ -118,6 +118,9 @@ pub(super) struct RawUpstream {
     #[serde(default)]
     pub(super) backends: Vec<RawBackend>,
     pub(super) plugin_config: Option<toml::Table>,
+    pub(super) shadow_plugin: Option<Spanned<String>>,
+    pub(super) shadow_plugin_config: Option<toml::Table>,
+    pub(super) shadow_sample_percent: Option<Spanned<u32>>,
     pub(super) plugin_deadline_ms: Option<Spanned<u64>>,
     pub(super) plugin_init_deadline_ms: Option<Spanned<u64>>,
     pub(super) plugin_memory_limit_mib: Option<Spanned<u64>>,

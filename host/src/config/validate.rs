@@ -642,9 +642,52 @@ impl Validator<'_> {
             })?,
             None => serde_json::Value::Object(serde_json::Map::new()),
         };
+        let shadow = match &u.shadow_plugin {
+            Some(candidate) => {
+                let plugin = self.plugin_ref(&format!("{prefix}.shadow_plugin"), candidate)?;
+                let plugin_config = match u.shadow_plugin_config {
+                    Some(table) => serde_json::to_value(table).map_err(|e| {
+                        self.err(
+                            None,
+                            format!("{prefix}.shadow_plugin_config"),
+                            format!("cannot convert to JSON: {e}"),
+                        )
+                    })?,
+                    None => serde_json::Value::Object(serde_json::Map::new()),
+                };
+                let sample_percent = self.percent(
+                    &format!("{prefix}.shadow_sample_percent"),
+                    u.shadow_sample_percent.as_ref(),
+                    100,
+                )?;
+                if sample_percent == 0 {
+                    return Err(self.err(
+                        u.shadow_sample_percent.as_ref().map(Spanned::span),
+                        format!("{prefix}.shadow_sample_percent"),
+                        "must be from 1 to 100 (remove shadow_plugin to turn shadowing off)",
+                    ));
+                }
+                Some(ShadowConfig {
+                    plugin,
+                    plugin_config,
+                    sample_percent,
+                })
+            }
+            None => {
+                if u.shadow_plugin_config.is_some() || u.shadow_sample_percent.is_some() {
+                    return Err(self.err(
+                        u.shadow_sample_percent.as_ref().map(Spanned::span),
+                        format!("{prefix}.shadow_plugin"),
+                        "shadow_plugin_config and shadow_sample_percent need shadow_plugin",
+                    ));
+                }
+                None
+            }
+        };
         Ok(UpstreamConfig {
             plugin,
             plugin_config,
+            shadow,
             backends,
             plugin_deadline_ms: positive(
                 "plugin_deadline_ms",

@@ -93,6 +93,9 @@ pub enum SwapError {
     /// The swap task failed unexpectedly.
     #[error("swap task failed: {0}")]
     Task(String),
+    /// The upstream has no shadow plugin (to promote or restart).
+    #[error("upstream {0:?} has no shadow plugin")]
+    NoShadow(String),
 }
 
 /// The outcome of a swap.
@@ -343,6 +346,120 @@ impl Control {
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
         };
         tracing::info!(?report, "plugin swapped");
+        Ok(report)
+    }
+}
+
+impl Control {
+    /// Run `source` as upstream `name`'s shadow plugin (see
+    /// [`crate::upstream::shadow`]) with `plugin_config` (default `{}`) on
+    /// `sample_percent` of the requests (default: the shadow before's, else
+    /// 100), replacing the shadow plugin before. `PluginSource::Current`
+    /// restarts the current shadow plugin.
+    ///
+    /// # Errors
+    /// [`SwapError`]: no such upstream, no shadow plugin to restart, or the
+    /// candidate fails to load or initialize; the shadow before stays.
+    pub async fn swap_shadow(
+        &self,
+        name: &str,
+        source: PluginSource,
+        plugin_config: Option<serde_json::Value>,
+        sample_percent: Option<u32>,
+    ) -> Result<SwapReport, SwapError> {
+        let started = Instant::now();
+        let _control = self.shared.control.lock().await;
+        let upstream = self
+            .proxy()
+            .upstream(name)
+            .cloned()
+            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let before = upstream.shadow();
+        let runtime = self.shared.runtime.clone();
+        let counters = self.shared.serving.metrics.shadow(name);
+        let result = tokio::task::spawn_blocking(move || {
+            let plugin = match source {
+                PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
+                PluginSource::Named { name, bytes } => runtime.load_bytes(&name, &bytes)?,
+                PluginSource::Ref(r) => runtime.load(&r)?,
+                PluginSource::Loaded(p) => p,
+                PluginSource::Current => match &before {
+                    Some(s) => s.plugin().clone(),
+                    None => {
+                        return Err(SwapError::NoShadow(upstream.name().to_string()));
+                    }
+                },
+            };
+            let config = plugin_config.map_or_else(
+                || {
+                    before
+                        .as_ref()
+                        .map_or_else(|| "{}".to_string(), |s| s.config_json().to_string())
+                },
+                |c| c.to_string(),
+            );
+            let percent = sample_percent
+                .or_else(|| before.as_ref().map(|s| s.snapshot().sample_percent))
+                .unwrap_or(100);
+            upstream.start_shadow(plugin.clone(), config, percent, counters)?;
+            Ok((
+                plugin.name().to_string(),
+                plugin.digest().to_string(),
+                plugin.from_cache(),
+            ))
+        })
+        .await
+        .map_err(|e| SwapError::Task(e.to_string()))
+        .and_then(|r| r)?;
+        let report = SwapReport {
+            upstream: name.to_string(),
+            plugin: result.0,
+            digest: result.1,
+            cached: result.2,
+            state_bytes: None,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        };
+        tracing::info!(?report, "shadow plugin started");
+        Ok(report)
+    }
+
+    /// Stop upstream `name`'s shadow plugin; true if it had one.
+    ///
+    /// # Errors
+    /// [`SwapError::UnknownUpstream`].
+    pub fn stop_shadow(&self, name: &str) -> Result<bool, SwapError> {
+        let upstream = self
+            .proxy()
+            .upstream(name)
+            .cloned()
+            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        Ok(upstream.stop_shadow().is_some())
+    }
+
+    /// Promote upstream `name`'s shadow plugin: an ordinary swap to it (with
+    /// its config), after which it no longer runs in shadow.
+    ///
+    /// # Errors
+    /// [`SwapError`]: no such upstream, no shadow plugin, or the swap fails
+    /// (the live plugin and the shadow stay).
+    pub async fn promote_shadow(&self, name: &str) -> Result<SwapReport, SwapError> {
+        let upstream = self
+            .proxy()
+            .upstream(name)
+            .cloned()
+            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let shadow = upstream
+            .shadow()
+            .ok_or_else(|| SwapError::NoShadow(name.to_string()))?;
+        let config = serde_json::from_str(shadow.config_json()).ok();
+        let report = self
+            .swap_plugin(name, PluginSource::Loaded(shadow.plugin().clone()), config)
+            .await?;
+        // Only the shadow that was promoted stops (a concurrent swap_shadow
+        // may have replaced it).
+        if upstream.shadow().is_some_and(|s| Arc::ptr_eq(&s, &shadow)) {
+            upstream.stop_shadow();
+        }
         Ok(report)
     }
 }

@@ -109,6 +109,23 @@ impl RequestView {
             tcp: false,
         }
     }
+
+    /// A copy: method, URI, version and headers (no extensions), and the
+    /// rest as is (for a shadow plugin's decision).
+    pub fn copy(&self) -> Self {
+        let mut parts = http::Request::new(()).into_parts().0;
+        parts.method = self.parts.method.clone();
+        parts.uri = self.parts.uri.clone();
+        parts.version = self.parts.version;
+        parts.headers = self.parts.headers.clone();
+        Self {
+            parts,
+            client: self.client,
+            https: self.https,
+            server_name: self.server_name.clone(),
+            tcp: self.tcp,
+        }
+    }
 }
 
 /// One live plugin instance: its store and exports. Not `Sync`; an upstream

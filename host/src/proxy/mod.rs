@@ -237,6 +237,22 @@ impl Proxy {
             let plugin = runtime.load(&cfg.plugin).map_err(failed)?;
             let upstream =
                 Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(failed)?;
+            if let Some(shadow) = &cfg.shadow {
+                let failed = |source| ProxyError::Plugin {
+                    upstream: name.clone(),
+                    at: config.locate(&format!("upstream.{name}"), "shadow_plugin"),
+                    source,
+                };
+                let candidate = runtime.load(&shadow.plugin).map_err(failed)?;
+                upstream
+                    .start_shadow(
+                        candidate,
+                        shadow.plugin_config.to_string(),
+                        shadow.sample_percent,
+                        metrics.shadow(name),
+                    )
+                    .map_err(failed)?;
+            }
             let pool = match old {
                 Some(o) if *o.pool.connector() == upstream.connector => o.pool.clone(),
                 _ => pool::ConnPool::new(upstream.connector.clone()),

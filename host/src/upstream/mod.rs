@@ -36,6 +36,7 @@ mod breaker;
 mod eligibility;
 mod membership;
 mod outlier;
+pub mod shadow;
 mod snapshot;
 mod upkeep;
 
@@ -104,6 +105,8 @@ pub struct Upstream {
     panic_threshold_percent: u32,
     slow_start: Duration,
     discovery: Option<crate::config::DiscoveryConfig>,
+    /// The candidate plugin deciding in shadow, if any.
+    shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -246,6 +249,7 @@ impl Upstream {
             panic_threshold_percent: config.panic_threshold_percent,
             slow_start,
             discovery: config.discovery.clone(),
+            shadow: arc_swap::ArcSwapOption::empty(),
         };
         // Flags and weights from carried-over state (drain, ejection, health)
         // before the plugin first sees the set.
@@ -460,7 +464,61 @@ impl Upstream {
     /// tried backend, its first untried candidate is taken, else the next
     /// selectable untried backend after it in id order. The request is
     /// handed back unchanged.
+    ///
+    /// With a shadow plugin, a sampled first attempt's request is also
+    /// queued for the candidate (see [`shadow`]), after the live decision.
     pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
+        let (selection, request) = self.select_live(request, tried);
+        if tried.is_empty()
+            && let Some(shadow) = self.shadow.load().as_ref()
+            && shadow.sampled()
+        {
+            let backends = self.lock().backends.clone();
+            shadow.offer(
+                request.copy(),
+                backends,
+                selection.target().map(|t| t.address),
+            );
+        }
+        (selection, request)
+    }
+
+    /// Start deciding in shadow with `plugin` (its `config_json`, on
+    /// `sample_percent` of the requests), replacing any shadow plugin;
+    /// `counters` are its agree, differ and error counters.
+    ///
+    /// # Errors
+    /// [`PluginError`] if the candidate fails to instantiate or initialize;
+    /// the shadow plugin before stays.
+    pub fn start_shadow(
+        &self,
+        plugin: Arc<Plugin>,
+        config_json: String,
+        sample_percent: u32,
+        counters: [prometheus_client::metrics::counter::Counter; 3],
+    ) -> Result<(), PluginError> {
+        let (mut settings, backends) = {
+            let slot = self.lock();
+            (slot.settings.clone(), slot.backends.clone())
+        };
+        settings.config_json = config_json;
+        settings.log_limit = Arc::default();
+        let shadow = shadow::Shadow::start(plugin, settings, backends, sample_percent, counters)?;
+        self.shadow.store(Some(Arc::new(shadow)));
+        Ok(())
+    }
+
+    /// Stop the shadow plugin; returns it, if there was one.
+    pub fn stop_shadow(&self) -> Option<Arc<shadow::Shadow>> {
+        self.shadow.swap(None)
+    }
+
+    /// The shadow plugin, if any.
+    pub fn shadow(&self) -> Option<Arc<shadow::Shadow>> {
+        self.shadow.load_full()
+    }
+
+    fn select_live(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
         let mut slot = self.lock();
         if slot.instance.is_none() {
             self.try_replace(&mut slot);

@@ -22,6 +22,9 @@ pub struct UpstreamSnapshot {
     pub plugin: PluginSnapshot,
     /// Backends in id order.
     pub backends: Vec<BackendSnapshot>,
+    /// The shadow plugin, if any: its decisions against the live plugin's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<super::shadow::ShadowSnapshot>,
 }
 
 /// The plugin part of [`UpstreamSnapshot`].
@@ -150,6 +153,7 @@ impl Upstream {
                 .enumerate()
                 .map(|(id, b)| backend_snapshot(id, b, now))
                 .collect(),
+            shadow: self.shadow.load().as_ref().map(|s| s.snapshot()),
         }
     }
 }
