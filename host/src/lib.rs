@@ -55,6 +55,7 @@ pub mod plugin;
 pub mod plugin_call;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod record;
 pub mod request_rules;
 pub mod retry;
 pub mod scaffold;

@@ -143,6 +143,11 @@ struct SimulateArgs {
     /// Number of backends.
     #[arg(long, value_name = "N", default_value_t = 4)]
     backends: usize,
+    /// The backends' addresses, comma-separated `IP:port` (sets their
+    /// number): give a recorded upstream's to replay its trace against the
+    /// same set, and see the recorded share beside the simulated one.
+    #[arg(long, value_name = "LIST")]
+    addresses: Option<String>,
     /// The plugin's plugin_config, as a JSON object.
     #[arg(long, value_name = "JSON", default_value = "{}")]
     plugin_config: String,
@@ -453,7 +458,20 @@ where
 
 fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
     use wasmlb::simulate::{SimBackend, Synthetic};
-    let n = args.backends;
+    let addresses: Option<Vec<std::net::SocketAddr>> = args
+        .addresses
+        .as_deref()
+        .map(|list| {
+            list.split(',')
+                .map(|a| {
+                    a.trim()
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--addresses: {a:?} is not IP:port"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .transpose()?;
+    let n = addresses.as_ref().map_or(args.backends, Vec::len);
     anyhow::ensure!(n >= 1, "--backends: at least 1");
     let plugin = wasmlb::config::PluginRef::resolve(&args.plugin, std::path::Path::new("."))
         .map_err(|e| anyhow::anyhow!("--plugin: {e}"))?;
@@ -481,6 +499,7 @@ fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
             weight: weights[i].max(1),
             latency_ms: latency[i],
             failure_rate: fail[i],
+            address: addresses.as_ref().map(|a| a[i]),
             ..SimBackend::default()
         };
         if !labels[i].is_empty() {

@@ -41,6 +41,10 @@ pub struct SimBackend {
     pub latency_ms: f64,
     /// Probability that a request fails (counted like a 5xx), 0.0 to 1.0.
     pub failure_rate: f64,
+    /// The address the plugin sees (default: 127.0.0.1:10000 + its index);
+    /// give a recorded upstream's addresses to replay its trace against
+    /// the same set (hashing strategies hash addresses).
+    pub address: Option<SocketAddr>,
 }
 
 impl Default for SimBackend {
@@ -50,12 +54,13 @@ impl Default for SimBackend {
             labels: BTreeMap::new(),
             latency_ms: 5.0,
             failure_rate: 0.0,
+            address: None,
         }
     }
 }
 
 /// One request of the traffic.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimRequest {
     /// Arrival time, in µs from the start (trace files give `at_ms`).
@@ -73,6 +78,15 @@ pub struct SimRequest {
     /// Request headers.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// In a recorded trace: the backend that served it live.
+    #[serde(default)]
+    pub backend: Option<SocketAddr>,
+    /// In a recorded trace: the live response status (not replayed).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// In a recorded trace: the live response time in ms (not replayed).
+    #[serde(default)]
+    pub duration_ms: Option<f64>,
 }
 
 fn default_method() -> String {
@@ -116,6 +130,9 @@ impl Synthetic {
                     path: format!("/item/{}", i % 1000),
                     client: SocketAddr::from((ip, 40000)),
                     headers,
+                    backend: None,
+                    status: None,
+                    duration_ms: None,
                 }
             })
             .collect()
@@ -152,8 +169,9 @@ pub enum SimError {
 }
 
 /// Read a trace: JSON lines of [`SimRequest`] fields plus `at_ms` (arrival,
-/// in ms, default: 1 ms after the previous line). Blank lines and lines
-/// starting with `#` are skipped.
+/// in ms, default: 1 ms after the previous line), as `[upstream.NAME.record]`
+/// writes them ([`crate::record`]); the requests are replayed in `at_ms`
+/// order. Blank lines and lines starting with `#` are skipped.
 ///
 /// # Errors
 /// [`SimError::TraceIo`], or [`SimError::Trace`] naming the line at fault.
@@ -187,16 +205,15 @@ pub fn read_trace(path: &Path) -> Result<Vec<SimRequest>, SimError> {
             serde_json::from_value(value).map_err(|e| err(e.to_string()))?;
         let previous = out.last().map_or(0, |r| r.at_us);
         request.at_us = match at_ms {
-            Some(ms) if ms >= 0.0 => (ms * 1000.0) as u64,
-            Some(_) => return Err(err("at_ms: negative".into())),
+            Some(ms) if ms >= 0.0 && ms.is_finite() => (ms * 1000.0) as u64,
+            Some(_) => return Err(err("at_ms: negative or not finite".into())),
             None if out.is_empty() => 0,
             None => previous + 1000,
         };
-        if request.at_us < previous {
-            return Err(err("at_ms goes backwards".into()));
-        }
         out.push(request);
     }
+    // A recorder writes lines as responses end, not in arrival order.
+    out.sort_by_key(|r| r.at_us);
     Ok(out)
 }
 
@@ -207,6 +224,9 @@ pub struct BackendReport {
     pub address: SocketAddr,
     /// Its weight.
     pub weight: u32,
+    /// Requests the trace says it served live (a recorded trace replayed
+    /// against the recorded addresses).
+    pub recorded: u64,
     /// Requests it was chosen for.
     pub requests: u64,
     /// Of those, simulated failures.
@@ -250,6 +270,7 @@ impl Report {
         out.push_str(
             "backend            weight  requests   share  weight share  failures  peak in-flight\n",
         );
+        let recorded: u64 = self.backends.iter().map(|b| b.recorded).sum();
         for b in &self.backends {
             let share = 100.0 * b.requests as f64 / served.max(1) as f64;
             let expected = 100.0 * f64::from(b.weight) / total_weight.max(1) as f64;
@@ -264,6 +285,19 @@ impl Report {
                 b.failures,
                 b.peak_in_flight
             );
+        }
+        if recorded > 0 {
+            out.push_str("\nrecorded live (the trace's backend field):\n");
+            for b in &self.backends {
+                let _ = writeln!(
+                    out,
+                    "{:<18} {:>8}  {:>5.1}%  (simulated {:>5.1}%)",
+                    b.address.to_string(),
+                    b.recorded,
+                    100.0 * b.recorded as f64 / recorded as f64,
+                    100.0 * b.requests as f64 / served.max(1) as f64,
+                );
+            }
         }
         let _ = write!(
             out,
@@ -294,7 +328,10 @@ pub fn upstream_config(
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let mut c = BackendConfig::new(SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)));
+            let address = b
+                .address
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16)));
+            let mut c = BackendConfig::new(address);
             c.weight = b.weight.max(1);
             c.labels = b.labels.clone();
             c
@@ -336,6 +373,7 @@ pub fn run(
         .map(|b| BackendReport {
             address: b.address,
             weight: b.weight,
+            recorded: 0,
             requests: 0,
             failures: 0,
             peak_in_flight: 0,
@@ -359,6 +397,11 @@ pub fn run(
                 counters.rtt.observe(latency_ns, done * 1000);
             }
             free.push(slot);
+        }
+        if let Some(live) = request.backend
+            && let Some(r) = reports.iter_mut().find(|r| r.address == live)
+        {
+            r.recorded += 1;
         }
         let view = RequestView::new(request_parts(request)?, request.client);
         let (selection, _) = upstream.select(view, &[]);

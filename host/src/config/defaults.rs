@@ -167,3 +167,6 @@ pub const DEFAULT_FLEET_ROLLBACK_FAILURE_PERCENT: u32 = 5;
 /// Default `[fleet] rollback_min_requests`: the share counts from 20
 /// decisions.
 pub const DEFAULT_FLEET_ROLLBACK_MIN_REQUESTS: usize = 20;
+
+/// Default `[upstream.NAME.record] max_bytes`: 64 MiB.
+pub const DEFAULT_RECORD_MAX_BYTES: u64 = 64 << 20;

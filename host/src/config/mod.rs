@@ -152,6 +152,20 @@ pub struct ShadowConfig {
     pub sample_percent: u32,
 }
 
+/// `[upstream.NAME.record]`: record the upstream's traffic as a trace
+/// `wasmlb simulate --trace` replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordConfig {
+    /// The file (relative to the config file's directory), appended to.
+    pub path: PathBuf,
+    /// Share of requests recorded, in percent (`sample_percent`, default
+    /// 100, 1 to 100).
+    pub sample_percent: u32,
+    /// Recording stops once the file holds this many bytes (`max_bytes`,
+    /// default 67108864, 64 MiB).
+    pub max_bytes: u64,
+}
+
 /// `[access_log]`: one line per request (see [`crate::access_log`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLogConfig {
@@ -266,6 +280,8 @@ pub struct UpstreamConfig {
     /// A candidate plugin run in shadow beside the live one, if any (see
     /// [`crate::upstream::shadow`]).
     pub shadow: Option<ShadowConfig>,
+    /// `[upstream.NAME.record]`: a trace recorder (see [`crate::record`]).
+    pub record: Option<RecordConfig>,
     /// The backends, in file order (their index is the plugin's backend id),
     /// or as read from the discovery source.
     pub backends: Vec<BackendConfig>,
@@ -417,6 +433,7 @@ impl UpstreamConfig {
             plugin,
             plugin_config: serde_json::Value::Object(serde_json::Map::new()),
             shadow: None,
+            record: None,
             backends,
             plugin_deadline_ms: DEFAULT_PLUGIN_DEADLINE_MS,
             plugin_init_deadline_ms: DEFAULT_PLUGIN_INIT_DEADLINE_MS,

@@ -27,6 +27,14 @@ pub(super) struct RawConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawRecord {
+    pub(super) path: Spanned<String>,
+    pub(super) sample_percent: Option<Spanned<u32>>,
+    pub(super) max_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawFleet {
     pub(super) endpoints: Option<Spanned<Vec<String>>>,
     pub(super) prefix: Option<Spanned<String>>,
@@ -121,6 +129,7 @@ pub(super) struct RawUpstream {
     pub(super) shadow_plugin: Option<Spanned<String>>,
     pub(super) shadow_plugin_config: Option<toml::Table>,
     pub(super) shadow_sample_percent: Option<Spanned<u32>>,
+    pub(super) record: Option<Spanned<RawRecord>>,
     pub(super) plugin_deadline_ms: Option<Spanned<u64>>,
     pub(super) plugin_init_deadline_ms: Option<Spanned<u64>>,
     pub(super) plugin_memory_limit_mib: Option<Spanned<u64>>,

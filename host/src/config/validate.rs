@@ -684,10 +684,53 @@ impl Validator<'_> {
                 None
             }
         };
+        let record = match &u.record {
+            Some(r) => {
+                let r = r.get_ref();
+                let sample_percent = self.percent(
+                    &format!("{prefix}.record.sample_percent"),
+                    r.sample_percent.as_ref(),
+                    100,
+                )?;
+                if sample_percent == 0 {
+                    return Err(self.err(
+                        r.sample_percent.as_ref().map(Spanned::span),
+                        format!("{prefix}.record.sample_percent"),
+                        "must be from 1 to 100 (remove [record] to stop recording)",
+                    ));
+                }
+                let max_bytes = match &r.max_bytes {
+                    Some(m) if *m.get_ref() == 0 => {
+                        return Err(self.err(
+                            Some(m.span()),
+                            format!("{prefix}.record.max_bytes"),
+                            "must be at least 1",
+                        ));
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => DEFAULT_RECORD_MAX_BYTES,
+                };
+                if r.path.get_ref().is_empty() {
+                    return Err(self.err(
+                        Some(r.path.span()),
+                        format!("{prefix}.record.path"),
+                        "must not be empty",
+                    ));
+                }
+                let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+                Some(RecordConfig {
+                    path: base.join(r.path.get_ref()),
+                    sample_percent,
+                    max_bytes,
+                })
+            }
+            None => None,
+        };
         Ok(UpstreamConfig {
             plugin,
             plugin_config,
             shadow,
+            record,
             backends,
             plugin_deadline_ms: positive(
                 "plugin_deadline_ms",

@@ -29,9 +29,28 @@ pub struct HostState {
     pub(super) request: Option<RequestView>,
     /// Headers added with `response.add-header` during the current `select`.
     pub(super) response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// With a trace recorder: the names of the request headers read during
+    /// the current `select` (lowercase, each once).
+    pub(super) header_reads: Option<Vec<String>>,
     /// The CPU-time deadline of the call in progress.
     pub(super) deadline: CallDeadline,
 }
+
+impl HostState {
+    /// Note that the plugin read header `name` (with a recorder only).
+    fn note_read(&mut self, name: &str) {
+        if let Some(reads) = self.header_reads.as_mut()
+            && reads.len() < MAX_NOTED_READS
+            && !reads.iter().any(|r| r.eq_ignore_ascii_case(name))
+        {
+            reads.push(name.to_ascii_lowercase());
+        }
+    }
+}
+
+/// Header names noted per `select` at most (a plugin reading every name it
+/// can think of is not recorded further).
+const MAX_NOTED_READS: usize = 32;
 
 /// Start a call on `store` with a budget of `budget_ms` ms of CPU time
 /// ([`crate::plugin_call`]); the call counts as in progress (for the epoch
@@ -212,10 +231,15 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
             .unwrap_or_default()
     }
     fn header(&mut self, name: String) -> Option<String> {
+        self.http()?;
+        self.note_read(&name);
         let value = self.http()?.parts.headers.get(name.as_str())?;
         Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
     }
     fn header_all(&mut self, name: String) -> Vec<String> {
+        if self.http().is_some() {
+            self.note_read(&name);
+        }
         let Some(r) = self.http() else {
             return Vec::new();
         };

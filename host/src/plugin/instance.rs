@@ -199,6 +199,9 @@ impl Instance {
         request: RequestView,
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
         self.store.data_mut().response_headers.clear();
+        if let Some(reads) = self.store.data_mut().header_reads.as_mut() {
+            reads.clear();
+        }
         self.store.data_mut().request = Some(request);
         let _call = arm(&mut self.store, self.deadline_ms);
         let result = self
@@ -230,6 +233,16 @@ impl Instance {
             }
         };
         (result, request)
+    }
+
+    /// The names of the request headers the plugin read during the last
+    /// [`Instance::select`] (lowercase; empty unless the settings asked to
+    /// track them).
+    pub fn take_header_reads(&mut self) -> Vec<String> {
+        match self.store.data_mut().header_reads.as_mut() {
+            Some(reads) => std::mem::take(reads),
+            None => Vec::new(),
+        }
     }
 
     /// The headers the plugin added with `response.add-header` during the

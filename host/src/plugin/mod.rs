@@ -362,6 +362,9 @@ pub struct InstanceSettings {
     /// The rate limit of the plugin's log lines (shared by its instances,
     /// so a plugin logging on every request writes a few lines a second).
     pub log_limit: Arc<crate::log_limit::LogLimiter>,
+    /// Note the names of the request headers the plugin reads in each
+    /// `select` ([`Instance::take_header_reads`]), for a trace recorder.
+    pub track_header_reads: bool,
 }
 
 impl Plugin {
@@ -405,6 +408,7 @@ impl Plugin {
             backends,
             request: None,
             response_headers: Vec::new(),
+            header_reads: settings.track_header_reads.then(Vec::new),
             deadline: CallDeadline::default(),
         };
         let mut store = Store::new(&self.engine, state);
@@ -500,6 +504,7 @@ mod tests {
             request: during_select
                 .then(|| RequestView::new(parts, SocketAddr::from(([192, 0, 2, 1], 1)))),
             response_headers: Vec::new(),
+            header_reads: None,
             deadline: CallDeadline::default(),
         }
     }

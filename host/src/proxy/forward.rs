@@ -34,6 +34,7 @@ impl Proxy {
         body: Incoming,
         attempts: &mut Attempts,
     ) -> Response<ProxyBody> {
+        let arrived = std::time::Instant::now();
         let client = downstream.peer;
         let https = downstream.tls.is_some();
         // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
@@ -70,7 +71,10 @@ impl Proxy {
         let mut last_failure: Option<Box<Response<ProxyBody>>> = None;
         loop {
             let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
-            let (selection, v) = upstream.select(view, &tried);
+            let (selection, v, trace) = upstream.select_traced(view, &tried, Some(arrived));
+            if trace.is_some() {
+                attempts.trace = trace;
+            }
             if let Some(at) = asked {
                 attempts.decision += at.elapsed();
             }

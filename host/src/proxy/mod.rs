@@ -64,6 +64,14 @@ pub enum ProxyError {
     /// The plugin runtime could not start.
     #[error(transparent)]
     Runtime(crate::plugin::PluginError),
+    /// A trace recorder's file cannot be opened.
+    #[error("{at}: cannot open the trace file: {source}")]
+    Record {
+        /// Where it is set: `file:line: upstream.NAME.record.path`.
+        at: String,
+        /// The OS error.
+        source: crate::record::RecordError,
+    },
     /// The access log file cannot be opened.
     #[error("{at}")]
     AccessLog {
@@ -235,8 +243,17 @@ impl Proxy {
                 source,
             };
             let plugin = runtime.load(&cfg.plugin).map_err(failed)?;
-            let upstream =
+            let mut upstream =
                 Upstream::build(name, cfg, plugin, &counters, &metrics).map_err(failed)?;
+            if let Some(record) = &cfg.record {
+                let recorder = crate::record::Recorder::start(record, name).map_err(|source| {
+                    ProxyError::Record {
+                        at: config.locate(&format!("upstream.{name}.record"), "path"),
+                        source,
+                    }
+                })?;
+                upstream.set_recorder(recorder);
+            }
             if let Some(shadow) = &cfg.shadow {
                 let failed = |source| ProxyError::Plugin {
                     upstream: name.clone(),
@@ -445,6 +462,9 @@ impl Proxy {
         let response = self
             .handle_http(listener, &downstream, request, &mut served)
             .await;
+        if let Some(trace) = served.attempts.trace.take() {
+            trace.finish(response.status().as_u16(), served.attempts.backend);
+        }
         // Taken before gRPC shaping, which makes a new response.
         let error = served.entry.as_ref().and_then(|_| {
             let made = response.extensions().get::<ProxyMade>()?;
@@ -637,6 +657,8 @@ pub(super) struct Attempts {
     /// Request body bytes read from the client; `Some` only while the
     /// access log is on (which also turns on the decision timing).
     pub(super) bytes_in: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The trace record of a sampled request, finished with its response.
+    pub(super) trace: Option<Box<crate::record::TraceStart>>,
 }
 
 /// Marks a response the proxy made itself (no backend answered it) with

@@ -107,6 +107,8 @@ pub struct Upstream {
     discovery: Option<crate::config::DiscoveryConfig>,
     /// The candidate plugin deciding in shadow, if any.
     shadow: arc_swap::ArcSwapOption<shadow::Shadow>,
+    /// The trace recorder, if any.
+    recorder: Option<Arc<crate::record::Recorder>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -218,6 +220,7 @@ impl Upstream {
             )
             .unwrap_or(usize::MAX),
             log_limit: Arc::default(),
+            track_header_reads: config.record.is_some(),
         };
         let mut upstream = Self {
             name,
@@ -250,6 +253,7 @@ impl Upstream {
             slow_start,
             discovery: config.discovery.clone(),
             shadow: arc_swap::ArcSwapOption::empty(),
+            recorder: None,
         };
         // Flags and weights from carried-over state (drain, ejection, health)
         // before the plugin first sees the set.
@@ -468,7 +472,32 @@ impl Upstream {
     /// With a shadow plugin, a sampled first attempt's request is also
     /// queued for the candidate (see [`shadow`]), after the live decision.
     pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
-        let (selection, request) = self.select_live(request, tried);
+        let (selection, request, _) = self.select_traced(request, tried, None);
+        (selection, request)
+    }
+
+    /// As [`Upstream::select`]; with a recorder and `arrived` (when the
+    /// request arrived), a sampled first attempt also begins its trace
+    /// record (see [`crate::record`]), for the caller to finish with the
+    /// response.
+    pub fn select_traced(
+        &self,
+        request: RequestView,
+        tried: &[usize],
+        arrived: Option<Instant>,
+    ) -> (
+        Selection,
+        RequestView,
+        Option<Box<crate::record::TraceStart>>,
+    ) {
+        let mut reads = Vec::new();
+        let (selection, request) = self.select_live(request, tried, &mut reads);
+        let trace = match (&self.recorder, arrived) {
+            (Some(recorder), Some(at)) if tried.is_empty() => {
+                recorder.begin(&request.parts, request.client, at, &reads)
+            }
+            _ => None,
+        };
         if tried.is_empty()
             && let Some(shadow) = self.shadow.load().as_ref()
             && shadow.sampled()
@@ -480,7 +509,13 @@ impl Upstream {
                 selection.target().map(|t| t.address),
             );
         }
-        (selection, request)
+        (selection, request, trace)
+    }
+
+    /// Record this upstream's traffic with `recorder` (at build, before
+    /// the upstream serves).
+    pub fn set_recorder(&mut self, recorder: Arc<crate::record::Recorder>) {
+        self.recorder = Some(recorder);
     }
 
     /// Start deciding in shadow with `plugin` (its `config_json`, on
@@ -518,7 +553,12 @@ impl Upstream {
         self.shadow.load_full()
     }
 
-    fn select_live(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
+    fn select_live(
+        &self,
+        request: RequestView,
+        tried: &[usize],
+        reads: &mut Vec<String>,
+    ) -> (Selection, RequestView) {
         let mut slot = self.lock();
         if slot.instance.is_none() {
             self.try_replace(&mut slot);
@@ -534,6 +574,9 @@ impl Upstream {
         let started = Instant::now();
         let (result, request) = instance.select(request);
         let response_headers = instance.take_response_headers();
+        if self.recorder.is_some() {
+            *reads = instance.take_header_reads();
+        }
         self.metrics
             .decision_duration
             .observe(started.elapsed().as_secs_f64());
