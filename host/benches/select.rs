@@ -93,9 +93,41 @@ fn select(c: &mut Criterion) {
     group.finish();
 }
 
+/// The cost shadow mode adds to the live request: round-robin live at 64
+/// backends, without and with least-connections in shadow (every request
+/// sampled). The candidate's own decision runs on its thread; what the
+/// live path pays is the copy of the request head and the queue push.
+fn shadow(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("runtime");
+    let metrics = wasmlb::metrics::Metrics::new();
+    let mut group = c.benchmark_group("shadow");
+    for with_shadow in [false, true] {
+        let upstream = Upstream::new("bench", &config("round-robin", 64), &runtime, &metrics)
+            .expect("upstream");
+        if with_shadow {
+            let candidate = runtime
+                .load(&PluginRef::Builtin("least-connections".into()))
+                .expect("candidate");
+            upstream
+                .start_shadow(candidate, "{}".into(), 100, metrics.shadow("bench"))
+                .expect("shadow");
+        }
+        let mut view = Some(request());
+        let name = if with_shadow { "live+shadow" } else { "live" };
+        group.bench_function(BenchmarkId::new(name, 64), |b| {
+            b.iter(|| {
+                let (selection, back) = upstream.select(view.take().expect("view"), &[]);
+                view = Some(back);
+                black_box(selection)
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = select
+    targets = select, shadow
 }
 criterion_main!(benches);

@@ -182,6 +182,37 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
         app_snapshot(&proxy).await["plugin"]["name"],
         "least-connections"
     );
+
+    // A shadow plugin shows with its figures; its button promotes it.
+    let r = client()
+        .put(proxy.admin_url("/upstreams/app/shadow"))
+        .bearer_auth(TOKEN)
+        .body(r#"{"plugin": "round-robin"}"#)
+        .send()
+        .await
+        .expect("start a shadow");
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        c.get(proxy.url("/")).send().await.expect("request");
+    }
+    browser
+        .wait_for(
+            "the shadow line",
+            "const t = document.querySelector('section[data-upstream=\"app\"] .shadow-text'); \
+             return t && !t.closest('.shadow').hidden && t.textContent.startsWith('shadow round-robin') \
+             && /agree \\d+, differ \\d+/.test(t.textContent);",
+        )
+        .await;
+    browser
+        .click("section[data-upstream=\"app\"] button.promote")
+        .await;
+    browser
+        .wait_for(
+            "the promoted plugin",
+            "return document.querySelector('.plugin-name').textContent === 'round-robin' \
+             && document.querySelector('.shadow').hidden;",
+        )
+        .await;
     browser.click("#reload").await;
     browser
         .wait_for(

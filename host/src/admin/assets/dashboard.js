@@ -69,6 +69,15 @@ function upstreamView(name) {
     failures: el("span", { class: "plugin-failures" }),
     fallbacks: el("span", { class: "plugin-fallbacks" }),
   };
+  const promote = el("button", { type: "button", class: "promote", textContent: "Promote shadow" });
+  const shadow = {
+    line: el("div", { class: "shadow", hidden: true }),
+    text: el("span", { class: "shadow-text" }),
+    shares: el("span", { class: "shadow-shares" }),
+  };
+  shadow.line.append(shadow.text, " ", shadow.shares, " ", promote);
+  promote.addEventListener("click", () => act(promote, "POST", `/upstreams/${encodeURIComponent(name)}/shadow/promote`,
+    undefined, (r) => `upstream ${name}: promoted ${r.plugin}`));
   const tbody = el("tbody");
   const head = el("tr", {}, ...["backend", "state", "health", "admin", "in flight", "req/s", "share", "requests", "rtt ms", "weight", ""]
     .map((h) => el("th", { textContent: h })));
@@ -79,12 +88,13 @@ function upstreamView(name) {
       el("span", {}, "plugin ", plugin.name), plugin.digest, plugin.status,
       el("span", {}, "failures ", plugin.failures), el("span", {}, "fallbacks ", plugin.fallbacks),
       el("span", {}, select, " ", swap)),
+    shadow.line,
     el("table", {}, el("thead", {}, head), tbody),
     canvas);
   swap.addEventListener("click", () => act(swap, "PUT", `/upstreams/${encodeURIComponent(name)}/plugin`,
     { plugin: select.value }, (r) => `upstream ${name}: swapped to ${r.plugin || select.value}`));
   document.getElementById("upstreams").append(section);
-  v = { name, section, plugin, tbody, canvas, rows: new Map(), last: null, samples: [] };
+  v = { name, section, plugin, shadow, tbody, canvas, rows: new Map(), last: null, samples: [] };
   upstreams.set(name, v);
   return v;
 }
@@ -128,6 +138,14 @@ function render(list, now) {
     v.plugin.failures.textContent = String(Object.values(p.failures || {}).reduce((a, n) => a + n, 0));
     v.plugin.failures.title = JSON.stringify(p.failures || {});
     v.plugin.fallbacks.textContent = String(p.fallbacks);
+    const sh = u.shadow;
+    v.shadow.line.hidden = !sh;
+    if (sh) {
+      v.shadow.text.textContent = `shadow ${sh.plugin} ${shortDigest(sh.digest)} (${sh.sample_percent} %): ` +
+        `agree ${sh.agree}, differ ${sh.differ}, errors ${sh.errors}` + (sh.dropped ? `, dropped ${sh.dropped}` : "");
+      v.shadow.shares.textContent = "last minute, live / shadow: " + (sh.share_last_minute || [])
+        .map((r) => `${r.backend} ${r.live_percent.toFixed(1)} % / ${r.shadow_percent.toFixed(1)} %`).join("; ");
+    }
 
     // Requests per backend since the previous poll.
     const dt = v.last ? Math.max((now - v.last.t) / 1000, 0.001) : 0;
