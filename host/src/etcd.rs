@@ -70,6 +70,45 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
         .map_err(|e| EtcdError::new(endpoints, e))
 }
 
+/// Read every key under `prefix`, then watch the prefix from the revision
+/// read (so no change between the two is missed, as a Kubernetes informer
+/// lists then watches). Returns the keys and values read and the watch.
+///
+/// # Errors
+/// [`EtcdError`] if the read or the watch fails.
+pub async fn read_and_watch(
+    client: &mut Client,
+    endpoints: &[String],
+    prefix: &str,
+) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, etcd_client::WatchStream), EtcdError> {
+    let fail = |e: etcd_client::Error| EtcdError::new(endpoints, e);
+    let read = client
+        .get(
+            prefix.as_bytes(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .map_err(fail)?;
+    let revision = read.header().map_or(0, |h| h.revision());
+    let kvs = read
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    let stream = client
+        .watch(
+            prefix.as_bytes(),
+            Some(
+                etcd_client::WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await
+        .map_err(fail)?;
+    Ok((kvs, stream))
+}
+
 /// Whether `endpoint` is a URL etcd-client can connect to here:
 /// `http://host:port` (TLS to etcd is not supported yet).
 ///

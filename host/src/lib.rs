@@ -58,6 +58,7 @@ pub mod proxy_protocol;
 pub mod record;
 pub mod request_rules;
 pub mod retry;
+pub mod sampling;
 pub mod scaffold;
 pub mod server;
 pub mod simulate;

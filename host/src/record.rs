@@ -92,8 +92,7 @@ impl TraceStart {
 #[derive(Debug)]
 pub struct Recorder {
     tx: SyncSender<TraceRecord>,
-    sample_percent: u32,
-    seen: AtomicU64,
+    sampler: crate::sampling::Sampler,
     dropped: AtomicU64,
     /// Set by the writer once `max_bytes` is reached.
     full: Arc<AtomicBool>,
@@ -134,8 +133,7 @@ impl Recorder {
             })?;
         Ok(Arc::new(Self {
             tx,
-            sample_percent: config.sample_percent,
-            seen: AtomicU64::new(0),
+            sampler: crate::sampling::Sampler::new(config.sample_percent),
             dropped: AtomicU64::new(0),
             full,
         }))
@@ -151,7 +149,7 @@ impl Recorder {
         started: Instant,
         headers: &[String],
     ) -> Option<Box<TraceStart>> {
-        if self.full.load(Ordering::Relaxed) || !self.sampled() {
+        if self.full.load(Ordering::Relaxed) || !self.sampler.sample() {
             return None;
         }
         let at = SystemTime::now()
@@ -188,17 +186,6 @@ impl Recorder {
                 duration_ms: 0.0,
             },
         }))
-    }
-
-    /// Whether this request is sampled: `sample_percent` of them, spread
-    /// evenly.
-    fn sampled(&self) -> bool {
-        if self.sample_percent >= 100 {
-            return true;
-        }
-        let n = self.seen.fetch_add(1, Ordering::Relaxed);
-        let p = u64::from(self.sample_percent);
-        n.wrapping_mul(p) / 100 != n.wrapping_add(1).wrapping_mul(p) / 100
     }
 
     fn push(&self, record: TraceRecord) {

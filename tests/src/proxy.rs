@@ -157,6 +157,22 @@ pub fn check(config: &Path) -> (i32, String, String) {
     )
 }
 
+/// For each `(extra, want)`: `wasmlb --check` on an `app` upstream
+/// (round-robin over one backend) with `extra` appended exits 1 and its
+/// error contains `want`.
+pub fn assert_config_errors(cases: &[(&str, &str)]) {
+    for (extra, want) in cases {
+        let file = ConfigFile::new(&app_config(
+            "round-robin",
+            "{ address = \"127.0.0.1:1\" }",
+            extra,
+        ));
+        let (code, _, err) = check(&file.path);
+        assert_eq!(code, 1, "{extra}: {err}");
+        assert!(err.contains(want), "{extra}: got {err:?}, want {want:?}");
+    }
+}
+
 /// The `wasmlb` binary as a child process; killed on drop.
 #[derive(Debug)]
 pub struct ProxyProcess {

@@ -5,9 +5,7 @@
 
 use std::process::Command;
 
-use wasmlb_tests::{
-    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, wasmlb_bin,
-};
+use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, client, wasmlb_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_trace_replays_to_the_live_share() {
@@ -121,14 +119,5 @@ fn bad_record_config_is_refused_naming_the_key() {
             "upstream.app.record.path: cannot open the trace file",
         ),
     ];
-    for (extra, want) in cases {
-        let file = ConfigFile::new(&app_config(
-            "round-robin",
-            "{ address = \"127.0.0.1:1\" }",
-            extra,
-        ));
-        let (code, _, err) = check(&file.path);
-        assert_eq!(code, 1, "{extra}");
-        assert!(err.contains(want), "{extra}: got {err:?}, want {want:?}");
-    }
+    wasmlb_tests::assert_config_errors(&cases);
 }

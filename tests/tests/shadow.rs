@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use wasmlb_tests::plugins::{BUSY_LOOP, TRAP};
 use wasmlb_tests::{
-    ConfigFile, InProcessProxy, TestBackend, app_config, assert_all_ok, backend_list, check,
-    client, collect, json, load, text,
+    InProcessProxy, TestBackend, app_config, assert_all_ok, backend_list, client, collect, json,
+    load, text,
 };
 
 const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n";
@@ -183,14 +183,5 @@ fn bad_shadow_config_is_refused_naming_the_key() {
             "upstream.app.shadow_plugin: shadow_plugin_config and shadow_sample_percent need shadow_plugin",
         ),
     ];
-    for (extra, want) in cases {
-        let file = ConfigFile::new(&app_config(
-            "round-robin",
-            "{ address = \"127.0.0.1:1\" }",
-            extra,
-        ));
-        let (code, _, err) = check(&file.path);
-        assert_eq!(code, 1, "{extra}");
-        assert!(err.contains(want), "{extra}: got {err:?}, want {want:?}");
-    }
+    wasmlb_tests::assert_config_errors(&cases);
 }

@@ -216,18 +216,22 @@ struct SwapRequest {
 /// What a swap request asks for: the plugin, its config, its sample share.
 type SwapAsk = (PluginSource, Option<serde_json::Value>, Option<u32>);
 
-/// A swap request's body: wasm component bytes, or JSON `{"plugin",
+/// Read a swap request's body: wasm component bytes, or JSON `{"plugin",
 /// "plugin_config", "sample_percent"}` (all optional). The error is the
-/// answer to send.
-fn swap_request(
+/// answer to send (413, 408, 400, 422).
+async fn read_swap(
     control: &Control,
     config: &AdminConfig,
-    bytes: &[u8],
+    req: Request<Incoming>,
+    body_timeout: Duration,
 ) -> Result<SwapAsk, Box<Response<Full<Bytes>>>> {
+    let bytes = body(req, config.max_body_bytes, body_timeout)
+        .await
+        .map_err(Box::new)?;
     if bytes.starts_with(b"\0asm") {
         return Ok((PluginSource::Bytes(bytes.to_vec()), None, None));
     }
-    let r = serde_json::from_slice::<SwapRequest>(bytes).map_err(|e| {
+    let r = serde_json::from_slice::<SwapRequest>(&bytes).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("body must be a wasm component or JSON {{\"plugin\", \"plugin_config\"}}: {e}"),
@@ -294,12 +298,8 @@ async fn handle(
         },
         (Method::PUT, ["upstreams", name, "plugin"]) => {
             let name = name.to_string();
-            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
             let (source, plugin_config, sample_percent) =
-                match swap_request(control, config, &bytes) {
+                match read_swap(control, config, req, body_timeout).await {
                     Ok(r) => r,
                     Err(r) => return *r,
                 };
@@ -313,12 +313,8 @@ async fn handle(
         }
         (Method::PUT, ["upstreams", name, "shadow"]) => {
             let name = name.to_string();
-            let bytes = match body(req, config.max_body_bytes, body_timeout).await {
-                Ok(b) => b,
-                Err(r) => return r,
-            };
             let (source, plugin_config, sample_percent) =
-                match swap_request(control, config, &bytes) {
+                match read_swap(control, config, req, body_timeout).await {
                     Ok(r) => r,
                     Err(r) => return *r,
                 };

@@ -323,11 +323,7 @@ impl Control {
     ) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
         let _control = self.shared.control.lock().await;
-        let upstream = self
-            .proxy()
-            .upstream(name)
-            .cloned()
-            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let upstream = self.upstream_named(name)?;
         let runtime = self.shared.runtime.clone();
         let result = tokio::task::spawn_blocking(move || {
             swap_blocking(&runtime, &upstream, source, plugin_config)
@@ -351,6 +347,17 @@ impl Control {
 }
 
 impl Control {
+    /// The current upstream `name`.
+    ///
+    /// # Errors
+    /// [`SwapError::UnknownUpstream`].
+    fn upstream_named(&self, name: &str) -> Result<Arc<Upstream>, SwapError> {
+        self.proxy()
+            .upstream(name)
+            .cloned()
+            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))
+    }
+
     /// Run `source` as upstream `name`'s shadow plugin (see
     /// [`crate::upstream::shadow`]) with `plugin_config` (default `{}`) on
     /// `sample_percent` of the requests (default: the shadow before's, else
@@ -369,11 +376,7 @@ impl Control {
     ) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
         let _control = self.shared.control.lock().await;
-        let upstream = self
-            .proxy()
-            .upstream(name)
-            .cloned()
-            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let upstream = self.upstream_named(name)?;
         let before = upstream.shadow();
         let runtime = self.shared.runtime.clone();
         let counters = self.shared.serving.metrics.shadow(name);
@@ -428,11 +431,7 @@ impl Control {
     /// # Errors
     /// [`SwapError::UnknownUpstream`].
     pub fn stop_shadow(&self, name: &str) -> Result<bool, SwapError> {
-        let upstream = self
-            .proxy()
-            .upstream(name)
-            .cloned()
-            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let upstream = self.upstream_named(name)?;
         Ok(upstream.stop_shadow().is_some())
     }
 
@@ -443,11 +442,7 @@ impl Control {
     /// [`SwapError`]: no such upstream, no shadow plugin, or the swap fails
     /// (the live plugin and the shadow stay).
     pub async fn promote_shadow(&self, name: &str) -> Result<SwapReport, SwapError> {
-        let upstream = self
-            .proxy()
-            .upstream(name)
-            .cloned()
-            .ok_or_else(|| SwapError::UnknownUpstream(name.to_string()))?;
+        let upstream = self.upstream_named(name)?;
         let shadow = upstream
             .shadow()
             .ok_or_else(|| SwapError::NoShadow(name.to_string()))?;

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::EventType;
 
 use super::{Failing, Target};
-use crate::etcd::{Entries, EtcdError, connect};
+use crate::etcd::{Entries, EtcdError, connect, read_and_watch};
 
 /// First wait before reconnecting after a failure.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -54,28 +54,13 @@ async fn watch_once(
 ) -> Result<(), EtcdError> {
     let fail = |e: etcd_client::Error| EtcdError::new(endpoints, e);
     let mut client = connect(endpoints).await?;
-    let read = client
-        .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(fail)?;
-    let revision = read.header().map_or(0, |h| h.revision());
+    let (kvs, mut stream) = read_and_watch(&mut client, endpoints, prefix).await?;
     entries.clear();
-    for kv in read.kvs() {
-        if let Err(reason) = entries.put(kv.key(), kv.value()) {
+    for (key, value) in &kvs {
+        if let Err(reason) = entries.put(key, value) {
             skipped(target, &reason);
         }
     }
-    let mut stream = client
-        .watch(
-            prefix.as_bytes(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(revision + 1),
-            ),
-        )
-        .await
-        .map_err(fail)?;
     if failing.recovered() {
         tracing::info!(upstream = &*target.name, "discovery: etcd reachable again");
     }

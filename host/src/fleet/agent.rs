@@ -16,14 +16,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{Assignment, InstanceStatus, Keys, RolledBack, Target, UpstreamStatus};
 use crate::config::FleetConfig;
 use crate::control::{Control, PluginSource};
-use crate::etcd::{EtcdError, connect};
+use crate::etcd::{EtcdError, connect, read_and_watch};
 use crate::plugin::Plugin;
 use crate::plugin_call::FailureKind;
 use crate::upstream::Upstream;
@@ -181,29 +181,12 @@ impl Agent {
             Duration::from_millis(self.fleet.lease_ttl_ms / 3),
             endpoints.clone(),
         )));
-        let read = c
-            .get(
-                self.keys.assignments(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await
-            .map_err(fail)?;
-        let revision = read.header().map_or(0, |h| h.revision());
+        let (kvs, mut stream) =
+            read_and_watch(&mut c, &endpoints, &self.keys.assignments()).await?;
         self.assignments.clear();
-        for kv in read.kvs() {
-            self.on_put(kv.key(), kv.value());
+        for (key, value) in &kvs {
+            self.on_put(key, value);
         }
-        let mut stream = c
-            .watch(
-                self.keys.assignments(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            )
-            .await
-            .map_err(fail)?;
         tracing::info!(instance = %self.instance, lease, "fleet: registered");
         // Registered at once, then brought in line with the assignments.
         let mut last_status: Option<InstanceStatus> = None;

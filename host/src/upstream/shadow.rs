@@ -59,16 +59,14 @@ struct Job {
 pub struct Shadow {
     tx: SyncSender<Job>,
     shared: Arc<Shared>,
-    sample_percent: u32,
-    /// Requests seen, for sampling.
-    seen: AtomicU64,
+    sampler: crate::sampling::Sampler,
 }
 
 impl std::fmt::Debug for Shadow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shadow")
             .field("plugin", &self.shared.plugin.name())
-            .field("sample_percent", &self.sample_percent)
+            .field("sample_percent", &self.sampler.percent())
             .finish_non_exhaustive()
     }
 }
@@ -175,8 +173,7 @@ impl Shadow {
         Ok(Self {
             tx,
             shared,
-            sample_percent,
-            seen: AtomicU64::new(0),
+            sampler: crate::sampling::Sampler::new(sample_percent),
         })
     }
 
@@ -190,15 +187,9 @@ impl Shadow {
         &self.shared.config_json
     }
 
-    /// Whether this request is sampled: `sample_percent` of them, spread
-    /// evenly (request n is sampled when `n * p / 100` steps up).
+    /// Whether this request is sampled (`sample_percent` of them).
     pub fn sampled(&self) -> bool {
-        if self.sample_percent >= 100 {
-            return true;
-        }
-        let n = self.seen.fetch_add(1, Ordering::Relaxed);
-        let p = u64::from(self.sample_percent);
-        n.wrapping_mul(p) / 100 != n.wrapping_add(1).wrapping_mul(p) / 100
+        self.sampler.sample()
     }
 
     /// Queue one decision: `view` (a copy), the `backends` the live plugin
@@ -248,7 +239,7 @@ impl Shadow {
         ShadowSnapshot {
             plugin: s.plugin.name().to_string(),
             digest: s.plugin.digest().to_string(),
-            sample_percent: self.sample_percent,
+            sample_percent: self.sampler.percent(),
             agree: load(&s.agree),
             differ: load(&s.differ),
             errors: load(&s.errors),
@@ -381,41 +372,5 @@ impl Worker {
         self.instance = None;
         self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sampling_spreads_the_share_evenly() {
-        let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-        for p in [1u32, 10, 33, 50, 99] {
-            let shadow = Shadow {
-                tx: tx.clone(),
-                shared: Arc::new(Shared {
-                    plugin: crate::plugin::Runtime::new()
-                        .unwrap()
-                        .load(&crate::config::PluginRef::Builtin("round-robin".into()))
-                        .unwrap(),
-                    config_json: "{}".into(),
-                    counters: Default::default(),
-                    agree: AtomicU64::new(0),
-                    differ: AtomicU64::new(0),
-                    errors: AtomicU64::new(0),
-                    dropped: AtomicU64::new(0),
-                    failures: Default::default(),
-                    shares: Mutex::new(VecDeque::new()),
-                    started: Instant::now(),
-                }),
-                sample_percent: p,
-                seen: AtomicU64::new(0),
-            };
-            let first_100 = (0..100).filter(|_| shadow.sampled()).count();
-            assert_eq!(first_100, p as usize, "p = {p}");
-            let next_1000 = (0..1000).filter(|_| shadow.sampled()).count();
-            assert_eq!(next_1000, 10 * p as usize, "p = {p}");
-        }
     }
 }
