@@ -169,11 +169,6 @@ impl RunningServer {
         &self.control
     }
 
-    /// This instance's name in the fleet, with `[fleet]`.
-    pub fn fleet_instance(&self) -> Option<&str> {
-        self.fleet.as_ref().map(|f| f.instance.as_str())
-    }
-
     /// The upstream named `name` in the current config.
     pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
         self.control.proxy().upstream(name).cloned()

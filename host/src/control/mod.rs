@@ -381,18 +381,10 @@ impl Control {
         let runtime = self.shared.runtime.clone();
         let counters = self.shared.serving.metrics.shadow(name);
         let result = tokio::task::spawn_blocking(move || {
-            let plugin = match source {
-                PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
-                PluginSource::Named { name, bytes } => runtime.load_bytes(&name, &bytes)?,
-                PluginSource::Ref(r) => runtime.load(&r)?,
-                PluginSource::Loaded(p) => p,
-                PluginSource::Current => match &before {
-                    Some(s) => s.plugin().clone(),
-                    None => {
-                        return Err(SwapError::NoShadow(upstream.name().to_string()));
-                    }
-                },
-            };
+            let plugin = load_source(&runtime, source, || match &before {
+                Some(s) => Ok(s.plugin().clone()),
+                None => Err(SwapError::NoShadow(upstream.name().to_string())),
+            })?;
             let config = plugin_config.map_or_else(
                 || {
                     before
@@ -402,7 +394,7 @@ impl Control {
                 |c| c.to_string(),
             );
             let percent = sample_percent
-                .or_else(|| before.as_ref().map(|s| s.snapshot().sample_percent))
+                .or_else(|| before.as_ref().map(|s| s.sample_percent()))
                 .unwrap_or(100);
             upstream.start_shadow(plugin.clone(), config, percent, counters)?;
             Ok((
@@ -459,19 +451,32 @@ impl Control {
     }
 }
 
+/// The plugin `source` names, loaded (compiled or from the cache);
+/// `current` gives [`PluginSource::Current`]'s.
+///
+/// # Errors
+/// [`SwapError::Plugin`] if it fails to load, or `current`'s error.
+fn load_source(
+    runtime: &Runtime,
+    source: PluginSource,
+    current: impl FnOnce() -> Result<Arc<crate::plugin::Plugin>, SwapError>,
+) -> Result<Arc<crate::plugin::Plugin>, SwapError> {
+    Ok(match source {
+        PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
+        PluginSource::Named { name, bytes } => runtime.load_bytes(&name, &bytes)?,
+        PluginSource::Ref(r) => runtime.load(&r)?,
+        PluginSource::Loaded(plugin) => plugin,
+        PluginSource::Current => current()?,
+    })
+}
+
 fn swap_blocking(
     runtime: &Runtime,
     upstream: &Upstream,
     source: PluginSource,
     plugin_config: Option<serde_json::Value>,
 ) -> Result<(String, String, bool, Option<usize>), SwapError> {
-    let plugin = match source {
-        PluginSource::Bytes(bytes) => runtime.load_bytes("(uploaded)", &bytes)?,
-        PluginSource::Ref(r) => runtime.load(&r)?,
-        PluginSource::Current => upstream.plugin(),
-        PluginSource::Loaded(plugin) => plugin,
-        PluginSource::Named { name, bytes } => runtime.load_bytes(&name, &bytes)?,
-    };
+    let plugin = load_source(runtime, source, || Ok(upstream.plugin()))?;
     let state_bytes = upstream.swap_plugin(plugin.clone(), plugin_config.map(|c| c.to_string()))?;
     Ok((
         plugin.name().to_string(),

@@ -25,7 +25,6 @@ use crate::config::FleetConfig;
 use crate::control::{Control, PluginSource};
 use crate::etcd::{EtcdError, connect, read_and_watch};
 use crate::plugin::Plugin;
-use crate::plugin_call::FailureKind;
 use crate::upstream::Upstream;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -128,13 +127,6 @@ struct Window {
     calls: u64,
     failures: u64,
     skipped: u64,
-}
-
-fn failures(u: &Upstream) -> u64 {
-    let s = u.stats();
-    s.failures(FailureKind::Trap)
-        + s.failures(FailureKind::Deadline)
-        + s.failures(FailureKind::BadAnswer)
 }
 
 fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
@@ -334,7 +326,7 @@ impl Agent {
                                 upstream: Arc::downgrade(&upstream),
                                 started: Instant::now(),
                                 calls: load(&upstream.stats().calls),
-                                failures: failures(&upstream),
+                                failures: upstream.stats().failures_total(),
                                 skipped: load(&upstream.stats().skipped),
                             });
                         }
@@ -368,7 +360,7 @@ impl Agent {
             let stats = upstream.stats();
             let calls = load(&stats.calls).saturating_sub(w.calls);
             let skipped = load(&stats.skipped).saturating_sub(w.skipped);
-            let failed = failures(&upstream).saturating_sub(w.failures) + skipped;
+            let failed = upstream.stats().failures_total().saturating_sub(w.failures) + skipped;
             let total = calls + skipped;
             let percent = u64::from(self.fleet.rollback_failure_percent);
             if total >= self.fleet.rollback_min_requests && failed * 100 > percent * total {
@@ -431,7 +423,7 @@ impl Agent {
                     digest: plugin.digest().to_string(),
                     health: if stats.failing() { "failing" } else { "ok" }.to_string(),
                     calls: load(&stats.calls),
-                    failures: failures(u),
+                    failures: stats.failures_total(),
                     fallbacks: load(&stats.fallbacks),
                     fleet_digest: state
                         .and_then(|s| s.applied.as_ref())

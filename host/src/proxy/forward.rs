@@ -34,7 +34,8 @@ impl Proxy {
         body: Incoming,
         attempts: &mut Attempts,
     ) -> Response<ProxyBody> {
-        let arrived = std::time::Instant::now();
+        // Only a recorder needs the arrival time.
+        let arrived = upstream.records().then(std::time::Instant::now);
         let client = downstream.peer;
         let https = downstream.tls.is_some();
         // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
@@ -71,7 +72,7 @@ impl Proxy {
         let mut last_failure: Option<Box<Response<ProxyBody>>> = None;
         loop {
             let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
-            let (selection, v, trace) = upstream.select_traced(view, &tried, Some(arrived));
+            let (selection, v, trace) = upstream.select_traced(view, &tried, arrived);
             if trace.is_some() {
                 attempts.trace = trace;
             }

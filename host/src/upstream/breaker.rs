@@ -90,6 +90,13 @@ impl PluginStats {
         self.counter(kind).load(Ordering::Relaxed)
     }
 
+    /// Failed calls of every kind (trap, deadline, bad answer).
+    pub fn failures_total(&self) -> u64 {
+        self.traps.load(Ordering::Relaxed)
+            + self.deadlines.load(Ordering::Relaxed)
+            + self.bad_answers.load(Ordering::Relaxed)
+    }
+
     /// True when the last [`FAILING_AFTER`] calls all failed.
     pub fn failing(&self) -> bool {
         self.consecutive_failures.load(Ordering::Relaxed) >= FAILING_AFTER

@@ -512,6 +512,11 @@ impl Upstream {
         (selection, request, trace)
     }
 
+    /// Whether a trace recorder records this upstream's requests.
+    pub fn records(&self) -> bool {
+        self.recorder.is_some()
+    }
+
     /// Record this upstream's traffic with `recorder` (at build, before
     /// the upstream serves).
     pub fn set_recorder(&mut self, recorder: Arc<crate::record::Recorder>) {

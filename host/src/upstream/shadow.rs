@@ -187,6 +187,11 @@ impl Shadow {
         &self.shared.config_json
     }
 
+    /// Share of requests it decides, in percent.
+    pub fn sample_percent(&self) -> u32 {
+        self.sampler.percent()
+    }
+
     /// Whether this request is sampled (`sample_percent` of them).
     pub fn sampled(&self) -> bool {
         self.sampler.sample()
