@@ -263,3 +263,46 @@ fn fleet_commands_refuse_bad_input_with_a_reason() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("TLS to etcd is not supported yet"));
 }
+
+#[test]
+fn bad_fleet_config_is_refused_naming_the_key() {
+    wasmlb_tests::assert_config_errors(&[
+        ("[fleet]\n", "fleet.endpoints: needs endpoints"),
+        (
+            "[fleet]\nendpoints = []\n",
+            "fleet.endpoints: must name at least one endpoint",
+        ),
+        (
+            "[fleet]\nendpoints = [\"https://127.0.0.1:2379\"]\n",
+            "TLS to etcd is not supported yet",
+        ),
+        (
+            "[fleet]\nendpoints = [\"127.0.0.1:2379\"]\n",
+            "is not an http://host:port URL",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nprefix = \"\"\n",
+            "fleet.prefix: must not be empty",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ninstance = \"a/b\"\n",
+            "fleet.instance: must be 1 to 200 bytes without '/'",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nlease_ttl_ms = 500\n",
+            "fleet.lease_ttl_ms: must be from 2000 to 3600000",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nrollback_failure_percent = 101\n",
+            "fleet.rollback_failure_percent: a percentage is at most 100",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nrollback_min_requests = 0\n",
+            "fleet.rollback_min_requests: must be from 1 to",
+        ),
+        (
+            "[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\ncanary = 1\n",
+            "unknown field `canary`",
+        ),
+    ]);
+}
