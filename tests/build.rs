@@ -4,10 +4,14 @@
 //! not unify with the SDK's no_std ones).
 
 fn main() {
-    let watch = ["wit", "sdk", "examples/header-route", "tests/plugins"];
+    let watch = ["wit", "sdk", "examples", "tests/plugins"];
     let result = wasmlb_build::build_plugins(
         &[
             "header-route",
+            "rate-limit",
+            "path-router",
+            "mirror-canary",
+            "test-plugin-edit-corpus",
             "test-plugin-trap",
             "test-plugin-busy-loop",
             "test-plugin-bad-answer",

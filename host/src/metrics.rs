@@ -10,6 +10,7 @@
 //! | `wasmlb_plugin_failures_total` | counter | upstream, kind (`trap`, `deadline`, `bad_answer`) |
 //! | `wasmlb_plugin_swaps_total` | counter | upstream, outcome (`ok`, `error`) |
 //! | `wasmlb_shadow_decisions_total` | counter | upstream, outcome (`agree`, `differ`, `error`): the shadow plugin's decisions beside the live one's |
+//! | `wasmlb_mirror_requests_total` | counter | upstream, outcome (`sent`, `failed`, `skipped`): copies of requests a plugin mirrored (`forward.mirror`); `skipped` when the cap was reached or the body could not be copied |
 //! | `wasmlb_reloads_total` | counter | outcome (`ok`, `error`) |
 //! | `wasmlb_retries_total` | counter | upstream |
 //! | `wasmlb_outlier_ejections_total` | counter | upstream |
@@ -293,6 +294,7 @@ pub struct Metrics {
     plugin_failures: Family<FailureLabels, Counter>,
     swaps: Family<SwapLabels, Counter>,
     shadow_decisions: Family<SwapLabels, Counter>,
+    mirrors: Family<SwapLabels, Counter>,
     reloads: Family<OutcomeLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     ejections: Family<UpstreamLabels, Counter>,
@@ -435,6 +437,9 @@ pub struct UpstreamMetrics {
     pub tunnel_bytes_to_backend: Counter,
     /// Bytes relayed by tunnels from backends to clients.
     pub tunnel_bytes_to_client: Counter,
+    /// Mirrored copies: sent (a response came), failed (no response),
+    /// skipped (cap reached, or the body could not be copied).
+    pub mirrors: [Counter; 3],
     failures: [Counter; 3],
 }
 
@@ -521,6 +526,12 @@ impl Metrics {
             "shadow_decisions",
             "Shadow plugin decisions by outcome against the live plugin's",
             shadow_decisions.clone(),
+        );
+        let mirrors = Family::default();
+        registry.register(
+            "mirror_requests",
+            "Mirrored copies of requests, by upstream and outcome (sent, failed, skipped)",
+            mirrors.clone(),
         );
         let retries = Family::default();
         let ejections = Family::default();
@@ -645,6 +656,7 @@ impl Metrics {
             plugin_failures,
             swaps,
             shadow_decisions,
+            mirrors,
             reloads,
         }
     }
@@ -709,6 +721,14 @@ impl Metrics {
             tunnels_open: self.tunnels_open.get_or_create(&u).clone(),
             tunnel_bytes_to_backend: direction("to_backend"),
             tunnel_bytes_to_client: direction("to_client"),
+            mirrors: ["sent", "failed", "skipped"].map(|outcome| {
+                self.mirrors
+                    .get_or_create(&SwapLabels {
+                        upstream: name.to_string(),
+                        outcome: outcome.into(),
+                    })
+                    .clone()
+            }),
             failures: [
                 failure(FailureKind::Trap),
                 failure(FailureKind::Deadline),

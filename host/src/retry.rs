@@ -240,6 +240,18 @@ impl<B: Body> ReplayBody<B> {
         })
     }
 
+    /// A copy of the whole body (its data chunks; trailers are left out) if
+    /// the client completed it and every byte was kept: for a mirrored copy
+    /// of the request. An empty body is an empty list; `None` while the
+    /// body is still arriving, or if it failed or overflowed the buffer.
+    pub fn complete_copy(&self) -> Option<Vec<Bytes>> {
+        let Some(shared) = &self.shared else {
+            return Some(Vec::new());
+        };
+        let s = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        (s.ended && !s.overflow && s.failed.is_none()).then(|| s.chunks.clone())
+    }
+
     /// The body for a new attempt; earlier attempts' bodies stop working.
     pub fn attempt(&self) -> AttemptBody<B> {
         let Some(shared) = &self.shared else {
@@ -256,6 +268,7 @@ impl<B: Body> ReplayBody<B> {
             position: 0,
             trailers_sent: false,
             hint: self.hint,
+            fixed: Vec::new(),
         }
     }
 }
@@ -268,17 +281,27 @@ pub struct AttemptBody<B = Incoming> {
     position: usize,
     trailers_sent: bool,
     hint: SizeHint,
+    /// Without `shared`: the chunks to send, from `position` on.
+    fixed: Vec<Bytes>,
 }
 
 impl<B> AttemptBody<B> {
     /// An empty body (no allocation).
     pub fn empty() -> Self {
+        Self::fixed(Vec::new())
+    }
+
+    /// A body of these chunks (a copy of a completed body, see
+    /// [`ReplayBody::complete_copy`]), with an exact size.
+    pub fn fixed(chunks: Vec<Bytes>) -> Self {
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         AttemptBody {
             shared: None,
             generation: 0,
             position: 0,
             trailers_sent: false,
-            hint: SizeHint::with_exact(0),
+            hint: SizeHint::with_exact(len),
+            fixed: chunks,
         }
     }
 }
@@ -297,7 +320,9 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(shared) = &this.shared else {
-            return Poll::Ready(None);
+            let chunk = this.fixed.get(this.position).cloned();
+            this.position += 1;
+            return Poll::Ready(chunk.map(|c| Ok(Frame::data(c))));
         };
         let mut s = shared.lock().unwrap_or_else(PoisonError::into_inner);
         if s.generation != this.generation {
@@ -348,6 +373,12 @@ where
                             s.chunks = Vec::new();
                             this.position = 0;
                         }
+                        // The last byte of a framed body (its content-length
+                        // reached): the client completed it, whether or not
+                        // the backend ever polls for the end.
+                        if s.body.is_end_stream() {
+                            s.ended = true;
+                        }
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
                     Err(frame) => match frame.into_trailers() {
@@ -365,7 +396,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.shared.is_none()
+        self.shared.is_none() && self.position >= self.fixed.len()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -403,6 +434,25 @@ mod tests {
                 })
                 .collect(),
         )
+    }
+
+    #[tokio::test]
+    async fn a_complete_copy_exists_only_for_a_finished_kept_body() {
+        let body = ReplayBody::new(script(vec![Ok("ab"), Ok("cd")]), 1024);
+        assert_eq!(body.complete_copy(), None, "nothing read yet");
+        let (data, err) = drain(body.attempt()).await;
+        assert_eq!((data.as_slice(), err), (&b"abcd"[..], None));
+        let copy = body.complete_copy().unwrap();
+        let (data, err) = drain(AttemptBody::<Script>::fixed(copy)).await;
+        assert_eq!((data.as_slice(), err), (&b"abcd"[..], None));
+        // Overflowed, or failed: no copy.
+        let big = ReplayBody::new(script(vec![Ok("ab"), Ok("cd")]), 3);
+        drain(big.attempt()).await;
+        assert_eq!(big.complete_copy(), None);
+        let broken = ReplayBody::new(script(vec![Ok("ab"), Err("reset")]), 1024);
+        drain(broken.attempt()).await;
+        assert_eq!(broken.complete_copy(), None);
+        assert!(AttemptBody::<Script>::fixed(Vec::new()).is_end_stream());
     }
 
     /// Every frame of `body` until it ends or fails: the data, and the error.

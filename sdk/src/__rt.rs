@@ -166,6 +166,11 @@ impl<S: Strategy> StrategyCell<S> {
             Decision::Backend(id) => wit::types::Decision::Backend(id),
             Decision::Candidates(ids) => wit::types::Decision::Candidates(ids),
             Decision::Unavailable => wit::types::Decision::Unavailable,
+            Decision::Respond(r) => wit::types::Decision::Respond(wit::types::Reply {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+            }),
         }
     }
 }
@@ -239,6 +244,18 @@ impl Context for WasmContext {
     }
     fn add_response_header(&self, name: &str, value: &str) {
         wit::response::add_header(name, value)
+    }
+    fn set_request_header(&self, name: &str, value: &str) {
+        wit::forward::set_header(name, value)
+    }
+    fn remove_request_header(&self, name: &str) {
+        wit::forward::remove_header(name)
+    }
+    fn set_path(&self, path_and_query: &str) {
+        wit::forward::set_path(path_and_query)
+    }
+    fn mirror(&self, id: u32) {
+        wit::forward::mirror(id)
     }
     fn monotonic_now(&self) -> u64 {
         wit::clock::monotonic_now()

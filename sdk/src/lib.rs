@@ -105,7 +105,7 @@ pub mod weighted;
 /// Everything a strategy usually needs, including `alloc`'s `Vec`, `String`,
 /// `Box`, `BTreeMap`, `vec!` and `format!` for `no_std` crates.
 pub mod prelude {
-    pub use crate::{Backend, Context, Decision, Level, NoConfig, Strategy};
+    pub use crate::{Backend, Context, Decision, Forward, Level, NoConfig, Reply, Strategy};
     pub use alloc::boxed::Box;
     pub use alloc::collections::BTreeMap;
     pub use alloc::string::{String, ToString};
@@ -151,6 +151,173 @@ pub enum Decision {
     Candidates(Vec<u32>),
     /// No backend can serve the request: the host answers 503.
     Unavailable,
+    /// Answer the request without a backend (WIT 0.2 `respond`): a 429, a
+    /// redirect, a maintenance page. Build it with [`Reply`] or
+    /// `cx.respond(status)`.
+    Respond(Reply),
+}
+
+/// A response the host sends itself, without contacting a backend (the
+/// WIT 0.2 `respond` decision). A typed builder:
+///
+/// ```
+/// use wasmlb_sdk::prelude::*;
+/// let d: Decision = Reply::new(429).header("retry-after", "2").text("slow down\n").into();
+/// # assert!(matches!(d, Decision::Respond(_)));
+/// ```
+///
+/// The host checks it: a status outside 200-599 or a body over 64 KiB is a
+/// bad answer (the request goes to the fallback); an invalid, hop-by-hop
+/// or framing header (`content-length` is the host's), and anything past
+/// 16 headers or 8 KiB, is dropped and logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The status, 200 to 599.
+    pub status: u16,
+    /// Response headers, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, at most 64 KiB.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// Largest body the host accepts, in bytes (64 KiB).
+    pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+    /// A reply with `status`, no headers and an empty body.
+    pub fn new(status: u16) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// A redirect (`status` 301, 302, 303, 307 or 308) to `location`.
+    pub fn redirect(status: u16, location: &str) -> Self {
+        Self::new(status).header("location", location)
+    }
+
+    /// Add header `name: value`.
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((String::from(name), String::from(value)));
+        self
+    }
+
+    /// Set the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Set a plain-text body, with `content-type: text/plain; charset=utf-8`.
+    pub fn text(self, text: &str) -> Self {
+        self.header("content-type", "text/plain; charset=utf-8")
+            .body(text.as_bytes())
+    }
+}
+
+impl From<Reply> for Decision {
+    fn from(reply: Reply) -> Self {
+        Decision::Respond(reply)
+    }
+}
+
+/// A typed builder for a decision that forwards the request with changes
+/// (WIT 0.2 `forward`), from [`Context::forward`]-style calls on a
+/// `&dyn Context`:
+///
+/// ```
+/// use wasmlb_sdk::prelude::*;
+/// use wasmlb_sdk::testing::{backends, MockContext};
+/// let set = backends(&[1, 1]);
+/// let cx = MockContext::new(&set).with_path("/api/items?id=3");
+/// let dyn_cx: &dyn Context = &cx;
+/// let d = dyn_cx.forward(0).set_header("x-route", "api").path("/items?id=3").mirror(1).decision();
+/// assert_eq!(d, Decision::Backend(0));
+/// assert_eq!(cx.forwarded_path(), "/items?id=3");
+/// assert_eq!(cx.forwarded_header("x-route").as_deref(), Some("api"));
+/// assert_eq!(cx.mirrored(), Some(1));
+/// ```
+///
+/// Each call takes effect on the host at once (the builder only chains
+/// them); the host refuses, and logs, what `Context::set_request_header`
+/// and friends document.
+#[must_use = "a Forward is a decision: return `.decision()` or `.into()` from select"]
+pub struct Forward<'a> {
+    cx: &'a dyn Context,
+    decision: Decision,
+}
+
+impl core::fmt::Debug for Forward<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Forward")
+            .field("decision", &self.decision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forward<'_> {
+    /// Set request header `name` to `value` (replacing its values).
+    pub fn set_header(self, name: &str, value: &str) -> Self {
+        self.cx.set_request_header(name, value);
+        self
+    }
+
+    /// Remove request header `name`.
+    pub fn remove_header(self, name: &str) -> Self {
+        self.cx.remove_request_header(name);
+        self
+    }
+
+    /// Replace the path and query the backend sees (origin-form, starting
+    /// with `/`).
+    pub fn path(self, path_and_query: &str) -> Self {
+        self.cx.set_path(path_and_query);
+        self
+    }
+
+    /// Also send a copy of the request to backend `id`; its response is
+    /// discarded.
+    pub fn mirror(self, id: u32) -> Self {
+        self.cx.mirror(id);
+        self
+    }
+
+    /// The decision to return from [`Strategy::select`].
+    pub fn decision(self) -> Decision {
+        self.decision
+    }
+}
+
+impl From<Forward<'_>> for Decision {
+    fn from(forward: Forward<'_>) -> Self {
+        forward.decision
+    }
+}
+
+impl<'a> dyn Context + 'a {
+    /// Forward to backend `id`, with the changes chained on the returned
+    /// [`Forward`].
+    pub fn forward(&self, id: u32) -> Forward<'_> {
+        Forward {
+            cx: self,
+            decision: Decision::Backend(id),
+        }
+    }
+
+    /// Forward to the first of `ids` (the rest for retries), with changes.
+    pub fn forward_candidates(&self, ids: Vec<u32>) -> Forward<'_> {
+        Forward {
+            cx: self,
+            decision: Decision::Candidates(ids),
+        }
+    }
+
+    /// Start a reply with `status` (see [`Reply`]).
+    pub fn respond(&self, status: u16) -> Reply {
+        Reply::new(status)
+    }
 }
 
 /// Severity of a log record sent with [`Context::log`].
@@ -215,6 +382,19 @@ pub trait Context {
     /// `set-cookie`). Only valid during `select`; the host ignores invalid,
     /// hop-by-hop and framing headers, and more than 16 headers or 8 KiB.
     fn add_response_header(&self, name: &str, value: &str);
+    /// Set request header `name` to `value` for the backend, replacing its
+    /// values (WIT 0.2 `forward.set-header`). The host refuses an invalid
+    /// field, hop-by-hop and framing headers, `host`, and more than 16
+    /// changes or 8 KiB per request.
+    fn set_request_header(&self, name: &str, value: &str);
+    /// Remove request header `name` before forwarding (WIT 0.2).
+    fn remove_request_header(&self, name: &str);
+    /// Replace the path and query the backend sees, e.g. `/items?id=3`
+    /// (WIT 0.2 `forward.set-path`; origin-form, at most 8 KiB).
+    fn set_path(&self, path_and_query: &str);
+    /// Also send a copy of the request to backend `id`, its response
+    /// discarded (WIT 0.2 `forward.mirror`; the last call wins).
+    fn mirror(&self, id: u32);
     /// Monotonic clock, in nanoseconds since an arbitrary fixed point.
     fn monotonic_now(&self) -> u64;
     /// Log through the host's logger, tagged with the upstream's name.

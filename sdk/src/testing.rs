@@ -74,6 +74,93 @@ pub struct MockContext {
     pub now_ns: Cell<u64>,
     /// Every [`Context::log`] call, in order.
     pub logs: RefCell<Vec<(Level, String)>>,
+    /// The request changes asked so far (WIT 0.2 `forward`); see
+    /// [`MockContext::forwarded_header`], [`MockContext::forwarded_path`],
+    /// [`MockContext::mirrored`], and [`MockContext::reset_forward`]
+    /// between selections.
+    pub forward: RefCell<ForwardLog>,
+}
+
+/// What a strategy asked of the forwarded request through a
+/// [`MockContext`]: header changes in order (`None` = removed), the path,
+/// the mirror, and the calls the host would refuse, with the reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardLog {
+    /// `(name, Some(value))` for a set, `(name, None)` for a removal.
+    pub headers: Vec<(String, Option<String>)>,
+    /// The new path and query, if set.
+    pub path: Option<String>,
+    /// The mirror's backend id, if any.
+    pub mirror: Option<u32>,
+    /// Calls the host would refuse: `(call, reason)`.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Request headers the host keeps to itself (hop-by-hop, framing, `host`).
+const HOST_OWNED: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "host",
+];
+
+fn header_refusal(name: &str, value: &str) -> Option<&'static str> {
+    let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Some("not a valid header name");
+    }
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Some("not a valid header value");
+    }
+    HOST_OWNED
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+        .then_some("hop-by-hop, framing and host headers are the host's")
+}
+
+impl MockContext {
+    /// The value of request header `name` as the backend would see it:
+    /// the mock's headers with the changes asked so far applied.
+    pub fn forwarded_header(&self, name: &str) -> Option<String> {
+        let log = self.forward.borrow();
+        let edited = log
+            .headers
+            .iter()
+            .rev()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name));
+        match edited {
+            Some((_, value)) => value.clone(),
+            None => self.header(name),
+        }
+    }
+
+    /// The path and query the backend would see.
+    pub fn forwarded_path(&self) -> String {
+        self.forward
+            .borrow()
+            .path
+            .clone()
+            .unwrap_or_else(|| self.path.clone())
+    }
+
+    /// The backend id a copy would be mirrored to, if any.
+    pub fn mirrored(&self) -> Option<u32> {
+        self.forward.borrow().mirror
+    }
+
+    /// Forget the changes asked so far (the host starts every `select`
+    /// with none).
+    pub fn reset_forward(&self) {
+        *self.forward.borrow_mut() = ForwardLog::default();
+    }
 }
 
 impl MockContext {
@@ -95,6 +182,7 @@ impl MockContext {
             response_headers: RefCell::new(Vec::new()),
             now_ns: Cell::new(0),
             logs: RefCell::new(Vec::new()),
+            forward: RefCell::new(ForwardLog::default()),
         }
     }
 
@@ -201,6 +289,48 @@ impl Context for MockContext {
             .borrow_mut()
             .push((name.to_string(), value.to_string()));
     }
+    fn set_request_header(&self, name: &str, value: &str) {
+        let mut log = self.forward.borrow_mut();
+        match header_refusal(name, value) {
+            Some(why) => log.refused.push(("set-header".into(), why.into())),
+            None => log
+                .headers
+                .push((name.to_ascii_lowercase(), Some(value.to_string()))),
+        }
+    }
+    fn remove_request_header(&self, name: &str) {
+        let mut log = self.forward.borrow_mut();
+        match header_refusal(name, "") {
+            Some(why) => log.refused.push(("remove-header".into(), why.into())),
+            None => log.headers.push((name.to_ascii_lowercase(), None)),
+        }
+    }
+    fn set_path(&self, path_and_query: &str) {
+        let mut log = self.forward.borrow_mut();
+        let ok = path_and_query.starts_with('/')
+            && !path_and_query.starts_with("//")
+            && path_and_query.len() <= 8192
+            && path_and_query
+                .bytes()
+                .all(|b| b > 0x20 && b < 0x7f && b != b'#');
+        if ok {
+            log.path = Some(path_and_query.to_string());
+        } else {
+            log.refused.push((
+                "set-path".into(),
+                "not an origin-form path and query".into(),
+            ));
+        }
+    }
+    fn mirror(&self, id: u32) {
+        let mut log = self.forward.borrow_mut();
+        if (id as usize) < self.healthy.len() {
+            log.mirror = Some(id);
+        } else {
+            log.refused
+                .push(("mirror".into(), "no backend with this id".into()));
+        }
+    }
     fn monotonic_now(&self) -> u64 {
         self.now_ns.get()
     }
@@ -229,7 +359,7 @@ pub fn spread<S: Strategy>(
         let id = match s.select(cx) {
             Decision::Backend(id) => Some(id),
             Decision::Candidates(ids) => ids.first().copied(),
-            Decision::Unavailable => None,
+            Decision::Unavailable | Decision::Respond(_) => None,
         };
         if let Some(slot) = id.and_then(|id| counts.get_mut(id as usize)) {
             *slot += 1;

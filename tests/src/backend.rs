@@ -66,6 +66,7 @@ pub enum Mode {
 pub(crate) struct Shared {
     mode: std::sync::Mutex<Mode>,
     ids: std::sync::Mutex<Vec<String>>,
+    paths: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestBackend {
@@ -84,6 +85,7 @@ impl TestBackend {
         let shared = Arc::new(Shared {
             mode: std::sync::Mutex::new(Mode::Normal),
             ids: std::sync::Mutex::new(Vec::new()),
+            paths: std::sync::Mutex::new(Vec::new()),
         });
         let (n, h, up, sh) = (
             name.to_string(),
@@ -125,6 +127,12 @@ impl TestBackend {
     /// Change how it answers (see [`Mode`]).
     pub fn set_mode(&self, mode: Mode) {
         *self.shared.mode.lock().expect("mode") = mode;
+    }
+
+    /// The path and query of every request received (not `/healthz`), in
+    /// order.
+    pub fn paths(&self) -> Vec<String> {
+        self.shared.paths.lock().expect("paths").clone()
     }
 
     /// The `x-request-id` of every request received (not `/healthz`), in order.
@@ -219,6 +227,8 @@ pub(crate) async fn serve(
         let id = String::from_utf8_lossy(id.as_bytes()).into_owned();
         shared.ids.lock().expect("ids").push(id);
     }
+    let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+    shared.paths.lock().expect("paths").push(path.to_string());
     let mode = *shared.mode.lock().expect("mode");
     match mode {
         Mode::Normal => respond(name, req, None).await.map_err(|e| match e {}),

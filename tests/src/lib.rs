@@ -30,6 +30,22 @@ pub use proxy::*;
 pub mod plugins {
     /// `examples/header-route`.
     pub const HEADER_ROUTE: &str = concat!(env!("OUT_DIR"), "/header-route.wasm");
+    /// `examples/rate-limit` (WIT 0.2).
+    pub const RATE_LIMIT: &str = concat!(env!("OUT_DIR"), "/rate-limit.wasm");
+    /// `examples/path-router` (WIT 0.2).
+    pub const PATH_ROUTER: &str = concat!(env!("OUT_DIR"), "/path-router.wasm");
+    /// `examples/mirror-canary` (WIT 0.2).
+    pub const MIRROR_CANARY: &str = concat!(env!("OUT_DIR"), "/mirror-canary.wasm");
+    /// WIT 0.2: answers and edits requests per `x-case` (hostile and valid).
+    pub const EDIT_CORPUS: &str = concat!(env!("OUT_DIR"), "/test-plugin-edit-corpus.wasm");
+    /// The built-in `name` as built against WIT 0.1.1, before 0.2 (kept as
+    /// built then, in `tests/fixtures/`).
+    pub fn builtin_wit_0_1_1(name: &str) -> String {
+        format!(
+            "{}/fixtures/{name}-wit-0.1.1.wasm",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    }
     /// Panics in every `select`.
     pub const TRAP: &str = concat!(env!("OUT_DIR"), "/test-plugin-trap.wasm");
     /// Loops forever in every `select`.

@@ -50,6 +50,9 @@ pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
 pub const DEFAULT_RETRY_MIN_PER_SECOND: u32 = 10;
 /// Default cap on the request body kept for replaying a retry, in bytes.
 pub const DEFAULT_RETRY_BUFFER_BYTES: u64 = 64 * 1024;
+/// Default cap on the mirrored copies of an upstream's requests in flight
+/// (`mirror_max_in_flight`); a mirror asked beyond it is skipped.
+pub const DEFAULT_MIRROR_MAX_IN_FLIGHT: u32 = 64;
 /// Default panic threshold, in percent of non-drained backends (Envoy `healthy_panic_threshold`).
 pub const DEFAULT_PANIC_THRESHOLD_PERCENT: u32 = 50;
 /// Default connect failures in a row that take a backend out of rotation

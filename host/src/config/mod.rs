@@ -328,6 +328,12 @@ pub struct UpstreamConfig {
     /// Request bodies up to this size are kept so an attempt that already sent
     /// them can be replayed, in bytes (`retry_buffer_bytes`, default 65536).
     pub retry_buffer_bytes: u64,
+    /// Mirrored copies of requests (a plugin's `forward.mirror`) in flight
+    /// at most; past it a mirror is skipped and counted, never waited for
+    /// (`mirror_max_in_flight`, default 64; 0 turns mirroring off). A
+    /// request body is mirrored only if it was kept whole within
+    /// `retry_buffer_bytes`.
+    pub mirror_max_in_flight: u32,
     /// When fewer than this share of the non-drained backends are healthy and
     /// not ejected, all of them are offered to the plugin, in percent
     /// (`panic_threshold_percent`, default 50; 0 disables).
@@ -451,6 +457,7 @@ impl UpstreamConfig {
             retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
             retry_min_per_second: DEFAULT_RETRY_MIN_PER_SECOND,
             retry_buffer_bytes: DEFAULT_RETRY_BUFFER_BYTES,
+            mirror_max_in_flight: DEFAULT_MIRROR_MAX_IN_FLIGHT,
             panic_threshold_percent: DEFAULT_PANIC_THRESHOLD_PERCENT,
             max_fails: DEFAULT_MAX_FAILS,
             fail_timeout_ms: DEFAULT_FAIL_TIMEOUT_MS,

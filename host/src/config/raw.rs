@@ -148,6 +148,7 @@ pub(super) struct RawUpstream {
     pub(super) retry_budget_percent: Option<Spanned<u32>>,
     pub(super) retry_min_per_second: Option<u32>,
     pub(super) retry_buffer_bytes: Option<u64>,
+    pub(super) mirror_max_in_flight: Option<u32>,
     pub(super) panic_threshold_percent: Option<Spanned<u32>>,
     pub(super) slow_start_ms: Option<u64>,
     pub(super) max_fails: Option<u32>,

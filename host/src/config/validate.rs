@@ -835,6 +835,9 @@ impl Validator<'_> {
                 .retry_min_per_second
                 .unwrap_or(DEFAULT_RETRY_MIN_PER_SECOND),
             retry_buffer_bytes: u.retry_buffer_bytes.unwrap_or(DEFAULT_RETRY_BUFFER_BYTES),
+            mirror_max_in_flight: u
+                .mirror_max_in_flight
+                .unwrap_or(DEFAULT_MIRROR_MAX_IN_FLIGHT),
             panic_threshold_percent: self.percent(
                 &format!("{prefix}.panic_threshold_percent"),
                 u.panic_threshold_percent.as_ref(),

@@ -1,13 +1,13 @@
 //! The host side of the WIT contract: what a plugin's store holds, and the
 //! host functions plugins import (`log`, `clock`, `backend-state`,
-//! `request`, `response`).
+//! `request`, `response`, and since 0.2 `forward`), for the 0.2 contract.
+//! [`super::host_v0_1`] answers a 0.1 component's imports with these.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
 use wasmtime::{Store, StoreLimits};
 
 use super::bindings::{
@@ -28,7 +28,10 @@ pub struct HostState {
     pub(super) backends: Arc<[Backend]>,
     pub(super) request: Option<RequestView>,
     /// Headers added with `response.add-header` during the current `select`.
-    pub(super) response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub(super) response_headers: ResponseHeaders,
+    /// Changes asked with the `forward` interface during the current
+    /// `select`.
+    pub(super) edits: RequestEdits,
     /// With a trace recorder: the names of the request headers read during
     /// the current `select` (lowercase, each once).
     pub(super) header_reads: Option<Vec<String>>,
@@ -161,47 +164,66 @@ impl bindings::wasmlb::plugin::backend_state::Host for HostState {
     }
 }
 
+impl HostState {
+    /// Log a refused `response` or `forward` call (rate-limited).
+    fn refused(&self, call: &str, name: &str, why: &str) {
+        if let Some(suppressed) = self.log_limit.admit() {
+            tracing::warn!(
+                target: "wasmlb::plugin",
+                upstream = &*self.upstream,
+                header = %name,
+                suppressed,
+                "{call} ignored: {why}"
+            );
+        }
+    }
+}
+
 impl bindings::wasmlb::plugin::response::Host for HostState {
     fn add_header(&mut self, name: String, value: String) {
         if self.request.is_none() {
             return; // only during select
         }
-        let used: usize = self
-            .response_headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len())
-            .sum();
-        let refuse = |why: &str| {
-            if let Some(suppressed) = self.log_limit.admit() {
-                tracing::warn!(
-                    target: "wasmlb::plugin",
-                    upstream = &*self.upstream,
-                    header = %name,
-                    suppressed,
-                    "response.add-header ignored: {why}"
-                );
-            }
-        };
-        if self.response_headers.len() >= MAX_RESPONSE_HEADERS
-            || used + name.len() + value.len() > MAX_RESPONSE_HEADER_BYTES
-        {
-            return refuse("more than 16 headers or 8 KiB for this response");
+        if let Err(why) = self.response_headers.add(&name, &value) {
+            self.refused("response.add-header", &name, why);
         }
-        let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) else {
-            return refuse("not a valid HTTP header name or value");
-        };
-        let framing = [
-            http::header::CONTENT_LENGTH,
-            http::header::TRANSFER_ENCODING,
-            http::header::CONTENT_ENCODING,
-        ];
-        if crate::headers::HOP_BY_HOP.contains(&n.as_str()) || framing.contains(&n) {
-            return refuse("hop-by-hop and framing headers are the host's");
+    }
+}
+
+impl bindings::wasmlb::plugin::forward::Host for HostState {
+    fn set_header(&mut self, name: String, value: String) {
+        if self.http().is_none() {
+            return;
         }
-        self.response_headers.push((n, v));
+        if let Err(why) = self.edits.set_header(&name, &value) {
+            self.refused("forward.set-header", &name, why);
+        }
+    }
+    fn remove_header(&mut self, name: String) {
+        if self.http().is_none() {
+            return;
+        }
+        if let Err(why) = self.edits.remove_header(&name) {
+            self.refused("forward.remove-header", &name, why);
+        }
+    }
+    fn set_path(&mut self, path_and_query: String) {
+        if self.http().is_none() {
+            return;
+        }
+        if let Err(why) = self.edits.set_path(&path_and_query) {
+            self.refused("forward.set-path", &path_and_query, why);
+        }
+    }
+    fn mirror(&mut self, id: u32) {
+        if self.http().is_none() {
+            return;
+        }
+        if (id as usize) < self.backends.len() {
+            self.edits.mirror = Some(id);
+        } else {
+            self.refused("forward.mirror", "-", "no backend with this id");
+        }
     }
 }
 

@@ -24,10 +24,13 @@ pub(super) struct StateFuncs {
     pub(super) import: TypedFunc<(Vec<u8>,), (Result<(), String>,)>,
 }
 
-/// Name of the optional state interface export.
-pub(super) const STATE_INTERFACE: &str = "wasmlb:plugin/state@0.1.1";
-/// The same export from plugins built against 0.1.0.
-const STATE_INTERFACE_0_1_0: &str = "wasmlb:plugin/state@0.1.0";
+/// Names of the optional state interface export, newest first (0.2.0,
+/// 0.1.1, 0.1.0).
+pub(super) const STATE_INTERFACES: [&str; 3] = [
+    "wasmlb:plugin/state@0.2.0",
+    "wasmlb:plugin/state@0.1.1",
+    "wasmlb:plugin/state@0.1.0",
+];
 
 /// The state functions, if the component exports the `state` interface with
 /// the expected signatures.
@@ -35,9 +38,9 @@ pub(super) fn state_funcs(
     store: &mut Store<HostState>,
     instance: &wasmtime::component::Instance,
 ) -> Option<StateFuncs> {
-    let iface = instance
-        .get_export_index(&mut *store, None, STATE_INTERFACE)
-        .or_else(|| instance.get_export_index(&mut *store, None, STATE_INTERFACE_0_1_0))?;
+    let iface = STATE_INTERFACES
+        .iter()
+        .find_map(|name| instance.get_export_index(&mut *store, None, name))?;
     let export = instance.get_export_index(&mut *store, Some(&iface), "export-state")?;
     let import = instance.get_export_index(&mut *store, Some(&iface), "import-state")?;
     let typed = (
@@ -49,9 +52,55 @@ pub(super) fn state_funcs(
         _ => {
             tracing::warn!(
                 upstream = &*store.data().upstream,
-                "{STATE_INTERFACE} has unexpected signatures; ignored"
+                "wasmlb:plugin/state has unexpected signatures; ignored"
             );
             None
+        }
+    }
+}
+
+/// The exports of an instance, for the contract it was built against.
+pub(super) enum Bindings {
+    V0_1(super::bindings_v0_1::Balancer),
+    V0_2(bindings::Balancer),
+}
+
+impl Bindings {
+    /// `strategy.init`.
+    pub(super) fn init(
+        &self,
+        store: &mut Store<HostState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            Bindings::V0_1(b) => b.wasmlb_plugin_strategy().call_init(store, config),
+            Bindings::V0_2(b) => b.wasmlb_plugin_strategy().call_init(store, config),
+        }
+    }
+
+    /// `strategy.set-backends`.
+    pub(super) fn set_backends(
+        &self,
+        store: &mut Store<HostState>,
+        list: Vec<wit_types::Backend>,
+    ) -> wasmtime::Result<()> {
+        match self {
+            Bindings::V0_1(b) => {
+                let list: Vec<_> = list.into_iter().map(super::host_v0_1::backend).collect();
+                b.wasmlb_plugin_strategy().call_set_backends(store, &list)
+            }
+            Bindings::V0_2(b) => b.wasmlb_plugin_strategy().call_set_backends(store, &list),
+        }
+    }
+
+    /// `strategy.select`, as a 0.2 decision.
+    fn select(&self, store: &mut Store<HostState>) -> wasmtime::Result<Decision> {
+        match self {
+            Bindings::V0_1(b) => b
+                .wasmlb_plugin_strategy()
+                .call_select(store)
+                .map(super::host_v0_1::decision),
+            Bindings::V0_2(b) => b.wasmlb_plugin_strategy().call_select(store),
         }
     }
 }
@@ -132,7 +181,7 @@ impl RequestView {
 /// keeps it behind a mutex.
 pub struct Instance {
     pub(super) store: Store<HostState>,
-    pub(super) bindings: bindings::Balancer,
+    pub(super) bindings: Bindings,
     pub(super) state: Option<StateFuncs>,
     /// Budget of `select` and the state calls, in ms of CPU time.
     pub(super) deadline_ms: u64,
@@ -182,8 +231,7 @@ impl Instance {
         self.store.data_mut().backends = backends;
         let _call = arm(&mut self.store, self.init_deadline_ms);
         self.bindings
-            .wasmlb_plugin_strategy()
-            .call_set_backends(&mut self.store, &list)
+            .set_backends(&mut self.store, list)
             .map_err(|e| describe_error(&e))
     }
 
@@ -199,15 +247,13 @@ impl Instance {
         request: RequestView,
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
         self.store.data_mut().response_headers.clear();
+        self.store.data_mut().edits = RequestEdits::default();
         if let Some(reads) = self.store.data_mut().header_reads.as_mut() {
             reads.clear();
         }
         self.store.data_mut().request = Some(request);
         let _call = arm(&mut self.store, self.deadline_ms);
-        let result = self
-            .bindings
-            .wasmlb_plugin_strategy()
-            .call_select(&mut self.store);
+        let result = self.bindings.select(&mut self.store);
         // Only this function fills and empties the slot, so it is always full
         // here; an empty one is reported as a trap rather than a panic.
         let Some(request) = self.store.data_mut().request.take() else {
@@ -248,7 +294,21 @@ impl Instance {
     /// The headers the plugin added with `response.add-header` during the
     /// last [`Instance::select`] (taken: a second call returns none).
     pub fn take_response_headers(&mut self) -> Vec<(HeaderName, HeaderValue)> {
-        std::mem::take(&mut self.store.data_mut().response_headers)
+        let headers = &mut self.store.data_mut().response_headers;
+        let list = std::mem::take(&mut headers.list);
+        headers.clear();
+        list
+    }
+
+    /// The request changes the plugin asked for with the `forward`
+    /// interface during the last [`Instance::select`] (taken), `None` if
+    /// it asked none (always, for a 0.1 plugin).
+    pub fn take_edits(&mut self) -> Option<Box<RequestEdits>> {
+        let edits = &mut self.store.data_mut().edits;
+        if edits.is_empty() {
+            return None;
+        }
+        Some(Box::new(std::mem::take(edits)))
     }
 }
 
@@ -264,6 +324,11 @@ pub(super) fn validate(decision: Decision, n: u32) -> Result<Decision, (FailureK
         Decision::Candidates(ids) => match ids.iter().find(|&&id| id >= n) {
             Some(id) => bad(format!("answered candidate {id}, but the set has {n}")),
             None => Ok(decision),
+        },
+        Decision::Respond(reply) => match super::edits::check_reply(reply.status, reply.body.len())
+        {
+            Ok(_) => Ok(decision),
+            Err(msg) => bad(msg),
         },
         _ => Ok(decision),
     }

@@ -23,21 +23,37 @@ use crate::config::PluginRef;
 pub use crate::plugin_call::FailureKind;
 
 mod cache;
+pub mod edits;
 mod host;
+mod host_v0_1;
 mod instance;
 
 use crate::plugin_call::{CallDeadline, Verdict};
 use cache::ComponentCache;
+pub use edits::{
+    MAX_REPLY_BODY_BYTES, MAX_RESPONSE_HEADER_BYTES, MAX_RESPONSE_HEADERS, Reply, RequestEdits,
+    ResponseHeaders,
+};
 use host::arm;
 pub use host::{HostState, monotonic_ns};
 #[cfg(test)]
 use instance::validate;
+use instance::{Bindings, backend_list, describe_error, state_funcs};
 pub use instance::{Instance, RequestView};
-use instance::{backend_list, describe_error, state_funcs};
 
+/// The current contract, `wasmlb:plugin@0.2.0` (`wit/plugin.wit`).
 pub(crate) mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
+        world: "balancer",
+    });
+}
+
+/// The 0.1 contract, `wasmlb:plugin@0.1.1` (`wit/v0.1/plugin.wit`, frozen),
+/// which 0.1.0 and 0.1.1 components are linked against.
+pub(crate) mod bindings_v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/v0.1",
         world: "balancer",
     });
 }
@@ -69,12 +85,8 @@ const ALLOWED_INTERFACES: &[&str] = &[
     "backend-state",
     "request",
     "response",
+    "forward",
 ];
-
-/// Most headers a plugin may add to one response (`response.add-header`).
-pub const MAX_RESPONSE_HEADERS: usize = 16;
-/// Most bytes (names and values) a plugin may add to one response.
-pub const MAX_RESPONSE_HEADER_BYTES: usize = 8192;
 /// Log messages from plugins are truncated to this many bytes.
 const MAX_LOG_BYTES: usize = 4096;
 
@@ -101,7 +113,7 @@ pub enum PluginError {
     /// The component imports something outside `wasmlb:plugin`.
     #[error(
         "plugin {plugin}: imports {}, which wasmlb does not provide \
-         (plugins may import only wasmlb:plugin/{{log,clock,backend-state,request}}; \
+         (plugins may import only wasmlb:plugin/{{log,clock,backend-state,request,response,forward}}; \
          build with the wasmlb SDK, which is no_std)",
         imports.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
     )]
@@ -111,9 +123,9 @@ pub enum PluginError {
         /// Every offending import, e.g. `wasi:filesystem/preopens@0.2.6`.
         imports: Vec<String>,
     },
-    /// The component does not match the `balancer` world (missing export,
-    /// wrong signature, incompatible version).
-    #[error("plugin {plugin}: does not implement wasmlb:plugin/balancer@0.1: {message}")]
+    /// The component does not match the `balancer` world of 0.1 or 0.2
+    /// (missing export, wrong signature, unknown version).
+    #[error("plugin {plugin}: does not implement wasmlb:plugin/balancer@0.1 or @0.2: {message}")]
     Link {
         /// The plugin.
         plugin: String,
@@ -168,6 +180,8 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         bindings::Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+        bindings_v0_1::Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -279,14 +293,25 @@ impl Runtime {
                 imports: forbidden,
             });
         }
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(bindings::BalancerPre::new)
-            .map_err(|e| PluginError::Link {
-                plugin: name.to_string(),
-                message: format!("{e:#}"),
-            })?;
+        let link_err = |e: wasmtime::Error| PluginError::Link {
+            plugin: name.to_string(),
+            message: format!("{e:#}"),
+        };
+        let linked = self.linker.instantiate_pre(&component).map_err(link_err)?;
+        let pre = match contract_version(&self.engine, &component) {
+            Some(Contract::V0_1) => {
+                Pre::V0_1(bindings_v0_1::BalancerPre::new(linked).map_err(link_err)?)
+            }
+            Some(Contract::V0_2) => {
+                Pre::V0_2(bindings::BalancerPre::new(linked).map_err(link_err)?)
+            }
+            None => {
+                return Err(PluginError::Link {
+                    plugin: name.to_string(),
+                    message: "it exports no wasmlb:plugin/strategy@0.1.x or @0.2.x".into(),
+                });
+            }
+        };
         if !from_cache {
             self.cache
                 .lock()
@@ -315,7 +340,41 @@ pub fn digest(bytes: &[u8]) -> String {
     out
 }
 
-/// `wasmlb:plugin/<interface>@0.1.x` for a known interface.
+/// The contract a component was built against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// `wasmlb:plugin@0.1.0` or `@0.1.1`.
+    V0_1,
+    /// `wasmlb:plugin@0.2.x`.
+    V0_2,
+}
+
+/// The contract of `component`, from the version of its
+/// `wasmlb:plugin/strategy` export; `None` without one.
+fn contract_version(engine: &Engine, component: &Component) -> Option<Contract> {
+    component
+        .component_type()
+        .exports(engine)
+        .find_map(|(name, _)| {
+            let version = name.strip_prefix("wasmlb:plugin/strategy@")?;
+            if version.starts_with("0.1.") {
+                Some(Contract::V0_1)
+            } else if version.starts_with("0.2.") {
+                Some(Contract::V0_2)
+            } else {
+                None
+            }
+        })
+}
+
+/// The linked component, for the contract it was built against.
+enum Pre {
+    V0_1(bindings_v0_1::BalancerPre<HostState>),
+    V0_2(bindings::BalancerPre<HostState>),
+}
+
+/// `wasmlb:plugin/<interface>@0.1.x` or `@0.2.x` for a known interface
+/// (`forward` exists only in 0.2; linking refuses it in a 0.1 component).
 fn import_allowed(import: &str) -> bool {
     let Some((path, version)) = import.split_once('@') else {
         return false;
@@ -325,7 +384,7 @@ fn import_allowed(import: &str) -> bool {
     };
     package == ALLOWED_PACKAGE
         && ALLOWED_INTERFACES.contains(&interface)
-        && version.starts_with("0.1.")
+        && (version.starts_with("0.1.") || version.starts_with("0.2."))
 }
 
 /// A compiled, linked plugin component; instantiated once per upstream (and
@@ -335,7 +394,7 @@ pub struct Plugin {
     digest: String,
     from_cache: bool,
     engine: Engine,
-    pre: bindings::BalancerPre<HostState>,
+    pre: Pre,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -378,6 +437,14 @@ impl Plugin {
         &self.digest
     }
 
+    /// The contract the component was built against.
+    pub fn contract(&self) -> Contract {
+        match self.pre {
+            Pre::V0_1(_) => Contract::V0_1,
+            Pre::V0_2(_) => Contract::V0_2,
+        }
+    }
+
     /// True if the compiled component came from the runtime's digest cache.
     pub fn from_cache(&self) -> bool {
         self.from_cache
@@ -407,7 +474,8 @@ impl Plugin {
             log_limit: settings.log_limit.clone(),
             backends,
             request: None,
-            response_headers: Vec::new(),
+            response_headers: ResponseHeaders::default(),
+            edits: RequestEdits::default(),
             header_reads: settings.track_header_reads.then(Vec::new),
             deadline: CallDeadline::default(),
         };
@@ -423,18 +491,30 @@ impl Plugin {
         });
         let (deadline_ms, init_deadline_ms) = (settings.deadline_ms, settings.init_deadline_ms);
         let _call = arm(&mut store, init_deadline_ms);
-        let instance = self
-            .pre
-            .instance_pre()
-            .instantiate(&mut store)
-            .map_err(|e| init_err("instantiate", e))?;
-        let bindings = bindings::Balancer::new(&mut store, &instance)
-            .map_err(|e| init_err("instantiate", e))?;
+        let (instance, bindings) = match &self.pre {
+            Pre::V0_1(pre) => {
+                let instance = pre
+                    .instance_pre()
+                    .instantiate(&mut store)
+                    .map_err(|e| init_err("instantiate", e))?;
+                let b = bindings_v0_1::Balancer::new(&mut store, &instance)
+                    .map_err(|e| init_err("instantiate", e))?;
+                (instance, Bindings::V0_1(b))
+            }
+            Pre::V0_2(pre) => {
+                let instance = pre
+                    .instance_pre()
+                    .instantiate(&mut store)
+                    .map_err(|e| init_err("instantiate", e))?;
+                let b = bindings::Balancer::new(&mut store, &instance)
+                    .map_err(|e| init_err("instantiate", e))?;
+                (instance, Bindings::V0_2(b))
+            }
+        };
         let state = state_funcs(&mut store, &instance);
-        let strategy = bindings.wasmlb_plugin_strategy();
         let _call = arm(&mut store, init_deadline_ms);
-        strategy
-            .call_init(&mut store, &settings.config_json)
+        bindings
+            .init(&mut store, &settings.config_json)
             .map_err(|e| init_err("init", e))?
             .map_err(|message| PluginError::Init {
                 plugin: self.name.clone(),
@@ -443,8 +523,8 @@ impl Plugin {
             })?;
         let list = backend_list(&store.data().backends);
         let _call = arm(&mut store, init_deadline_ms);
-        strategy
-            .call_set_backends(&mut store, &list)
+        bindings
+            .set_backends(&mut store, list)
             .map_err(|e| init_err("set-backends", e))?;
         Ok(Instance {
             store,
@@ -465,7 +545,10 @@ mod tests {
     fn only_wasmlb_plugin_imports_are_allowed() {
         assert!(import_allowed("wasmlb:plugin/log@0.1.0"));
         assert!(import_allowed("wasmlb:plugin/backend-state@0.1.3"));
-        assert!(!import_allowed("wasmlb:plugin/log@0.2.0"));
+        assert!(import_allowed("wasmlb:plugin/log@0.2.0"));
+        assert!(import_allowed("wasmlb:plugin/forward@0.2.0"));
+        assert!(!import_allowed("wasmlb:plugin/log@0.3.0"));
+        assert!(!import_allowed("wasmlb:plugin/log@1.0.0"));
         assert!(!import_allowed("wasmlb:plugin/secrets@0.1.0"));
         assert!(!import_allowed("wasi:filesystem/preopens@0.2.6"));
         assert!(!import_allowed("wasmlb:plugin/log"));
@@ -503,7 +586,8 @@ mod tests {
             backends: Arc::from(Vec::new()),
             request: during_select
                 .then(|| RequestView::new(parts, SocketAddr::from(([192, 0, 2, 1], 1)))),
-            response_headers: Vec::new(),
+            response_headers: ResponseHeaders::default(),
+            edits: RequestEdits::default(),
             header_reads: None,
             deadline: CallDeadline::default(),
         }
@@ -522,6 +606,7 @@ mod tests {
         s.add_header("Transfer-Encoding".into(), "chunked".into());
         let kept: Vec<_> = s
             .response_headers
+            .list
             .iter()
             .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
             .collect();
@@ -530,14 +615,14 @@ mod tests {
         for i in 0..20 {
             s.add_header(format!("x-{i}"), "v".into());
         }
-        assert_eq!(s.response_headers.len(), MAX_RESPONSE_HEADERS);
+        assert_eq!(s.response_headers.list.len(), MAX_RESPONSE_HEADERS);
         let mut big = host_state(true);
         big.add_header("x-big".into(), "v".repeat(MAX_RESPONSE_HEADER_BYTES));
-        assert!(big.response_headers.is_empty());
+        assert!(big.response_headers.list.is_empty());
         // Outside select: ignored.
         let mut idle = host_state(false);
         idle.add_header("x-a".into(), "1".into());
-        assert!(idle.response_headers.is_empty());
+        assert!(idle.response_headers.list.is_empty());
     }
 
     #[test]

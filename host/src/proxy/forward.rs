@@ -80,15 +80,21 @@ impl Proxy {
                 attempts.decision += at.elapsed();
             }
             view = v;
-            let (chosen, plugin, response_headers) = match selection {
+            let (chosen, plugin, response_headers, edits) = match selection {
                 Selection::Plugin {
                     chosen,
                     plugin,
                     response_headers,
-                } => (chosen, plugin, response_headers),
+                    edits,
+                } => (chosen, plugin, response_headers, edits),
                 Selection::Fallback { chosen } => {
                     attempts.fallback = true;
-                    (chosen, None, Vec::new())
+                    (chosen, None, Vec::new(), None)
+                }
+                Selection::Respond { reply } => {
+                    self.metrics
+                        .unrouted(upstream.name(), reply.status.as_u16());
+                    return reply_response(*reply);
                 }
                 Selection::Unavailable { .. } | Selection::Refused => {
                     if let Some(failure) = last_failure {
@@ -107,11 +113,18 @@ impl Proxy {
             attempts.backend = Some(chosen.address);
             attempts.count += 1;
             // A retry needs the head again; without retries, move it.
-            let head = if policy.enabled() {
+            let mut head = if policy.enabled() {
                 copy_head(&view.parts)
             } else {
                 std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
             };
+            // A 0.2 plugin's request changes, and its mirror (never of an
+            // upgrade: a tunnel cannot be copied).
+            let mirror = edits.and_then(|edits| {
+                edits.apply(&mut head);
+                let id = edits.mirror.filter(|_| upgrade.is_none())?;
+                Some((id, copy_head(&head)))
+            });
             let failure = match self
                 .attempt(
                     upstream,
@@ -124,6 +137,9 @@ impl Proxy {
                 .await
             {
                 Ok(mut response) => {
+                    if let Some((id, head)) = mirror {
+                        super::mirror::mirror(upstream, pool, downstream, head, &body, id);
+                    }
                     let headers = response.headers_mut();
                     for (name, value) in response_headers {
                         headers.append(name, value);
@@ -404,6 +420,18 @@ impl Failure {
     fn nothing_sent(&self) -> bool {
         matches!(self, Failure::Connect { .. })
     }
+}
+
+/// The response for a plugin's own answer (the `respond` decision): its
+/// status, headers and body, with `content-length` from the body.
+fn reply_response(reply: crate::plugin::Reply) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(reply.body));
+    *response.status_mut() = reply.status;
+    let headers = response.headers_mut();
+    for (name, value) in reply.headers {
+        headers.append(name, value);
+    }
+    response
 }
 
 /// `x-wasmlb-plugin` and `x-wasmlb-backend` (see `debug_headers`).

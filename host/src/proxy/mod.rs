@@ -19,6 +19,7 @@
 
 mod body;
 mod forward;
+mod mirror;
 mod pool;
 mod tcp;
 mod tunnel;

@@ -92,7 +92,8 @@ impl Proxy {
             view = v;
             let chosen = match selection {
                 Selection::Plugin { chosen, .. } | Selection::Fallback { chosen } => chosen,
-                Selection::Unavailable { .. } | Selection::Refused => {
+                // A reply is HTTP; a TCP connection has none to give.
+                Selection::Unavailable { .. } | Selection::Refused | Selection::Respond { .. } => {
                     self.metrics.unrouted(upstream.name(), 503);
                     tracing::debug!(%peer, upstream = upstream.name(), "TCP listener: no backend available");
                     return;

@@ -99,6 +99,8 @@ pub struct Upstream {
     pub request_timeout: Option<Duration>,
     /// When and how often a failed attempt is retried.
     pub retry: RetryPolicy,
+    /// Slots for mirrored copies in flight (`mirror_max_in_flight`).
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
     outlier: Option<OutlierConfig>,
     max_fails: u32,
     fail_timeout: Duration,
@@ -132,6 +134,16 @@ pub enum Selection {
         /// Headers the plugin asked to add to the response
         /// (`response.add-header`).
         response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+        /// Changes to the forwarded request and a mirror (the 0.2
+        /// `forward` interface); `None` when the plugin asked none.
+        edits: Option<Box<crate::plugin::RequestEdits>>,
+    },
+    /// The plugin answered the request itself (the 0.2 `respond`
+    /// decision): no backend is contacted.
+    Respond {
+        /// The answer, checked, with the `response.add-header` headers
+        /// after its own.
+        reply: Box<crate::plugin::Reply>,
     },
     /// The plugin failed, or its circuit breaker is open, and the native
     /// round-robin fallback chose `chosen`.
@@ -155,7 +167,7 @@ impl Selection {
     pub fn target(&self) -> Option<&Target> {
         match self {
             Selection::Plugin { chosen, .. } | Selection::Fallback { chosen } => Some(chosen),
-            Selection::Unavailable { .. } | Selection::Refused => None,
+            Selection::Unavailable { .. } | Selection::Refused | Selection::Respond { .. } => None,
         }
     }
 
@@ -246,6 +258,9 @@ impl Upstream {
             tunnel_idle_timeout: Duration::from_millis(config.tunnel_idle_timeout_ms),
             request_timeout: config.request_timeout_ms.map(Duration::from_millis),
             retry: RetryPolicy::new(config),
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.mirror_max_in_flight as usize,
+            )),
             outlier: config.outlier_detection.clone(),
             max_fails: config.max_fails,
             fail_timeout: Duration::from_millis(config.fail_timeout_ms),
@@ -512,6 +527,14 @@ impl Upstream {
         (selection, request, trace)
     }
 
+    /// The target of backend `id` of the current set, if there is one (a
+    /// mirror's destination).
+    pub fn backend_target(&self, id: u32) -> Option<Target> {
+        let slot = self.lock();
+        let id = id as usize;
+        slot.backends.get(id).map(|b| b.target(id))
+    }
+
     /// Whether a trace recorder records this upstream's requests.
     pub fn records(&self) -> bool {
         self.recorder.is_some()
@@ -579,6 +602,7 @@ impl Upstream {
         let started = Instant::now();
         let (result, request) = instance.select(request);
         let response_headers = instance.take_response_headers();
+        let edits = instance.take_edits();
         if self.recorder.is_some() {
             *reads = instance.take_header_reads();
         }
@@ -600,6 +624,10 @@ impl Upstream {
                     self.metrics.breaker_open.set(0);
                 }
                 let backend = match decision {
+                    Decision::Respond(reply) => {
+                        let reply = self.reply(reply, response_headers);
+                        return (Selection::Respond { reply }, request);
+                    }
                     Decision::Backend(id) => chosen(&slot, id),
                     Decision::Candidates(ids) => ids
                         .iter()
@@ -613,6 +641,7 @@ impl Upstream {
                         chosen,
                         plugin: self.debug_headers.then(|| slot.plugin.clone()),
                         response_headers,
+                        edits,
                     },
                     None => Selection::Unavailable { fallback: false },
                 };
@@ -632,6 +661,42 @@ impl Upstream {
                 (selection, request)
             }
         }
+    }
+
+    /// A `respond` decision (its status and body size already validated)
+    /// as the reply to send: its headers checked one by one (refusals
+    /// logged), then `added` (from `response.add-header`) within what is
+    /// left of the caps.
+    fn reply(
+        &self,
+        reply: crate::plugin::bindings::wasmlb::plugin::types::Reply,
+        added: Vec<(http::HeaderName, http::HeaderValue)>,
+    ) -> Box<crate::plugin::Reply> {
+        let mut headers = crate::plugin::ResponseHeaders::default();
+        for (name, value) in reply.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())) {
+            if let Err(why) = headers.add(name, value)
+                && let Some(suppressed) = self.logs.plugin_failed.admit()
+            {
+                tracing::warn!(
+                    target: "wasmlb::plugin",
+                    upstream = &*self.name,
+                    header = name,
+                    suppressed,
+                    "respond: header ignored: {why}"
+                );
+            }
+        }
+        for (name, value) in &added {
+            if let Ok(value) = value.to_str() {
+                let _ = headers.add(name.as_str(), value);
+            }
+        }
+        Box::new(crate::plugin::Reply {
+            status: http::StatusCode::from_u16(reply.status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR),
+            headers: headers.list,
+            body: bytes::Bytes::from(reply.body),
+        })
     }
 
     fn on_failure(&self, backends: &[Backend], tried: &[usize]) -> Selection {

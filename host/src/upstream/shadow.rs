@@ -329,13 +329,15 @@ impl Worker {
         }
         let (result, _view) = instance.select(job.view);
         let _ = instance.take_response_headers();
+        let _ = instance.take_edits();
         let chosen = match result {
             Ok(Decision::Backend(id)) => job.backends.get(id as usize).map(|b| b.address),
             Ok(Decision::Candidates(ids)) => ids
                 .first()
                 .and_then(|&id| job.backends.get(id as usize))
                 .map(|b| b.address),
-            Ok(Decision::Unavailable) => None,
+            // An answer of its own: no backend, compared as such.
+            Ok(Decision::Unavailable | Decision::Respond(_)) => None,
             Err((kind, message)) => {
                 tracing::debug!(
                     upstream = &*self.settings.upstream,

@@ -1,0 +1,84 @@
+//! Mirrored copies of requests (a 0.2 plugin's `forward.mirror`), after
+//! NGINX's `mirror` and Envoy's request mirroring: the copy is sent once the
+//! real request has its response head, on its own task, and its response is
+//! read and discarded. A copy never delays or fails the real request: it is
+//! sent only with a free slot (`mirror_max_in_flight`) and a request body
+//! the client completed and the proxy kept whole (`retry_buffer_bytes`);
+//! every other mirror is skipped and counted.
+
+use std::sync::Arc;
+
+use http::Request;
+use http_body_util::BodyExt as _;
+
+use super::Downstream;
+use super::pool::ConnPool;
+use crate::headers::prepare_request;
+use crate::retry::{AttemptBody, ReplayBody};
+use crate::upstream::Upstream;
+
+/// Send a copy of `head` (already carrying the plugin's request changes)
+/// with a copy of `body` to backend `id` of `upstream`, in the background.
+/// Counted in `wasmlb_mirror_requests_total` as `sent` (a response head
+/// came within `response_timeout_ms`), `failed` (none did) or `skipped`
+/// (no such backend, no free slot, or a body still arriving, failed or
+/// larger than the buffer).
+pub(super) fn mirror(
+    upstream: &Upstream,
+    pool: &Arc<ConnPool>,
+    downstream: &Downstream,
+    mut head: http::request::Parts,
+    body: &ReplayBody,
+    id: u32,
+) {
+    let [sent, failed, skipped] = &upstream.metrics().mirrors;
+    let Some(target) = upstream.backend_target(id) else {
+        skipped.inc();
+        return;
+    };
+    let Ok(slot) = upstream.mirror_slots.clone().try_acquire_owned() else {
+        skipped.inc();
+        return;
+    };
+    let Some(chunks) = body.complete_copy() else {
+        skipped.inc();
+        return;
+    };
+    // The body is complete: nothing to ask the mirror to continue.
+    head.headers.remove(http::header::EXPECT);
+    let https = downstream.tls.is_some();
+    if prepare_request(&mut head, &downstream.client_ip, &target.authority, https).is_err() {
+        skipped.inc();
+        return;
+    }
+    let request = Request::from_parts(head, AttemptBody::fixed(chunks));
+    let (pool, addresses, timeout) = (
+        pool.clone(),
+        downstream.addresses(),
+        upstream.response_timeout,
+    );
+    let (sent, failed) = (sent.clone(), failed.clone());
+    tokio::spawn(async move {
+        let _slot = slot;
+        let answer = tokio::time::timeout(timeout, pool.send(target.address, &addresses, request));
+        let Ok(Ok((response, mut lease))) = answer.await else {
+            failed.inc();
+            return;
+        };
+        sent.inc();
+        // Read and discard the body (no more than the response timeout
+        // again), so the connection can be pooled.
+        let mut body = response.into_body();
+        let drained = tokio::time::timeout(timeout, async {
+            while let Some(frame) = body.frame().await {
+                if frame.is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        if drained.await == Ok(true) {
+            lease.finished();
+        }
+    });
+}
