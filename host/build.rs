@@ -1,5 +1,6 @@
 //! Builds the built-in strategy plugins to wasm32-wasip2 components so the
-//! binary can embed them (`plugin = "round-robin"` needs no file).
+//! binary can embed them (`plugin = "round-robin"` needs no file), and two
+//! WIT 0.2 examples the `select` benchmark loads (not embedded).
 
 fn main() {
     let built = wasmlb_build::build_plugins(
@@ -14,8 +15,16 @@ fn main() {
             "wasmlb-plugin-ring-hash",
             "wasmlb-plugin-peak-ewma",
             "wasmlb-plugin-sticky",
+            "rate-limit",
+            "path-router",
         ],
-        &["wit", "sdk", "plugins"],
+        &[
+            "wit",
+            "sdk",
+            "plugins",
+            "examples/rate-limit",
+            "examples/path-router",
+        ],
     );
     if let Err(e) = built {
         println!("cargo:warning={e}");

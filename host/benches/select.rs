@@ -125,9 +125,74 @@ fn shadow(c: &mut Criterion) {
     group.finish();
 }
 
+/// A 0.2 upstream at 64 backends labelled `group = api` and `web`.
+fn config_0_2(path: &str, plugin_config: serde_json::Value) -> UpstreamConfig {
+    let mut config = config("round-robin", 64);
+    for (i, b) in config.backends.iter_mut().enumerate() {
+        let group = if i % 2 == 0 { "api" } else { "web" };
+        b.labels.insert("group".into(), group.into());
+    }
+    config.plugin = PluginRef::File {
+        path: path.into(),
+        shown: path.into(),
+    };
+    config.plugin_config = plugin_config;
+    config
+}
+
+/// WIT 0.2 decisions at 64 backends: `examples/path-router` (a path
+/// rewrite and a request header set: `forward.set-path` and
+/// `forward.set-header`, then the host's checks), and
+/// `examples/rate-limit` (a token bucket per client /24, the bucket never
+/// empty here, then round-robin).
+fn contract_0_2(c: &mut Criterion) {
+    let runtime = Runtime::new().expect("runtime");
+    let metrics = wasmlb::metrics::Metrics::new();
+    let mut group = c.benchmark_group("select-0.2");
+    let cases = [
+        (
+            "path-router",
+            concat!(env!("OUT_DIR"), "/path-router.wasm"),
+            serde_json::json!({"routes": [{"prefix": "/api", "group": "api", "strip": true}]}),
+        ),
+        (
+            "rate-limit",
+            concat!(env!("OUT_DIR"), "/rate-limit.wasm"),
+            serde_json::json!({"rate_per_second": 1e12, "burst": 1_000_000}),
+        ),
+    ];
+    for (name, path, plugin_config) in cases {
+        let upstream = Upstream::new(
+            "bench",
+            &config_0_2(path, plugin_config),
+            &runtime,
+            &metrics,
+        )
+        .expect("upstream");
+        let mut view = Some(request());
+        group.bench_function(BenchmarkId::new(name, 64), |b| {
+            b.iter(|| {
+                let (selection, back) = upstream.select(view.take().expect("view"), &[]);
+                view = Some(back);
+                black_box(selection)
+            })
+        });
+        // Each case decides as described: a backend, with changes for the
+        // router (none for the limiter).
+        let (selection, _) = upstream.select(request(), &[]);
+        match selection {
+            wasmlb::upstream::Selection::Plugin { edits, .. } => {
+                assert_eq!(edits.is_some(), name == "path-router", "{name}")
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = select, shadow
+    targets = select, shadow, contract_0_2
 }
 criterion_main!(benches);

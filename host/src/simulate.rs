@@ -246,6 +246,9 @@ pub struct Report {
     pub backends: Vec<BackendReport>,
     /// Requests that got no backend (503).
     pub unavailable: u64,
+    /// Requests the plugin answered itself (a WIT 0.2 `respond`: a 429 of
+    /// a rate limiter, a redirect), by status, ascending.
+    pub answered: Vec<(u16, u64)>,
     /// Requests decided by the host's fallback after a plugin failure.
     pub fallbacks: u64,
     /// Jain's fairness index over requests per unit of weight, 0 to 1.
@@ -301,11 +304,20 @@ impl Report {
         }
         let _ = write!(
             out,
-            "\nunavailable (503): {}   plugin fallbacks: {}\n\
+            "\nunavailable (503): {}   answered by the plugin: {}   plugin fallbacks: {}\n\
              fairness (Jain's index over requests per unit of weight): {:.3}\n\
              hot spot (largest share / its weight's share): {:.2}\n\
              simulated latency: p50 {:.1} ms, p99 {:.1} ms\n",
             self.unavailable,
+            if self.answered.is_empty() {
+                "0".to_string()
+            } else {
+                self.answered
+                    .iter()
+                    .map(|(status, n)| format!("{n} × {status}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
             self.fallbacks,
             self.fairness,
             self.hot_spot,
@@ -386,6 +398,7 @@ pub fn run(
     let mut free: Vec<usize> = Vec::new();
     let mut latencies: Vec<f64> = Vec::with_capacity(requests.len());
     let (mut unavailable, mut fallbacks) = (0u64, 0u64);
+    let mut answered: std::collections::BTreeMap<u16, u64> = Default::default();
     for request in requests {
         while let Some(Reverse((done, slot))) = pending.peek().copied() {
             if done > request.at_us {
@@ -406,6 +419,10 @@ pub fn run(
         let view = RequestView::new(request_parts(request)?, request.client);
         let (selection, _) = upstream.select(view, &[]);
         fallbacks += u64::from(selection.is_fallback());
+        if let crate::upstream::Selection::Respond { reply } = &selection {
+            *answered.entry(reply.status.as_u16()).or_default() += 1;
+            continue;
+        }
         let Some(chosen) = selection.target().cloned() else {
             unavailable += 1;
             continue;
@@ -454,6 +471,7 @@ pub fn run(
         requests: requests.len() as u64,
         backends: reports,
         unavailable,
+        answered: answered.into_iter().collect(),
         fallbacks,
         fairness,
         hot_spot,
@@ -532,6 +550,41 @@ mod tests {
         assert!((r.hot_spot - 1.0).abs() < 1e-9);
         assert_eq!((r.unavailable, r.fallbacks), (0, 0));
         assert!(r.render().contains("25.0%"));
+    }
+
+    #[test]
+    fn a_plugins_own_answers_are_counted_by_status() {
+        // examples/rate-limit (WIT 0.2), built by the host's build script.
+        let path = concat!(env!("OUT_DIR"), "/rate-limit.wasm");
+        let backends = vec![SimBackend::default(); 2];
+        let cfg = upstream_config(
+            PluginRef::File {
+                path: path.into(),
+                shown: "rate-limit.wasm".into(),
+            },
+            serde_json::json!({"rate_per_second": 1, "burst": 10}),
+            &backends,
+        );
+        let runtime = Runtime::new().unwrap();
+        let r = run(
+            &runtime,
+            &cfg,
+            &backends,
+            &traffic(1000, 1000, 10).requests(),
+            1,
+        )
+        .unwrap();
+        let served: u64 = r.backends.iter().map(|b| b.requests).sum();
+        let [(429, limited)] = r.answered[..] else {
+            panic!("{:?}", r.answered)
+        };
+        assert!(limited > 0 && served > 0, "{r:?}");
+        assert_eq!((served + limited, r.unavailable, r.fallbacks), (1000, 0, 0));
+        assert!(
+            r.render().contains(&format!("{limited} × 429")),
+            "{}",
+            r.render()
+        );
     }
 
     #[test]

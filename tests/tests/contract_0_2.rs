@@ -361,6 +361,31 @@ async fn hostile_answers_and_request_changes_are_refused() {
     assert_eq!(r.status(), 418);
     assert_eq!(r.headers()["content-length"], "65536");
     assert_eq!(r.bytes().await.expect("body").len(), 65536);
+    // No body on a 204, whatever the plugin said; none on a HEAD either.
+    let r = case("respond-204", "/").await.expect("request");
+    assert_eq!(r.status(), 204);
+    assert!(r.bytes().await.expect("body").is_empty());
+    let r = c
+        .head(proxy.url("/"))
+        .header("x-case", "respond-max")
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status(), 418);
+    assert!(r.bytes().await.expect("body").is_empty());
+    // Over HTTP/2 (h2c) too.
+    let r = wasmlb_tests::h2c_client()
+        .get(proxy.url("/"))
+        .header("x-case", "respond-headers")
+        .send()
+        .await
+        .expect("h2c");
+    assert_eq!(
+        (r.status().as_u16(), r.version()),
+        (403, reqwest::Version::HTTP_2)
+    );
+    assert_eq!(r.headers()["x-ok"], "1");
+    assert_eq!(r.text().await.expect("body"), "nope");
     // A reply keeps its valid headers only; content-length is the body's.
     let r = case("respond-headers", "/").await.expect("request");
     assert_eq!(r.status(), 403);

@@ -423,9 +423,16 @@ impl Failure {
 }
 
 /// The response for a plugin's own answer (the `respond` decision): its
-/// status, headers and body, with `content-length` from the body.
+/// status, headers and body, with `content-length` from the body. A 204 or
+/// 304 carries no body (RFC 9110 §15.3.5, §15.4.5): one the plugin gave is
+/// dropped. To a gRPC client, a reply that is not 2xx becomes a
+/// trailers-only gRPC error like the proxy's own (`grpc_shaped`).
 fn reply_response(reply: crate::plugin::Reply) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(reply.body));
+    let body = match reply.status {
+        StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED => bytes::Bytes::new(),
+        _ => reply.body,
+    };
+    let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = reply.status;
     let headers = response.headers_mut();
     for (name, value) in reply.headers {

@@ -3,7 +3,8 @@
 //! the case answers itself. The cases (see `tests/tests/contract_0_2.rs`):
 //! - `respond-101`, `respond-600`, `respond-big`: bad answers (a 1xx
 //!   status, a status past 599, a body over 64 KiB);
-//! - `respond-max`: 418 with a 64 KiB body;
+//! - `respond-max`: 418 with a 64 KiB body; `respond-204`: 204 with a body
+//!   (which must not be sent);
 //! - `respond-headers`: 403 `nope` with valid, hop-by-hop, framing and
 //!   injected headers, plus a `response.add-header`;
 //! - `edit-hostile`: request changes the host must refuse (host, framing,
@@ -36,6 +37,7 @@ impl Strategy for EditCorpus {
             "respond-101" => cx.respond(101).into(),
             "respond-600" => cx.respond(600).into(),
             "respond-big" => cx.respond(200).body(vec![b'x'; 64 * 1024 + 1]).into(),
+            "respond-204" => cx.respond(204).body("ignored").into(),
             "respond-max" => cx.respond(418).body(vec![b'x'; 64 * 1024]).into(),
             "respond-headers" => {
                 cx.add_response_header("x-added", "1");
