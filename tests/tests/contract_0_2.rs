@@ -23,19 +23,6 @@ use wasmlb_tests::{
 
 const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n";
 
-const BUILTINS: [&str; 10] = [
-    "round-robin",
-    "least-connections",
-    "random",
-    "p2c",
-    "ip-hash",
-    "maglev",
-    "canary",
-    "ring-hash",
-    "peak-ewma",
-    "sticky",
-];
-
 fn upstream(plugin: PluginRef, name: &str, runtime: &Runtime) -> Upstream {
     let backends = (0..7)
         .map(|i| {
@@ -82,7 +69,8 @@ fn outcome(selection: &Selection) -> String {
 #[test]
 fn every_builtin_built_against_0_1_1_decides_as_its_0_2_build() {
     let runtime = Runtime::new().expect("runtime");
-    for name in BUILTINS {
+    assert_eq!(wasmlb::builtin::PLUGINS.len(), 10);
+    for &(name, _) in wasmlb::builtin::PLUGINS {
         let path = builtin_wit_0_1_1(name);
         let old = runtime
             .load(&PluginRef::File {

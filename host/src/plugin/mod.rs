@@ -491,26 +491,18 @@ impl Plugin {
         });
         let (deadline_ms, init_deadline_ms) = (settings.deadline_ms, settings.init_deadline_ms);
         let _call = arm(&mut store, init_deadline_ms);
-        let (instance, bindings) = match &self.pre {
-            Pre::V0_1(pre) => {
-                let instance = pre
-                    .instance_pre()
-                    .instantiate(&mut store)
-                    .map_err(|e| init_err("instantiate", e))?;
-                let b = bindings_v0_1::Balancer::new(&mut store, &instance)
-                    .map_err(|e| init_err("instantiate", e))?;
-                (instance, Bindings::V0_1(b))
-            }
-            Pre::V0_2(pre) => {
-                let instance = pre
-                    .instance_pre()
-                    .instantiate(&mut store)
-                    .map_err(|e| init_err("instantiate", e))?;
-                let b = bindings::Balancer::new(&mut store, &instance)
-                    .map_err(|e| init_err("instantiate", e))?;
-                (instance, Bindings::V0_2(b))
-            }
+        let linked = match &self.pre {
+            Pre::V0_1(pre) => pre.instance_pre(),
+            Pre::V0_2(pre) => pre.instance_pre(),
         };
+        let instance = linked
+            .instantiate(&mut store)
+            .map_err(|e| init_err("instantiate", e))?;
+        let bindings = match &self.pre {
+            Pre::V0_1(_) => bindings_v0_1::Balancer::new(&mut store, &instance).map(Bindings::V0_1),
+            Pre::V0_2(_) => bindings::Balancer::new(&mut store, &instance).map(Bindings::V0_2),
+        }
+        .map_err(|e| init_err("instantiate", e))?;
         let state = state_funcs(&mut store, &instance);
         let _call = arm(&mut store, init_deadline_ms);
         bindings
