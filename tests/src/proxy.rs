@@ -58,7 +58,7 @@ impl InProcessProxy {
 
     /// Overwrite the config file (for `POST /reload`).
     pub fn rewrite_config(&self, toml: &str) {
-        std::fs::write(&self._config.path, toml).expect("rewrite config");
+        std::fs::write(&self._config.path, builtins_from_env(toml)).expect("rewrite config");
     }
 
     /// The directory holding the config file.
@@ -268,7 +268,7 @@ impl ProxyProcess {
 
     /// Overwrite the config file (then send SIGHUP with [`ProxyProcess::signal`]).
     pub fn rewrite_config(&self, toml: &str) {
-        std::fs::write(&self._config.path, toml).expect("rewrite config");
+        std::fs::write(&self._config.path, builtins_from_env(toml)).expect("rewrite config");
     }
 
     /// Send signal `name` (`HUP`, `TERM`, ...) with kill(1).

@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 use wasmlb_tests::{
-    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, check, client, get, json,
-    named_backend_list, plugins, text,
+    ConfigFile, InProcessProxy, TestBackend, app_config, backend_list, builtin_name, check, client,
+    get, json, named_backend_list, plugins, text,
 };
 
 fn config_with_admin(plugin: &str, backends: &str, extra: &str) -> String {
@@ -54,7 +54,7 @@ async fn upstreams_are_reported_with_backends_and_plugin() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(app["name"], "app");
-    assert_eq!(app["plugin"]["name"], "round-robin");
+    assert_eq!(app["plugin"]["name"], builtin_name("round-robin").as_str());
     assert!(
         app["plugin"]["digest"]
             .as_str()
@@ -664,7 +664,10 @@ async fn metrics_are_negotiated_and_read_by_real_parsers_in_both_formats() {
     let info = family("wasmlb_plugin_info");
     let sample = info.iter_samples().next().expect("one plugin");
     let labels = sample.get_labelset().expect("labels");
-    assert_eq!(labels.get_label_value("plugin"), Some("round-robin"));
+    assert_eq!(
+        labels.get_label_value("plugin"),
+        Some(builtin_name("round-robin").as_str())
+    );
     assert!(
         labels
             .get_label_value("digest")

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use wasmlb_tests::{
-    ConfigFile, ProxyProcess, TestBackend, app_config, backend_list, check, client, pattern_body,
-    pattern_digest, plugins,
+    ConfigFile, ProxyProcess, TestBackend, app_config, backend_list, builtin_name, check, client,
+    pattern_body, pattern_digest, plugins,
 };
 
 fn with_plugin(plugin: &str, extra: &str) -> String {
@@ -68,7 +68,11 @@ fn check_rejects_broken_plugins_naming_the_fault() {
     );
     check_fails(
         &with_plugin("round-robin", "[upstream.app.plugin_config]\nspeed = 3"),
-        &["plugin round-robin: init failed: invalid plugin_config: unknown field `speed`"],
+        &[format!(
+            "plugin {}: init failed: invalid plugin_config: unknown field `speed`",
+            builtin_name("round-robin")
+        )
+        .as_str()],
     );
     let junk = ConfigFile::new("");
     let junk_wasm = junk.dir().join("junk.wasm");

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use fantoccini::Locator;
 use wasmlb_tests::browser::Browser;
-use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, client};
+use wasmlb_tests::{InProcessProxy, TestBackend, app_config, backend_list, builtin_name, client};
 
 const TOKEN: &str = "dash-s3cret";
 
@@ -97,7 +97,10 @@ async fn the_dashboard_shows_backends_updates_and_acts_in_chromium() {
         .expect("title");
     assert_eq!(shown.as_deref(), Some(digest));
     let name = b.find(Locator::Css(".plugin-name")).await.expect("name");
-    assert_eq!(name.text().await.expect("text"), "round-robin");
+    assert_eq!(
+        name.text().await.expect("text"),
+        builtin_name("round-robin")
+    );
 
     // Traffic: the request counts, the share and the chart follow.
     let c = client();

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use wasmlb_tests::plugins::{BUSY_LOOP, TRAP};
 use wasmlb_tests::{
-    InProcessProxy, TestBackend, app_config, assert_all_ok, backend_list, client, collect, json,
-    load, text,
+    InProcessProxy, TestBackend, app_config, assert_all_ok, backend_list, builtin_name, client,
+    collect, json, load, text,
 };
 
 const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n";
@@ -96,7 +96,7 @@ async fn a_shadow_plugin_is_counted_never_used_and_promoted_by_a_swap() {
         load_for(&proxy, 800).await;
         let s = json(&c, &url).await;
         assert!(s["shadow"]["failures"][kind].as_u64().unwrap() >= 1, "{s}");
-        assert_eq!(s["plugin"]["name"], "round-robin");
+        assert_eq!(s["plugin"]["name"], builtin_name("round-robin").as_str());
         assert_eq!(s["plugin"]["status"], "ok");
     }
 

@@ -69,7 +69,10 @@ async fn websocket_echoes_through_wasmlb_and_the_backend_sees_the_upgrade() {
     ))
     .await;
     let (mut ws, headers) = ws(proxy.addrs[0], "/chat?room=1").await;
-    assert_eq!(headers["x-wasmlb-plugin"], "round-robin");
+    assert_eq!(
+        headers["x-wasmlb-plugin"],
+        builtin_name("round-robin").as_str()
+    );
     assert_eq!(echo(&mut ws, "hello").await, "w1: hello");
     // Binary, a large message (several relay buffers) and a ping.
     let big = vec![0xabu8; 200_000];
