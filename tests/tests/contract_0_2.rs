@@ -289,7 +289,11 @@ async fn the_mirror_canary_copies_ten_percent_and_a_bad_canary_changes_nothing()
     let proxy = InProcessProxy::start(&mirror_config(&stable, &closed_port().to_string())).await;
     let down = load_for(proxy.url("/"), 1000).await;
     let m = text(&c, &proxy.admin_url("/metrics")).await;
-    assert!(mirrors(&m, "failed") > 0, "{m}");
+    // Its first refused connect takes it out of rotation (max_fails 1,
+    // fail_timeout 10 s, as NGINX): it is not dialled again; only copies
+    // already under way (at most mirror_max_in_flight, 8) fail too.
+    let failed = mirrors(&m, "failed");
+    assert!((1..=9).contains(&failed), "{m}");
     assert_eq!(mirrors(&m, "sent"), 0);
     // Reported, not asserted (wall-clock times are never asserted).
     eprintln!(

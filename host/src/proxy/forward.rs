@@ -27,7 +27,7 @@ impl Proxy {
     /// local resources) neither.
     pub(super) async fn forward(
         &self,
-        upstream: &Upstream,
+        upstream: &Arc<Upstream>,
         pool: &Arc<ConnPool>,
         downstream: &Downstream,
         mut parts: http::request::Parts,

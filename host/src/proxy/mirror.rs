@@ -3,8 +3,12 @@
 //! real request has its response head, on its own task, and its response is
 //! read and discarded. A copy never delays or fails the real request: it is
 //! sent only with a free slot (`mirror_max_in_flight`) and a request body
-//! the client completed and the proxy kept whole (`retry_buffer_bytes`);
-//! every other mirror is skipped and counted.
+//! the client completed and the proxy kept whole (`retry_buffer_bytes`),
+//! to a backend in rotation; every other mirror is skipped and counted. A
+//! copy that cannot connect counts as a connect failure of its backend
+//! (`max_fails` / `fail_timeout_ms`, as NGINX counts a failed `mirror`
+//! subrequest against its server), so a down mirror backend leaves rotation
+//! and is not dialled again until its `fail_timeout_ms` has passed.
 
 use std::sync::Arc;
 
@@ -12,7 +16,7 @@ use http::Request;
 use http_body_util::BodyExt as _;
 
 use super::Downstream;
-use super::pool::ConnPool;
+use super::pool::{ConnPool, SendError};
 use crate::headers::prepare_request;
 use crate::retry::{AttemptBody, ReplayBody};
 use crate::upstream::Upstream;
@@ -21,10 +25,11 @@ use crate::upstream::Upstream;
 /// with a copy of `body` to backend `id` of `upstream`, in the background.
 /// Counted in `wasmlb_mirror_requests_total` as `sent` (a response head
 /// came within `response_timeout_ms`), `failed` (none did) or `skipped`
-/// (no such backend, no free slot, or a body still arriving, failed or
-/// larger than the buffer).
+/// (no such backend, a backend out of rotation after connect failures or
+/// ejected by outlier detection, no free slot, or a body still arriving,
+/// failed or larger than the buffer).
 pub(super) fn mirror(
-    upstream: &Upstream,
+    upstream: &Arc<Upstream>,
     pool: &Arc<ConnPool>,
     downstream: &Downstream,
     mut head: http::request::Parts,
@@ -36,6 +41,11 @@ pub(super) fn mirror(
         skipped.inc();
         return;
     };
+    let now = std::time::Instant::now();
+    if target.live.unreachable(now) || target.live.ejected(now) {
+        skipped.inc();
+        return;
+    }
     let Ok(slot) = upstream.mirror_slots.clone().try_acquire_owned() else {
         skipped.inc();
         return;
@@ -58,13 +68,23 @@ pub(super) fn mirror(
         upstream.response_timeout,
     );
     let (sent, failed) = (sent.clone(), failed.clone());
+    let upstream = upstream.clone();
     tokio::spawn(async move {
         let _slot = slot;
         let answer = tokio::time::timeout(timeout, pool.send(target.address, &addresses, request));
-        let Ok(Ok((response, mut lease))) = answer.await else {
-            failed.inc();
-            return;
+        let (response, mut lease) = match answer.await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(SendError::Connect(_))) => {
+                upstream.report_connect_failure(&target);
+                failed.inc();
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {
+                failed.inc();
+                return;
+            }
         };
+        upstream.report_connected(&target);
         sent.inc();
         // Read and discard the body (no more than the response timeout
         // again), so the connection can be pooled.
