@@ -7,8 +7,9 @@
 //! Envoy's `MaglevTable`: a backend takes a turn only when its accumulated
 //! share reaches the heaviest backend's. The table has `M = 65537` slots (a
 //! prime, as the paper requires, and Envoy's default); `offset` and `skip`
-//! come from two hashes of the backend's address, so every balancer with
-//! the same backends builds the same table.
+//! come from two hashes of the backend's address, and backends take their
+//! turns in address order, so every balancer with the same backends builds
+//! the same table, whatever order it lists them in.
 //!
 //! A request's key is hashed ([`wasmlb_sdk::hashing::hash64`]: FNV-1a 64,
 //! finished with the SplitMix64 mixer)
@@ -51,9 +52,14 @@ pub fn build_table(backends: &[Backend]) -> Vec<u32> {
         target: u64,
     }
     let m = TABLE_SIZE as u64;
-    let mut entries: Vec<Entry> = backends
-        .iter()
-        .filter(|b| b.healthy)
+    // Backends take their turns in address order, not list order: where two
+    // permutations want the same slot, the first to walk wins, so list
+    // order would change about 0.02 % of the slots between two balancers
+    // that list the same backends differently.
+    let mut healthy: Vec<&Backend> = backends.iter().filter(|b| b.healthy).collect();
+    healthy.sort_unstable_by(|a, b| a.address.cmp(&b.address));
+    let mut entries: Vec<Entry> = healthy
+        .into_iter()
         .map(|b| Entry {
             id: b.id,
             offset: hash(b.address.as_bytes(), 0) % m,
@@ -184,6 +190,24 @@ mod tests {
                 assert!(off < 0.01, "n={n}: backend {id} owns {c}, share {share:.0}");
             }
         }
+    }
+
+    #[test]
+    fn the_table_does_not_depend_on_the_backends_order() {
+        let forward = backends(&vec![1; 20]);
+        let address_of = |set: &[Backend], id: u32| set[id as usize].address.clone();
+        let mut reversed = forward.clone();
+        reversed.reverse();
+        for (id, b) in reversed.iter_mut().enumerate() {
+            b.id = id as u32;
+        }
+        let (a, b) = (build_table(&forward), build_table(&reversed));
+        let differing = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| address_of(&forward, **x) != address_of(&reversed, **y))
+            .count();
+        assert_eq!(differing, 0);
     }
 
     #[test]
