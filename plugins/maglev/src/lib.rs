@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn the_table_does_not_depend_on_the_backends_order() {
-        let forward = backends(&vec![1; 20]);
+        let forward = backends(&[1; 20]);
         let address_of = |set: &[Backend], id: u32| set[id as usize].address.clone();
         let mut reversed = forward.clone();
         reversed.reverse();
