@@ -80,16 +80,17 @@ impl Proxy {
                 attempts.decision += at.elapsed();
             }
             view = v;
-            let (chosen, plugin, response_headers, edits) = match selection {
+            let (chosen, plugin, response_headers, edits, mirror_target) = match selection {
                 Selection::Plugin {
                     chosen,
                     plugin,
                     response_headers,
                     edits,
-                } => (chosen, plugin, response_headers, edits),
+                    mirror,
+                } => (chosen, plugin, response_headers, edits, mirror),
                 Selection::Fallback { chosen } => {
                     attempts.fallback = true;
-                    (chosen, None, Vec::new(), None)
+                    (chosen, None, Vec::new(), None, None)
                 }
                 Selection::Respond { reply } => {
                     self.metrics
@@ -122,8 +123,8 @@ impl Proxy {
             // upgrade: a tunnel cannot be copied).
             let mirror = edits.and_then(|edits| {
                 edits.apply(&mut head);
-                let id = edits.mirror.filter(|_| upgrade.is_none())?;
-                Some((id, copy_head(&head)))
+                edits.mirror.filter(|_| upgrade.is_none())?;
+                Some((mirror_target, copy_head(&head)))
             });
             let failure = match self
                 .attempt(
@@ -137,8 +138,8 @@ impl Proxy {
                 .await
             {
                 Ok(mut response) => {
-                    if let Some((id, head)) = mirror {
-                        super::mirror::mirror(upstream, pool, downstream, head, &body, id);
+                    if let Some((target, head)) = mirror {
+                        super::mirror::mirror(upstream, pool, downstream, head, &body, target);
                     }
                     let headers = response.headers_mut();
                     for (name, value) in response_headers {

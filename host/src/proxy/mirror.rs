@@ -19,10 +19,11 @@ use super::Downstream;
 use super::pool::{ConnPool, SendError};
 use crate::headers::prepare_request;
 use crate::retry::{AttemptBody, ReplayBody};
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 
 /// Send a copy of `head` (already carrying the plugin's request changes)
-/// with a copy of `body` to backend `id` of `upstream`, in the background.
+/// with a copy of `body` to `target`, the backend of `upstream` the plugin
+/// named (`None`: it named none of the set), in the background.
 /// Counted in `wasmlb_mirror_requests_total` as `sent` (a response head
 /// came within `response_timeout_ms`), `failed` (none did) or `skipped`
 /// (no such backend, a backend out of rotation after connect failures or
@@ -34,10 +35,10 @@ pub(super) fn mirror(
     downstream: &Downstream,
     mut head: http::request::Parts,
     body: &ReplayBody,
-    id: u32,
+    target: Option<Target>,
 ) {
     let [sent, failed, skipped] = &upstream.metrics().mirrors;
-    let Some(target) = upstream.backend_target(id) else {
+    let Some(target) = target else {
         skipped.inc();
         return;
     };

@@ -137,6 +137,10 @@ pub enum Selection {
         /// Changes to the forwarded request and a mirror (the 0.2
         /// `forward` interface); `None` when the plugin asked none.
         edits: Option<Box<crate::plugin::RequestEdits>>,
+        /// The backend `edits.mirror` names, resolved in the set the plugin
+        /// decided on (ids are only valid for that set); `None` if it asked
+        /// for no mirror or named no backend of the set.
+        mirror: Option<Target>,
     },
     /// The plugin answered the request itself (the 0.2 `respond`
     /// decision): no backend is contacted.
@@ -527,14 +531,6 @@ impl Upstream {
         (selection, request, trace)
     }
 
-    /// The target of backend `id` of the current set, if there is one (a
-    /// mirror's destination).
-    pub fn backend_target(&self, id: u32) -> Option<Target> {
-        let slot = self.lock();
-        let id = id as usize;
-        slot.backends.get(id).map(|b| b.target(id))
-    }
-
     /// Whether a trace recorder records this upstream's requests.
     pub fn records(&self) -> bool {
         self.recorder.is_some()
@@ -641,6 +637,10 @@ impl Upstream {
                         chosen,
                         plugin: self.debug_headers.then(|| slot.plugin.clone()),
                         response_headers,
+                        mirror: edits.as_ref().and_then(|e| e.mirror).and_then(|id| {
+                            let id = id as usize;
+                            slot.backends.get(id).map(|b| b.target(id))
+                        }),
                         edits,
                     },
                     None => Selection::Unavailable { fallback: false },
