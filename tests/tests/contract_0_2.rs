@@ -455,3 +455,25 @@ async fn hostile_answers_and_request_changes_are_refused() {
     })
     .await;
 }
+
+#[test]
+fn bad_mirror_max_in_flight_is_refused_naming_the_key() {
+    wasmlb_tests::assert_config_errors(&[
+        (
+            "mirror_max_in_flight = -1",
+            "wasmlb.toml:8: upstream.app.mirror_max_in_flight: invalid value: integer `-1`",
+        ),
+        (
+            "mirror_max_in_flight = \"many\"",
+            "wasmlb.toml:8: upstream.app.mirror_max_in_flight: invalid type: string",
+        ),
+        (
+            "mirror_max_in_flight = 1.5",
+            "wasmlb.toml:8: upstream.app.mirror_max_in_flight: invalid type: floating point",
+        ),
+        (
+            "mirror_max_in_flight = 4294967296",
+            "wasmlb.toml:8: upstream.app.mirror_max_in_flight: invalid value: integer `4294967296`",
+        ),
+    ]);
+}
