@@ -25,7 +25,8 @@ impl Proxy {
     /// while the upstream's [`crate::retry::RetryPolicy`] allows. A client
     /// fault is never retried; a failure the proxy caused itself (out of
     /// local resources) neither.
-    pub(super) async fn forward(
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(super) fn forward(
         &self,
         upstream: &Arc<Upstream>,
         pool: &Arc<ConnPool>,
@@ -33,194 +34,200 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: Incoming,
         attempts: &mut Attempts,
-    ) -> Response<ProxyBody> {
-        // Only a recorder needs the arrival time.
-        let arrived = upstream.records().then(std::time::Instant::now);
-        let client = downstream.peer;
-        let https = downstream.tls.is_some();
-        // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
-        // `Upgrade` are forwarded, for such requests only. An HTTP/2
-        // extended CONNECT (RFC 8441) goes to the backend as one, and its
-        // client side is upgraded once the 200 is sent.
-        let (upgrade, client_upgrade) =
-            match crate::headers::extended_connect_as_upgrade(&mut parts) {
-                Ok(Some(protocols)) => (
-                    Some(protocols),
-                    parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
-                ),
-                Ok(None) => (crate::headers::upgrade_protocols(&parts), None),
-                Err(reason) => {
-                    self.metrics.unrouted(upstream.name(), 400);
-                    return error_response(StatusCode::BAD_REQUEST, reason);
-                }
-            };
-        let policy = &upstream.retry;
-        let mut retry = policy.begin(&parts.method);
-        let body = ReplayBody::new(body, policy.buffer_bytes);
-        if let Some(received) = attempts.bytes_in.clone() {
-            body.count_received(received);
-        }
-        let mut view = RequestView {
-            parts,
-            client,
-            https,
-            server_name: downstream.tls.as_ref().and_then(|t| t.sni.clone()),
-            tcp: false,
-        };
-        let mut tried: Vec<usize> = Vec::new();
-        // Boxed: kept across awaits only after a failed attempt.
-        let mut last_failure: Option<Box<Response<ProxyBody>>> = None;
-        loop {
-            let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
-            let (selection, v, trace) = upstream.select_traced(view, &tried, arrived);
-            if trace.is_some() {
-                attempts.trace = trace;
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        async move {
+            // Only a recorder needs the arrival time.
+            let arrived = upstream.records().then(std::time::Instant::now);
+            let client = downstream.peer;
+            let https = downstream.tls.is_some();
+            // An HTTP/1.1 upgrade (WebSocket): `Connection: upgrade` and
+            // `Upgrade` are forwarded, for such requests only. An HTTP/2
+            // extended CONNECT (RFC 8441) goes to the backend as one, and its
+            // client side is upgraded once the 200 is sent.
+            let (upgrade, client_upgrade) =
+                match crate::headers::extended_connect_as_upgrade(&mut parts) {
+                    Ok(Some(protocols)) => (
+                        Some(protocols),
+                        parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+                    ),
+                    Ok(None) => (crate::headers::upgrade_protocols(&parts), None),
+                    Err(reason) => {
+                        self.metrics.unrouted(upstream.name(), 400);
+                        return error_response(StatusCode::BAD_REQUEST, reason);
+                    }
+                };
+            let policy = &upstream.retry;
+            let mut retry = policy.begin(&parts.method);
+            let body = ReplayBody::new(body, policy.buffer_bytes);
+            if let Some(received) = attempts.bytes_in.clone() {
+                body.count_received(received);
             }
-            if let Some(at) = asked {
-                attempts.decision += at.elapsed();
-            }
-            view = v;
-            let (chosen, plugin, response_headers, edits, mirror_target) = match selection {
-                Selection::Plugin {
-                    chosen,
-                    plugin,
-                    response_headers,
-                    edits,
-                    mirror,
-                } => (chosen, plugin, response_headers, edits, mirror),
-                Selection::Fallback { chosen } => {
-                    attempts.fallback = true;
-                    (chosen, None, Vec::new(), None, None)
-                }
-                Selection::Respond { reply } => {
-                    self.metrics
-                        .unrouted(upstream.name(), reply.status.as_u16());
-                    return reply_response(*reply);
-                }
-                Selection::Unavailable { .. } | Selection::Refused => {
-                    if let Some(failure) = last_failure {
-                        // Every backend was tried: answer with the last failure.
-                        return *failure;
-                    }
-                    let reason = if matches!(selection, Selection::Refused) {
-                        "the plugin failed (on_plugin_error = \"fail\")"
-                    } else {
-                        "no backend available"
-                    };
-                    self.metrics.unrouted(upstream.name(), 503);
-                    return server_error(StatusCode::SERVICE_UNAVAILABLE, reason, reason.into());
-                }
+            let mut view = RequestView {
+                parts,
+                client,
+                https,
+                server_name: downstream.tls.as_ref().and_then(|t| t.sni.clone()),
+                tcp: false,
             };
-            attempts.backend = Some(chosen.address);
-            attempts.count += 1;
-            // A retry needs the head again; without retries, move it.
-            let mut head = if policy.enabled() {
-                copy_head(&view.parts)
-            } else {
-                std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
-            };
-            // A 0.2 plugin's request changes, and its mirror (never of an
-            // upgrade: a tunnel cannot be copied).
-            let mirror = edits.and_then(|edits| {
-                edits.apply(&mut head);
-                edits.mirror.filter(|_| upgrade.is_none())?;
-                Some((mirror_target, copy_head(&head)))
-            });
-            let failure = match self
-                .attempt(
-                    upstream,
-                    pool,
-                    downstream,
-                    head,
-                    (&body, upgrade.as_ref(), client_upgrade.as_ref()),
-                    &chosen,
-                )
-                .await
-            {
-                Ok(mut response) => {
-                    if let Some((target, head)) = mirror {
-                        super::mirror::mirror(upstream, pool, downstream, head, &body, target);
+            let mut tried: Vec<usize> = Vec::new();
+            // Boxed: kept across awaits only after a failed attempt.
+            let mut last_failure: Option<Box<Response<ProxyBody>>> = None;
+            loop {
+                let asked = attempts.bytes_in.is_some().then(std::time::Instant::now);
+                let (selection, v, trace) = upstream.select_traced(view, &tried, arrived);
+                if trace.is_some() {
+                    attempts.trace = trace;
+                }
+                if let Some(at) = asked {
+                    attempts.decision += at.elapsed();
+                }
+                view = v;
+                let (chosen, plugin, response_headers, edits, mirror_target) = match selection {
+                    Selection::Plugin {
+                        chosen,
+                        plugin,
+                        response_headers,
+                        edits,
+                        mirror,
+                    } => (chosen, plugin, response_headers, edits, mirror),
+                    Selection::Fallback { chosen } => {
+                        attempts.fallback = true;
+                        (chosen, None, Vec::new(), None, None)
                     }
-                    let headers = response.headers_mut();
-                    for (name, value) in response_headers {
-                        headers.append(name, value);
+                    Selection::Respond { reply } => {
+                        self.metrics
+                            .unrouted(upstream.name(), reply.status.as_u16());
+                        return reply_response(*reply);
                     }
-                    if upstream.debug_headers() {
-                        debug_headers(&mut response, plugin.as_deref(), &chosen);
-                    }
-                    return response;
-                }
-                Err(failure) => failure,
-            };
-            let address = chosen.address;
-            tracing::debug!(upstream = upstream.name(), %address, "attempt failed: {failure}");
-            let status = failure.status();
-            match &failure {
-                Failure::Invalid { reason } => {
-                    self.metrics.unrouted(upstream.name(), 400);
-                    return error_response(status, reason);
-                }
-                Failure::Client => {
-                    self.metrics.unrouted(upstream.name(), 400);
-                    let mut response = error_response(status, failure.reason());
-                    response
-                        .headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    return response;
-                }
-                Failure::UpgradeOverH2 => {
-                    self.metrics.unrouted(upstream.name(), 502);
-                    return server_error(status, failure.reason(), failure.to_string());
-                }
-                Failure::Local { detail } => {
-                    // The proxy's own shortage: not the backend's fault, and
-                    // another backend would fare no better.
-                    static LOCAL: LogLimiter = LogLimiter::new();
-                    self.metrics.resources().local_error(LocalOp::Connect);
-                    self.metrics.unrouted(upstream.name(), 503);
-                    if let Some(suppressed) = LOCAL.admit() {
-                        tracing::warn!(
-                            upstream = upstream.name(),
-                            suppressed,
-                            "cannot open a backend connection, out of local resources \
-                             (raise RLIMIT_NOFILE or lower max_connections): {detail}"
+                    Selection::Unavailable { .. } | Selection::Refused => {
+                        if let Some(failure) = last_failure {
+                            // Every backend was tried: answer with the last failure.
+                            return *failure;
+                        }
+                        let reason = if matches!(selection, Selection::Refused) {
+                            "the plugin failed (on_plugin_error = \"fail\")"
+                        } else {
+                            "no backend available"
+                        };
+                        self.metrics.unrouted(upstream.name(), 503);
+                        return server_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            reason,
+                            reason.into(),
                         );
                     }
-                    return error_response(status, failure.reason());
+                };
+                attempts.backend = Some(chosen.address);
+                attempts.count += 1;
+                // A retry needs the head again; without retries, move it.
+                let mut head = if policy.enabled() {
+                    copy_head(&view.parts)
+                } else {
+                    std::mem::replace(&mut view.parts, Request::new(()).into_parts().0)
+                };
+                // A 0.2 plugin's request changes, and its mirror (never of an
+                // upgrade: a tunnel cannot be copied).
+                let mirror = edits.and_then(|edits| {
+                    edits.apply(&mut head);
+                    edits.mirror.filter(|_| upgrade.is_none())?;
+                    Some((mirror_target, copy_head(&head)))
+                });
+                let failure = match self
+                    .attempt(
+                        upstream,
+                        pool,
+                        downstream,
+                        head,
+                        (&body, upgrade.as_ref(), client_upgrade.as_ref()),
+                        &chosen,
+                    )
+                    .await
+                {
+                    Ok(mut response) => {
+                        if let Some((target, head)) = mirror {
+                            super::mirror::mirror(upstream, pool, downstream, head, &body, target);
+                        }
+                        let headers = response.headers_mut();
+                        for (name, value) in response_headers {
+                            headers.append(name, value);
+                        }
+                        if upstream.debug_headers() {
+                            debug_headers(&mut response, plugin.as_deref(), &chosen);
+                        }
+                        return response;
+                    }
+                    Err(failure) => failure,
+                };
+                let address = chosen.address;
+                tracing::debug!(upstream = upstream.name(), %address, "attempt failed: {failure}");
+                let status = failure.status();
+                match &failure {
+                    Failure::Invalid { reason } => {
+                        self.metrics.unrouted(upstream.name(), 400);
+                        return error_response(status, reason);
+                    }
+                    Failure::Client => {
+                        self.metrics.unrouted(upstream.name(), 400);
+                        let mut response = error_response(status, failure.reason());
+                        response
+                            .headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        return response;
+                    }
+                    Failure::UpgradeOverH2 => {
+                        self.metrics.unrouted(upstream.name(), 502);
+                        return server_error(status, failure.reason(), failure.to_string());
+                    }
+                    Failure::Local { detail } => {
+                        // The proxy's own shortage: not the backend's fault, and
+                        // another backend would fare no better.
+                        static LOCAL: LogLimiter = LogLimiter::new();
+                        self.metrics.resources().local_error(LocalOp::Connect);
+                        self.metrics.unrouted(upstream.name(), 503);
+                        if let Some(suppressed) = LOCAL.admit() {
+                            tracing::warn!(
+                                upstream = upstream.name(),
+                                suppressed,
+                                "cannot open a backend connection, out of local resources \
+                             (raise RLIMIT_NOFILE or lower max_connections): {detail}"
+                            );
+                        }
+                        return error_response(status, failure.reason());
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            if failure.nothing_sent() {
-                upstream.report_connect_failure(&chosen);
-            } else {
-                upstream.report(&chosen, false);
-            }
-            chosen.live.metrics.response(status.as_u16());
-            tried.push(chosen.id);
-            let mut response = server_error(
-                status,
-                failure.reason(),
-                format!("{failure} (backend {address}, attempt {})", tried.len()),
-            );
-            if upstream.debug_headers() {
-                debug_headers(&mut response, plugin.as_deref(), &chosen);
-                if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {
-                    response
-                        .headers_mut()
-                        .insert(HeaderName::from_static("x-wasmlb-error"), v);
+                if failure.nothing_sent() {
+                    upstream.report_connect_failure(&chosen);
+                } else {
+                    upstream.report(&chosen, false);
                 }
+                chosen.live.metrics.response(status.as_u16());
+                tried.push(chosen.id);
+                let mut response = server_error(
+                    status,
+                    failure.reason(),
+                    format!("{failure} (backend {address}, attempt {})", tried.len()),
+                );
+                if upstream.debug_headers() {
+                    debug_headers(&mut response, plugin.as_deref(), &chosen);
+                    if let Ok(v) = HeaderValue::from_str(&failure.to_string()) {
+                        response
+                            .headers_mut()
+                            .insert(HeaderName::from_static("x-wasmlb-error"), v);
+                    }
+                }
+                if !policy.allow(&mut retry, failure.nothing_sent(), body.replayable()) {
+                    return response;
+                }
+                last_failure = Some(Box::new(response));
+                upstream.metrics().retries.inc();
+                tracing::debug!(
+                    upstream = upstream.name(),
+                    %address,
+                    attempt = tried.len() + 1,
+                    "retrying on another backend"
+                );
             }
-            if !policy.allow(&mut retry, failure.nothing_sent(), body.replayable()) {
-                return response;
-            }
-            last_failure = Some(Box::new(response));
-            upstream.metrics().retries.inc();
-            tracing::debug!(
-                upstream = upstream.name(),
-                %address,
-                attempt = tried.len() + 1,
-                "retrying on another backend"
-            );
         }
     }
 
@@ -239,7 +246,8 @@ impl Proxy {
     /// becomes a 200 ([`crate::headers::tunnel_established`]) carrying an
     /// [`super::H2Tunnel`] in its extensions for the connection to run, and
     /// any other 2xx is a 502 (to HTTP/2, a 2xx means the tunnel is open).
-    async fn attempt(
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    fn attempt(
         &self,
         upstream: &Upstream,
         pool: &Arc<ConnPool>,
@@ -251,104 +259,110 @@ impl Proxy {
             Option<&hyper::upgrade::OnUpgrade>,
         ),
         chosen: &Target,
-    ) -> Result<Response<ProxyBody>, Failure> {
-        let https = downstream.tls.is_some();
-        prepare_request(&mut head, &downstream.client_ip, &chosen.authority, https)
-            .map_err(|reason| Failure::Invalid { reason })?;
-        if let Some(protocols) = upgrade {
-            head.headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            head.headers.insert(header::UPGRADE, protocols.clone());
-        }
-        let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
-        let request = Request::from_parts(head, body.attempt());
-        let sent_ns = crate::plugin::monotonic_ns();
-        let result = tokio::time::timeout(
-            upstream.response_timeout,
-            pool.send(chosen.address, &downstream.addresses(), request),
-        )
-        .await;
-        let failure = match result {
-            Ok(Ok((mut response, lease))) => {
-                let now_ns = crate::plugin::monotonic_ns();
-                chosen
-                    .live
-                    .rtt
-                    .observe(now_ns.saturating_sub(sent_ns), now_ns);
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if upgrade.is_none() {
-                        // RFC 9110 §15.2.2: only in answer to an Upgrade.
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Failure>> + Send {
+        async move {
+            let https = downstream.tls.is_some();
+            prepare_request(&mut head, &downstream.client_ip, &chosen.authority, https)
+                .map_err(|reason| Failure::Invalid { reason })?;
+            if let Some(protocols) = upgrade {
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                head.headers.insert(header::UPGRADE, protocols.clone());
+            }
+            let guard = InFlight::begin(chosen, upstream.metrics().in_flight.clone());
+            let request = Request::from_parts(head, body.attempt());
+            let sent_ns = crate::plugin::monotonic_ns();
+            let result = tokio::time::timeout(
+                upstream.response_timeout,
+                pool.send(chosen.address, &downstream.addresses(), request),
+            )
+            .await;
+            let failure = match result {
+                Ok(Ok((mut response, lease))) => {
+                    let now_ns = crate::plugin::monotonic_ns();
+                    chosen
+                        .live
+                        .rtt
+                        .observe(now_ns.saturating_sub(sent_ns), now_ns);
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if upgrade.is_none() {
+                            // RFC 9110 §15.2.2: only in answer to an Upgrade.
+                            drop(guard);
+                            return Err(Failure::Broken {
+                                detail:
+                                    "101 Switching Protocols to a request that asked no upgrade"
+                                        .into(),
+                            });
+                        }
+                        let on_upgrade = hyper::upgrade::on(&mut response);
+                        let (mut parts, _) = response.into_parts();
+                        upstream.report_connected(chosen);
+                        upstream.report(chosen, true);
+                        chosen.live.metrics.response(101);
+                        // The connection is the tunnel's now, never pooled.
+                        drop(lease);
+                        let tunnel =
+                            super::Tunnel::new(on_upgrade, chosen.address, upstream, guard);
+                        let empty = ProxyBody::full(bytes::Bytes::new());
+                        if let Some(client) = client_upgrade {
+                            let parts = crate::headers::tunnel_established(parts);
+                            let mut response = Response::from_parts(parts, empty);
+                            response
+                                .extensions_mut()
+                                .insert(super::H2Tunnel::new(client.clone(), tunnel));
+                            return Ok(response);
+                        }
+                        let switched = parts.headers.get(header::UPGRADE).cloned();
+                        strip_hop_by_hop(&mut parts.headers);
+                        parts
+                            .headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        if let Some(switched) = switched {
+                            parts.headers.insert(header::UPGRADE, switched);
+                        }
+                        downstream.leave_tunnel(tunnel);
+                        return Ok(Response::from_parts(parts, empty));
+                    }
+                    if client_upgrade.is_some() && response.status().is_success() {
                         drop(guard);
                         return Err(Failure::Broken {
-                            detail: "101 Switching Protocols to a request that asked no upgrade"
-                                .into(),
+                            detail: format!(
+                                "{} to an upgrade request: the backend did not switch protocols",
+                                response.status()
+                            ),
                         });
                     }
-                    let on_upgrade = hyper::upgrade::on(&mut response);
-                    let (mut parts, _) = response.into_parts();
-                    upstream.report_connected(chosen);
-                    upstream.report(chosen, true);
-                    chosen.live.metrics.response(101);
-                    // The connection is the tunnel's now, never pooled.
-                    drop(lease);
-                    let tunnel = super::Tunnel::new(on_upgrade, chosen.address, upstream, guard);
-                    let empty = ProxyBody::full(bytes::Bytes::new());
-                    if let Some(client) = client_upgrade {
-                        let parts = crate::headers::tunnel_established(parts);
-                        let mut response = Response::from_parts(parts, empty);
-                        response
-                            .extensions_mut()
-                            .insert(super::H2Tunnel::new(client.clone(), tunnel));
-                        return Ok(response);
-                    }
-                    let switched = parts.headers.get(header::UPGRADE).cloned();
+                    let (mut parts, incoming) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    parts
-                        .headers
-                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    if let Some(switched) = switched {
-                        parts.headers.insert(header::UPGRADE, switched);
+                    upstream.report_connected(chosen);
+                    upstream.report(chosen, !parts.status.is_server_error());
+                    chosen.live.metrics.response(parts.status.as_u16());
+                    return Ok(Response::from_parts(
+                        parts,
+                        ProxyBody::upstream(incoming, guard, lease, upstream.response_body_timeout),
+                    ));
+                }
+                // The client's body failed: whatever the backend did, it is
+                // not its fault, and nothing may be retried.
+                _ if body.client_failed() => Failure::Client,
+                Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => {
+                    Failure::Local {
+                        detail: error_chain(&e),
                     }
-                    downstream.leave_tunnel(tunnel);
-                    return Ok(Response::from_parts(parts, empty));
                 }
-                if client_upgrade.is_some() && response.status().is_success() {
-                    drop(guard);
-                    return Err(Failure::Broken {
-                        detail: format!(
-                            "{} to an upgrade request: the backend did not switch protocols",
-                            response.status()
-                        ),
-                    });
-                }
-                let (mut parts, incoming) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                upstream.report_connected(chosen);
-                upstream.report(chosen, !parts.status.is_server_error());
-                chosen.live.metrics.response(parts.status.as_u16());
-                return Ok(Response::from_parts(
-                    parts,
-                    ProxyBody::upstream(incoming, guard, lease, upstream.response_body_timeout),
-                ));
-            }
-            // The client's body failed: whatever the backend did, it is
-            // not its fault, and nothing may be retried.
-            _ if body.client_failed() => Failure::Client,
-            Ok(Err(e)) if crate::fd_limit::local_resource_error(&e).is_some() => Failure::Local {
-                detail: error_chain(&e),
-            },
-            Ok(Err(SendError::UpgradeOverH2)) => Failure::UpgradeOverH2,
-            Ok(Err(SendError::Connect(e))) => Failure::Connect {
-                timed_out: e.kind() == std::io::ErrorKind::TimedOut,
-                detail: e.to_string(),
-            },
-            Ok(Err(e)) => Failure::Broken {
-                detail: error_chain(&e),
-            },
-            Err(_) => Failure::ResponseTimeout,
-        };
-        drop(guard);
-        Err(failure)
+                Ok(Err(SendError::UpgradeOverH2)) => Failure::UpgradeOverH2,
+                Ok(Err(SendError::Connect(e))) => Failure::Connect {
+                    timed_out: e.kind() == std::io::ErrorKind::TimedOut,
+                    detail: e.to_string(),
+                },
+                Ok(Err(e)) => Failure::Broken {
+                    detail: error_chain(&e),
+                },
+                Err(_) => Failure::ResponseTimeout,
+            };
+            drop(guard);
+            Err(failure)
+        }
     }
 }
 

@@ -434,139 +434,145 @@ impl Proxy {
     /// `downstream` connection.
     /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
     /// other errors become 400/502/503/504 responses (see `forward::Failure`).
-    pub async fn handle(
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub fn handle(
         self: Arc<Self>,
         listener: ListenerKey,
         downstream: Arc<Downstream>,
         request: Request<Incoming>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
-        let grpc = is_grpc(request.headers());
-        let mut served = Served {
-            entry: self.access_log.as_ref().map(|_| {
-                Box::new(Entry::new(
-                    downstream.peer,
-                    request.method().clone(),
-                    request
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_string(),
-                    request.version(),
-                ))
-            }),
-            upstream: None,
-            attempts: Attempts::default(),
-        };
-        if served.entry.is_some() {
-            served.attempts.bytes_in = Some(Arc::default());
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
+        async move {
+            let grpc = is_grpc(request.headers());
+            let mut served = Served {
+                entry: self.access_log.as_ref().map(|_| {
+                    Box::new(Entry::new(
+                        downstream.peer,
+                        request.method().clone(),
+                        request
+                            .uri()
+                            .path_and_query()
+                            .map_or("/", |p| p.as_str())
+                            .to_string(),
+                        request.version(),
+                    ))
+                }),
+                upstream: None,
+                attempts: Attempts::default(),
+            };
+            if served.entry.is_some() {
+                served.attempts.bytes_in = Some(Arc::default());
+            }
+            let response = self
+                .handle_http(listener, &downstream, request, &mut served)
+                .await;
+            if let Some(trace) = served.attempts.trace.take() {
+                trace.finish(response.status().as_u16(), served.attempts.backend);
+            }
+            // Taken before gRPC shaping, which makes a new response.
+            let error = served.entry.as_ref().and_then(|_| {
+                let made = response.extensions().get::<ProxyMade>()?;
+                Some(made.detail.clone())
+            });
+            let mut response = if grpc {
+                grpc_shaped(response)
+            } else {
+                response
+            };
+            if let (Some(mut entry), Some(log)) = (served.entry, self.access_log.as_ref()) {
+                entry.status = response.status().as_u16();
+                entry.upstream = served.upstream;
+                entry.backend = served.attempts.backend;
+                entry.attempts = served.attempts.count;
+                entry.decision_us =
+                    u64::try_from(served.attempts.decision.as_micros()).unwrap_or(u64::MAX);
+                entry.fallback = served.attempts.fallback;
+                entry.error = error;
+                response.body_mut().access =
+                    Some(Pending::new(entry, log.clone(), served.attempts.bytes_in));
+            }
+            Ok(response)
         }
-        let response = self
-            .handle_http(listener, &downstream, request, &mut served)
-            .await;
-        if let Some(trace) = served.attempts.trace.take() {
-            trace.finish(response.status().as_u16(), served.attempts.backend);
-        }
-        // Taken before gRPC shaping, which makes a new response.
-        let error = served.entry.as_ref().and_then(|_| {
-            let made = response.extensions().get::<ProxyMade>()?;
-            Some(made.detail.clone())
-        });
-        let mut response = if grpc {
-            grpc_shaped(response)
-        } else {
-            response
-        };
-        if let (Some(mut entry), Some(log)) = (served.entry, self.access_log.as_ref()) {
-            entry.status = response.status().as_u16();
-            entry.upstream = served.upstream;
-            entry.backend = served.attempts.backend;
-            entry.attempts = served.attempts.count;
-            entry.decision_us =
-                u64::try_from(served.attempts.decision.as_micros()).unwrap_or(u64::MAX);
-            entry.fallback = served.attempts.fallback;
-            entry.error = error;
-            response.body_mut().access =
-                Some(Pending::new(entry, log.clone(), served.attempts.bytes_in));
-        }
-        Ok(response)
     }
 
-    async fn handle_http(
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    fn handle_http(
         &self,
         listener: ListenerKey,
         downstream: &Downstream,
         request: Request<Incoming>,
         served: &mut Served,
-    ) -> Response<ProxyBody> {
-        let client = downstream.peer;
-        let started = Instant::now();
-        let (mut parts, body) = request.into_parts();
-        if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
-            tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
-            let mut response = error_response(rejection.status, rejection.reason);
-            // The rest of the connection cannot be trusted to be framed as
-            // the client meant: answer, then close.
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
+        async move {
+            let client = downstream.peer;
+            let started = Instant::now();
+            let (mut parts, body) = request.into_parts();
+            if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
+                tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
+                let mut response = error_response(rejection.status, rejection.reason);
+                // The rest of the connection cannot be trusted to be framed as
+                // the client meant: answer, then close.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
+            let Some(UpstreamPool { upstream, pool }) = self
+                .route(&listener, &parts)
+                .and_then(|i| self.upstreams.get(i))
+            else {
+                let response = server_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no upstream for this listener",
+                    "no route matched and the listener has no upstream".into(),
+                );
+                log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
+                return response;
+            };
+            if served.entry.is_some() {
+                served.upstream = Some(upstream.shared_name().clone());
+            }
+            let deadline = upstream
+                .request_timeout
+                .map(|t| tokio::time::Instant::now() + t);
+            // For the error log (a method and a URI clone without allocating).
+            let (method, uri) = (parts.method.clone(), parts.uri.clone());
+            // Boxed: the request path's state (about 3 KB) is then written
+            // once, into its own allocation, instead of being copied into each
+            // enclosing future (the timeout, this one, `handle`, the service's)
+            // as each is created: that copying cost about 10 % of the CPU per
+            // request (`bench/profile.py`, memmove).
+            let forward = Box::pin(self.forward(
+                upstream,
+                pool,
+                downstream,
+                parts,
+                body,
+                &mut served.attempts,
+            ));
+            let mut response = match deadline {
+                None => forward.await,
+                Some(at) => match tokio::time::timeout_at(at, forward).await {
+                    Ok(response) => response,
+                    Err(_) => {
+                        self.metrics.unrouted(upstream.name(), 504);
+                        let reason = format!(
+                            "no response within request_timeout_ms = {}",
+                            upstream.request_timeout.map_or(0, |t| t.as_millis())
+                        );
+                        server_error(StatusCode::GATEWAY_TIMEOUT, &reason, reason.clone())
+                    }
+                },
+            };
+            log_proxy_error(&response, upstream.name(), client, &method, &uri);
+            if let Some(at) = deadline {
+                response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+            }
+            upstream
+                .metrics()
+                .request_duration
+                .observe(started.elapsed().as_secs_f64());
             response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
         }
-        let Some(UpstreamPool { upstream, pool }) = self
-            .route(&listener, &parts)
-            .and_then(|i| self.upstreams.get(i))
-        else {
-            let response = server_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream for this listener",
-                "no route matched and the listener has no upstream".into(),
-            );
-            log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
-            return response;
-        };
-        if served.entry.is_some() {
-            served.upstream = Some(upstream.shared_name().clone());
-        }
-        let deadline = upstream
-            .request_timeout
-            .map(|t| tokio::time::Instant::now() + t);
-        // For the error log (a method and a URI clone without allocating).
-        let (method, uri) = (parts.method.clone(), parts.uri.clone());
-        // Boxed: the request path's state (about 3.5 KB) is then written
-        // once, into its own allocation, instead of being copied into each
-        // enclosing future (the timeout, this one, `handle`, the service's)
-        // as each is created: that copying cost about 10 % of the CPU per
-        // request (`bench/profile.py`, memmove).
-        let forward = Box::pin(self.forward(
-            upstream,
-            pool,
-            downstream,
-            parts,
-            body,
-            &mut served.attempts,
-        ));
-        let mut response = match deadline {
-            None => forward.await,
-            Some(at) => match tokio::time::timeout_at(at, forward).await {
-                Ok(response) => response,
-                Err(_) => {
-                    self.metrics.unrouted(upstream.name(), 504);
-                    let reason = format!(
-                        "no response within request_timeout_ms = {}",
-                        upstream.request_timeout.map_or(0, |t| t.as_millis())
-                    );
-                    server_error(StatusCode::GATEWAY_TIMEOUT, &reason, reason.clone())
-                }
-            },
-        };
-        log_proxy_error(&response, upstream.name(), client, &method, &uri);
-        if let Some(at) = deadline {
-            response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
-        }
-        upstream
-            .metrics()
-            .request_duration
-            .observe(started.elapsed().as_secs_f64());
-        response
     }
 }
 

@@ -36,7 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -82,8 +82,12 @@ struct IdleMap {
 #[derive(Debug)]
 struct Idle {
     sender: H1,
-    since: Instant,
+    /// When it was pooled, in [`crate::conn::now_ms`]'s coarse ms.
+    since_ms: u64,
 }
+
+/// [`IDLE_TIMEOUT`] in ms.
+const IDLE_TIMEOUT_MS: u64 = IDLE_TIMEOUT.as_millis() as u64;
 
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -164,70 +168,74 @@ impl ConnPool {
     /// sent), [`SendError::Http`] if the connection failed with the request
     /// (perhaps partly) sent, [`SendError::UpgradeOverH2`] for a request
     /// with `Upgrade` on an HTTP/2 connection.
-    pub(crate) async fn send(
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(crate) fn send(
         self: &Arc<Self>,
         address: SocketAddr,
         client: &Addresses,
         mut request: http::Request<AttemptBody>,
-    ) -> Result<(http::Response<Incoming>, Lease), SendError> {
-        let upgrade = request.headers().contains_key(http::header::UPGRADE);
-        let tls = self.connector.is_tls();
-        let (key, proxied) = if self.connector.sends_proxy_protocol() {
-            ((address, Some(client.source)), Some(*client))
-        } else {
-            ((address, None), None)
-        };
-        let mut adapted = None;
-        loop {
-            let (sender, reused) = match self.take(key) {
-                Some(sender) => (sender, true),
-                None => {
-                    let sender = self
-                        .connector
-                        .connect(address, proxied)
-                        .await
-                        .map_err(SendError::Connect)?;
-                    if let Sender::H2(h2) = &sender {
-                        self.share(key, h2.clone());
-                    }
-                    (sender, false)
-                }
+    ) -> impl std::future::Future<Output = Result<(http::Response<Incoming>, Lease), SendError>> + Send
+    {
+        async move {
+            let upgrade = request.headers().contains_key(http::header::UPGRADE);
+            let tls = self.connector.is_tls();
+            let (key, proxied) = if self.connector.sends_proxy_protocol() {
+                ((address, Some(client.source)), Some(*client))
+            } else {
+                ((address, None), None)
             };
-            let h2 = matches!(sender, Sender::H2(_));
-            if h2 && upgrade {
-                return Err(SendError::UpgradeOverH2);
-            }
-            if adapted != Some(h2) {
-                adapt_head(&mut request, h2, tls, address);
-                adapted = Some(h2);
-            }
-            let result = match sender {
-                Sender::H1(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => Ok((response, Some(sender))),
-                    Err(e) => Err(e),
-                },
-                Sender::H2(mut sender) => match sender.try_send_request(request).await {
-                    Ok(response) => Ok((response, None)),
-                    Err(e) => {
-                        self.unshare(key, &sender);
-                        Err(e)
+            let mut adapted = None;
+            loop {
+                let (sender, reused) = match self.take(key) {
+                    Some(sender) => (sender, true),
+                    None => {
+                        let sender = self
+                            .connector
+                            .connect(address, proxied)
+                            .await
+                            .map_err(SendError::Connect)?;
+                        if let Sender::H2(h2) = &sender {
+                            self.share(key, h2.clone());
+                        }
+                        (sender, false)
                     }
-                },
-            };
-            match result {
-                Ok((response, sender)) => {
-                    let lease = Lease {
-                        pool: self.clone(),
-                        key,
-                        sender,
-                    };
-                    return Ok((response, lease));
+                };
+                let h2 = matches!(sender, Sender::H2(_));
+                if h2 && upgrade {
+                    return Err(SendError::UpgradeOverH2);
                 }
-                Err(mut e) => match e.take_message() {
-                    // The connection closed before the request went out.
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
+                if adapted != Some(h2) {
+                    adapt_head(&mut request, h2, tls, address);
+                    adapted = Some(h2);
+                }
+                let result = match sender {
+                    Sender::H1(mut sender) => match sender.try_send_request(request).await {
+                        Ok(response) => Ok((response, Some(sender))),
+                        Err(e) => Err(e),
+                    },
+                    Sender::H2(mut sender) => match sender.try_send_request(request).await {
+                        Ok(response) => Ok((response, None)),
+                        Err(e) => {
+                            self.unshare(key, &sender);
+                            Err(e)
+                        }
+                    },
+                };
+                match result {
+                    Ok((response, sender)) => {
+                        let lease = Lease {
+                            pool: self.clone(),
+                            key,
+                            sender,
+                        };
+                        return Ok((response, lease));
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // The connection closed before the request went out.
+                        Some(unsent) if reused => request = unsent,
+                        _ => return Err(SendError::Http(e.into_error())),
+                    },
+                }
             }
         }
     }
@@ -248,10 +256,11 @@ impl ConnPool {
                 shared.remove(&key);
             }
         }
+        let now_ms = crate::conn::now_ms();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.queues.get_mut(&key)?;
-        while let Some(Idle { sender, since }) = queue.pop_back() {
-            if sender.is_ready() && since.elapsed() < IDLE_TIMEOUT {
+        while let Some(Idle { sender, since_ms }) = queue.pop_back() {
+            if sender.is_ready() && now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT_MS {
                 return Some(Sender::H1(sender));
             }
         }
@@ -280,8 +289,9 @@ impl ConnPool {
 
     /// Pool a ready connection.
     fn put(&self, key: Key, sender: H1) {
-        let now = Instant::now();
-        let stale = |i: &Idle| now.duration_since(i.since) >= IDLE_TIMEOUT || i.sender.is_closed();
+        let now_ms = crate::conn::now_ms();
+        let stale =
+            |i: &Idle| now_ms.saturating_sub(i.since_ms) >= IDLE_TIMEOUT_MS || i.sender.is_closed();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if key.1.is_some() && idle.queues.len() >= idle.sweep_at.max(SWEEP_AT_KEYS) {
             // Per-client queues: drop those of clients gone quiet.
@@ -296,7 +306,10 @@ impl ConnPool {
         while queue.front().is_some_and(stale) {
             queue.pop_front();
         }
-        queue.push_back(Idle { sender, since: now });
+        queue.push_back(Idle {
+            sender,
+            since_ms: now_ms,
+        });
     }
 
     /// Idle connections held now (all backends).
