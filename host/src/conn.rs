@@ -48,16 +48,35 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// The process's first call: an `Instant` (to arm timers) and the coarse
+/// clock's reading at that moment, in ms.
+fn epoch() -> &'static (Instant, u64) {
+    static EPOCH: OnceLock<(Instant, u64)> = OnceLock::new();
+    EPOCH.get_or_init(|| (Instant::now(), coarse_clock_ms()))
 }
 
-/// Milliseconds since the process's first call, never 0 (0 means unset).
-fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
+/// `CLOCK_MONOTONIC_COARSE` in ms: the monotonic clock as of the kernel's
+/// last tick (1–10 ms behind), read from the vDSO without the TSC read a
+/// precise clock costs (NGINX likewise reads the time once per event-loop
+/// turn for its timers).
+fn coarse_clock_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let s = u64::try_from(t.tv_sec).unwrap_or(0);
+    let ns = u64::try_from(t.tv_nsec).unwrap_or(0);
+    s.saturating_mul(1000).saturating_add(ns / 1_000_000)
+}
+
+/// Milliseconds since the process's first call, at the coarse clock's
+/// resolution (a tick, 1–10 ms), never 0 (0 means unset). For timeouts of
+/// 100s of ms and more: a deadline computed from it may fall up to one tick
+/// early.
+pub(crate) fn now_ms() -> u64 {
+    coarse_clock_ms().saturating_sub(epoch().1).max(1)
+}
+
+/// The `Instant` `ms` (as [`now_ms`] counts) after the epoch.
+fn instant_at_ms(ms: u64) -> Instant {
+    epoch().0 + Duration::from_millis(ms)
 }
 
 /// Which timeout applies to a connection, shared by its socket and the
@@ -414,28 +433,44 @@ impl<S> TimedIo<S> {
             .filter(|_| may_park)
             .map(|since| since.saturating_add(PARK_AFTER.as_millis() as u64));
         let Some(at_ms) = deadline.into_iter().chain(park_at).min() else {
-            self.armed_ms = None;
+            // No deadline while a request is in progress: the armed timer
+            // stays (it wakes the reader once, harmlessly).
             return Poll::Pending;
         };
-        if self.armed_ms != Some(at_ms) {
-            let at = epoch() + Duration::from_millis(at_ms);
-            self.sleep
-                .as_mut()
-                .reset(tokio::time::Instant::from_std(at));
-            self.armed_ms = Some(at_ms);
-        }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) if park_at == Some(at_ms) => Poll::Ready(Verdict::Park),
-            Poll::Ready(()) => {
-                let what = if self.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
-                    "idle keep-alive timeout"
-                } else {
-                    "request head not received in time"
-                };
-                Poll::Ready(Verdict::Fail(io::Error::new(io::ErrorKind::TimedOut, what)))
+        loop {
+            // A deadline that moved later (each finished request moves the
+            // idle one) keeps the earlier timer, re-armed when it fires: one
+            // timer reset per PARK_AFTER under load, not one per request.
+            let armed = self.armed_ms.filter(|_| !self.sleep.is_elapsed());
+            if armed.is_none_or(|armed| at_ms < armed) {
+                self.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(instant_at_ms(at_ms)));
+                self.armed_ms = Some(at_ms);
+            }
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if self.armed_ms == Some(at_ms) => {
+                    return Poll::Ready(self.expired(park_at == Some(at_ms)));
+                }
+                // It fired for an earlier deadline, since moved: re-arm.
+                Poll::Ready(()) => {}
             }
         }
+    }
+
+    /// The verdict once the timer for the current deadline fired: park
+    /// (`park`: it was the park time), else the timeout's error.
+    fn expired(&self, park: bool) -> Verdict {
+        if park {
+            return Verdict::Park;
+        }
+        let what = if self.activity.head_started_ms.load(Ordering::Relaxed) == 0 {
+            "idle keep-alive timeout"
+        } else {
+            "request head not received in time"
+        };
+        Verdict::Fail(io::Error::new(io::ErrorKind::TimedOut, what))
     }
 
     /// [`TimedIo::poll_timeouts`] without parking: ready with the error.
@@ -676,6 +711,30 @@ mod tests {
             "still waiting while a request is in progress"
         );
         assert!(!io.take_parked());
+    }
+
+    #[tokio::test]
+    async fn an_idle_deadline_moved_later_outlives_the_timer_armed_for_the_earlier_one() {
+        // The timer armed for the first idle deadline is kept when a
+        // request moves the deadline later; when it fires it must re-arm,
+        // not fail the read.
+        let (mut io, _peer, activity) = pair(60_000, 1_000).await;
+        drop(activity.begin());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            io.read(&mut buf).await.unwrap_err()
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A request came and went: idle again from now, for 1 s more.
+        drop(activity.begin());
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !reader.is_finished(),
+            "cut at the first deadline, which the request had moved"
+        );
+        let e = reader.await.unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("idle"), "{e}");
     }
 
     #[tokio::test]
