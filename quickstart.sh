@@ -13,6 +13,7 @@ if command -v rustup >/dev/null 2>&1; then
   rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
 fi
 command -v curl >/dev/null 2>&1 || { echo "quickstart needs curl (apt-get install curl)" >&2; exit 1; }
+command -v make >/dev/null 2>&1 || { echo "quickstart needs make to build jemalloc (apt-get install make)" >&2; exit 1; }
 
 echo "==> building wasmlb and the demo backends (release; the first build takes a few minutes)"
 cargo build --release --quiet -p wasmlb -p demo-backend
