@@ -17,8 +17,8 @@ use wasmlb::server::Server;
 /// memory freed for about 1 s back to the OS (a background thread purges it).
 /// glibc's malloc kept the 8 KiB buffers of a burst of short requests as
 /// holes between the small allocations of connections that stayed open:
-/// 5.1 KiB resident per idle keep-alive connection in `bench/run.py`'s idle
-/// measurement, 2.3 KiB with jemalloc, at the same CPU per request (BENCHMARKS.md).
+/// 4.8 KiB resident per idle keep-alive connection in `bench/run.py`'s idle
+/// measurement, 2.4 KiB with jemalloc, at the same CPU per request (BENCHMARKS.md).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
