@@ -45,6 +45,8 @@ pub struct TestBackend {
     hits: Arc<AtomicU64>,
     healthy: Arc<std::sync::atomic::AtomicBool>,
     shared: Arc<Shared>,
+    /// Connections accepted and connections open now.
+    conns: Arc<(AtomicU64, AtomicU64)>,
     task: JoinHandle<()>,
 }
 
@@ -87,11 +89,13 @@ impl TestBackend {
             ids: std::sync::Mutex::new(Vec::new()),
             paths: std::sync::Mutex::new(Vec::new()),
         });
-        let (n, h, up, sh) = (
+        let conns = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let (n, h, up, sh, cs) = (
             name.to_string(),
             hits.clone(),
             healthy.clone(),
             shared.clone(),
+            conns.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -99,7 +103,11 @@ impl TestBackend {
                     continue;
                 };
                 let (n, h, up, sh) = (n.clone(), h.clone(), up.clone(), sh.clone());
+                cs.0.fetch_add(1, Ordering::SeqCst);
+                cs.1.fetch_add(1, Ordering::SeqCst);
+                let open = OpenConn(cs.clone());
                 tokio::spawn(async move {
+                    let _open = open;
                     let service = service_fn(move |req: Request<Incoming>| {
                         let health =
                             (req.uri().path() == "/healthz").then(|| up.load(Ordering::Relaxed));
@@ -120,8 +128,19 @@ impl TestBackend {
             hits,
             healthy,
             shared,
+            conns,
             task,
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.conns.0.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now (accepted, not yet closed by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.conns.1.load(Ordering::SeqCst)
     }
 
     /// Change how it answers (see [`Mode`]).
@@ -163,6 +182,15 @@ impl TestBackend {
 impl Drop for TestBackend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// One open connection of a [`TestBackend`]: uncounted when dropped.
+struct OpenConn(Arc<(AtomicU64, AtomicU64)>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.1.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -126,6 +126,7 @@ fn check_names_the_key_path_of_every_config_error() {
         ("", "response_timeout_ms"),
         ("", "response_body_timeout_ms"),
         ("", "tunnel_idle_timeout_ms"),
+        ("", "pool_idle_timeout_ms"),
         ("", "request_timeout_ms"),
         ("", "fail_timeout_ms"),
     ] {

@@ -439,3 +439,61 @@ async fn parked_keep_alive_connections_serve_what_comes_next() {
     );
     assert!(proxy.stop().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_pool_keeps_at_most_max_idle_connections_and_closes_them_when_idle() {
+    let b = TestBackend::start("b").await;
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &backend_list(&[&b]),
+        "pool_max_idle_per_backend = 2\npool_idle_timeout_ms = 2000\n",
+    ))
+    .await;
+    let c = client();
+    // Eight requests in flight at once need eight backend connections.
+    let slow = proxy.url("/slow?ms=300");
+    let burst = (0..8).map(|_| get(&c, &slow));
+    for (status, backend, _) in futures_util::future::join_all(burst).await {
+        assert_eq!((status, backend.as_str()), (200, "b"));
+    }
+    assert_eq!(b.accepted(), 8);
+    // Returned to the pool: past the cap of 2, the least recently used close.
+    wasmlb_tests::wait_until("6 of 8 backend connections closed", || {
+        b.open_connections() == 2
+    })
+    .await;
+    // The two kept carry the next requests.
+    for _ in 0..3 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    assert_eq!(b.accepted(), 8, "pooled connections are reused");
+    // With no request for pool_idle_timeout_ms, the sweep closes them.
+    wasmlb_tests::wait_until("every idle backend connection closed", || {
+        b.open_connections() == 0
+    })
+    .await;
+    assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    assert_eq!(b.accepted(), 9);
+    assert!(proxy.stop().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_max_idle_zero_closes_each_backend_connection_after_its_response() {
+    let b = TestBackend::start("b").await;
+    let proxy = InProcessProxy::start(&app_config(
+        "round-robin",
+        &backend_list(&[&b]),
+        "pool_max_idle_per_backend = 0\n",
+    ))
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &proxy.url("/")).await.0, 200);
+    }
+    assert_eq!(b.accepted(), 3, "no backend connection is reused");
+    wasmlb_tests::wait_until("every backend connection closed", || {
+        b.open_connections() == 0
+    })
+    .await;
+    assert!(proxy.stop().await);
+}

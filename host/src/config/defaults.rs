@@ -17,6 +17,10 @@ pub const DEFAULT_RESPONSE_BODY_TIMEOUT_MS: u64 = 60_000;
 /// Default `tunnel_idle_timeout_ms`: one hour (HAProxy `timeout tunnel` is
 /// often set so; NGINX's `proxy_timeout` is 10 minutes).
 pub const DEFAULT_TUNNEL_IDLE_TIMEOUT_MS: u64 = 3_600_000;
+/// Default `pool_idle_timeout_ms`: an idle pooled backend connection is
+/// closed after 60 s (NGINX's upstream `keepalive_timeout`, hyper-util's
+/// `pool_idle_timeout`).
+pub const DEFAULT_POOL_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Default number of compiled plugin components kept for reuse (swaps back,
 /// reloads); the least recently used beyond it are released.
 pub const DEFAULT_PLUGIN_CACHE_ENTRIES: usize = 16;

@@ -304,6 +304,16 @@ pub struct UpstreamConfig {
     /// connection) may pass with no byte either way, in ms
     /// (`tunnel_idle_timeout_ms`, default 3600000; HAProxy `timeout tunnel`).
     pub tunnel_idle_timeout_ms: u64,
+    /// Idle HTTP/1.1 connections kept open per backend for reuse
+    /// (`pool_max_idle_per_backend`, default none: no cap; HAProxy
+    /// `pool-max-conn`, hyper-util's `pool_max_idle_per_host`). Past it, the
+    /// least recently used idle connection is closed; 0 closes every
+    /// connection when its response ends (no keep-alive to the backends).
+    pub pool_max_idle_per_backend: Option<u32>,
+    /// How long an idle pooled connection to a backend is kept, in ms
+    /// (`pool_idle_timeout_ms`, default 60000; NGINX upstream
+    /// `keepalive_timeout`).
+    pub pool_idle_timeout_ms: u64,
     /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
     pub on_plugin_error: OnPluginError,
     /// Add `x-wasmlb-plugin` (the plugin that decided, or `(fallback)`) and
@@ -448,6 +458,8 @@ impl UpstreamConfig {
             response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
             response_body_timeout_ms: DEFAULT_RESPONSE_BODY_TIMEOUT_MS,
             tunnel_idle_timeout_ms: DEFAULT_TUNNEL_IDLE_TIMEOUT_MS,
+            pool_max_idle_per_backend: None,
+            pool_idle_timeout_ms: DEFAULT_POOL_IDLE_TIMEOUT_MS,
             on_plugin_error: OnPluginError::default(),
             debug_headers: false,
             health_check: None,
@@ -937,6 +949,41 @@ key = "x-user"
         assert_eq!((od.consecutive_5xx, od.base_ejection_time_ms), (3, 30_000));
         assert_eq!(app.backends[1].state, AdminState::Drain);
         assert_eq!(c.server.idle_timeout_ms, 5000);
+    }
+
+    #[test]
+    fn pool_keys_parse_with_defaults_and_reject_a_zero_timeout_at_its_line() {
+        let c = parse(GOOD).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(app.pool_max_idle_per_backend, None);
+        assert_eq!(app.pool_idle_timeout_ms, DEFAULT_POOL_IDLE_TIMEOUT_MS);
+        let text = GOOD.replace(
+            "[upstream.api]",
+            "pool_max_idle_per_backend = 0\npool_idle_timeout_ms = 2500\n\n[upstream.api]",
+        );
+        let c = parse(&text).unwrap();
+        let app = &c.upstreams["app"];
+        assert_eq!(
+            (app.pool_max_idle_per_backend, app.pool_idle_timeout_ms),
+            (Some(0), 2500)
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "pool_idle_timeout_ms = 0\n\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("test.toml:")
+                && e.contains("upstream.app.pool_idle_timeout_ms: must be at least 1"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[upstream.api]",
+            "pool_max_idle_per_backend = -1\n\n[upstream.api]",
+        ));
+        assert!(
+            e.contains("test.toml:") && e.contains("pool_max_idle_per_backend"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub(super) struct RawUpstream {
     pub(super) response_timeout_ms: Option<Spanned<u64>>,
     pub(super) response_body_timeout_ms: Option<Spanned<u64>>,
     pub(super) tunnel_idle_timeout_ms: Option<Spanned<u64>>,
+    pub(super) pool_max_idle_per_backend: Option<u32>,
+    pub(super) pool_idle_timeout_ms: Option<Spanned<u64>>,
     #[serde(default)]
     pub(super) on_plugin_error: OnPluginError,
     #[serde(default)]

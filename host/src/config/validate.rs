@@ -767,6 +767,12 @@ impl Validator<'_> {
                 &u.tunnel_idle_timeout_ms,
                 DEFAULT_TUNNEL_IDLE_TIMEOUT_MS,
             )?,
+            pool_max_idle_per_backend: u.pool_max_idle_per_backend,
+            pool_idle_timeout_ms: positive(
+                "pool_idle_timeout_ms",
+                &u.pool_idle_timeout_ms,
+                DEFAULT_POOL_IDLE_TIMEOUT_MS,
+            )?,
             on_plugin_error: u.on_plugin_error,
             debug_headers: u.debug_headers,
             health_check: match u.health_check {

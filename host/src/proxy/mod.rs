@@ -271,9 +271,10 @@ impl Proxy {
                     )
                     .map_err(failed)?;
             }
+            let settings = pool::PoolSettings::new(cfg);
             let pool = match old {
-                Some(o) if *o.pool.connector() == upstream.connector => o.pool.clone(),
-                _ => pool::ConnPool::new(upstream.connector.clone()),
+                Some(o) if o.pool.fits(&upstream.connector, &settings) => o.pool.clone(),
+                _ => pool::ConnPool::new(upstream.connector.clone(), settings),
             };
             upstreams.push(UpstreamPool {
                 upstream: Arc::new(upstream),

@@ -14,9 +14,16 @@
 //! A pooled connection the backend closed between requests is noticed before
 //! use (hyper reports it closed), or, if the close races the send, hyper
 //! hands the unsent request back and it goes out on a new connection: nothing
-//! was sent, so this is not a retry of the request. Connections idle for
-//! longer than [`IDLE_TIMEOUT`] are closed when the pool is next used for
-//! that backend.
+//! was sent, so this is not a retry of the request.
+//!
+//! Idle connections are bounded as HAProxy's `pool-max-conn` and NGINX's
+//! `keepalive` bound them ([`PoolSettings`]): at most
+//! `pool_max_idle_per_backend` per backend (past it the least recently used
+//! is closed), each for at most `pool_idle_timeout_ms` (NGINX's upstream
+//! `keepalive_timeout`). A sweep (every half of that timeout, between 100 ms
+//! and 5 s, as HAProxy's `pool-purge-delay`) closes those idle too long and
+//! forgets those the backend closed, so an upstream that goes quiet after a
+//! burst gives its connections back without waiting for its next request.
 //!
 //! An HTTP/2 connection carries every request to its backend at once, up to
 //! the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` (more wait in hyper for a
@@ -26,11 +33,12 @@
 //! naming one client, so connections are pooled per backend and client
 //! address (HAProxy likewise keeps such connections private to their
 //! client): they carry that client's requests only, and are closed once
-//! idle past [`IDLE_TIMEOUT`] like the rest.
+//! idle past `pool_idle_timeout_ms` like the rest.
 //!
 //! The pool is shared by every worker thread (one short lock per take and
 //! per return; the lock is never held across an await), and survives a reload
-//! that keeps the upstream's `connect_timeout_ms`, `protocol` and `tls`.
+//! that keeps the upstream's `connect_timeout_ms`, `protocol`, `tls`,
+//! `send_proxy_protocol` and pool settings.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -52,12 +60,46 @@ type Key = (SocketAddr, Option<SocketAddr>);
 /// With `send_proxy_protocol`, idle queues of departed clients are swept
 /// once the map holds this many keys (then again at twice as many as
 /// remained), so it stays bounded by the clients of the last
-/// [`IDLE_TIMEOUT`].
+/// `pool_idle_timeout_ms`.
 const SWEEP_AT_KEYS: usize = 256;
 
-/// How long a pooled connection may stay idle before it is closed (60 s, as
-/// hyper-util's legacy client and NGINX's `keepalive_timeout` default).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How an upstream's pool bounds its idle connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolSettings {
+    /// Idle HTTP/1.1 connections kept per backend (`pool_max_idle_per_backend`;
+    /// `usize::MAX` if unset, 0: none, every connection closes after its
+    /// response).
+    pub max_idle: usize,
+    /// Longest idle time of a pooled connection, in ms (`pool_idle_timeout_ms`).
+    pub idle_timeout_ms: u64,
+}
+
+impl PoolSettings {
+    /// The settings of an upstream configured as `config`.
+    pub(crate) fn new(config: &crate::config::UpstreamConfig) -> Self {
+        Self {
+            max_idle: config
+                .pool_max_idle_per_backend
+                .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            idle_timeout_ms: config.pool_idle_timeout_ms,
+        }
+    }
+
+    /// Period of the idle sweep: half the idle timeout, between 100 ms and 5 s.
+    fn sweep_period(&self) -> Duration {
+        Duration::from_millis((self.idle_timeout_ms / 2).clamp(100, 5_000))
+    }
+}
+
+impl Default for PoolSettings {
+    /// No cap, and the default `pool_idle_timeout_ms` (60 s).
+    fn default() -> Self {
+        Self {
+            max_idle: usize::MAX,
+            idle_timeout_ms: crate::config::DEFAULT_POOL_IDLE_TIMEOUT_MS,
+        }
+    }
+}
 
 type H1 = http1::SendRequest<AttemptBody>;
 type H2 = http2::SendRequest<AttemptBody>;
@@ -67,6 +109,7 @@ type H2 = http2::SendRequest<AttemptBody>;
 #[derive(Debug)]
 pub(crate) struct ConnPool {
     connector: Connector,
+    settings: PoolSettings,
     idle: Mutex<IdleMap>,
     /// One multiplexed connection per backend; every request clones it.
     shared: Mutex<HashMap<Key, H2>>,
@@ -85,9 +128,6 @@ struct Idle {
     /// When it was pooled, in [`crate::conn::now_ms`]'s coarse ms.
     since_ms: u64,
 }
-
-/// [`IDLE_TIMEOUT`] in ms.
-const IDLE_TIMEOUT_MS: u64 = IDLE_TIMEOUT.as_millis() as u64;
 
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -143,18 +183,25 @@ impl Lease {
 }
 
 impl ConnPool {
-    /// An empty pool whose connections `connector` opens.
-    pub(crate) fn new(connector: Connector) -> Arc<Self> {
-        Arc::new(Self {
+    /// An empty pool whose connections `connector` opens, bounded by
+    /// `settings`. Inside a tokio runtime it also starts the pool's idle
+    /// sweep, which ends when the pool is dropped.
+    pub(crate) fn new(connector: Connector, settings: PoolSettings) -> Arc<Self> {
+        let pool = Arc::new(Self {
             connector,
+            settings,
             idle: Mutex::new(IdleMap::default()),
             shared: Mutex::new(HashMap::new()),
-        })
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep_loop(Arc::downgrade(&pool)));
+        }
+        pool
     }
 
-    /// How this pool connects (a reload that keeps it keeps the pool).
-    pub(crate) fn connector(&self) -> &Connector {
-        &self.connector
+    /// True if a reload to `connector` and `settings` may keep this pool.
+    pub(crate) fn fits(&self, connector: &Connector, settings: &PoolSettings) -> bool {
+        self.connector == *connector && self.settings == *settings
     }
 
     /// Send `request` (origin-form URI, `Host` set) from `client` to
@@ -242,8 +289,8 @@ impl ConnPool {
 
     /// A connection to `address` that can take a request now: the shared
     /// HTTP/2 one if open, else the most recently returned idle HTTP/1.1
-    /// one that is still ready; closes those idle past [`IDLE_TIMEOUT`] or
-    /// closed by the backend (only ready connections are pooled, so a pooled
+    /// one that is still ready; closes those idle past
+    /// `pool_idle_timeout_ms` or closed by the backend (only ready connections are pooled, so a pooled
     /// one is either ready or closed).
     fn take(&self, key: Key) -> Option<Sender<AttemptBody>> {
         // An `http1` upstream never shares a connection: no second lock.
@@ -260,7 +307,8 @@ impl ConnPool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.queues.get_mut(&key)?;
         while let Some(Idle { sender, since_ms }) = queue.pop_back() {
-            if sender.is_ready() && now_ms.saturating_sub(since_ms) < IDLE_TIMEOUT_MS {
+            if sender.is_ready() && now_ms.saturating_sub(since_ms) < self.settings.idle_timeout_ms
+            {
                 return Some(Sender::H1(sender));
             }
         }
@@ -287,11 +335,16 @@ impl ConnPool {
         }
     }
 
-    /// Pool a ready connection.
+    /// Pool a ready connection; past `pool_max_idle_per_backend` the least
+    /// recently used idle connection to its backend is closed (with 0, this
+    /// one).
     fn put(&self, key: Key, sender: H1) {
+        let max_idle = self.settings.max_idle;
+        if max_idle == 0 {
+            return;
+        }
         let now_ms = crate::conn::now_ms();
-        let stale =
-            |i: &Idle| now_ms.saturating_sub(i.since_ms) >= IDLE_TIMEOUT_MS || i.sender.is_closed();
+        let stale = |i: &Idle| self.stale(i, now_ms);
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         if key.1.is_some() && idle.queues.len() >= idle.sweep_at.max(SWEEP_AT_KEYS) {
             // Per-client queues: drop those of clients gone quiet.
@@ -306,10 +359,49 @@ impl ConnPool {
         while queue.front().is_some_and(stale) {
             queue.pop_front();
         }
+        if queue.len() >= max_idle {
+            queue.pop_front();
+        }
         queue.push_back(Idle {
             sender,
             since_ms: now_ms,
         });
+    }
+
+    /// True if `idle` has been idle past `pool_idle_timeout_ms` at `now_ms`,
+    /// or the backend closed it.
+    fn stale(&self, idle: &Idle, now_ms: u64) -> bool {
+        now_ms.saturating_sub(idle.since_ms) >= self.settings.idle_timeout_ms
+            || idle.sender.is_closed()
+    }
+
+    /// Close idle connections past `pool_idle_timeout_ms` and forget those
+    /// the backend closed, and HTTP/2 connections that closed.
+    fn sweep(&self) {
+        let now_ms = crate::conn::now_ms();
+        let closed: Vec<Idle> = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut closed = Vec::new();
+            idle.queues.retain(|_, queue| {
+                // Oldest first: the stale ones are a prefix, but a backend
+                // may have closed any of them.
+                let (stale, kept): (VecDeque<Idle>, VecDeque<Idle>) =
+                    queue.drain(..).partition(|i| self.stale(i, now_ms));
+                closed.extend(stale);
+                *queue = kept;
+                !queue.is_empty()
+            });
+            closed
+        };
+        // Closed outside the lock: dropping a sender wakes its connection's
+        // task, which shuts the socket down.
+        drop(closed);
+        if self.connector.may_be_h2() {
+            self.shared
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, h2| !h2.is_closed());
+        }
     }
 
     /// Idle connections held now (all backends).
@@ -325,6 +417,22 @@ impl ConnPool {
     }
 }
 
+/// Sweep `pool` every [`PoolSettings::sweep_period`] until it is dropped.
+async fn sweep_loop(pool: std::sync::Weak<ConnPool>) {
+    let period = match pool.upgrade() {
+        Some(p) => p.settings.sweep_period(),
+        None => return,
+    };
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.sweep();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,17 +441,27 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
     /// A backend that answers `n` requests per connection, then closes it;
     /// returns its address and the count of accepted connections.
-    async fn backend(per_conn: usize) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    async fn backend(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let (address, accepted, _) = counting_backend(per_conn).await;
+        (address, accepted)
+    }
+
+    /// As [`backend`], and the count of connections the proxy side closed.
+    async fn counting_backend(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (count, closes) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                count.fetch_add(1, SeqCst);
+                let closes = closes.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     for _ in 0..per_conn {
@@ -351,6 +469,7 @@ mod tests {
                         while !got.windows(4).any(|w| w == b"\r\n\r\n") {
                             let n = s.read(&mut buf).await.unwrap_or(0);
                             if n == 0 {
+                                closes.fetch_add(1, SeqCst);
                                 return;
                             }
                             got.extend_from_slice(&buf[..n]);
@@ -362,7 +481,35 @@ mod tests {
                 });
             }
         });
-        (address, accepted)
+        (address, accepted, closed)
+    }
+
+    /// Wait (at most 10 s) until `count` reaches `want`.
+    async fn until(count: &AtomicUsize, want: usize) {
+        for _ in 0..1000 {
+            if count.load(SeqCst) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("count stayed at {}, not {want}", count.load(SeqCst));
+    }
+
+    /// `n` requests in flight at once, then every response read: `n`
+    /// connections returned to the pool at the same time.
+    async fn burst(pool: &Arc<ConnPool>, address: SocketAddr, n: usize) {
+        let mut leases = Vec::new();
+        for _ in 0..n {
+            let (response, lease) = pool.send(address, &CLIENT, request()).await.unwrap();
+            leases.push((response, lease));
+        }
+        for (response, mut lease) in leases {
+            assert_eq!(
+                response.into_body().collect().await.unwrap().to_bytes(),
+                "ok"
+            );
+            lease.finished();
+        }
     }
 
     const CLIENT: Addresses = Addresses {
@@ -388,23 +535,29 @@ mod tests {
     #[tokio::test]
     async fn a_finished_response_returns_its_connection_for_reuse() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
+        let pool = ConnPool::new(
+            Connector::plain(Duration::from_secs(1)),
+            PoolSettings::default(),
+        );
         for _ in 0..5 {
             assert_eq!(get(&pool, address).await, "ok");
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(SeqCst), 1);
         assert_eq!(pool.idle_count(), 1);
     }
 
     #[tokio::test]
     async fn a_response_dropped_unfinished_does_not_return_its_connection() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
+        let pool = ConnPool::new(
+            Connector::plain(Duration::from_secs(1)),
+            PoolSettings::default(),
+        );
         let (_response, lease) = pool.send(address, &CLIENT, request()).await.unwrap();
         drop(lease);
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(get(&pool, address).await, "ok");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(SeqCst), 2);
     }
 
     #[tokio::test]
@@ -412,13 +565,82 @@ mod tests {
         // One request per connection, but the backend does not say
         // `connection: close`: the pooled connection is found closed.
         let (address, accepted) = backend(1).await;
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
+        let pool = ConnPool::new(
+            Connector::plain(Duration::from_secs(1)),
+            PoolSettings::default(),
+        );
         for _ in 0..4 {
             assert_eq!(get(&pool, address).await, "ok");
             // Let the close reach hyper, as between real requests.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(accepted.load(SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn past_max_idle_the_least_recently_used_connections_close() {
+        let (address, accepted, closed) = counting_backend(usize::MAX).await;
+        let settings = PoolSettings {
+            max_idle: 2,
+            ..PoolSettings::default()
+        };
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        burst(&pool, address, 5).await;
+        assert_eq!(accepted.load(SeqCst), 5);
+        assert_eq!(pool.idle_count(), 2);
+        until(&closed, 3).await;
+        // The two kept are reused: no new connection.
+        burst(&pool, address, 2).await;
+        assert_eq!(accepted.load(SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn max_idle_zero_closes_every_connection_after_its_response() {
+        let (address, accepted, closed) = counting_backend(usize::MAX).await;
+        let settings = PoolSettings {
+            max_idle: 0,
+            ..PoolSettings::default()
+        };
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        for _ in 0..3 {
+            assert_eq!(get(&pool, address).await, "ok");
+        }
+        assert_eq!(accepted.load(SeqCst), 3);
+        assert_eq!(pool.idle_count(), 0);
+        until(&closed, 3).await;
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_connections_idle_past_the_timeout_without_a_request() {
+        let (address, accepted, closed) = counting_backend(usize::MAX).await;
+        let settings = PoolSettings {
+            idle_timeout_ms: 200,
+            ..PoolSettings::default()
+        };
+        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        burst(&pool, address, 3).await;
+        assert_eq!(pool.idle_count(), 3);
+        // No further request: the sweep alone closes them.
+        until(&closed, 3).await;
+        assert_eq!(pool.idle_count(), 0);
+        assert_eq!(accepted.load(SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_ends_when_the_pool_is_dropped() {
+        let pool = ConnPool::new(
+            Connector::plain(Duration::from_secs(1)),
+            PoolSettings {
+                idle_timeout_ms: 200,
+                ..PoolSettings::default()
+            },
+        );
+        let weak = Arc::downgrade(&pool);
+        drop(pool);
+        assert!(
+            weak.upgrade().is_none(),
+            "the sweep task holds only a weak reference"
+        );
     }
 
     #[tokio::test]
@@ -427,7 +649,10 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)));
+        let pool = ConnPool::new(
+            Connector::plain(Duration::from_secs(1)),
+            PoolSettings::default(),
+        );
         let err = pool.send(address, &CLIENT, request()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
