@@ -441,6 +441,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use crate::config::DEFAULT_POOL_IDLE_TIMEOUT_MS;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     /// A backend that answers `n` requests per connection, then closes it;
@@ -493,6 +494,15 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("count stayed at {}, not {want}", count.load(SeqCst));
+    }
+
+    /// A plaintext pool with these [`PoolSettings`].
+    fn pool_with(max_idle: usize, idle_timeout_ms: u64) -> Arc<ConnPool> {
+        let settings = PoolSettings {
+            max_idle,
+            idle_timeout_ms,
+        };
+        ConnPool::new(Connector::plain(Duration::from_secs(1)), settings)
     }
 
     /// `n` requests in flight at once, then every response read: `n`
@@ -580,11 +590,7 @@ mod tests {
     #[tokio::test]
     async fn past_max_idle_the_least_recently_used_connections_close() {
         let (address, accepted, closed) = counting_backend(usize::MAX).await;
-        let settings = PoolSettings {
-            max_idle: 2,
-            ..PoolSettings::default()
-        };
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        let pool = pool_with(2, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         burst(&pool, address, 5).await;
         assert_eq!(accepted.load(SeqCst), 5);
         assert_eq!(pool.idle_count(), 2);
@@ -597,11 +603,7 @@ mod tests {
     #[tokio::test]
     async fn max_idle_zero_closes_every_connection_after_its_response() {
         let (address, accepted, closed) = counting_backend(usize::MAX).await;
-        let settings = PoolSettings {
-            max_idle: 0,
-            ..PoolSettings::default()
-        };
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        let pool = pool_with(0, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         for _ in 0..3 {
             assert_eq!(get(&pool, address).await, "ok");
         }
@@ -613,11 +615,7 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_closes_connections_idle_past_the_timeout_without_a_request() {
         let (address, accepted, closed) = counting_backend(usize::MAX).await;
-        let settings = PoolSettings {
-            idle_timeout_ms: 200,
-            ..PoolSettings::default()
-        };
-        let pool = ConnPool::new(Connector::plain(Duration::from_secs(1)), settings);
+        let pool = pool_with(usize::MAX, 200);
         burst(&pool, address, 3).await;
         assert_eq!(pool.idle_count(), 3);
         // No further request: the sweep alone closes them.
@@ -628,13 +626,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_sweep_ends_when_the_pool_is_dropped() {
-        let pool = ConnPool::new(
-            Connector::plain(Duration::from_secs(1)),
-            PoolSettings {
-                idle_timeout_ms: 200,
-                ..PoolSettings::default()
-            },
-        );
+        let pool = pool_with(usize::MAX, 200);
         let weak = Arc::downgrade(&pool);
         drop(pool);
         assert!(
