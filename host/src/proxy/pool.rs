@@ -91,16 +91,6 @@ impl PoolSettings {
     }
 }
 
-impl Default for PoolSettings {
-    /// No cap, and the default `pool_idle_timeout_ms` (60 s).
-    fn default() -> Self {
-        Self {
-            max_idle: usize::MAX,
-            idle_timeout_ms: crate::config::DEFAULT_POOL_IDLE_TIMEOUT_MS,
-        }
-    }
-}
-
 type H1 = http1::SendRequest<AttemptBody>;
 type H2 = http2::SendRequest<AttemptBody>;
 
@@ -194,7 +184,7 @@ impl ConnPool {
             shared: Mutex::new(HashMap::new()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(sweep_loop(Arc::downgrade(&pool)));
+            runtime.spawn(sweep_loop(Arc::downgrade(&pool), settings.sweep_period()));
         }
         pool
     }
@@ -290,8 +280,8 @@ impl ConnPool {
     /// A connection to `address` that can take a request now: the shared
     /// HTTP/2 one if open, else the most recently returned idle HTTP/1.1
     /// one that is still ready; closes those idle past
-    /// `pool_idle_timeout_ms` or closed by the backend (only ready connections are pooled, so a pooled
-    /// one is either ready or closed).
+    /// `pool_idle_timeout_ms` or closed by the backend (only ready
+    /// connections are pooled, so a pooled one is either ready or closed).
     fn take(&self, key: Key) -> Option<Sender<AttemptBody>> {
         // An `http1` upstream never shares a connection: no second lock.
         if self.connector.may_be_h2() {
@@ -307,8 +297,7 @@ impl ConnPool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let queue = idle.queues.get_mut(&key)?;
         while let Some(Idle { sender, since_ms }) = queue.pop_back() {
-            if sender.is_ready() && now_ms.saturating_sub(since_ms) < self.settings.idle_timeout_ms
-            {
+            if sender.is_ready() && !self.expired(since_ms, now_ms) {
                 return Some(Sender::H1(sender));
             }
         }
@@ -371,31 +360,29 @@ impl ConnPool {
     /// True if `idle` has been idle past `pool_idle_timeout_ms` at `now_ms`,
     /// or the backend closed it.
     fn stale(&self, idle: &Idle, now_ms: u64) -> bool {
-        now_ms.saturating_sub(idle.since_ms) >= self.settings.idle_timeout_ms
-            || idle.sender.is_closed()
+        self.expired(idle.since_ms, now_ms) || idle.sender.is_closed()
+    }
+
+    /// True if a connection pooled at `since_ms` is idle past
+    /// `pool_idle_timeout_ms` at `now_ms`.
+    fn expired(&self, since_ms: u64, now_ms: u64) -> bool {
+        now_ms.saturating_sub(since_ms) >= self.settings.idle_timeout_ms
     }
 
     /// Close idle connections past `pool_idle_timeout_ms` and forget those
     /// the backend closed, and HTTP/2 connections that closed.
     fn sweep(&self) {
         let now_ms = crate::conn::now_ms();
-        let closed: Vec<Idle> = {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut closed = Vec::new();
-            idle.queues.retain(|_, queue| {
-                // Oldest first: the stale ones are a prefix, but a backend
-                // may have closed any of them.
-                let (stale, kept): (VecDeque<Idle>, VecDeque<Idle>) =
-                    queue.drain(..).partition(|i| self.stale(i, now_ms));
-                closed.extend(stale);
-                *queue = kept;
+        // Dropping a sender wakes its connection's task, which shuts the
+        // socket down (as `put` drops them, under the lock).
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .queues
+            .retain(|_, queue| {
+                queue.retain(|i| !self.stale(i, now_ms));
                 !queue.is_empty()
             });
-            closed
-        };
-        // Closed outside the lock: dropping a sender wakes its connection's
-        // task, which shuts the socket down.
-        drop(closed);
         if self.connector.may_be_h2() {
             self.shared
                 .lock()
@@ -417,12 +404,9 @@ impl ConnPool {
     }
 }
 
-/// Sweep `pool` every [`PoolSettings::sweep_period`] until it is dropped.
-async fn sweep_loop(pool: std::sync::Weak<ConnPool>) {
-    let period = match pool.upgrade() {
-        Some(p) => p.settings.sweep_period(),
-        None => return,
-    };
+/// Sweep `pool` every `period` ([`PoolSettings::sweep_period`]) until it
+/// is dropped.
+async fn sweep_loop(pool: std::sync::Weak<ConnPool>, period: Duration) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -545,10 +529,7 @@ mod tests {
     #[tokio::test]
     async fn a_finished_response_returns_its_connection_for_reuse() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(
-            Connector::plain(Duration::from_secs(1)),
-            PoolSettings::default(),
-        );
+        let pool = pool_with(usize::MAX, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         for _ in 0..5 {
             assert_eq!(get(&pool, address).await, "ok");
         }
@@ -559,10 +540,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_dropped_unfinished_does_not_return_its_connection() {
         let (address, accepted) = backend(usize::MAX).await;
-        let pool = ConnPool::new(
-            Connector::plain(Duration::from_secs(1)),
-            PoolSettings::default(),
-        );
+        let pool = pool_with(usize::MAX, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         let (_response, lease) = pool.send(address, &CLIENT, request()).await.unwrap();
         drop(lease);
         assert_eq!(pool.idle_count(), 0);
@@ -575,10 +553,7 @@ mod tests {
         // One request per connection, but the backend does not say
         // `connection: close`: the pooled connection is found closed.
         let (address, accepted) = backend(1).await;
-        let pool = ConnPool::new(
-            Connector::plain(Duration::from_secs(1)),
-            PoolSettings::default(),
-        );
+        let pool = pool_with(usize::MAX, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         for _ in 0..4 {
             assert_eq!(get(&pool, address).await, "ok");
             // Let the close reach hyper, as between real requests.
@@ -641,10 +616,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap()
         };
-        let pool = ConnPool::new(
-            Connector::plain(Duration::from_secs(1)),
-            PoolSettings::default(),
-        );
+        let pool = pool_with(usize::MAX, DEFAULT_POOL_IDLE_TIMEOUT_MS);
         let err = pool.send(address, &CLIENT, request()).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
