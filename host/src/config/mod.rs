@@ -312,7 +312,9 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_backend: Option<u32>,
     /// How long an idle pooled connection to a backend is kept, in ms
     /// (`pool_idle_timeout_ms`, default 60000; NGINX upstream
-    /// `keepalive_timeout`).
+    /// `keepalive_timeout`). A shared HTTP/2 connection no request has used
+    /// for this long is closed once its open streams end (Envoy's upstream
+    /// `idle_timeout`).
     pub pool_idle_timeout_ms: u64,
     /// What to do when the plugin fails (`on_plugin_error`, default `fallback`).
     pub on_plugin_error: OnPluginError,

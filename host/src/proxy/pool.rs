@@ -27,7 +27,11 @@
 //!
 //! An HTTP/2 connection carries every request to its backend at once, up to
 //! the backend's `SETTINGS_MAX_CONCURRENT_STREAMS` (more wait in hyper for a
-//! stream to close); when it closes, the next request opens a new one.
+//! stream to close); when it closes, the next request opens a new one. The
+//! sweep stops sharing one that no request has taken for
+//! `pool_idle_timeout_ms`: it closes (`GOAWAY`) once its open streams end
+//! (Envoy's upstream `idle_timeout` likewise closes an HTTP/2 connection
+//! without active streams).
 //!
 //! With `send_proxy_protocol` every connection opens with a PROXY header
 //! naming one client, so connections are pooled per backend and client
@@ -102,7 +106,15 @@ pub(crate) struct ConnPool {
     settings: PoolSettings,
     idle: Mutex<IdleMap>,
     /// One multiplexed connection per backend; every request clones it.
-    shared: Mutex<HashMap<Key, H2>>,
+    shared: Mutex<HashMap<Key, SharedH2>>,
+}
+
+/// A shared HTTP/2 connection.
+#[derive(Debug)]
+struct SharedH2 {
+    sender: H2,
+    /// When a request last took it, in [`crate::conn::now_ms`]'s coarse ms.
+    used_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -286,9 +298,10 @@ impl ConnPool {
         // An `http1` upstream never shares a connection: no second lock.
         if self.connector.may_be_h2() {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(h2) = shared.get(&key) {
-                if !h2.is_closed() {
-                    return Some(Sender::H2(h2.clone()));
+            if let Some(h2) = shared.get_mut(&key) {
+                if !h2.sender.is_closed() {
+                    h2.used_ms = crate::conn::now_ms();
+                    return Some(Sender::H2(h2.sender.clone()));
                 }
                 shared.remove(&key);
             }
@@ -309,16 +322,17 @@ impl ConnPool {
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         if key.1.is_some() && shared.len() >= SWEEP_AT_KEYS {
             // Per-client connections of clients that left.
-            shared.retain(|_, h2| !h2.is_closed());
+            shared.retain(|_, h2| !h2.sender.is_closed());
         }
-        shared.insert(key, sender);
+        let used_ms = crate::conn::now_ms();
+        shared.insert(key, SharedH2 { sender, used_ms });
     }
 
     /// Stop sharing `address`'s HTTP/2 connection if it is closed.
     fn unshare(&self, key: Key, sender: &H2) {
         if sender.is_closed() {
             let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
-            if shared.get(&key).is_some_and(H2::is_closed) {
+            if shared.get(&key).is_some_and(|h2| h2.sender.is_closed()) {
                 shared.remove(&key);
             }
         }
@@ -370,7 +384,10 @@ impl ConnPool {
     }
 
     /// Close idle connections past `pool_idle_timeout_ms` and forget those
-    /// the backend closed, and HTTP/2 connections that closed.
+    /// the backend closed; forget HTTP/2 connections that closed, and stop
+    /// sharing those no request took for `pool_idle_timeout_ms` (each
+    /// closes once its open streams end: hyper closes an HTTP/2 connection
+    /// when its last handle is dropped).
     fn sweep(&self) {
         let now_ms = crate::conn::now_ms();
         // Dropping a sender wakes its connection's task, which shuts the
@@ -387,7 +404,7 @@ impl ConnPool {
             self.shared
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .retain(|_, h2| !h2.is_closed());
+                .retain(|_, h2| !h2.sender.is_closed() && !self.expired(h2.used_ms, now_ms));
         }
     }
 
@@ -608,6 +625,130 @@ mod tests {
             weak.upgrade().is_none(),
             "the sweep task holds only a weak reference"
         );
+    }
+
+    /// An h2c backend answering "ok"; each response's body waits for
+    /// `release` (a permit per body). Returns its address and the counts of
+    /// accepted and of ended connections.
+    async fn h2c_backend(
+        release: Arc<tokio::sync::Notify>,
+    ) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (accepted, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (count, ends) = (accepted.clone(), ended.clone());
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, SeqCst);
+                let (ends, release) = (ends.clone(), release.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_| {
+                        let release = release.clone();
+                        async move {
+                            let chunk = futures_util::stream::once(async move {
+                                release.notified().await;
+                                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("ok")))
+                            });
+                            Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(
+                                chunk,
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                    .await;
+                    ends.fetch_add(1, SeqCst);
+                });
+            }
+        });
+        (address, accepted, ended)
+    }
+
+    /// An h2c pool whose connections are idle after `idle_timeout_ms`.
+    fn h2c_pool(idle_timeout_ms: u64) -> Arc<ConnPool> {
+        let mut config = crate::config::UpstreamConfig::new(
+            crate::config::PluginRef::Builtin("round-robin".into()),
+            Vec::new(),
+        );
+        config.protocol = crate::config::UpstreamProtocol::H2c;
+        let settings = PoolSettings {
+            max_idle: usize::MAX,
+            idle_timeout_ms,
+        };
+        ConnPool::new(Connector::new(&config), settings)
+    }
+
+    fn shared_count(pool: &ConnPool) -> usize {
+        pool.shared.lock().unwrap().len()
+    }
+
+    /// Wait (at most 10 s) until `pool` shares `want` HTTP/2 connections.
+    async fn until_shared(pool: &ConnPool, want: usize) {
+        for _ in 0..1000 {
+            if shared_count(pool) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} shared connections, not {want}", shared_count(pool));
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_no_request_takes_is_closed_by_the_sweep() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (address, accepted, ended) = h2c_backend(release.clone()).await;
+        let pool = h2c_pool(200);
+        release.notify_one();
+        assert_eq!(get(&pool, address).await, "ok");
+        assert_eq!((accepted.load(SeqCst), shared_count(&pool)), (1, 1));
+        // No further request: the sweep alone closes it.
+        until(&ended, 1).await;
+        assert_eq!(shared_count(&pool), 0);
+        // The next request opens a new one.
+        release.notify_one();
+        assert_eq!(get(&pool, address).await, "ok");
+        assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_requests_keep_taking_stays_shared() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (address, accepted, ended) = h2c_backend(release.clone()).await;
+        let pool = h2c_pool(400);
+        // 12 requests 50 ms apart: past the idle timeout in all, never
+        // idle for it.
+        for _ in 0..12 {
+            release.notify_one();
+            assert_eq!(get(&pool, address).await, "ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((accepted.load(SeqCst), ended.load(SeqCst)), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_stream_open_when_its_connection_stops_being_shared_still_finishes() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (address, accepted, ended) = h2c_backend(release.clone()).await;
+        let pool = h2c_pool(100);
+        let (response, mut lease) = pool.send(address, &CLIENT, request()).await.unwrap();
+        // The response's head has arrived, its body has not; the sweep
+        // stops sharing the connection meanwhile.
+        until_shared(&pool, 0).await;
+        assert_eq!(ended.load(SeqCst), 0, "closed under an open stream");
+        release.notify_one();
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "ok"
+        );
+        lease.finished();
+        // Its last stream ended: it closes.
+        until(&ended, 1).await;
+        assert_eq!(accepted.load(SeqCst), 1);
     }
 
     #[tokio::test]
