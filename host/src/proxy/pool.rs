@@ -486,15 +486,20 @@ mod tests {
         (address, accepted, closed)
     }
 
-    /// Wait (at most 10 s) until `count` reaches `want`.
-    async fn until(count: &AtomicUsize, want: usize) {
+    /// Wait (at most 10 s) until `read` returns `want`.
+    async fn until_eq(read: impl Fn() -> usize, want: usize) {
         for _ in 0..1000 {
-            if count.load(SeqCst) == want {
+            if read() == want {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("count stayed at {}, not {want}", count.load(SeqCst));
+        panic!("stayed at {}, not {want}", read());
+    }
+
+    /// Wait (at most 10 s) until `count` reaches `want`.
+    async fn until(count: &AtomicUsize, want: usize) {
+        until_eq(|| count.load(SeqCst), want).await;
     }
 
     /// A plaintext pool with these [`PoolSettings`].
@@ -687,17 +692,6 @@ mod tests {
         pool.shared.lock().unwrap().len()
     }
 
-    /// Wait (at most 10 s) until `pool` shares `want` HTTP/2 connections.
-    async fn until_shared(pool: &ConnPool, want: usize) {
-        for _ in 0..1000 {
-            if shared_count(pool) == want {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{} shared connections, not {want}", shared_count(pool));
-    }
-
     #[tokio::test]
     async fn an_http2_connection_no_request_takes_is_closed_by_the_sweep() {
         let release = Arc::new(tokio::sync::Notify::new());
@@ -738,7 +732,7 @@ mod tests {
         let (response, mut lease) = pool.send(address, &CLIENT, request()).await.unwrap();
         // The response's head has arrived, its body has not; the sweep
         // stops sharing the connection meanwhile.
-        until_shared(&pool, 0).await;
+        until_eq(|| shared_count(&pool), 0).await;
         assert_eq!(ended.load(SeqCst), 0, "closed under an open stream");
         release.notify_one();
         assert_eq!(
