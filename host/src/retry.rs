@@ -262,14 +262,7 @@ impl<B: Body> ReplayBody<B> {
             s.generation += 1;
             s.generation
         };
-        AttemptBody(Some(Box::new(Attempt {
-            shared: Some(shared.clone()),
-            generation,
-            position: 0,
-            trailers_sent: false,
-            hint: self.hint,
-            fixed: Vec::new(),
-        })))
+        AttemptBody::new(Some(shared.clone()), generation, self.hint, Vec::new())
     }
 }
 
@@ -309,13 +302,24 @@ impl<B> AttemptBody<B> {
             return Self::empty();
         }
         let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        AttemptBody::new(None, 0, SizeHint::with_exact(len), chunks)
+    }
+
+    /// A non-empty body from its start: `shared`'s `generation`-th attempt,
+    /// or without `shared` the `fixed` chunks.
+    fn new(
+        shared: Option<Arc<Mutex<Shared<B>>>>,
+        generation: u64,
+        hint: SizeHint,
+        fixed: Vec<Bytes>,
+    ) -> Self {
         AttemptBody(Some(Box::new(Attempt {
-            shared: None,
-            generation: 0,
+            shared,
+            generation,
             position: 0,
             trailers_sent: false,
-            hint: SizeHint::with_exact(len),
-            fixed: chunks,
+            hint,
+            fixed,
         })))
     }
 }

@@ -319,12 +319,12 @@ impl ConnPool {
 
     /// Share a new HTTP/2 connection (replacing one that raced it).
     fn share(&self, key: Key, sender: H2) {
+        let used_ms = crate::conn::now_ms();
         let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
         if key.1.is_some() && shared.len() >= SWEEP_AT_KEYS {
             // Per-client connections of clients that left.
-            shared.retain(|_, h2| !h2.sender.is_closed());
+            shared.retain(|_, h2| !self.unused(h2, used_ms));
         }
-        let used_ms = crate::conn::now_ms();
         shared.insert(key, SharedH2 { sender, used_ms });
     }
 
@@ -404,8 +404,14 @@ impl ConnPool {
             self.shared
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .retain(|_, h2| !h2.sender.is_closed() && !self.expired(h2.used_ms, now_ms));
+                .retain(|_, h2| !self.unused(h2, now_ms));
         }
+    }
+
+    /// True if no request took shared connection `h2` for
+    /// `pool_idle_timeout_ms` at `now_ms`, or it closed: no longer shared.
+    fn unused(&self, h2: &SharedH2, now_ms: u64) -> bool {
+        self.expired(h2.used_ms, now_ms) || h2.sender.is_closed()
     }
 
     /// Idle connections held now (all backends).
