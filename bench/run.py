@@ -3,7 +3,7 @@
 
 Usage: bench/run.py [--duration S] [--reps N] [--quick] [--targets LIST]
                     [--sections LIST] [--baseline OLD_WASMLB] [--tls] [--tcp]
-                    [--idle-connections N] [--out BENCHMARKS.md]
+                    [--idle-connections N] [--pgo] [--out BENCHMARKS.md]
 
 Installs what it needs (nginx haproxy wrk nghttp2-client, with apt-get), builds
 the release binaries (wasmlb, demo-backend, and bench/hyper-floor: the smallest
@@ -28,7 +28,9 @@ connections, and new TLS handshakes per second (`Connection: close`, every
 request a full handshake) with the issue-15 goals, with --tcp TCP mode
 (HAProxy `mode tcp`, NGINX `stream`, wasmlb `mode = "tcp"` in front of
 bench/tcp_backend.py): a 1 GiB transfer (MiB/s, CPU ms per GiB) and
-connections/s with CPU us per connection, with the issue-16 goals, and
+connections/s with CPU us per connection, with the issue-16 goals, with
+--pgo also wasmlb built with profile-guided optimization (bench/pgo.py) as
+the target wasmlb-pgo (round-robin) beside the plain build, and
 writes the tables to BENCHMARKS.md with the machine it ran on. Method: ../shared/PERF-NOTES.md (pin, interleave, compare only inside one
 run).
 """
@@ -83,6 +85,8 @@ HYPER_FLOOR = ROOT / "target/release/hyper-floor"
 # --baseline: an earlier wasmlb binary, run as the target "wasmlb-before".
 BASELINE = {"binary": None}
 WASMLB = {"binary": None}
+# --pgo: wasmlb built by bench/pgo.py, run as the target "wasmlb-pgo".
+PGO = {"binary": None}
 
 
 def free_port():
@@ -337,6 +341,8 @@ def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
             plugin, extra = "round-robin", LADDER[int(name.split("-")[1])][1]
         elif name == "wasmlb-before":
             plugin, binary = "round-robin", BASELINE["binary"]
+        elif name == "wasmlb-pgo":
+            plugin, binary = "round-robin", PGO["binary"]
         else:
             plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[name]
         conf = workdir / f"{name}.toml"
@@ -689,6 +695,9 @@ def main():
                          "mode tcp and NGINX stream")
     ap.add_argument("--baseline", help="an earlier wasmlb binary to run beside this one, "
                                        "as the target wasmlb-before (a before/after table)")
+    ap.add_argument("--pgo", action="store_true",
+                    help="also build wasmlb with profile-guided optimization (bench/pgo.py, "
+                         "about 20 minutes more) and run it as the target wasmlb-pgo")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     if args.quick:
@@ -700,12 +709,19 @@ def main():
     WASMLB["binary"] = wasmlb
     if args.baseline:
         BASELINE["binary"] = Path(args.baseline).resolve()
+    if args.pgo:
+        import pgo
+        PGO["binary"] = pgo.build_pgo(demo)
     count = idle_connection_count(args.idle_connections)
     known = ["direct", "nginx", "haproxy", "hyper-floor", "wasmlb-before", "wasmlb-rr",
-             "wasmlb-lc"]
+             "wasmlb-pgo", "wasmlb-lc"]
     wanted = set(args.targets.split(",")) | {"direct"}
     if args.baseline:
         wanted.add("wasmlb-before")
+    if args.pgo:
+        wanted.add("wasmlb-pgo")
+    elif "wasmlb-pgo" in wanted:
+        sys.exit("the target wasmlb-pgo needs --pgo")
     unknown = wanted - set(known)
     if unknown:
         sys.exit(f"unknown targets {sorted(unknown)} (known: {known})")
@@ -822,23 +838,24 @@ def main():
                     f"| {conns} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'rps') / direct:.2f} "
                     f"| {med(rs, 'p50'):.2f} / {med(rs, 'p99'):.2f} | {cpu[name]:.1f} | "
                     f"{vs('nginx')} | {vs('hyper-floor')} | {med(rs, 'rss_mib'):.1f} |")
-            if "wasmlb-rr" in cpu and "nginx" in cpu:
-                r = cpu["wasmlb-rr"] / cpu["nginx"]
-                goals.append((f"CPU per request at {conns} connections <= 1.10x NGINX",
-                              f"{r:.2f}x", r <= 1.10))
-                ratio = (med(results[("wasmlb-rr", conns)], "rps")
-                         / med(results[("nginx", conns)], "rps"))
-                goals.append((f"requests/s ratio to direct at {conns} connections >= 0.9x "
-                               "NGINX's", f"{ratio:.2f}x", ratio >= 0.9))
-                rss = med(results[("wasmlb-rr", conns)], "rss_mib")
-                limit = med(results[("nginx", conns)], "rss_mib") + 10
-                if conns == 256:
-                    goals.append(("peak RSS at 256 connections <= NGINX's + 10 MiB",
-                                  f"{rss:.1f} MiB (limit {limit:.1f})", rss <= limit))
-            if "wasmlb-rr" in cpu and "hyper-floor" in cpu:
-                r = cpu["wasmlb-rr"] / cpu["hyper-floor"]
-                goals.append((f"CPU per request at {conns} connections <= 1.15x the hyper floor",
-                              f"{r:.2f}x", r <= 1.15))
+            for who in ("wasmlb-rr", "wasmlb-pgo"):
+                if who in cpu and "nginx" in cpu:
+                    r = cpu[who] / cpu["nginx"]
+                    goals.append((f"CPU per request at {conns} connections <= 1.10x NGINX", who,
+                                  f"{r:.2f}x", r <= 1.10))
+                    ratio = (med(results[(who, conns)], "rps")
+                             / med(results[("nginx", conns)], "rps"))
+                    goals.append((f"requests/s ratio to direct at {conns} connections >= 0.9x "
+                                  "NGINX's", who, f"{ratio:.2f}x", ratio >= 0.9))
+                    rss = med(results[(who, conns)], "rss_mib")
+                    limit = med(results[("nginx", conns)], "rss_mib") + 10
+                    if conns == 256:
+                        goals.append(("peak RSS at 256 connections <= NGINX's + 10 MiB", who,
+                                      f"{rss:.1f} MiB (limit {limit:.1f})", rss <= limit))
+                if who in cpu and "hyper-floor" in cpu:
+                    r = cpu[who] / cpu["hyper-floor"]
+                    goals.append((f"CPU per request at {conns} connections <= 1.15x the hyper "
+                                  "floor", who, f"{r:.2f}x", r <= 1.15))
     if ladder:
         lines += ["", "The cost ladder: wasmlb round-robin adding one layer per rung (same "
                   "pinning; each rung's CPU us per request, and what the rung added over the one "
@@ -870,10 +887,11 @@ def main():
         for name in targets:
             p50, p99, achieved = fixed[name]
             lines.append(f"| {name} | {achieved:,.0f} | {p50:.2f} | {p99:.2f} |")
-        if "wasmlb-rr" in fixed and "nginx" in fixed:
-            r = fixed["wasmlb-rr"][1] / fixed["nginx"][1]
-            goals.append(("p99 at a fixed 20k requests/s <= 1.1x NGINX's", f"{r:.2f}x",
-                          r <= 1.1))
+        for who in ("wasmlb-rr", "wasmlb-pgo"):
+            if who in fixed and "nginx" in fixed:
+                r = fixed[who][1] / fixed["nginx"][1]
+                goals.append(("p99 at a fixed 20k requests/s <= 1.1x NGINX's", who,
+                              f"{r:.2f}x", r <= 1.1))
     if scaling:
         lines += ["", "Scaling: 1 worker pinned to CPU 0, and 2 workers unpinned on CPUs 0 and 1, "
                   "which they share with wrk and the backends (this machine has 2 cores, so the "
@@ -892,10 +910,11 @@ def main():
                   "| --- | --- | --- |"]
         for name, (mib, kib) in idle.items():
             lines.append(f"| {name} | {mib:.1f} | {kib:.1f} |")
-        if "wasmlb-rr" in idle:
-            kib = idle["wasmlb-rr"][1]
-            goals.append(("memory per idle keep-alive connection <= 4 KiB", f"{kib:.1f} KiB",
-                          kib <= 4))
+        for who in ("wasmlb-rr", "wasmlb-pgo"):
+            if who in idle:
+                kib = idle[who][1]
+                goals.append(("memory per idle keep-alive connection <= 4 KiB", who,
+                              f"{kib:.1f} KiB", kib <= 4))
     tls_goals = []
     if tls:
         lines += ["", "TLS (the same self-signed P-256 certificate; the protocol column is what "
@@ -940,10 +959,10 @@ def main():
                   f"| CPU per connection <= 1.10x HAProxy's | {c:.2f}x | "
                   f"{'met' if c <= 1.1 else 'missed'} |"]
     if goals:
-        lines += ["", "Goals (issue 14), wasmlb-rr in this run:", "", "| goal | measured | |",
-                  "| --- | --- | --- |"]
-        for goal, measured, met in goals:
-            lines.append(f"| {goal} | {measured} | {'met' if met else 'missed'} |")
+        lines += ["", "Goals (issue 14) in this run:", "", "| goal | target | measured | |",
+                  "| --- | --- | --- | --- |"]
+        for goal, who, measured, met in goals:
+            lines.append(f"| {goal} | {who} | {measured} | {'met' if met else 'missed'} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     print(text)
