@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Instructions per proxied request, counted under valgrind (callgrind).
+
+Usage: bench/instructions.py [--requests N] [--conns C] [--build]
+                             [--top K] [--extra TOML] [hyper-floor] [NAME=BINARY ...]
+
+CPU time per request on this 2-core VM moves by 10 % and more between runs
+(neighbours, the load generator sharing a core), far more than most single
+changes to the request path are worth. An instruction count does not move:
+this script runs wasmlb (1 worker thread, round-robin, in front of the 4
+`demo-backend` servers bench/run.py uses) under `valgrind --tool=callgrind`,
+sends 2,000 warm-up requests, zeroes the counters, sends N more with
+`h2load --h1` over C connections, and reports the instructions wasmlb
+executed per request (every thread of it), and with --top the K functions
+with the most inclusive instructions per request. Two or more binaries are
+measured one after the other and compared with the first; `hyper-floor`
+names bench/hyper-floor (the smallest proxy hyper allows), measured the
+same way.
+
+The binary must be built with the host's `valgrind` feature (rustix's own
+vDSO lookup crashes under valgrind): with --build the script builds the
+current tree that way into target/valgrind/release/wasmlb and measures it.
+Instructions are not time (a cache miss or a system call costs more than
+its count says, and the kernel's share is not counted), so confirm a change
+with bench/run.py; but a change that removes instructions from every
+request shows here exactly.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+VALGRIND_BUILD = ROOT / "target/valgrind/release/wasmlb"
+
+
+def build():
+    """The current tree's wasmlb with the `valgrind` feature."""
+    run.log("building wasmlb with --features valgrind into target/valgrind")
+    subprocess.run(["cargo", "build", "--release", "-p", "wasmlb", "--features", "valgrind"],
+                   cwd=ROOT, check=True,
+                   env={**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target/valgrind")})
+    return VALGRIND_BUILD
+
+
+def h2load(port, requests, conns):
+    """Requests that succeeded, of `requests` sent over `conns` connections."""
+    out = subprocess.run(["taskset", "-c", "1", run.tool("h2load"), "--h1", f"-c{conns}", "-t1",
+                          "-n", str(requests), f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True).stdout
+    done = re.search(r"(\d+) succeeded", out)
+    return int(done.group(1)) if done else 0
+
+
+def measure(binary, addrs, requests, conns, extra, top):
+    """(instructions per request, [(inclusive per request, function)] of the top)."""
+    work = Path(tempfile.mkdtemp(prefix="wasmlb-instructions-"))
+    port = run.free_port()
+    conf = work / "wasmlb.toml"
+    conf.write_text(run.wasmlb_conf(port, addrs, "round-robin", extra))
+    out = work / "callgrind.out"
+    if binary == "hyper-floor":
+        argv = [run.HYPER_FLOOR, f"127.0.0.1:{port}"] + addrs
+    else:
+        argv = [binary, "--config", conf, "--threads", "1", "--log-level", "warn"]
+    proc = run.Proc(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + argv,
+                    cpus="0")
+    try:
+        run.wait_port(port, timeout=180)
+        h2load(port, 2000, conns)
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True,
+                       check=True)
+        done = h2load(port, requests, conns)
+        subprocess.run(["callgrind_control", "--dump=measured", str(proc.pid)],
+                       capture_output=True, check=True)
+    finally:
+        proc.stop()
+    time.sleep(0.5)
+    dumps = [f for f in work.glob("callgrind.out*")
+             if "measured" in f.read_text(errors="replace")[:4000]]
+    run.log(f"{binary}: callgrind dumps in {work}")
+    if not dumps or done == 0:
+        sys.exit(f"{binary}: no measured dump ({done} requests succeeded)")
+    total = 0
+    for dump in dumps:
+        m = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(errors="replace"), re.M)
+        total += int(m.group(1)) if m else 0
+    functions = []
+    if top:
+        annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100"]
+                                   + [str(d) for d in dumps], capture_output=True,
+                                   text=True).stdout
+        for line in annotated.splitlines():
+            m = re.match(r"\s*([\d,]+)\s+\([^)]*\)\s+(?:\S+:)?(.*)", line)
+            if m:
+                functions.append((int(m.group(1).replace(",", "")) / done, m.group(2).strip()))
+        functions = functions[:top]
+    return total / done, functions
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--build", action="store_true",
+                    help="build the current tree with the valgrind feature and measure it")
+    ap.add_argument("--top", type=int, default=0, help="list the K costliest functions")
+    ap.add_argument("--extra", default="", help="TOML added to [upstream.app]")
+    ap.add_argument("targets", nargs="*",
+                    help="NAME=BINARY (built with --features valgrind), or hyper-floor")
+    args = ap.parse_args()
+    run.install()
+    if shutil.which("valgrind") is None:
+        run.log("installing valgrind")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "valgrind"], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    targets = [t.split("=", 1) if "=" in t else (t, t) for t in args.targets]
+    if args.build or not targets:
+        targets.append(("current", str(build())))
+    demo = ROOT / "target/release/demo-backend"
+    if not demo.exists() or not run.HYPER_FLOOR.exists():
+        subprocess.run(["cargo", "build", "--release", "-p", "demo-backend", "-p", "hyper-floor"],
+                       cwd=ROOT, check=True)
+    backends, addrs = run.start_backends(demo)
+    results = []
+    try:
+        for name, binary in targets:
+            per_request, functions = measure(binary, addrs, args.requests, args.conns,
+                                             args.extra, args.top)
+            results.append((name, per_request))
+            print(f"{name}: {per_request:,.0f} instructions per request", flush=True)
+            for count, function in functions:
+                print(f"  {count:>10,.0f}  {function[:150]}")
+    finally:
+        backends.stop()
+    if len(results) > 1:
+        first = results[0][1]
+        for name, per_request in results[1:]:
+            print(f"{name} against {results[0][0]}: {per_request - first:+,.0f} "
+                  f"({(per_request / first - 1) * 100:+.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
