@@ -74,9 +74,14 @@ pub(crate) fn now_ms() -> u64 {
     coarse_clock_ms().saturating_sub(epoch().1).max(1)
 }
 
-/// The `Instant` `ms` (as [`now_ms`] counts) after the epoch.
-fn instant_at_ms(ms: u64) -> Instant {
-    epoch().0 + Duration::from_millis(ms)
+/// The `Instant` `ms` (as [`now_ms`] counts) after the epoch; past what an
+/// `Instant` can hold (a timeout of `u64::MAX` ms), about 30 years after it,
+/// as tokio's own far-future deadline.
+pub(crate) fn instant_at_ms(ms: u64) -> Instant {
+    let epoch = epoch().0;
+    epoch
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or_else(|| epoch + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// Which timeout applies to a connection, shared by its socket and the

@@ -180,22 +180,41 @@ where
 /// Poll `conn` to its end with `poll`; the first time `closing` turns true
 /// meanwhile, ask it to finish gracefully with `graceful`. Its result, and
 /// whether it was asked to finish.
+///
+/// `closing` is polled (registering the task with the watch) only on the
+/// first turn and when its version moved: the task wakes once per backend
+/// response and once per request, and re-polling a registered watch future
+/// takes its waiter lock each time.
 async fn drive<C, R>(
     conn: &mut C,
     poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<R>,
     graceful: fn(&mut C),
     closing: &mut watch::Receiver<bool>,
 ) -> (R, bool) {
+    // A second receiver to read the version without the wait's borrow.
+    let probe = closing.clone();
+    let wait = closing.wait_for(|c| *c);
+    let mut wait = std::pin::pin!(wait);
     let mut shutting = false;
-    loop {
-        tokio::select! {
-            done = std::future::poll_fn(|cx| poll(conn, cx)) => return (done, shutting),
-            _ = closing.wait_for(|c| *c), if !shutting => {
-                graceful(conn);
-                shutting = true;
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let std::task::Poll::Ready(done) = poll(conn, cx) {
+                return std::task::Poll::Ready((done, shutting));
             }
+            if shutting || (registered && !probe.has_changed().unwrap_or(true)) {
+                return std::task::Poll::Pending;
+            }
+            registered = true;
+            if wait.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            // Closing: finish gracefully, and poll the connection again.
+            graceful(conn);
+            shutting = true;
         }
-    }
+    })
+    .await
 }
 
 /// Serve one downstream connection until it closes, or until `closing`
@@ -367,7 +386,8 @@ impl hyper::service::Service<http::Request<Incoming>> for ProxyService {
                 tokio::spawn(tunnel.run(guard));
                 return Ok(response);
             }
-            Ok(response.map(|body| body.with_request_guard(guard)))
+            response.body_mut().hold_request_guard(guard);
+            Ok(response)
         })
     }
 }

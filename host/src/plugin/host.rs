@@ -26,7 +26,7 @@ pub struct HostState {
     pub(super) upstream: Arc<str>,
     pub(super) log_limit: Arc<crate::log_limit::LogLimiter>,
     pub(super) backends: Arc<[Backend]>,
-    pub(super) request: Option<RequestView>,
+    pub(super) request: Option<Box<RequestView>>,
     /// Headers added with `response.add-header` during the current `select`.
     pub(super) response_headers: ResponseHeaders,
     /// Changes asked with the `forward` interface during the current
@@ -231,7 +231,7 @@ impl HostState {
     /// The request being balanced, if it is an HTTP request (not a
     /// TCP-mode connection, whose HTTP fields read as absent).
     fn http(&self) -> Option<&RequestView> {
-        self.request.as_ref().filter(|r| !r.tcp)
+        self.request.as_deref().filter(|r| !r.tcp)
     }
 }
 
@@ -275,7 +275,7 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
     fn client_address(&mut self) -> SocketAddress {
         let addr = self
             .request
-            .as_ref()
+            .as_deref()
             .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |r| r.client);
         let ip = match addr.ip() {
             std::net::IpAddr::V4(v4) => {
@@ -293,7 +293,7 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
         }
     }
     fn scheme(&mut self) -> String {
-        match &self.request {
+        match self.request.as_deref() {
             Some(r) if r.tcp => "tcp".into(),
             Some(r) if r.https => "https".into(),
             Some(_) => "http".into(),
@@ -315,7 +315,7 @@ impl bindings::wasmlb::plugin::request::Host for HostState {
     }
     fn server_name(&mut self) -> Option<String> {
         self.request
-            .as_ref()?
+            .as_deref()?
             .server_name
             .as_deref()
             .map(str::to_string)

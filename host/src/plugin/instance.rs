@@ -246,6 +246,17 @@ impl Instance {
         &mut self,
         request: RequestView,
     ) -> (Result<Decision, (FailureKind, String)>, RequestView) {
+        let (result, request) = self.select_boxed(Box::new(request));
+        (result, *request)
+    }
+
+    /// [`Instance::select`] for a boxed request, which the request path
+    /// keeps boxed: a `RequestView` is about 280 bytes, and it goes into
+    /// the store and back out on every call.
+    pub fn select_boxed(
+        &mut self,
+        request: Box<RequestView>,
+    ) -> (Result<Decision, (FailureKind, String)>, Box<RequestView>) {
         self.store.data_mut().response_headers.clear();
         self.store.data_mut().edits = RequestEdits::default();
         if let Some(reads) = self.store.data_mut().header_reads.as_mut() {
@@ -258,7 +269,7 @@ impl Instance {
         // here; an empty one is reported as a trap rather than a panic.
         let Some(request) = self.store.data_mut().request.take() else {
             let (parts, ()) = http::Request::new(()).into_parts();
-            let empty = RequestView::new(parts, SocketAddr::from(([0, 0, 0, 0], 0)));
+            let empty = Box::new(RequestView::new(parts, SocketAddr::from(([0, 0, 0, 0], 0))));
             return (
                 Err((
                     FailureKind::Trap,

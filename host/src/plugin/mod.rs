@@ -576,8 +576,12 @@ mod tests {
             upstream: Arc::from("app"),
             log_limit: Arc::default(),
             backends: Arc::from(Vec::new()),
-            request: during_select
-                .then(|| RequestView::new(parts, SocketAddr::from(([192, 0, 2, 1], 1)))),
+            request: during_select.then(|| {
+                Box::new(RequestView::new(
+                    parts,
+                    SocketAddr::from(([192, 0, 2, 1], 1)),
+                ))
+            }),
             response_headers: ResponseHeaders::default(),
             edits: RequestEdits::default(),
             header_reads: None,

@@ -18,6 +18,7 @@
 //! Every attempt's outcome feeds outlier detection.
 
 mod body;
+mod deadline;
 mod forward;
 mod mirror;
 mod pool;
@@ -47,6 +48,18 @@ use crate::metrics::Metrics;
 use crate::plugin::Runtime;
 
 use crate::upstream::Upstream;
+
+/// A map looked up on every request or connection (a listener's settings,
+/// the pool's idle connections by backend), hashed with foldhash, seeded
+/// per process, rather than SipHash: SipHash over a socket address cost
+/// about 400 instructions per lookup, more than the rest of the lookup
+/// (`bench/instructions.py`). Where keys come from clients (the pool's,
+/// with `send_proxy_protocol`), the random seed keeps them from being
+/// chosen to collide.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A set hashed as [`FastMap`] is.
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Errors building the proxy from a config.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +111,9 @@ pub struct Downstream {
     /// A backend that switched protocols, for the connection to splice with
     /// once its 101 is written.
     tunnel: std::sync::Mutex<Option<Box<Tunnel>>>,
+    /// The timer of the response-head deadline, kept between requests (see
+    /// [`deadline`]); empty while a request is using it.
+    response_timer: std::sync::Mutex<Option<deadline::LazyTimer>>,
 }
 
 impl Downstream {
@@ -109,6 +125,7 @@ impl Downstream {
             client_ip: crate::headers::ClientIp::new(peer),
             tls,
             tunnel: std::sync::Mutex::new(None),
+            response_timer: std::sync::Mutex::new(None),
         }
     }
 
@@ -128,6 +145,25 @@ impl Downstream {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
+    }
+
+    /// The connection's response timer, armed for `at_ms` or earlier; a
+    /// new one if another request (an HTTP/2 stream) is using it. Give it
+    /// back with [`Downstream::keep_response_timer`].
+    fn take_response_timer(&self, at_ms: u64) -> deadline::LazyTimer {
+        self.response_timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| deadline::LazyTimer::new(at_ms))
+    }
+
+    /// Keep `timer` for the connection's next request.
+    fn keep_response_timer(&self, timer: deadline::LazyTimer) {
+        *self
+            .response_timer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(timer);
     }
 
     fn leave_tunnel(&self, tunnel: Tunnel) {
@@ -192,12 +228,12 @@ pub struct Proxy {
     /// Ordered by name; routes index into it.
     upstreams: Vec<UpstreamPool>,
     routes: Vec<Route>,
-    listener_defaults: HashMap<ListenerKey, usize>,
-    listener_tls: HashMap<ListenerKey, tokio_rustls::TlsAcceptor>,
+    listener_defaults: FastMap<ListenerKey, usize>,
+    listener_tls: FastMap<ListenerKey, tokio_rustls::TlsAcceptor>,
     /// TCP-mode listeners, with their `tls_passthrough`.
-    listener_tcp: HashMap<ListenerKey, bool>,
+    listener_tcp: FastMap<ListenerKey, bool>,
     /// Listeners with `accept_proxy_protocol`.
-    listener_accept_proxy: std::collections::HashSet<ListenerKey>,
+    listener_accept_proxy: FastSet<ListenerKey>,
     metrics: Arc<Metrics>,
     downstream_timeouts: (Duration, Duration),
     limits: RequestLimits,
@@ -463,7 +499,7 @@ impl Proxy {
             if served.entry.is_some() {
                 served.attempts.bytes_in = Some(Arc::default());
             }
-            let response = self
+            let mut response = self
                 .handle_http(listener, &downstream, request, &mut served)
                 .await;
             if let Some(trace) = served.attempts.trace.take() {
@@ -474,11 +510,9 @@ impl Proxy {
                 let made = response.extensions().get::<ProxyMade>()?;
                 Some(made.detail.clone())
             });
-            let mut response = if grpc {
-                grpc_shaped(response)
-            } else {
-                response
-            };
+            if grpc {
+                response = grpc_shaped(response);
+            }
             if let (Some(mut entry), Some(log)) = (served.entry, self.access_log.as_ref()) {
                 entry.status = response.status().as_u16();
                 entry.upstream = served.upstream;

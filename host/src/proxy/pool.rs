@@ -44,7 +44,7 @@
 //! that keeps the upstream's `connect_timeout_ms`, `protocol`, `tls`,
 //! `send_proxy_protocol` and pool settings.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,6 +53,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 
+use super::FastMap as HashMap;
 use crate::connector::{Connector, Sender, adapt_head};
 use crate::proxy_protocol::Addresses;
 use crate::retry::AttemptBody;
@@ -193,7 +194,7 @@ impl ConnPool {
             connector,
             settings,
             idle: Mutex::new(IdleMap::default()),
-            shared: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::default()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(sweep_loop(Arc::downgrade(&pool), settings.sweep_period()));

@@ -491,22 +491,23 @@ impl Upstream {
     /// With a shadow plugin, a sampled first attempt's request is also
     /// queued for the candidate (see [`shadow`]), after the live decision.
     pub fn select(&self, request: RequestView, tried: &[usize]) -> (Selection, RequestView) {
-        let (selection, request, _) = self.select_traced(request, tried, None);
-        (selection, request)
+        let (selection, request, _) = self.select_traced(Box::new(request), tried, None);
+        (selection, *request)
     }
 
     /// As [`Upstream::select`]; with a recorder and `arrived` (when the
     /// request arrived), a sampled first attempt also begins its trace
     /// record (see [`crate::record`]), for the caller to finish with the
-    /// response.
+    /// response. The request is boxed (the request path keeps it so): it
+    /// moves into the plugin's store and back on every call.
     pub fn select_traced(
         &self,
-        request: RequestView,
+        request: Box<RequestView>,
         tried: &[usize],
         arrived: Option<Instant>,
     ) -> (
         Selection,
-        RequestView,
+        Box<RequestView>,
         Option<Box<crate::record::TraceStart>>,
     ) {
         let mut reads = Vec::new();
@@ -579,10 +580,10 @@ impl Upstream {
 
     fn select_live(
         &self,
-        request: RequestView,
+        request: Box<RequestView>,
         tried: &[usize],
         reads: &mut Vec<String>,
-    ) -> (Selection, RequestView) {
+    ) -> (Selection, Box<RequestView>) {
         let mut slot = self.lock();
         if slot.instance.is_none() {
             self.try_replace(&mut slot);
@@ -596,7 +597,7 @@ impl Upstream {
         };
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (result, request) = instance.select(request);
+        let (result, request) = instance.select_boxed(request);
         let response_headers = instance.take_response_headers();
         let edits = instance.take_edits();
         if self.recorder.is_some() {
