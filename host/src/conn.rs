@@ -323,6 +323,87 @@ impl Drop for ConnPermit {
     }
 }
 
+/// A timer kept armed across deadlines, after NGINX's lazy timers
+/// (`NGX_TIMER_LAZY_DELAY` in `ngx_event_add_timer`: a timer is not moved
+/// for a change under 300 ms), taken to its end: an armed timer is only
+/// moved earlier, or re-armed once it fires. A deadline later than the armed
+/// one keeps the timer as it is; when it fires early it is re-armed for the
+/// deadline that applies then. So a deadline that moves later with every
+/// request (the idle timeout of [`TimedIo`], the response-head deadline a
+/// downstream connection keeps for its requests, `response_timeout_ms`)
+/// resets tokio's timer wheel about once per timeout, not once or twice per
+/// request. Deadlines are in [`now_ms`]'s coarse ms, so one may fire up to a
+/// clock tick (1–10 ms) early. 16 bytes; its tokio timer (about 100 bytes)
+/// is boxed.
+#[derive(Debug)]
+pub(crate) struct LazyTimer {
+    sleep: Pin<Box<Sleep>>,
+    /// The deadline it is armed for, in [`now_ms`]'s ms.
+    armed_ms: u64,
+}
+
+/// The deadline passed before the future it bounded was ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Elapsed;
+
+impl LazyTimer {
+    /// A timer not armed yet: the first deadline polled arms it.
+    pub(crate) fn unarmed() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// A timer armed for `at_ms` (in [`now_ms`]'s ms).
+    pub(crate) fn new(at_ms: u64) -> Self {
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(
+                instant_at_ms(at_ms),
+            ))),
+            armed_ms: at_ms,
+        }
+    }
+
+    /// Ready once `at_ms` has passed. An armed timer that fires no later
+    /// than `at_ms` is kept (and re-armed for `at_ms` when it fires); one
+    /// armed later, or already fired, is reset to `at_ms`.
+    pub(crate) fn poll_until(&mut self, cx: &mut Context<'_>, at_ms: u64) -> Poll<()> {
+        loop {
+            if self.sleep.is_elapsed() || at_ms < self.armed_ms {
+                self.sleep
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(instant_at_ms(at_ms)));
+                self.armed_ms = at_ms;
+            }
+            match self.sleep.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if self.armed_ms >= at_ms => return Poll::Ready(()),
+                // It fired for an earlier deadline: re-armed on the next turn.
+                Poll::Ready(()) => {}
+            }
+        }
+    }
+
+    /// `future`, bounded by `at_ms`: its output, or [`Elapsed`] once the
+    /// deadline passed first. The future is polled before the timer, so a
+    /// ready future wins over a passed deadline.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+    pub(crate) fn within<F: Future>(
+        &mut self,
+        at_ms: u64,
+        future: F,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
+        async move {
+            let mut future = std::pin::pin!(future);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(out) = future.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(out));
+                }
+                self.poll_until(cx, at_ms).map(|()| Err(Elapsed))
+            })
+            .await
+        }
+    }
+}
+
 /// How long an HTTP/1 connection stays idle before it is parked (its hyper
 /// connection and buffers freed; see [`TimedIo`]): 50 ms.
 pub const PARK_AFTER: Duration = Duration::from_millis(50);
@@ -353,8 +434,7 @@ pub struct TimedIo<S> {
     activity: Arc<ConnActivity>,
     header_read: Duration,
     idle: Duration,
-    sleep: Pin<Box<Sleep>>,
-    armed_ms: Option<u64>,
+    timer: LazyTimer,
     /// Bytes read before the current reader took over, served first.
     prefix: Bytes,
     park: bool,
@@ -387,8 +467,7 @@ impl<S> TimedIo<S> {
             activity: activity.clone(),
             header_read,
             idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-            armed_ms: None,
+            timer: LazyTimer::unarmed(),
             prefix: Bytes::new(),
             park: false,
             parked: false,
@@ -442,26 +521,12 @@ impl<S> TimedIo<S> {
             // stays (it wakes the reader once, harmlessly).
             return Poll::Pending;
         };
-        loop {
-            // A deadline that moved later (each finished request moves the
-            // idle one) keeps the earlier timer, re-armed when it fires: one
-            // timer reset per PARK_AFTER under load, not one per request.
-            let armed = self.armed_ms.filter(|_| !self.sleep.is_elapsed());
-            if armed.is_none_or(|armed| at_ms < armed) {
-                self.sleep
-                    .as_mut()
-                    .reset(tokio::time::Instant::from_std(instant_at_ms(at_ms)));
-                self.armed_ms = Some(at_ms);
-            }
-            match self.sleep.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if self.armed_ms == Some(at_ms) => {
-                    return Poll::Ready(self.expired(park_at == Some(at_ms)));
-                }
-                // It fired for an earlier deadline, since moved: re-arm.
-                Poll::Ready(()) => {}
-            }
-        }
+        // A deadline that moved later (each finished request moves the idle
+        // one) keeps the earlier timer, re-armed when it fires: one timer
+        // reset per PARK_AFTER under load, not one per request.
+        self.timer
+            .poll_until(cx, at_ms)
+            .map(|()| self.expired(park_at == Some(at_ms)))
     }
 
     /// The verdict once the timer for the current deadline fired: park
@@ -754,5 +819,48 @@ mod tests {
         let e = io.read(&mut buf).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         drop(peer.write_all(b"x").await);
+    }
+
+    #[tokio::test]
+    async fn a_ready_future_is_not_cut_and_a_slow_one_is_cut_at_the_deadline() {
+        let mut timer = LazyTimer::new(now_ms() + 60_000);
+        let at = now_ms() + 60_000;
+        assert_eq!(timer.within(at, async { 7 }).await, Ok(7));
+        let at = now_ms() + 50;
+        let cut = tokio::time::timeout(
+            Duration::from_secs(5),
+            timer.within(at, std::future::pending::<()>()),
+        )
+        .await
+        .expect("cut at its own deadline, not the armed one 60 s away");
+        assert_eq!(cut, Err(Elapsed));
+        assert!(now_ms() + 10 >= at, "not cut long before its deadline");
+    }
+
+    #[tokio::test]
+    async fn a_timer_armed_early_is_kept_and_re_armed_when_it_fires() {
+        // Armed for 100 ms from now; the next deadline is 400 ms away: the
+        // timer is kept, fires at 100 ms, and must then wait on, not cut.
+        let start = now_ms();
+        let mut timer = LazyTimer::new(start + 100);
+        let at = start + 400;
+        let cut = tokio::time::timeout(
+            Duration::from_secs(5),
+            timer.within(at, std::future::pending::<()>()),
+        )
+        .await
+        .expect("cut at the later deadline");
+        assert_eq!(cut, Err(Elapsed));
+        assert!(
+            now_ms() + 10 >= at,
+            "cut at the deadline armed before ({} ms in), not at its own",
+            now_ms() - start
+        );
+        // Fired: the next use re-arms it.
+        let at = now_ms() + 30;
+        assert_eq!(
+            timer.within(at, std::future::pending::<()>()).await,
+            Err(Elapsed)
+        );
     }
 }

@@ -18,7 +18,6 @@
 //! Every attempt's outcome feeds outlier detection.
 
 mod body;
-mod deadline;
 mod forward;
 mod mirror;
 mod pool;
@@ -112,8 +111,8 @@ pub struct Downstream {
     /// once its 101 is written.
     tunnel: std::sync::Mutex<Option<Box<Tunnel>>>,
     /// The timer of the response-head deadline, kept between requests (see
-    /// [`deadline`]); empty while a request is using it.
-    response_timer: std::sync::Mutex<Option<deadline::LazyTimer>>,
+    /// [`crate::conn::LazyTimer`]); empty while a request is using it.
+    response_timer: std::sync::Mutex<Option<crate::conn::LazyTimer>>,
 }
 
 impl Downstream {
@@ -150,16 +149,16 @@ impl Downstream {
     /// The connection's response timer, armed for `at_ms` or earlier; a
     /// new one if another request (an HTTP/2 stream) is using it. Give it
     /// back with [`Downstream::keep_response_timer`].
-    fn take_response_timer(&self, at_ms: u64) -> deadline::LazyTimer {
+    fn take_response_timer(&self, at_ms: u64) -> crate::conn::LazyTimer {
         self.response_timer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
-            .unwrap_or_else(|| deadline::LazyTimer::new(at_ms))
+            .unwrap_or_else(|| crate::conn::LazyTimer::new(at_ms))
     }
 
     /// Keep `timer` for the connection's next request.
-    fn keep_response_timer(&self, timer: deadline::LazyTimer) {
+    fn keep_response_timer(&self, timer: crate::conn::LazyTimer) {
         *self
             .response_timer
             .lock()
