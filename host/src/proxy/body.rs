@@ -19,13 +19,28 @@ use crate::upstream::InFlight;
 /// request's deadline. A backend body also fails when the backend sends
 /// nothing for `response_body_timeout_ms` while the proxy waits on it (a slow
 /// client reading is not the backend's inactivity: no read is pending then).
+///
+/// One pointer wide: a `Response<ProxyBody>` is then 120 bytes, under the
+/// 128 that the compiler moves with inline stores instead of a `memcpy`
+/// call, and a response is moved about a dozen times on its way to hyper
+/// (out of the attempt, the retry loop, the timeout, gRPC shaping, the
+/// service). Its state is one allocation, made with the response
+/// (`bench/instructions.py`).
 #[derive(Debug)]
 pub struct ProxyBody {
+    inner: Box<Inner>,
+}
+
+// Kept under the inline-move limit (see [`ProxyBody`]).
+const _: () = assert!(std::mem::size_of::<http::Response<ProxyBody>>() <= 128);
+
+#[derive(Debug)]
+struct Inner {
     kind: BodyKind,
-    pub(super) deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    _request: Option<RequestGuard>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    request: Option<RequestGuard>,
     /// The request's access log entry, written when this body is dropped.
-    pub(super) access: Option<crate::access_log::Pending>,
+    access: Option<crate::access_log::Pending>,
 }
 
 /// The request's deadline passed while the response body was streaming.
@@ -41,11 +56,7 @@ pub struct BodyIdleTimeout;
 
 #[derive(Debug)]
 enum BodyKind {
-    /// Boxed: a response is moved a dozen times on its way to hyper (out of
-    /// the attempt, the retry loop, the timeout, gRPC shaping, the
-    /// service), and inline this state made each move about 340 bytes; one
-    /// allocation costs less than those copies (`bench/instructions.py`).
-    Upstream(Box<UpstreamBody>),
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
@@ -93,42 +104,55 @@ impl ProxyBody {
         lease: Lease,
         idle_limit: Duration,
     ) -> Self {
-        Self {
-            kind: BodyKind::Upstream(Box::new(UpstreamBody {
-                body,
-                _in_flight: in_flight,
-                lease,
-                ended: false,
-                idle: IdleTimer {
-                    limit: idle_limit,
-                    sleep: None,
-                    progressed: false,
-                },
-            })),
-            deadline: None,
-            _request: None,
-            access: None,
-        }
+        Self::new(BodyKind::Upstream(UpstreamBody {
+            body,
+            _in_flight: in_flight,
+            lease,
+            ended: false,
+            idle: IdleTimer {
+                limit: idle_limit,
+                sleep: None,
+                progressed: false,
+            },
+        }))
     }
 
     pub(super) fn full(bytes: Bytes) -> Self {
+        Self::new(BodyKind::Full(Some(bytes)))
+    }
+
+    fn new(kind: BodyKind) -> Self {
         Self {
-            kind: BodyKind::Full(Some(bytes)),
-            deadline: None,
-            _request: None,
-            access: None,
+            inner: Box::new(Inner {
+                kind,
+                deadline: None,
+                request: None,
+                access: None,
+            }),
         }
+    }
+
+    /// Fail the body (cut the response) when `deadline` fires while the
+    /// body is still streaming (`request_timeout_ms`).
+    pub(super) fn set_deadline(&mut self, deadline: Pin<Box<tokio::time::Sleep>>) {
+        self.inner.deadline = Some(deadline);
+    }
+
+    /// Write `entry` to the access log once this body is finished or
+    /// dropped.
+    pub(super) fn set_access(&mut self, entry: crate::access_log::Pending) {
+        self.inner.access = Some(entry);
     }
 
     /// True for a response body the proxy made (an error's text), not a
     /// backend's.
     pub fn is_proxy_made(&self) -> bool {
-        matches!(self.kind, BodyKind::Full(_))
+        matches!(self.inner.kind, BodyKind::Full(_))
     }
 
     /// The text of a proxy-made body, taken out of it.
     pub fn take_text(&mut self) -> Option<String> {
-        match &mut self.kind {
+        match &mut self.inner.kind {
             BodyKind::Full(bytes) => bytes
                 .take()
                 .map(|b| String::from_utf8_lossy(&b).into_owned()),
@@ -140,7 +164,7 @@ impl ProxyBody {
     /// finished (see [`crate::conn`]). In place: a response is large enough
     /// that moving it out and back costs more than the rest of this.
     pub fn hold_request_guard(&mut self, guard: RequestGuard) {
-        self._request = Some(guard);
+        self.inner.request = Some(guard);
     }
 }
 
@@ -149,7 +173,7 @@ impl Drop for ProxyBody {
     /// (hyper stops polling a body with a known length once it has every
     /// byte, so `is_end_stream` counts as the end too).
     fn drop(&mut self) {
-        if let BodyKind::Upstream(upstream) = &mut self.kind
+        if let BodyKind::Upstream(upstream) = &mut self.inner.kind
             && (upstream.ended || upstream.body.is_end_stream())
         {
             upstream.lease.finished();
@@ -165,7 +189,7 @@ impl Body for ProxyBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
+        let this = &mut *self.get_mut().inner;
         let frame = match &mut this.kind {
             BodyKind::Upstream(upstream) => match Pin::new(&mut upstream.body).poll_frame(cx) {
                 Poll::Ready(f) => {
@@ -195,14 +219,14 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
+        match &self.inner.kind {
             BodyKind::Upstream(upstream) => upstream.body.is_end_stream(),
             BodyKind::Full(bytes) => bytes.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
+        match &self.inner.kind {
             BodyKind::Upstream(upstream) => upstream.body.size_hint(),
             BodyKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             BodyKind::Full(None) => SizeHint::with_exact(0),

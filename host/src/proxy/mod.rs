@@ -521,8 +521,11 @@ impl Proxy {
                     u64::try_from(served.attempts.decision.as_micros()).unwrap_or(u64::MAX);
                 entry.fallback = served.attempts.fallback;
                 entry.error = error;
-                response.body_mut().access =
-                    Some(Pending::new(entry, log.clone(), served.attempts.bytes_in));
+                response.body_mut().set_access(Pending::new(
+                    entry,
+                    log.clone(),
+                    served.attempts.bytes_in,
+                ));
             }
             Ok(response)
         }
@@ -599,7 +602,9 @@ impl Proxy {
             };
             log_proxy_error(&response, upstream.name(), client, &method, &uri);
             if let Some(at) = deadline {
-                response.body_mut().deadline = Some(Box::pin(tokio::time::sleep_until(at)));
+                response
+                    .body_mut()
+                    .set_deadline(Box::pin(tokio::time::sleep_until(at)));
             }
             upstream
                 .metrics()
