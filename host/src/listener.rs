@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::conn::{ConnActivity, ConnLimit, ConnPermit, TimedIo};
 use crate::log_limit::LogLimiter;
 use crate::metrics::{LocalOp, Metrics};
-use crate::proxy::{Downstream, DownstreamTls, H2Tunnel, ListenerKey, Proxy, ProxyBody};
+use crate::proxy::{Downstream, DownstreamTls, ListenerKey, Proxy, ProxyBody};
 use crate::tunnel::Prefixed;
 
 /// An error that ends a downstream connection (hyper's, TLS, I/O, PROXY header).
@@ -378,17 +378,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ProxyService {
         // connection for its whole life; the request path's state (about
         // 1.6 KB) would otherwise be held by each idle keep-alive
         // connection (bench/run.py measures it).
-        Box::pin(async move {
-            let Ok(mut response) = proxy.handle(key, downstream, req).await;
-            if let Some(tunnel) = response.extensions_mut().remove::<H2Tunnel>() {
-                // An HTTP/2 extended CONNECT's tunnel: hyper upgrades the
-                // stream once this 200 is sent (its body is never sent).
-                tokio::spawn(tunnel.run(guard));
-                return Ok(response);
-            }
-            response.body_mut().hold_request_guard(guard);
-            Ok(response)
-        })
+        Box::pin(proxy.handle(key, downstream, req, guard))
     }
 }
 

@@ -40,6 +40,7 @@ use hyper::body::Incoming;
 
 use crate::access_log::{AccessLog, Entry, Pending};
 use crate::config::{Config, RequestLimits, RouteConfig};
+use crate::conn::RequestGuard;
 pub use crate::headers::is_grpc;
 use crate::headers::{authority, host_without_port};
 use crate::log_limit::LogLimiter;
@@ -419,16 +420,20 @@ impl Proxy {
     /// Index of the upstream serving a request on `listener`: the first route
     /// whose host and path prefix both match, else the listener's default.
     fn route(&self, listener: &ListenerKey, parts: &http::request::Parts) -> Option<usize> {
-        let host = host_without_port(authority(parts));
+        // The host is looked up (a header lookup and a search for the
+        // port) only for a route that names one.
+        let mut host = None;
         let path = parts.uri.path();
         self.routes
             .iter()
             .find(|r| {
                 r.sni.is_none()
-                    && r.host
-                        .as_deref()
-                        .is_none_or(|h| h.eq_ignore_ascii_case(host))
                     && r.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+                    && r.host.as_deref().is_none_or(|h| {
+                        h.eq_ignore_ascii_case(
+                            host.get_or_insert_with(|| host_without_port(authority(parts))),
+                        )
+                    })
             })
             .map(|r| r.upstream)
             .or_else(|| self.listener_defaults.get(listener).copied())
@@ -467,7 +472,9 @@ impl Proxy {
     }
 
     /// Serve one downstream request that arrived on `listener` over the
-    /// `downstream` connection.
+    /// `downstream` connection; the response body holds the connection's
+    /// request `guard` until it is finished (an HTTP/2 extended CONNECT's
+    /// tunnel holds it instead, for its life).
     /// Never fails: a request breaking [`crate::request_rules`] gets its 4xx,
     /// other errors become 400/502/503/504 responses (see `forward::Failure`).
     #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
@@ -476,6 +483,7 @@ impl Proxy {
         listener: ListenerKey,
         downstream: Arc<Downstream>,
         request: Request<Incoming>,
+        guard: RequestGuard,
     ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
         async move {
             let grpc = is_grpc(request.headers());
@@ -498,9 +506,81 @@ impl Proxy {
             if served.entry.is_some() {
                 served.attempts.bytes_in = Some(Arc::default());
             }
-            let mut response = self
-                .handle_http(listener, &downstream, request, &mut served)
-                .await;
+            // One future for the whole request (no inner `async` layer to
+            // move the request into and the response out of).
+            let mut response = 'serve: {
+                let client = downstream.peer;
+                let started = Instant::now();
+                let (mut parts, body) = request.into_parts();
+                if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
+                    tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
+                    let mut response = error_response(rejection.status, rejection.reason);
+                    // The rest of the connection cannot be trusted to be framed as
+                    // the client meant: answer, then close.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    break 'serve response;
+                }
+                let Some(UpstreamPool { upstream, pool }) = self
+                    .route(&listener, &parts)
+                    .and_then(|i| self.upstreams.get(i))
+                else {
+                    let response = server_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no upstream for this listener",
+                        "no route matched and the listener has no upstream".into(),
+                    );
+                    log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
+                    break 'serve response;
+                };
+                if served.entry.is_some() {
+                    served.upstream = Some(upstream.shared_name().clone());
+                }
+                let deadline = upstream
+                    .request_timeout
+                    .map(|t| tokio::time::Instant::now() + t);
+                // For the error log (a method and a URI clone without allocating).
+                let (method, uri) = (parts.method.clone(), parts.uri.clone());
+                // Boxed: the request path's state (about 3 KB) is then written
+                // once, into its own allocation, instead of being copied into each
+                // enclosing future (the timeout, this one, the service's box)
+                // as each is created: that copying cost about 10 % of the CPU per
+                // request (`bench/profile.py`, memmove).
+                let forward = Box::pin(self.forward(
+                    upstream,
+                    pool,
+                    &downstream,
+                    parts,
+                    body,
+                    &mut served.attempts,
+                ));
+                let mut response = match deadline {
+                    None => forward.await,
+                    Some(at) => match tokio::time::timeout_at(at, forward).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            self.metrics.unrouted(upstream.name(), 504);
+                            let reason = format!(
+                                "no response within request_timeout_ms = {}",
+                                upstream.request_timeout.map_or(0, |t| t.as_millis())
+                            );
+                            server_error(StatusCode::GATEWAY_TIMEOUT, &reason, reason.clone())
+                        }
+                    },
+                };
+                log_proxy_error(&response, upstream.name(), client, &method, &uri);
+                if let Some(at) = deadline {
+                    response
+                        .body_mut()
+                        .set_deadline(Box::pin(tokio::time::sleep_until(at)));
+                }
+                upstream
+                    .metrics()
+                    .request_duration
+                    .observe(started.elapsed().as_secs_f64());
+                response
+            };
             if let Some(trace) = served.attempts.trace.take() {
                 trace.finish(response.status().as_u16(), served.attempts.backend);
             }
@@ -527,90 +607,14 @@ impl Proxy {
                     served.attempts.bytes_in,
                 ));
             }
+            if let Some(tunnel) = response.extensions_mut().remove::<H2Tunnel>() {
+                // An HTTP/2 extended CONNECT's tunnel: hyper upgrades the
+                // stream once this 200 is sent (its body is never sent).
+                tokio::spawn(tunnel.run(guard));
+            } else {
+                response.body_mut().hold_request_guard(guard);
+            }
             Ok(response)
-        }
-    }
-
-    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
-    fn handle_http(
-        &self,
-        listener: ListenerKey,
-        downstream: &Downstream,
-        request: Request<Incoming>,
-        served: &mut Served,
-    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send {
-        async move {
-            let client = downstream.peer;
-            let started = Instant::now();
-            let (mut parts, body) = request.into_parts();
-            if let Err(rejection) = crate::request_rules::check(&mut parts, &self.limits) {
-                tracing::debug!(%client, status = rejection.status.as_u16(), "request refused: {}", rejection.reason);
-                let mut response = error_response(rejection.status, rejection.reason);
-                // The rest of the connection cannot be trusted to be framed as
-                // the client meant: answer, then close.
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return response;
-            }
-            let Some(UpstreamPool { upstream, pool }) = self
-                .route(&listener, &parts)
-                .and_then(|i| self.upstreams.get(i))
-            else {
-                let response = server_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no upstream for this listener",
-                    "no route matched and the listener has no upstream".into(),
-                );
-                log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
-                return response;
-            };
-            if served.entry.is_some() {
-                served.upstream = Some(upstream.shared_name().clone());
-            }
-            let deadline = upstream
-                .request_timeout
-                .map(|t| tokio::time::Instant::now() + t);
-            // For the error log (a method and a URI clone without allocating).
-            let (method, uri) = (parts.method.clone(), parts.uri.clone());
-            // Boxed: the request path's state (about 3 KB) is then written
-            // once, into its own allocation, instead of being copied into each
-            // enclosing future (the timeout, this one, `handle`, the service's)
-            // as each is created: that copying cost about 10 % of the CPU per
-            // request (`bench/profile.py`, memmove).
-            let forward = Box::pin(self.forward(
-                upstream,
-                pool,
-                downstream,
-                parts,
-                body,
-                &mut served.attempts,
-            ));
-            let mut response = match deadline {
-                None => forward.await,
-                Some(at) => match tokio::time::timeout_at(at, forward).await {
-                    Ok(response) => response,
-                    Err(_) => {
-                        self.metrics.unrouted(upstream.name(), 504);
-                        let reason = format!(
-                            "no response within request_timeout_ms = {}",
-                            upstream.request_timeout.map_or(0, |t| t.as_millis())
-                        );
-                        server_error(StatusCode::GATEWAY_TIMEOUT, &reason, reason.clone())
-                    }
-                },
-            };
-            log_proxy_error(&response, upstream.name(), client, &method, &uri);
-            if let Some(at) = deadline {
-                response
-                    .body_mut()
-                    .set_deadline(Box::pin(tokio::time::sleep_until(at)));
-            }
-            upstream
-                .metrics()
-                .request_duration
-                .observe(started.elapsed().as_secs_f64());
-            response
         }
     }
 }
