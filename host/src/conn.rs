@@ -384,23 +384,21 @@ impl LazyTimer {
 
     /// `future`, bounded by `at_ms`: its output, or [`Elapsed`] once the
     /// deadline passed first. The future is polled before the timer, so a
-    /// ready future wins over a passed deadline.
-    #[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
-    pub(crate) fn within<F: Future>(
-        &mut self,
+    /// ready future wins over a passed deadline. The future is pinned by
+    /// the caller (`std::pin::pin!`), where it was made: taken by value, it
+    /// was moved into this future's state and then pinned there, a second
+    /// copy of the whole request (720 bytes) on every request.
+    pub(crate) fn within<'a, F: Future + ?Sized>(
+        &'a mut self,
         at_ms: u64,
-        future: F,
-    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
-        async move {
-            let mut future = std::pin::pin!(future);
-            std::future::poll_fn(|cx| {
-                if let Poll::Ready(out) = future.as_mut().poll(cx) {
-                    return Poll::Ready(Ok(out));
-                }
-                self.poll_until(cx, at_ms).map(|()| Err(Elapsed))
-            })
-            .await
-        }
+        mut future: Pin<&'a mut F>,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> + 'a {
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(out) = future.as_mut().poll(cx) {
+                return Poll::Ready(Ok(out));
+            }
+            self.poll_until(cx, at_ms).map(|()| Err(Elapsed))
+        })
     }
 }
 
@@ -825,11 +823,11 @@ mod tests {
     async fn a_ready_future_is_not_cut_and_a_slow_one_is_cut_at_the_deadline() {
         let mut timer = LazyTimer::new(now_ms() + 60_000);
         let at = now_ms() + 60_000;
-        assert_eq!(timer.within(at, async { 7 }).await, Ok(7));
+        assert_eq!(timer.within(at, std::pin::pin!(async { 7 })).await, Ok(7));
         let at = now_ms() + 50;
         let cut = tokio::time::timeout(
             Duration::from_secs(5),
-            timer.within(at, std::future::pending::<()>()),
+            timer.within(at, std::pin::pin!(std::future::pending::<()>())),
         )
         .await
         .expect("cut at its own deadline, not the armed one 60 s away");
@@ -846,7 +844,7 @@ mod tests {
         let at = start + 400;
         let cut = tokio::time::timeout(
             Duration::from_secs(5),
-            timer.within(at, std::future::pending::<()>()),
+            timer.within(at, std::pin::pin!(std::future::pending::<()>())),
         )
         .await
         .expect("cut at the later deadline");
@@ -859,7 +857,9 @@ mod tests {
         // Fired: the next use re-arms it.
         let at = now_ms() + 30;
         assert_eq!(
-            timer.within(at, std::future::pending::<()>()).await,
+            timer
+                .within(at, std::pin::pin!(std::future::pending::<()>()))
+                .await,
             Err(Elapsed)
         );
     }

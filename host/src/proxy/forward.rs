@@ -286,12 +286,9 @@ impl Proxy {
                 u64::try_from(upstream.response_timeout.as_millis()).unwrap_or(u64::MAX),
             );
             let mut timer = downstream.take_response_timer(at_ms);
-            let result = timer
-                .within(
-                    at_ms,
-                    pool.send(chosen.address, &downstream.addresses(), request),
-                )
-                .await;
+            let addresses = downstream.addresses();
+            let send = std::pin::pin!(pool.send(chosen.address, &addresses, request));
+            let result = timer.within(at_ms, send).await;
             downstream.keep_response_timer(timer);
             let failure = match result {
                 Ok(Ok((mut response, lease))) => {
