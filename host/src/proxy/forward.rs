@@ -510,16 +510,11 @@ impl HeadSnapshot {
 
     /// The head again, with room for the headers [`prepare_request`] adds.
     fn head(&self) -> http::request::Parts {
-        let mut request = Request::new(());
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        let headers = request.headers_mut();
-        headers.reserve(self.headers.len() + crate::headers::ADDED_HEADERS);
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        request.into_parts().0
+        new_head(
+            (&self.method, &self.uri, self.version),
+            self.headers.iter().map(|(name, value)| (name, value)),
+            self.headers.len(),
+        )
     }
 }
 
@@ -529,13 +524,28 @@ impl HeadSnapshot {
 /// reallocations and about 1,500 instructions per request,
 /// `bench/instructions.py`).
 fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
+    new_head(
+        (&parts.method, &parts.uri, parts.version),
+        parts.headers.iter(),
+        parts.headers.len(),
+    )
+}
+
+/// A request head of `method`, `uri` and `version` with `fields` (`len` of
+/// them) appended in order, and room for [`crate::headers::ADDED_HEADERS`]
+/// more; no extensions.
+fn new_head<'a>(
+    (method, uri, version): (&http::Method, &http::Uri, http::Version),
+    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    len: usize,
+) -> http::request::Parts {
     let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.version_mut() = parts.version;
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.version_mut() = version;
     let headers = request.headers_mut();
-    headers.reserve(parts.headers.len() + crate::headers::ADDED_HEADERS);
-    for (name, value) in &parts.headers {
+    headers.reserve(len + crate::headers::ADDED_HEADERS);
+    for (name, value) in fields {
         headers.append(name.clone(), value.clone());
     }
     request.into_parts().0
