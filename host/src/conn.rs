@@ -77,7 +77,7 @@ pub(crate) fn now_ms() -> u64 {
 /// The `Instant` `ms` (as [`now_ms`] counts) after the epoch; past what an
 /// `Instant` can hold (a timeout of `u64::MAX` ms), about 30 years after it,
 /// as tokio's own far-future deadline.
-pub(crate) fn instant_at_ms(ms: u64) -> Instant {
+fn instant_at_ms(ms: u64) -> Instant {
     let epoch = epoch().0;
     epoch
         .checked_add(Duration::from_millis(ms))
@@ -819,18 +819,25 @@ mod tests {
         drop(peer.write_all(b"x").await);
     }
 
+    /// A future that never finishes, bounded by `timer` at `at_ms`; `Err`
+    /// if the timer has not cut it within 5 s.
+    async fn pending_within(
+        timer: &mut LazyTimer,
+        at_ms: u64,
+    ) -> Result<Result<(), Elapsed>, tokio::time::error::Elapsed> {
+        let never = std::pin::pin!(std::future::pending::<()>());
+        tokio::time::timeout(Duration::from_secs(5), timer.within(at_ms, never)).await
+    }
+
     #[tokio::test]
     async fn a_ready_future_is_not_cut_and_a_slow_one_is_cut_at_the_deadline() {
         let mut timer = LazyTimer::new(now_ms() + 60_000);
         let at = now_ms() + 60_000;
         assert_eq!(timer.within(at, std::pin::pin!(async { 7 })).await, Ok(7));
         let at = now_ms() + 50;
-        let cut = tokio::time::timeout(
-            Duration::from_secs(5),
-            timer.within(at, std::pin::pin!(std::future::pending::<()>())),
-        )
-        .await
-        .expect("cut at its own deadline, not the armed one 60 s away");
+        let cut = pending_within(&mut timer, at)
+            .await
+            .expect("cut at its own deadline, not the armed one 60 s away");
         assert_eq!(cut, Err(Elapsed));
         assert!(now_ms() + 10 >= at, "not cut long before its deadline");
     }
@@ -842,12 +849,9 @@ mod tests {
         let start = now_ms();
         let mut timer = LazyTimer::new(start + 100);
         let at = start + 400;
-        let cut = tokio::time::timeout(
-            Duration::from_secs(5),
-            timer.within(at, std::pin::pin!(std::future::pending::<()>())),
-        )
-        .await
-        .expect("cut at the later deadline");
+        let cut = pending_within(&mut timer, at)
+            .await
+            .expect("cut at the later deadline");
         assert_eq!(cut, Err(Elapsed));
         assert!(
             now_ms() + 10 >= at,

@@ -214,8 +214,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Headers [`prepare_request`] may add to a head at most (`X-Forwarded-For`,
-/// `-Proto`, `-Host`, and `Host` or `TE`), for a copy to reserve room for.
+/// Headers [`prepare_request`] usually adds to a head (`X-Forwarded-For`,
+/// `-Proto`, `-Host`, and `Host` or `TE`), for a copy to reserve room for:
+/// a capacity hint, not a bound (a request may need both `Host` and `TE`).
 pub const ADDED_HEADERS: usize = 4;
 
 /// Turn a downstream request's head into the backend request's head:
