@@ -223,11 +223,14 @@ impl Proxy {
                 if !policy.allow(&mut retry, failure.nothing_sent(), body.replayable()) {
                     return response;
                 }
-                last_failure = Some(Box::new(response));
                 if let Some(snapshot) = &snapshot {
                     // For the plugin's next decision and the next attempt.
-                    view.parts = snapshot.head();
+                    match snapshot.head() {
+                        Some(head) => view.parts = head,
+                        None => return response,
+                    }
                 }
+                last_failure = Some(Box::new(response));
                 upstream.metrics().retries.inc();
                 tracing::debug!(
                     upstream = upstream.name(),
@@ -481,40 +484,107 @@ fn debug_headers(response: &mut Response<ProxyBody>, plugin: Option<&Plugin>, ch
     }
 }
 
-/// A request head kept for a retry: method, URI, version and the header
-/// fields in order (no extensions). Taking it clones each field's name and
-/// value into one vector, without hashing a name or building a header map;
-/// only a retry, the rare case, builds the map again ([`HeadSnapshot::head`]).
-/// Copying the head into a new map for every request instead cost about 880
-/// instructions per request (`bench/instructions.py`).
+/// A request head kept for a retry: the method, the version, and the URI's
+/// parts and the header fields (in order, no extensions) copied into one
+/// buffer. Taking it hashes no name and builds no header map; only a retry,
+/// the rare case, builds the head again ([`HeadSnapshot::head`]). Copying the
+/// head into a new map for every request instead cost about 880 instructions
+/// per request (`bench/instructions.py`).
+///
+/// Copied, not cloned: hyper parses the URI and the header values as slices
+/// of the client connection's read buffer, and the snapshot lives until the
+/// backend's response head arrives. Clones kept that 8 KiB buffer alive for
+/// every request in flight, while hyper read ahead into a new one: about 1.2
+/// MiB more resident memory at 256 connections (`bench/run.py`).
 struct HeadSnapshot {
     method: http::Method,
-    uri: http::Uri,
     version: http::Version,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The scheme, the authority, the path and query, then each field's name
+    /// and value, back to back.
+    bytes: Vec<u8>,
+    /// Where the scheme, the authority and the path and query end in `bytes`
+    /// (an absent part is empty, and absent again in the copy).
+    uri: [usize; 3],
+    /// Per field: where its name and its value end in `bytes`, and whether
+    /// the value is sensitive (not to be indexed by HPACK).
+    fields: Vec<(usize, usize, bool)>,
 }
 
 impl HeadSnapshot {
     fn of(parts: &http::request::Parts) -> Self {
-        Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts
+        let uri = &parts.uri;
+        let scheme = uri.scheme_str().unwrap_or("");
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let len = scheme.len()
+            + authority.len()
+            + path.len()
+            + parts
                 .headers
                 .iter()
-                .map(|(name, value)| (name.clone(), value.clone()))
-                .collect(),
+                .map(|(name, value)| name.as_str().len() + value.len())
+                .sum::<usize>();
+        let mut bytes = Vec::with_capacity(len);
+        let mut end = |part: &[u8]| {
+            bytes.extend_from_slice(part);
+            bytes.len()
+        };
+        let uri = [
+            end(scheme.as_bytes()),
+            end(authority.as_bytes()),
+            end(path.as_bytes()),
+        ];
+        let fields = parts
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    end(name.as_str().as_bytes()),
+                    end(value.as_bytes()),
+                    value.is_sensitive(),
+                )
+            })
+            .collect();
+        Self {
+            method: parts.method.clone(),
+            version: parts.version,
+            bytes,
+            uri,
+            fields,
         }
     }
 
     /// The head again, with room for the headers [`prepare_request`] adds.
-    fn head(&self) -> http::request::Parts {
-        new_head(
-            (&self.method, &self.uri, self.version),
-            self.headers.iter().map(|(name, value)| (name, value)),
-            self.headers.len(),
-        )
+    /// `None` if a part no longer parses, which cannot happen: each was
+    /// parsed from the same bytes before.
+    fn head(&self) -> Option<http::request::Parts> {
+        let text = |from: usize, to: usize| std::str::from_utf8(&self.bytes[from..to]).ok();
+        let [scheme_end, authority_end, path_end] = self.uri;
+        let mut uri = http::uri::Builder::new();
+        if scheme_end > 0 {
+            uri = uri.scheme(text(0, scheme_end)?);
+        }
+        if authority_end > scheme_end {
+            uri = uri.authority(text(scheme_end, authority_end)?);
+        }
+        if path_end > authority_end || scheme_end > 0 {
+            uri = uri.path_and_query(text(authority_end, path_end)?);
+        }
+        let uri = uri.build().ok()?;
+        let mut start = path_end;
+        let mut fields = Vec::with_capacity(self.fields.len());
+        for &(name_end, value_end, sensitive) in &self.fields {
+            let name = HeaderName::from_bytes(&self.bytes[start..name_end]).ok()?;
+            let mut value = HeaderValue::from_bytes(&self.bytes[name_end..value_end]).ok()?;
+            value.set_sensitive(sensitive);
+            fields.push((name, value));
+            start = value_end;
+        }
+        Some(new_head(
+            (&self.method, &uri, self.version),
+            fields.into_iter(),
+            self.fields.len(),
+        ))
     }
 }
 
@@ -526,7 +596,7 @@ impl HeadSnapshot {
 fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
     new_head(
         (&parts.method, &parts.uri, parts.version),
-        parts.headers.iter(),
+        parts.headers.iter().map(|(n, v)| (n.clone(), v.clone())),
         parts.headers.len(),
     )
 }
@@ -534,9 +604,9 @@ fn copy_head(parts: &http::request::Parts) -> http::request::Parts {
 /// A request head of `method`, `uri` and `version` with `fields` (`len` of
 /// them) appended in order, and room for [`crate::headers::ADDED_HEADERS`]
 /// more; no extensions.
-fn new_head<'a>(
+fn new_head(
     (method, uri, version): (&http::Method, &http::Uri, http::Version),
-    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    fields: impl Iterator<Item = (HeaderName, HeaderValue)>,
     len: usize,
 ) -> http::request::Parts {
     let mut request = Request::new(());
@@ -546,7 +616,7 @@ fn new_head<'a>(
     let headers = request.headers_mut();
     headers.reserve(len + crate::headers::ADDED_HEADERS);
     for (name, value) in fields {
-        headers.append(name.clone(), value.clone());
+        headers.append(name, value);
     }
     request.into_parts().0
 }
@@ -565,21 +635,77 @@ mod tests {
             .header("x-many", "1")
             .header("accept", "text/plain")
             .header("x-many", "2")
+            .header("x-empty", "")
+            .header("x-obs-text", HeaderValue::from_bytes(b"caf\xe9").unwrap())
             .body(())
             .unwrap();
         request.extensions_mut().insert(7u32);
+        let mut secret = HeaderValue::from_static("Bearer t");
+        secret.set_sensitive(true);
+        request.headers_mut().insert(header::AUTHORIZATION, secret);
         let (parts, ()) = request.into_parts();
         let snapshot = HeadSnapshot::of(&parts);
         for _ in 0..2 {
-            let head = snapshot.head();
+            let head = snapshot.head().expect("the head again");
             assert_eq!(head.method, http::Method::PUT);
             assert_eq!(head.uri, parts.uri);
             assert_eq!(head.version, http::Version::HTTP_10);
             assert_eq!(head.headers, parts.headers);
             let many: Vec<_> = head.headers.get_all("x-many").iter().collect();
             assert_eq!(many, ["1", "2"]);
+            assert!(head.headers[header::AUTHORIZATION].is_sensitive());
+            assert!(!head.headers["x-many"].is_sensitive());
             assert!(head.extensions.get::<u32>().is_none());
             assert!(head.headers.capacity() >= parts.headers.len() + crate::headers::ADDED_HEADERS);
         }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_every_form_of_request_target() {
+        // RFC 9112 section 3.2: origin-form, absolute-form, authority-form
+        // (CONNECT) and asterisk-form (OPTIONS), with an extension method.
+        for (method, target) in [
+            ("GET", "/"),
+            ("GET", "/p%20q/r?s=t&u"),
+            ("GET", "http://example.com"),
+            ("GET", "https://user@example.com:8443/x?y"),
+            ("CONNECT", "example.com:443"),
+            ("OPTIONS", "*"),
+            ("PURGE", "/cache/item"),
+        ] {
+            let (parts, ()) = Request::builder()
+                .method(method)
+                .uri(target)
+                .body(())
+                .unwrap()
+                .into_parts();
+            let head = HeadSnapshot::of(&parts).head().expect(target);
+            assert_eq!(head.method, parts.method, "{method} {target}");
+            assert_eq!(head.uri, parts.uri, "{method} {target}");
+            assert_eq!(head.uri.to_string(), parts.uri.to_string(), "{target}");
+            assert!(head.headers.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_snapshot_does_not_keep_the_read_buffer_alive() {
+        // hyper parses the URI and the header values as slices of the
+        // connection's read buffer: a snapshot must hold copies, not them.
+        let buffer = bytes::Bytes::from(b"/path?q=1 value-1 value-2".to_vec());
+        let mut request = Request::new(());
+        *request.uri_mut() = http::Uri::from_maybe_shared(buffer.slice(0..9)).unwrap();
+        for (name, range) in [("x-one", 10..17), ("x-two", 18..25)] {
+            let value = HeaderValue::from_maybe_shared(buffer.slice(range)).unwrap();
+            request.headers_mut().append(name, value);
+        }
+        let (parts, ()) = request.into_parts();
+        assert!(!buffer.is_unique(), "the head shares the buffer");
+        let snapshot = HeadSnapshot::of(&parts);
+        drop(parts);
+        assert!(buffer.is_unique(), "the snapshot shares the buffer");
+        let head = snapshot.head().expect("the head again");
+        assert_eq!(head.uri, "/path?q=1");
+        assert_eq!(head.headers["x-one"], "value-1");
+        assert_eq!(head.headers["x-two"], "value-2");
     }
 }
