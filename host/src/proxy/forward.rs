@@ -571,20 +571,20 @@ impl HeadSnapshot {
             uri = uri.path_and_query(text(authority_end, path_end)?);
         }
         let uri = uri.build().ok()?;
+        let mut head = new_head(
+            (&self.method, &uri, self.version),
+            std::iter::empty(),
+            self.fields.len(),
+        );
         let mut start = path_end;
-        let mut fields = Vec::with_capacity(self.fields.len());
         for &(name_end, value_end, sensitive) in &self.fields {
             let name = HeaderName::from_bytes(&self.bytes[start..name_end]).ok()?;
             let mut value = HeaderValue::from_bytes(&self.bytes[name_end..value_end]).ok()?;
             value.set_sensitive(sensitive);
-            fields.push((name, value));
+            head.headers.append(name, value);
             start = value_end;
         }
-        Some(new_head(
-            (&self.method, &uri, self.version),
-            fields.into_iter(),
-            self.fields.len(),
-        ))
+        Some(head)
     }
 }
 

@@ -531,7 +531,7 @@ impl Proxy {
                         "no upstream for this listener",
                         "no route matched and the listener has no upstream".into(),
                     );
-                    log_proxy_error(&response, "none", client, &parts.method, &parts.uri);
+                    log_proxy_error(&response, "none", client, &parts.method, parts.uri.path());
                     break 'serve response;
                 };
                 if served.entry.is_some() {
@@ -540,8 +540,11 @@ impl Proxy {
                 let deadline = upstream
                     .request_timeout
                     .map(|t| tokio::time::Instant::now() + t);
-                // For the error log (a method and a URI clone without allocating).
-                let (method, uri) = (parts.method.clone(), parts.uri.clone());
+                // For the error log. The path is copied, not cloned: hyper
+                // parses the URI as a slice of the connection's read buffer,
+                // and a clone would keep that 8 KiB buffer alive until the
+                // response (as the retry snapshot's copy avoids too).
+                let (method, path) = (parts.method.clone(), Box::<str>::from(parts.uri.path()));
                 // Boxed: the request path's state (about 3 KB) is then written
                 // once, into its own allocation, instead of being copied into each
                 // enclosing future (the timeout, this one, the service's box)
@@ -569,7 +572,7 @@ impl Proxy {
                         }
                     },
                 };
-                log_proxy_error(&response, upstream.name(), client, &method, &uri);
+                log_proxy_error(&response, upstream.name(), client, &method, &path);
                 if let Some(at) = deadline {
                     response
                         .body_mut()
@@ -743,7 +746,7 @@ fn log_proxy_error(
     upstream: &str,
     client: std::net::SocketAddr,
     method: &http::Method,
-    uri: &http::Uri,
+    path: &str,
 ) {
     static LIMIT: LogLimiter = LogLimiter::new();
     let status = response.status();
@@ -759,7 +762,7 @@ fn log_proxy_error(
             upstream,
             %client,
             %method,
-            path = uri.path(),
+            path,
             suppressed,
             "proxy answered {status}: {}",
             error.detail

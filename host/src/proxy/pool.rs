@@ -477,6 +477,10 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use crate::config::DEFAULT_POOL_IDLE_TIMEOUT_MS;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     #[test]
     fn keys_that_differ_are_kept_apart_and_equal_ones_found() {
@@ -500,13 +504,9 @@ mod tests {
         }
         assert_eq!(map.len(), keys.len());
         for (i, k) in keys.iter().enumerate() {
-            assert_eq!(map.get(&Key { ..*k }), Some(&i));
+            assert_eq!(map.get(k), Some(&i));
         }
     }
-    use tokio::net::TcpListener;
-
-    use crate::config::DEFAULT_POOL_IDLE_TIMEOUT_MS;
-    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     /// A backend that answers `n` requests per connection, then closes it;
     /// returns its address and the count of accepted connections.
