@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Instructions per proxied request, counted under valgrind (callgrind).
 
-Usage: bench/instructions.py [--requests N] [--conns C] [--build]
+Usage: bench/instructions.py [--requests N] [--conns C] [--build] [--cache-sim]
                              [--top K] [--extra TOML] [hyper-floor] [NAME=BINARY ...]
        bench/instructions.py --ladder [--build | BINARY]
 
@@ -25,6 +25,13 @@ Instructions are not time (a cache miss or a system call costs more than
 its count says, and the kernel's share is not counted), so confirm a change
 with bench/run.py; but a change that removes instructions from every
 request shows here exactly.
+
+With --cache-sim, valgrind also simulates the caches (the host CPU's L1
+instruction and data caches and its last level, as valgrind reads them) and
+each target's line gives its L1 instruction-cache misses (I1 misses) and L1
+data-cache misses (D1 misses, reads plus writes) per request: the code and
+data a request touches that did not stay in L1 since the request before it.
+Simulated, so repeatable like the instruction count, and slower (about 2x).
 
 With --ladder the script measures bench/run.py's cost ladder this way: the
 hyper floor, then the one wasmlb binary with each rung's configuration
@@ -69,8 +76,9 @@ def h2load(port, requests, conns):
     return int(done.group(1)) if done else 0
 
 
-def measure(binary, addrs, requests, conns, extra, top):
-    """(instructions per request, [(inclusive per request, function)] of the top)."""
+def measure(binary, addrs, requests, conns, extra, top, cache_sim=False):
+    """(instructions per request, [(inclusive per request, function)] of the top);
+    with `cache_sim`, a third item: {"I1 misses": .., "D1 misses": ..} per request."""
     work = Path(tempfile.mkdtemp(prefix="wasmlb-instructions-"))
     port = run.free_port()
     conf = work / "wasmlb.toml"
@@ -80,7 +88,8 @@ def measure(binary, addrs, requests, conns, extra, top):
         argv = [run.HYPER_FLOOR, f"127.0.0.1:{port}"] + addrs
     else:
         argv = [binary, "--config", conf, "--threads", "1", "--log-level", "warn"]
-    proc = run.Proc(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + argv,
+    sim = ["--cache-sim=yes"] if cache_sim else []
+    proc = run.Proc(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + sim + argv,
                     cpus="0")
     try:
         run.wait_port(port, timeout=180)
@@ -99,9 +108,16 @@ def measure(binary, addrs, requests, conns, extra, top):
     if not dumps or done == 0:
         sys.exit(f"{binary}: no measured dump ({done} requests succeeded)")
     total = 0
+    events = {}
     for dump in dumps:
-        m = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(errors="replace"), re.M)
+        text = dump.read_text(errors="replace")
+        m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
         total += int(m.group(1)) if m else 0
+        names = re.search(r"^events: (.*)$", text, re.M)
+        counts = re.search(r"^(?:summary|totals): (.*)$", text, re.M)
+        if names and counts:
+            for name, count in zip(names.group(1).split(), counts.group(1).split()):
+                events[name] = events.get(name, 0) + int(count)
     functions = []
     if top:
         annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100"]
@@ -112,6 +128,10 @@ def measure(binary, addrs, requests, conns, extra, top):
             if m:
                 functions.append((int(m.group(1).replace(",", "")) / done, m.group(2).strip()))
         functions = functions[:top]
+    if cache_sim:
+        misses = {"I1 misses": events.get("I1mr", 0) / done,
+                  "D1 misses": (events.get("D1mr", 0) + events.get("D1mw", 0)) / done}
+        return total / done, functions, misses
     return total / done, functions
 
 
@@ -122,6 +142,8 @@ def main():
     ap.add_argument("--build", action="store_true",
                     help="build the current tree with the valgrind feature and measure it")
     ap.add_argument("--top", type=int, default=0, help="list the K costliest functions")
+    ap.add_argument("--cache-sim", action="store_true",
+                    help="also simulate the caches: L1 instruction and data misses per request")
     ap.add_argument("--extra", default="", help="TOML added to [upstream.app]")
     ap.add_argument("--ladder", action="store_true",
                     help="the cost ladder (run.LADDER) for one binary, as a Markdown table")
@@ -152,10 +174,13 @@ def main():
     results = []
     try:
         for name, binary in targets:
-            per_request, functions = measure(binary, addrs, args.requests, args.conns,
-                                             args.extra, args.top)
+            measured = measure(binary, addrs, args.requests, args.conns, args.extra, args.top,
+                               args.cache_sim)
+            per_request, functions = measured[0], measured[1]
             results.append((name, per_request))
-            print(f"{name}: {per_request:,.0f} instructions per request", flush=True)
+            misses = "".join(f", {v:,.0f} {k}" for k, v in measured[2].items()) \
+                if args.cache_sim else ""
+            print(f"{name}: {per_request:,.0f} instructions per request{misses}", flush=True)
             for count, function in functions:
                 print(f"  {count:>10,.0f}  {function[:150]}")
     finally:
