@@ -77,8 +77,8 @@ def h2load(port, requests, conns):
 
 
 def measure(binary, addrs, requests, conns, extra, top, cache_sim=False):
-    """(instructions per request, [(inclusive per request, function)] of the top);
-    with `cache_sim`, a third item: {"I1 misses": .., "D1 misses": ..} per request."""
+    """(instructions per request, [(inclusive per request, function)] of the top,
+    {"I1 misses": .., "D1 misses": ..} per request with `cache_sim`, else {})."""
     work = Path(tempfile.mkdtemp(prefix="wasmlb-instructions-"))
     port = run.free_port()
     conf = work / "wasmlb.toml"
@@ -107,17 +107,17 @@ def measure(binary, addrs, requests, conns, extra, top, cache_sim=False):
     run.log(f"{binary}: callgrind dumps in {work}")
     if not dumps or done == 0:
         sys.exit(f"{binary}: no measured dump ({done} requests succeeded)")
-    total = 0
+    # Each event's total over the dumps (Ir: instructions; with the cache
+    # simulation also I1mr, D1mr, D1mw and the rest).
     events = {}
     for dump in dumps:
         text = dump.read_text(errors="replace")
-        m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-        total += int(m.group(1)) if m else 0
         names = re.search(r"^events: (.*)$", text, re.M)
         counts = re.search(r"^(?:summary|totals): (.*)$", text, re.M)
         if names and counts:
             for name, count in zip(names.group(1).split(), counts.group(1).split()):
                 events[name] = events.get(name, 0) + int(count)
+    total = events.get("Ir", 0)
     functions = []
     if top:
         annotated = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100"]
@@ -128,11 +128,10 @@ def measure(binary, addrs, requests, conns, extra, top, cache_sim=False):
             if m:
                 functions.append((int(m.group(1).replace(",", "")) / done, m.group(2).strip()))
         functions = functions[:top]
-    if cache_sim:
-        misses = {"I1 misses": events.get("I1mr", 0) / done,
-                  "D1 misses": (events.get("D1mr", 0) + events.get("D1mw", 0)) / done}
-        return total / done, functions, misses
-    return total / done, functions
+    misses = {"I1 misses": events.get("I1mr", 0) / done,
+              "D1 misses": (events.get("D1mr", 0) + events.get("D1mw", 0)) / done} \
+        if cache_sim else {}
+    return total / done, functions, misses
 
 
 def main():
@@ -174,12 +173,10 @@ def main():
     results = []
     try:
         for name, binary in targets:
-            measured = measure(binary, addrs, args.requests, args.conns, args.extra, args.top,
-                               args.cache_sim)
-            per_request, functions = measured[0], measured[1]
+            per_request, functions, misses = measure(binary, addrs, args.requests, args.conns,
+                                                     args.extra, args.top, args.cache_sim)
             results.append((name, per_request))
-            misses = "".join(f", {v:,.0f} {k}" for k, v in measured[2].items()) \
-                if args.cache_sim else ""
+            misses = "".join(f", {v:,.0f} {k}" for k, v in misses.items())
             print(f"{name}: {per_request:,.0f} instructions per request{misses}", flush=True)
             for count, function in functions:
                 print(f"  {count:>10,.0f}  {function[:150]}")
