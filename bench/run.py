@@ -136,6 +136,25 @@ def cpu_ns(pid):
     return total
 
 
+def cpu_ticks(pid):
+    """(user, system) clock ticks of pid's processes and threads (/proc/PID/task/TID/stat
+    utime and stime). The kernel samples these at each timer tick, so they only split
+    cpu_ns's exact total into its user-space and kernel shares."""
+    user = system = 0
+    for p in descendants(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                fields = Path(f"/proc/{p}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
+                user, system = user + int(fields[11]), system + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    return user, system
+
+
 def rss_kib(pid, field="VmRSS"):
     """Sum of `field` (VmRSS: resident now; VmHWM: peak) over pid's processes, in KiB."""
     total = 0
@@ -418,14 +437,18 @@ def measure(name, workdir, addrs, wasmlb, conns, duration, backend_proc, threads
         subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", "-d1s",
                         f"http://127.0.0.1:{port}/"], capture_output=True, check=True)
         measured = backend_proc.pid if proc is None else proc.pid
-        before = cpu_ns(measured)
+        before, ticks_before = cpu_ns(measured), cpu_ticks(measured)
         rps, total, p50, p99 = run_wrk(port, conns, duration)
         used = cpu_ns(measured) - before
+        user, system = (a - b for a, b in zip(cpu_ticks(measured), ticks_before))
         rss = peak_rss_kib(measured)
     finally:
         if proc:
             proc.stop()
-    return {"rps": rps, "p50": p50, "p99": p99, "cpu_us": used / 1000.0 / max(total, 1),
+    cpu_us = used / 1000.0 / max(total, 1)
+    # The kernel's share of the exact total, as its tick samples split it.
+    sys_us = cpu_us * system / (user + system) if user + system else float("nan")
+    return {"rps": rps, "p50": p50, "p99": p99, "cpu_us": cpu_us, "sys_us": sys_us,
             "rss_mib": rss / 1024.0}
 
 
@@ -820,7 +843,9 @@ def main():
         "",
         f"Each target alone on CPU 0; `wrk -t1` and the 4 `demo-backend` servers on CPU 1; "
         f"{args.duration} s per run, median of {args.reps} interleaved repetition(s). "
-        "CPU us/request counts every thread of the target (for direct: the backend process). "
+        "CPU us/request counts every thread of the target (for direct: the backend process); "
+        "its kernel share is split off by the kernel's tick samples (utime/stime), so it is "
+        "approximate. "
         "hyper-floor is `bench/hyper-floor`, the smallest proxy hyper allows (the floor "
         "for any proxy built on hyper). Compare only inside one run.",
     ]
@@ -829,8 +854,8 @@ def main():
         lines += [
             "",
             "| conns | target | requests/s | ratio to direct | p50 / p99 ms | CPU us per request "
-            "| CPU x NGINX | CPU x hyper floor | peak RSS MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| of it in the kernel | CPU x NGINX | CPU x hyper floor | peak RSS MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for conns in conn_levels:
             direct = med(results[("direct", conns)], "rps")
@@ -842,6 +867,7 @@ def main():
                 lines.append(
                     f"| {conns} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'rps') / direct:.2f} "
                     f"| {med(rs, 'p50'):.2f} / {med(rs, 'p99'):.2f} | {cpu[name]:.1f} | "
+                    f"{med(rs, 'sys_us'):.1f} | "
                     f"{vs('nginx')} | {vs('hyper-floor')} | {med(rs, 'rss_mib'):.1f} |")
             for who in ("wasmlb-rr", "wasmlb-pgo"):
                 if who in cpu and "nginx" in cpu:
