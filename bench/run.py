@@ -120,9 +120,9 @@ def descendants(pid):
     return out
 
 
-def cpu_ns(pid):
-    """CPU time of pid's processes and threads, in ns (schedstat field 1)."""
-    total = 0
+def task_files(pid, name):
+    """The text of /proc/P/task/T/`name` for every thread T of pid and its descendants
+    (threads that exit meanwhile are skipped)."""
     for p in descendants(pid):
         try:
             tasks = os.listdir(f"/proc/{p}/task")
@@ -130,9 +130,19 @@ def cpu_ns(pid):
             continue
         for t in tasks:
             try:
-                total += int(Path(f"/proc/{p}/task/{t}/schedstat").read_text().split()[0])
-            except (OSError, IndexError, ValueError):
+                yield Path(f"/proc/{p}/task/{t}/{name}").read_text()
+            except OSError:
                 pass
+
+
+def cpu_ns(pid):
+    """CPU time of pid's processes and threads, in ns (schedstat field 1)."""
+    total = 0
+    for text in task_files(pid, "schedstat"):
+        try:
+            total += int(text.split()[0])
+        except (IndexError, ValueError):
+            pass
     return total
 
 
@@ -141,17 +151,12 @@ def cpu_ticks(pid):
     utime and stime). The kernel samples these at each timer tick, so they only split
     cpu_ns's exact total into its user-space and kernel shares."""
     user = system = 0
-    for p in descendants(pid):
+    for text in task_files(pid, "stat"):
         try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                fields = Path(f"/proc/{p}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
-                user, system = user + int(fields[11]), system + int(fields[12])
-            except (OSError, IndexError, ValueError):
-                pass
+            fields = text.rsplit(")", 1)[1].split()
+            user, system = user + int(fields[11]), system + int(fields[12])
+        except (IndexError, ValueError):
+            pass
     return user, system
 
 
