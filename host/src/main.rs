@@ -281,7 +281,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let path = cli.config.as_ref().context("--config FILE is required")?;
     let config = Config::load(path)?;
     if cli.check {
-        let runtime = Runtime::new()?;
+        let runtime = wasmlb::server::runtime_for(&config)?;
         Proxy::new(&config, &runtime)?;
         // As `nginx -t`: an address that cannot be bound now (in use, not
         // local, a privileged port) would fail the start.

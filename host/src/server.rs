@@ -48,6 +48,24 @@ pub enum ServerError {
     },
 }
 
+/// The plugin runtime for `config`: with its `plugin_cache_dir` if that can
+/// be used, else (with a warning) without one, since the cache only saves
+/// compilation time and memory.
+///
+/// # Errors
+/// [`crate::plugin::PluginError::Engine`] if wasmtime rejects the engine
+/// configuration.
+pub fn runtime_for(config: &Config) -> Result<Runtime, crate::plugin::PluginError> {
+    let dir = config.server.plugin_cache_dir.as_deref();
+    match Runtime::with_disk_cache(dir) {
+        Err(e @ crate::plugin::PluginError::DiskCache { .. }) => {
+            tracing::warn!("{e}; compiling plugins without a disk cache");
+            Runtime::new()
+        }
+        other => other,
+    }
+}
+
 /// Entry point for embedding: start every listener of a config.
 #[derive(Debug)]
 pub struct Server;
@@ -62,7 +80,7 @@ impl Server {
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
-        let runtime = Runtime::new().map_err(ProxyError::Runtime)?;
+        let runtime = runtime_for(config).map_err(ProxyError::Runtime)?;
         let metrics = Arc::new(Metrics::new());
         runtime.set_cache_limits(
             config.server.plugin_cache_entries,
@@ -80,6 +98,14 @@ impl Server {
             .connections_max
             .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
         let proxy = Proxy::build(config, &runtime, metrics.clone(), None)?;
+        if let Some(disk) = runtime.disk_cache() {
+            tracing::info!(
+                dir = %disk.dir.display(),
+                read = disk.hits,
+                compiled = disk.misses,
+                "plugin disk cache"
+            );
+        }
         crate::control::start_background(&proxy, config);
         let mut bound = Vec::new();
         for (index, (key, l)) in ListenerKey::all(config)

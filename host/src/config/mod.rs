@@ -587,6 +587,11 @@ pub struct ServerConfig {
     /// Bound on the kept compiled components, in MiB (`plugin_cache_mib`,
     /// default 256).
     pub plugin_cache_mib: usize,
+    /// Where compiled components are also kept on disk across restarts, an
+    /// absolute path (`plugin_cache_dir`, relative to the config file's
+    /// folder; default [`default_plugin_cache_dir`]; `""`: none). Read at
+    /// start only. See [`crate::plugin::Runtime::with_disk_cache`].
+    pub plugin_cache_dir: Option<PathBuf>,
 }
 
 /// The global connection cap when `max_connections` is unset, for a process
@@ -644,6 +649,7 @@ impl Default for ServerConfig {
             max_connections: None,
             plugin_cache_entries: DEFAULT_PLUGIN_CACHE_ENTRIES,
             plugin_cache_mib: DEFAULT_PLUGIN_CACHE_MIB,
+            plugin_cache_dir: None,
         }
     }
 }
@@ -984,6 +990,41 @@ key = "x-user"
         ));
         assert!(
             e.contains("test.toml:") && e.contains("pool_max_idle_per_backend"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plugin_cache_dir_defaults_resolves_against_the_config_and_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.toml");
+        let with = |server: &str| Config::parse(&format!("{GOOD}\n[server]\n{server}\n"), &path);
+        assert_eq!(
+            parse(GOOD).unwrap().server.plugin_cache_dir,
+            default_plugin_cache_dir()
+        );
+        assert_eq!(
+            with("plugin_cache_dir = \"\"")
+                .unwrap()
+                .server
+                .plugin_cache_dir,
+            None
+        );
+        let c = with("plugin_cache_dir = \"cache/plugins\"").unwrap();
+        let made = dir.path().join("cache/plugins");
+        assert_eq!(c.server.plugin_cache_dir.as_deref(), Some(made.as_path()));
+        assert!(
+            made.is_dir(),
+            "created at load, as nginx -t creates its folders"
+        );
+        std::fs::write(dir.path().join("a-file"), b"").unwrap();
+        let e = with("plugin_cache_dir = \"a-file/cache\"")
+            .unwrap_err()
+            .to_string();
+        let line = GOOD.lines().count() + 3; // the line after `[server]`
+        assert!(
+            e.contains(&format!("test.toml:{line}:"))
+                && e.contains("server.plugin_cache_dir: cannot create folder \"a-file/cache\""),
             "{e}"
         );
     }

@@ -186,4 +186,5 @@ pub(super) struct RawServer {
     pub(super) max_connections: Option<Spanned<u64>>,
     pub(super) plugin_cache_entries: Option<Spanned<u64>>,
     pub(super) plugin_cache_mib: Option<Spanned<u64>>,
+    pub(super) plugin_cache_dir: Option<Spanned<String>>,
 }

@@ -294,7 +294,35 @@ impl Validator<'_> {
                 DEFAULT_PLUGIN_CACHE_MIB,
                 1..=1 << 20,
             )?,
+            plugin_cache_dir: self.plugin_cache_dir(s.plugin_cache_dir.as_ref())?,
         })
+    }
+
+    /// `server.plugin_cache_dir`: unset is the default folder, `""` none,
+    /// anything else a folder relative to the config file's, created now (as
+    /// `nginx -t` creates its temporary folders) so that a path that cannot
+    /// be one is rejected with the key's line.
+    fn plugin_cache_dir(
+        &self,
+        v: Option<&Spanned<String>>,
+    ) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(v) = v else {
+            return Ok(default_plugin_cache_dir());
+        };
+        if v.get_ref().is_empty() {
+            return Ok(None);
+        }
+        let base = self.path.parent().unwrap_or_else(|| Path::new("."));
+        let dir = std::path::absolute(base.join(v.get_ref()))
+            .and_then(|dir| std::fs::create_dir_all(&dir).map(|()| dir))
+            .map_err(|e| {
+                self.err(
+                    Some(v.span()),
+                    "server.plugin_cache_dir",
+                    format!("cannot create folder {:?}: {e}", v.get_ref()),
+                )
+            })?;
+        Ok(Some(dir))
     }
 
     /// `v` if within `range`, else an error naming `key`; `default` if unset.

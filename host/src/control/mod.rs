@@ -290,7 +290,11 @@ impl Control {
             .store(Arc::new(ordered.iter().map(|l| l.local).collect()));
         control.listeners = ordered;
         let upstreams = config.upstreams.keys().cloned().collect();
-        let control_warnings = config.warnings.clone();
+        let mut control_warnings = config.warnings.clone();
+        if config.server.plugin_cache_dir != control.config.server.plugin_cache_dir {
+            control_warnings
+                .push("server.plugin_cache_dir changed: it takes effect at the next start".into());
+        }
         control.config = config;
         drop(control);
         self.shared.serving.metrics.reload(true);

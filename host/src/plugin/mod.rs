@@ -146,6 +146,25 @@ pub enum PluginError {
     /// The engine could not be created.
     #[error("plugin runtime: {0}")]
     Engine(String),
+    /// The on-disk compilation cache could not be set up.
+    #[error("plugin cache directory {}: {message}", dir.display())]
+    DiskCache {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// wasmtime's reason (not absolute, cannot be created).
+        message: String,
+    },
+}
+
+/// What [`Runtime::disk_cache`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskCacheCounts {
+    /// The cache's folder (canonical).
+    pub dir: std::path::PathBuf,
+    /// Components read from the folder instead of compiled.
+    pub hits: usize,
+    /// Components compiled and written to the folder.
+    pub misses: usize,
 }
 
 /// The process's plugin runtime: the engine, the linker holding the host
@@ -158,6 +177,9 @@ pub struct Runtime {
     /// (a swap back, a reload) skips compilation. In memory, because
     /// `Component::deserialize` is `unsafe` and the host forbids unsafe code.
     cache: Arc<Mutex<ComponentCache>>,
+    /// wasmtime's compilation cache on disk, if one is configured (its
+    /// counters are shared with the engine's copy).
+    disk_cache: Option<wasmtime::Cache>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -168,15 +190,56 @@ impl std::fmt::Debug for Runtime {
 
 impl Runtime {
     /// Create the engine and start the epoch ticker thread (it stops when the
-    /// last clone of the engine is dropped).
+    /// last clone of the engine is dropped). Compiled components are kept in
+    /// memory only; [`Runtime::with_disk_cache`] also keeps them on disk.
     ///
     /// # Errors
     /// [`PluginError::Engine`] if wasmtime rejects the configuration.
     pub fn new() -> Result<Self, PluginError> {
+        Self::with_disk_cache(None)
+    }
+
+    /// As [`Runtime::new`], and with `dir` (an absolute path) also keep every
+    /// compiled component on disk there, so that a later process loading the
+    /// same bytes with the same wasmtime build skips compilation. This is
+    /// wasmtime's own compilation cache, as the `wasmtime` CLI and Spin use
+    /// it: entries are keyed by the sha256 of the component bytes, the
+    /// wasmtime version and the compiler settings; zstd-compressed; written
+    /// atomically (a temporary file, then a rename), so processes may share
+    /// the directory; and trimmed to 512 MiB and 65,536 files (least
+    /// recently used first, at most hourly) by a low-priority worker thread.
+    /// A miss is compressed and written by the loading thread; entries are
+    /// never recompressed. A process that starts from it never runs
+    /// the compiler, which keeps cranelift's code and its working memory out
+    /// of the process (about 4 MiB of resident memory). A cache entry is
+    /// native code: `dir` must be writable only by the user wasmlb runs as.
+    ///
+    /// # Errors
+    /// [`PluginError::Engine`] if wasmtime rejects the configuration, or
+    /// [`PluginError::DiskCache`] if `dir` is relative or cannot be created.
+    pub fn with_disk_cache(dir: Option<&std::path::Path>) -> Result<Self, PluginError> {
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         config.concurrency_support(false);
         config.max_wasm_stack(512 * 1024);
+        let disk_cache = match dir {
+            Some(dir) => {
+                let mut cache = wasmtime::CacheConfig::new();
+                // Never recompress an entry at zstd level 20 (wasmtime does
+                // after 256 reads): that would run in the serving process.
+                cache
+                    .with_directory(dir)
+                    .with_optimized_compression_usage_counter_threshold(u64::MAX);
+                Some(
+                    wasmtime::Cache::new(cache).map_err(|e| PluginError::DiskCache {
+                        dir: dir.to_path_buf(),
+                        message: format!("{e:#}"),
+                    })?,
+                )
+            }
+            None => None,
+        };
+        config.cache(disk_cache.clone());
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         bindings::Balancer::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
@@ -203,6 +266,18 @@ impl Runtime {
                 max_bytes: crate::config::DEFAULT_PLUGIN_CACHE_MIB << 20,
                 ..ComponentCache::default()
             })),
+            disk_cache,
+        })
+    }
+
+    /// The disk cache's folder and its counts since start: components read
+    /// from it (hits) and compiled and written to it (misses). `None`
+    /// without a disk cache.
+    pub fn disk_cache(&self) -> Option<DiskCacheCounts> {
+        self.disk_cache.as_ref().map(|c| DiskCacheCounts {
+            dir: c.directory().clone(),
+            hits: c.cache_hits(),
+            misses: c.cache_misses(),
         })
     }
 
@@ -567,6 +642,69 @@ mod tests {
         let (_, bytes) = runtime.cache_size();
         assert!(bytes > 0);
         assert_eq!(metrics.plugin_cache_bytes.get(), bytes as i64);
+    }
+
+    #[test]
+    fn a_second_runtime_on_the_same_disk_cache_reads_instead_of_compiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let rr = PluginRef::Builtin("round-robin".into());
+        let first = Runtime::with_disk_cache(Some(dir.path())).unwrap();
+        first.load(&rr).unwrap();
+        let counts = first.disk_cache().unwrap();
+        assert_eq!((counts.hits, counts.misses), (0, 1));
+        assert_eq!(counts.dir, dir.path().canonicalize().unwrap());
+        let files = walk_files(dir.path());
+        assert!(!files.is_empty(), "nothing written to {:?}", dir.path());
+        drop(first);
+
+        // A new process, as far as wasmtime can tell: a new engine.
+        let second = Runtime::with_disk_cache(Some(dir.path())).unwrap();
+        let plugin = second.load(&rr).unwrap();
+        assert!(!plugin.from_cache(), "not the in-memory cache");
+        let counts = second.disk_cache().unwrap();
+        assert_eq!((counts.hits, counts.misses), (1, 0));
+        // (That the component read back decides as a compiled one does is
+        // `upstream::tests::a_plugin_read_from_the_disk_cache_decides_...`.)
+
+        // A different component is a miss on the same folder.
+        let random = second.load(&PluginRef::Builtin("random".into())).unwrap();
+        assert!(!random.from_cache());
+        assert_eq!(second.disk_cache().unwrap().misses, 1);
+
+        // A corrupted entry is compiled again, not trusted.
+        for f in walk_files(dir.path()) {
+            std::fs::write(&f, b"not a cache entry").unwrap();
+        }
+        let third = Runtime::with_disk_cache(Some(dir.path())).unwrap();
+        third.load(&rr).unwrap();
+        let counts = third.disk_cache().unwrap();
+        assert_eq!((counts.hits, counts.misses), (0, 1));
+    }
+
+    #[test]
+    fn a_disk_cache_folder_that_cannot_be_made_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"").unwrap();
+        let e = Runtime::with_disk_cache(Some(&file.join("cache"))).unwrap_err();
+        assert!(matches!(e, PluginError::DiskCache { .. }), "{e}");
+        assert!(e.to_string().contains("a-file"), "{e}");
+        let e = Runtime::with_disk_cache(Some(std::path::Path::new("relative/dir"))).unwrap_err();
+        assert!(e.to_string().contains("relative/dir"), "{e}");
+        assert!(Runtime::new().unwrap().disk_cache().is_none());
+    }
+
+    fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk_files(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     fn host_state(during_select: bool) -> HostState {

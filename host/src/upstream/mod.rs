@@ -810,6 +810,24 @@ mod tests {
     }
 
     #[test]
+    fn a_plugin_read_from_the_disk_cache_decides_as_a_compiled_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Runtime::with_disk_cache(Some(dir.path())).unwrap();
+        writer
+            .load(&PluginRef::Builtin("round-robin".into()))
+            .unwrap();
+        assert_eq!(writer.disk_cache().unwrap().misses, 1);
+        let rt = Runtime::with_disk_cache(Some(dir.path())).unwrap();
+        let up = Upstream::new("app", &config("round-robin", 3), &rt, &Metrics::new()).unwrap();
+        let counts = rt.disk_cache().unwrap();
+        assert_eq!((counts.hits, counts.misses), (1, 0), "read, not compiled");
+        let picks: Vec<_> = (0..6)
+            .map(|_| up.select(request(), &[]).0.target().unwrap().id)
+            .collect();
+        assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
     fn least_connections_sees_in_flight_counts() {
         let rt = Runtime::new().unwrap();
         let up =
