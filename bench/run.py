@@ -17,8 +17,9 @@ target and connection count it reports the median over the repetitions of:
 requests/s, ratio to direct, p50/p99 latency (wrk), CPU microseconds per
 request (from /proc/PID/task/*/schedstat, summed over the target's
 processes and threads) and its ratio to NGINX's and the hyper floor's, and
-the target's peak RSS (VmHWM; wasmlb's plugins are read from its disk cache,
-warmed first with `wasmlb --check`, as on a restart). Then the cost ladder (the hyper floor, then
+the target's peak RSS (VmHWM; wasmlb runs with `plugin_cache_dir` set, and
+its plugins are read from that disk cache, warmed first with `wasmlb
+--check`, as on a restart). Then the cost ladder (the hyper floor, then
 wasmlb adding one layer per rung), latency at a fixed 20k requests/s (h2load
 --rps, per-request log), NGINX and wasmlb with 1 and 2 workers, the resident
 memory each proxy holds for 10,000 idle keep-alive client connections (each
@@ -308,8 +309,12 @@ backend be
 """
 
 
-def wasmlb_conf(port, addrs, plugin, extra=""):
+def wasmlb_conf(port, addrs, plugin, extra="", plugin_cache=None):
+    """wasmlb's config: one listener on `port`, upstream `app` with `plugin` over
+    `addrs`, `extra` TOML in [upstream.app], and with `plugin_cache` (a folder)
+    the plugin disk cache there (README, "Plugin disk cache")."""
     backends = ", ".join(f'{{ address = "{a}" }}' for a in addrs)
+    server = f'[server]\nplugin_cache_dir = "{plugin_cache}"\n' if plugin_cache else ""
     tls = (f'[listener.tls]\ncertificates = [ {{ cert = "{TLS["cert"]}", key = "{TLS["key"]}" }} ]\n'
            if TLS.get("on") else "")
     return f"""[[listener]]
@@ -320,17 +325,23 @@ upstream = "app"
 plugin = "{plugin}"
 backends = [ {backends} ]
 {extra}
-"""
+{server}"""
+
+
+def plugin_cache(workdir):
+    """The plugin disk cache folder every wasmlb target of a run shares."""
+    return workdir / "plugin-cache"
 
 
 def warm_plugin_cache(wasmlb, workdir, addrs):
-    """Fill wasmlb's plugin disk cache (its default folder) with the benchmark's
-    plugins through `wasmlb --check`, so that every measured start reads them
-    instead of compiling, as a restarted wasmlb does (README, "Plugin disk
-    cache"); a first start's compilation would add about 4.5 MiB to peak RSS."""
+    """Fill the run's plugin disk cache with the benchmark's plugins through
+    `wasmlb --check`, so that every measured start reads them instead of
+    compiling, as a restarted wasmlb with `plugin_cache_dir` does (README,
+    "Plugin disk cache"); a start that compiles peaks about 4.5 MiB higher."""
     for plugin in ("round-robin", "least-connections"):
         conf = workdir / f"warm-{plugin}.toml"
-        conf.write_text(wasmlb_conf(free_port(), addrs, plugin))
+        conf.write_text(wasmlb_conf(free_port(), addrs, plugin,
+                                    plugin_cache=plugin_cache(workdir)))
         subprocess.run([wasmlb, "--check", "--config", conf], capture_output=True, check=True)
 
 
@@ -387,7 +398,9 @@ def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
         else:
             plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[name]
         conf = workdir / f"{name}.toml"
-        conf.write_text(wasmlb_conf(port, addrs, plugin, extra))
+        # The build before issue 14 has no plugin disk cache (nor its key).
+        cache = None if name == "wasmlb-before" else plugin_cache(workdir)
+        conf.write_text(wasmlb_conf(port, addrs, plugin, extra, cache))
         proc = Proc([binary, "--config", conf, "--threads", threads, "--log-level", "warn"],
                     cpus=cpus)
     wait_port(port)

@@ -104,13 +104,7 @@ async fn proxy_made_5xx_are_logged_at_warn_with_their_reason_and_rate_limited() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_logs_keep_the_plugin_runtime_quiet_unless_named() {
     let backend = TestBackend::start("b0").await;
-    // Without the plugin disk cache, so that each start compiles (a start
-    // that reads its plugin from the cache runs no cranelift to log).
-    let toml = app_config(
-        "round-robin",
-        &backend_list(&[&backend]),
-        "\n[server]\nplugin_cache_dir = \"\"",
-    );
+    let toml = app_config("round-robin", &backend_list(&[&backend]), "");
     for (level, runtime_lines_expected) in [("debug", false), ("debug,cranelift=debug", true)] {
         let proxy = ProxyProcess::launch(
             &toml,

@@ -27,29 +27,6 @@ pub const DEFAULT_PLUGIN_CACHE_ENTRIES: usize = 16;
 /// Default bound on the compiled components kept for reuse, in MiB of
 /// compiled code.
 pub const DEFAULT_PLUGIN_CACHE_MIB: usize = 256;
-
-/// Default `plugin_cache_dir`, where compiled plugin components are kept
-/// across restarts: `$XDG_CACHE_HOME/wasmlb`, else `$HOME/.cache/wasmlb`
-/// (the XDG base directory specification; wasmtime's CLI keeps its cache
-/// under `~/.cache/wasmtime` the same way); `None` (no disk cache) when
-/// neither variable is set to an absolute path.
-pub fn default_plugin_cache_dir() -> Option<std::path::PathBuf> {
-    plugin_cache_dir_from(|var| std::env::var_os(var))
-}
-
-/// [`default_plugin_cache_dir`] with the environment read through `var`.
-fn plugin_cache_dir_from(
-    var: impl Fn(&str) -> Option<std::ffi::OsString>,
-) -> Option<std::path::PathBuf> {
-    let from = |name: &str, tail: &str| {
-        var(name)
-            .map(std::path::PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .map(|p| p.join(tail))
-    };
-    from("XDG_CACHE_HOME", "wasmlb").or_else(|| from("HOME", ".cache/wasmlb"))
-}
-
 /// File descriptors kept back from downstream connections when
 /// `max_connections` is derived from `RLIMIT_NOFILE`: standard streams,
 /// listeners, the epoll instance, the epoch ticker, logs and plugin images
@@ -200,38 +177,3 @@ pub const DEFAULT_FLEET_ROLLBACK_MIN_REQUESTS: usize = 20;
 
 /// Default `[upstream.NAME.record] max_bytes`: 64 MiB.
 pub const DEFAULT_RECORD_MAX_BYTES: u64 = 64 << 20;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::PathBuf;
-
-    #[test]
-    fn the_plugin_cache_dir_follows_xdg_then_home_and_only_absolute_paths() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            }
-        };
-        let both = env(&[("XDG_CACHE_HOME", "/var/cache"), ("HOME", "/home/op")]);
-        assert_eq!(
-            plugin_cache_dir_from(both),
-            Some(PathBuf::from("/var/cache/wasmlb"))
-        );
-        let home = env(&[("HOME", "/home/op")]);
-        assert_eq!(
-            plugin_cache_dir_from(home),
-            Some(PathBuf::from("/home/op/.cache/wasmlb"))
-        );
-        let relative = env(&[("XDG_CACHE_HOME", "cache"), ("HOME", "/home/op")]);
-        assert_eq!(
-            plugin_cache_dir_from(relative),
-            Some(PathBuf::from("/home/op/.cache/wasmlb"))
-        );
-        assert_eq!(plugin_cache_dir_from(env(&[("HOME", "")])), None);
-        assert_eq!(plugin_cache_dir_from(env(&[])), None);
-    }
-}

@@ -589,8 +589,8 @@ pub struct ServerConfig {
     pub plugin_cache_mib: usize,
     /// Where compiled components are also kept on disk across restarts, an
     /// absolute path (`plugin_cache_dir`, relative to the config file's
-    /// folder; default [`default_plugin_cache_dir`]; `""`: none). Read at
-    /// start only. See [`crate::plugin::Runtime::with_disk_cache`].
+    /// folder; unset or `""`: no disk cache, the default). Read at start
+    /// only. See [`crate::plugin::Runtime::with_disk_cache`].
     pub plugin_cache_dir: Option<PathBuf>,
 }
 
@@ -995,14 +995,11 @@ key = "x-user"
     }
 
     #[test]
-    fn plugin_cache_dir_defaults_resolves_against_the_config_and_names_its_line() {
+    fn plugin_cache_dir_is_off_by_default_resolves_against_the_config_and_names_its_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("test.toml");
         let with = |server: &str| Config::parse(&format!("{GOOD}\n[server]\n{server}\n"), &path);
-        assert_eq!(
-            parse(GOOD).unwrap().server.plugin_cache_dir,
-            default_plugin_cache_dir()
-        );
+        assert_eq!(parse(GOOD).unwrap().server.plugin_cache_dir, None);
         assert_eq!(
             with("plugin_cache_dir = \"\"")
                 .unwrap()

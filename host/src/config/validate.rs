@@ -298,7 +298,7 @@ impl Validator<'_> {
         })
     }
 
-    /// `server.plugin_cache_dir`: unset is the default folder, `""` none,
+    /// `server.plugin_cache_dir`: unset or `""` is none (the default),
     /// anything else a folder relative to the config file's, created now (as
     /// `nginx -t` creates its temporary folders) so that a path that cannot
     /// be one is rejected with the key's line.
@@ -306,12 +306,9 @@ impl Validator<'_> {
         &self,
         v: Option<&Spanned<String>>,
     ) -> Result<Option<PathBuf>, ConfigError> {
-        let Some(v) = v else {
-            return Ok(default_plugin_cache_dir());
-        };
-        if v.get_ref().is_empty() {
+        let Some(v) = v.filter(|v| !v.get_ref().is_empty()) else {
             return Ok(None);
-        }
+        };
         let base = self.path.parent().unwrap_or_else(|| Path::new("."));
         let dir = std::path::absolute(base.join(v.get_ref()))
             .and_then(|dir| std::fs::create_dir_all(&dir).map(|()| dir))
