@@ -448,3 +448,68 @@ fn check_rejects_a_plugin_cache_dir_that_cannot_be_a_folder() {
         ],
     );
 }
+
+/// Polls the proxy's log (bounded) until a line contains `needle`.
+async fn wait_for_log_line(proxy: &ProxyProcess, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = proxy.log_lines().into_iter().find(|l| l.contains(needle)) {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} within 10 s: {:?}",
+            proxy.log_lines()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_a_plugin_cache_dir_keeps_serving_and_defers_it_to_restart() {
+    let backend = TestBackend::start("b").await;
+    let config = |extra: &str| app_config("round-robin", &backend_list(&[&backend]), extra);
+    let launch = wasmlb_tests::Launch {
+        capture_log: true,
+        log_level: Some("info"),
+        ..wasmlb_tests::Launch::default()
+    };
+    let proxy = ProxyProcess::launch(&config(""), 1, &launch);
+    let c = client();
+
+    // A folder that cannot be one: the reload is rejected, naming the key,
+    // and the running config keeps serving.
+    proxy.rewrite_config(&config(
+        "\n[server]\nplugin_cache_dir = \"/dev/null/cache\"\n",
+    ));
+    proxy.signal("HUP");
+    let rejected = wait_for_log_line(&proxy, "reload rejected").await;
+    assert!(
+        rejected.contains("server.plugin_cache_dir: cannot create folder"),
+        "{rejected}"
+    );
+    assert_eq!(c.get(proxy.url("/")).send().await.unwrap().status(), 200);
+
+    // A good folder: the reload applies, warns that the folder waits for a
+    // restart, and the running runtime stays without a disk cache.
+    let cache = tempfile::tempdir().unwrap();
+    proxy.rewrite_config(&config(&format!(
+        "\n[server]\nplugin_cache_dir = \"{}\"\n",
+        cache.path().display()
+    )));
+    proxy.signal("HUP");
+    wait_for_log_line(
+        &proxy,
+        "server.plugin_cache_dir changed: it takes effect at the next start",
+    )
+    .await;
+    assert_eq!(c.get(proxy.url("/")).send().await.unwrap().status(), 200);
+    assert!(
+        !proxy
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("plugin disk cache")),
+        "{:?}",
+        proxy.log_lines()
+    );
+}
