@@ -399,8 +399,11 @@ async fn a_restart_reads_its_plugins_from_the_disk_cache_instead_of_compiling() 
         ..wasmlb_tests::Launch::default()
     };
     let mut first = ProxyProcess::launch(&toml, 1, &launch);
-    assert_eq!(disk_cache_counts(&first).0, 0, "nothing to read yet");
-    assert_eq!(disk_cache_counts(&first).1, 1, "one plugin compiled");
+    assert_eq!(
+        disk_cache_counts(&first),
+        (0, 1),
+        "nothing to read yet, one plugin compiled"
+    );
     let cold_peak = first.memory_kib("VmHWM");
     let c = client();
     assert_eq!(c.get(first.url("/")).send().await.unwrap().status(), 200);
