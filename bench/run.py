@@ -328,6 +328,11 @@ backends = [ {backends} ]
 {server}"""
 
 
+# The built-in plugin each wasmlb target runs (the ladder, the baseline and
+# the PGO build run round-robin too).
+PLUGINS = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}
+
+
 def plugin_cache(workdir):
     """The plugin disk cache folder every wasmlb target of a run shares."""
     return workdir / "plugin-cache"
@@ -338,7 +343,7 @@ def warm_plugin_cache(wasmlb, workdir, addrs):
     `wasmlb --check`, so that every measured start reads them instead of
     compiling, as a restarted wasmlb with `plugin_cache_dir` does (README,
     "Plugin disk cache"); a start that compiles peaks about 4.5 MiB higher."""
-    for plugin in ("round-robin", "least-connections"):
+    for plugin in sorted(set(PLUGINS.values())):
         conf = workdir / f"warm-{plugin}.toml"
         conf.write_text(wasmlb_conf(free_port(), addrs, plugin,
                                     plugin_cache=plugin_cache(workdir)))
@@ -396,7 +401,7 @@ def start_target(name, workdir, addrs, wasmlb, threads=1, cpus="0"):
         elif name == "wasmlb-pgo":
             plugin, binary = "round-robin", PGO["binary"]
         else:
-            plugin = {"wasmlb-rr": "round-robin", "wasmlb-lc": "least-connections"}[name]
+            plugin = PLUGINS[name]
         conf = workdir / f"{name}.toml"
         # The build before issue 14 has no plugin disk cache (nor its key).
         cache = None if name == "wasmlb-before" else plugin_cache(workdir)
