@@ -199,7 +199,8 @@ fn tutorial_blocks() -> Vec<(String, String)> {
 /// docs/tutorial.md run as written, as one bash script, from a home
 /// directory not named after the checkout. The test changes only what its
 /// last paragraph says: the ports, and the first block (this build's
-/// binaries on `PATH` instead of `cargo build --release`). After `plugin
+/// binaries on `PATH` instead of `rustup toolchain install` and `cargo build
+/// --release`). After `plugin
 /// new` it also pins the crate to the workspace's Cargo.lock and links its
 /// `target/` to a build directory shared with the other tests here, so the
 /// SDK's dependencies are compiled once.
@@ -244,7 +245,12 @@ fn tutorial_runs_as_written_from_any_directory() {
         match (i, lang.as_str()) {
             (0, _) => {
                 for line in body.lines() {
-                    let ours = ["cargo build --release", "export PATH=", "rustup target add"];
+                    let ours = [
+                        "rustup toolchain install",
+                        "cargo build --release",
+                        "export PATH=",
+                        "rustup target add",
+                    ];
                     if !ours.iter().any(|o| line.starts_with(o)) {
                         script.push_str(line);
                         script.push('\n');
