@@ -10,8 +10,8 @@ REQUESTS="${REQUESTS:-12}"
 PLUGIN="${PLUGIN:-round-robin}"
 
 if command -v rustup >/dev/null 2>&1; then
-  # The toolchain rust-toolchain.toml pins (Rust 1.97.1, with the
-  # wasm32-wasip2 target the plugins build for).
+  # The toolchain rust-toolchain.toml pins, with the wasm32-wasip2 target
+  # the plugins build for.
   rustup toolchain install >/dev/null 2>&1 || rustup toolchain install
 fi
 command -v curl >/dev/null 2>&1 || { echo "quickstart needs curl (apt-get install curl)" >&2; exit 1; }
